@@ -1,0 +1,5 @@
+import sys
+
+from biopsy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""The ``biopsy`` command: a thin layer over library functions.
+
+Each sub-command lives in its own module with ``add_parser(subparsers)`` that registers it and sets
+``func``. Errors the user can cause (:class:`biopsy.errors.BiopsyError`) are printed on one line and
+exit with status 2; nothing else is caught.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from biopsy import __version__
+from biopsy.errors import BiopsyError
+
+COMMAND_MODULES = ["info", "tissue"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="biopsy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"biopsy {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"biopsy.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except BiopsyError as error:
+        print(f"biopsy {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"biopsy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

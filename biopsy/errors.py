@@ -1,0 +1,32 @@
+"""Errors a user can cause. The CLI prints their message on one line and exits non-zero.
+
+Each message names the file (or setting) at fault and, where there is one, the fix.
+"""
+
+
+class BiopsyError(Exception):
+    """Base of every error caused by input the user gave, not by a bug."""
+
+
+class SlideError(BiopsyError):
+    """A slide file that is missing, unreadable, truncated or of an unsupported format."""
+
+
+class MppError(SlideError):
+    """A slide whose pixel size (µm/px) is neither in its metadata nor given by the user."""
+
+
+class ConfigError(BiopsyError):
+    """A YAML configuration that is missing, malformed or holds an invalid value."""
+
+
+class AnnotationError(BiopsyError):
+    """A malformed annotation file: GeoJSON, COCO JSON or label map."""
+
+
+class CheckpointError(BiopsyError):
+    """A model checkpoint that is missing, of another format, or that does not fit the slide."""
+
+
+class ManifestError(BiopsyError):
+    """A malformed batch manifest: missing column, unknown timepoint, duplicate row, missing file."""
