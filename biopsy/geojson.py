@@ -1,0 +1,221 @@
+"""QuPath-compatible GeoJSON: features in level-0 pixel coordinates, masks to polygons and back.
+
+QuPath (0.3 to 0.6) exports either a ``FeatureCollection`` or a bare list of ``Feature`` objects;
+each feature's ``properties`` hold ``objectType`` (``annotation`` or ``detection``),
+``classification`` (``{"name": ..., "color": [r, g, b]}``, or ``"names": [...]`` for a derived
+class), ``measurements`` (a dict of numbers) and, for annotations, ``isLocked``. Coordinates are
+level-0 pixels (x, y), origin top-left.
+
+Pixel geometry: pixel (row, col) of a map whose pixels are ``s = mpp / level0_mpp`` level-0 pixels
+wide covers ``[col * s, (col + 1) * s)`` horizontally, so its centre is at ``x = (col + 0.5) * s``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, mapping, shape
+from skimage.draw import polygon as polygon_pixels
+from skimage.measure import find_contours, label, regionprops
+
+from biopsy.atomic import write_text_atomic
+from biopsy.errors import AnnotationError
+
+IGNORE_INDEX = 255  # label of pixels no annotation covers; training losses ignore it
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One annotated region: a polygon or multipolygon in level-0 pixels and its class name."""
+
+    geometry: Polygon | MultiPolygon
+    class_name: str
+
+
+def make_feature(
+    geometry: Polygon | MultiPolygon,
+    classification_name: str,
+    colour_rgb: Sequence[int],
+    measurements: dict[str, float] | None = None,
+    object_type: Literal["annotation", "detection"] = "annotation",
+    name: str | None = None,
+) -> dict:
+    """A QuPath GeoJSON feature. Measurements must be numbers: bools become 0/1; None, NaN and
+    infinities (not measured) are left out, since QuPath measurements are finite numbers."""
+    if object_type not in ("annotation", "detection"):
+        raise ValueError(f"object_type must be 'annotation' or 'detection', got {object_type!r}")
+    properties: dict = {
+        "objectType": object_type,
+        "classification": {"name": classification_name, "color": [int(c) for c in colour_rgb]},
+    }
+    if name is not None:
+        properties["name"] = name
+    if object_type == "annotation":
+        properties["isLocked"] = False
+    if measurements:
+        properties["measurements"] = {
+            key: float(value)
+            for key, value in measurements.items()
+            if value is not None and math.isfinite(float(value))
+        }
+    return {"type": "Feature", "geometry": mapping(geometry), "properties": properties}
+
+
+def write_feature_collection(path: str | Path, features: Sequence[dict]) -> None:
+    """Write features as one GeoJSON FeatureCollection, atomically."""
+    collection = {"type": "FeatureCollection", "features": list(features)}
+    write_text_atomic(path, json.dumps(collection, allow_nan=False))
+
+
+def polygons_from_mask(
+    mask: np.ndarray,
+    mpp_of_mask: float,
+    level0_mpp: float,
+    simplify_tolerance_px: float,
+    origin_xy_px: tuple[float, float] = (0, 0),
+) -> list[Polygon]:
+    """Polygons (with holes) outlining the True regions of a mask, in level-0 pixels.
+
+    One polygon per 8-connected region, traced by marching squares along pixel edges and
+    simplified (topology preserved) with a tolerance of ``simplify_tolerance_px`` level-0 pixels.
+    ``origin_xy_px`` is the level-0 (x, y) of the mask's top-left corner.
+    """
+    scale = mpp_of_mask / level0_mpp
+    polygons = []
+    for region in regionprops(label(np.asarray(mask, bool), connectivity=2)):
+        top, left = region.bbox[:2]
+        crop = np.pad(region.image, 1)
+        rings = []
+        for contour in find_contours(crop.astype(np.uint8), 0.5, fully_connected="high"):
+            rows, cols = contour[:, 0] + top - 1, contour[:, 1] + left - 1
+            rings.append(np.column_stack([origin_xy_px[0] + (cols + 0.5) * scale,
+                                          origin_xy_px[1] + (rows + 0.5) * scale]))
+        rings = [ring for ring in rings if len(ring) >= 4]
+        if not rings:
+            continue
+        rings.sort(key=lambda ring: Polygon(ring).area, reverse=True)
+        polygon = shapely.make_valid(Polygon(rings[0], rings[1:]))
+        polygon = polygon.simplify(simplify_tolerance_px, preserve_topology=True)
+        polygons.extend(_polygonal_parts(polygon))
+    return polygons
+
+
+def read_annotations(path: str | Path) -> list[Annotation]:
+    """Annotations of a QuPath GeoJSON file (FeatureCollection or bare list of features).
+
+    Accepts Polygon and MultiPolygon geometries; self-intersecting rings are repaired
+    (``shapely.make_valid``). Raises :class:`AnnotationError` naming the file and the problem
+    for bad JSON, a missing or unsupported geometry, invalid coordinates or a missing
+    classification.
+    """
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise AnnotationError(f"{path}: cannot read annotation file ({error.strerror})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AnnotationError(f"{path}: not valid JSON ({error}); export GeoJSON from QuPath") from error
+    if isinstance(document, dict) and document.get("type") == "FeatureCollection":
+        features = document.get("features")
+    elif isinstance(document, dict) and document.get("type") == "Feature":
+        features = [document]
+    else:
+        features = document
+    if not isinstance(features, list):
+        raise AnnotationError(f"{path}: expected a GeoJSON FeatureCollection or a list of features")
+    return [_annotation(path, index, feature) for index, feature in enumerate(features)]
+
+
+def _annotation(path: Path, index: int, feature: object) -> Annotation:
+    where = f"{path}: feature {index}"
+    if not isinstance(feature, dict) or feature.get("type") != "Feature":
+        raise AnnotationError(f"{where} is not a GeoJSON Feature")
+    geometry = feature.get("geometry")
+    if not isinstance(geometry, dict) or "type" not in geometry:
+        raise AnnotationError(f"{where} has no geometry")
+    if geometry["type"] not in ("Polygon", "MultiPolygon"):
+        raise AnnotationError(f"{where} has geometry {geometry['type']!r}; only Polygon and "
+                              "MultiPolygon are supported (convert points/lines to areas in QuPath)")
+    try:
+        polygon = shape(geometry)
+        coordinates = shapely.get_coordinates(polygon)
+    except (ValueError, TypeError, AttributeError, IndexError, shapely.errors.GEOSException) as error:
+        raise AnnotationError(f"{where} has invalid coordinates ({error})") from error
+    if polygon.is_empty or not np.isfinite(coordinates).all():
+        raise AnnotationError(f"{where} has empty or non-finite coordinates")
+    if not polygon.is_valid:
+        polygon = _as_polygonal(shapely.make_valid(polygon))
+    return Annotation(geometry=polygon, class_name=_class_name(where, feature.get("properties")))
+
+
+def _class_name(where: str, properties: object) -> str:
+    classification = properties.get("classification") if isinstance(properties, dict) else None
+    if isinstance(classification, dict):
+        name = classification.get("name")
+        names = classification.get("names")
+        if isinstance(name, str) and name:
+            return name
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return ": ".join(names)  # QuPath's string form of a derived class
+    raise AnnotationError(f"{where} has no classification name; set a class on it in QuPath")
+
+
+def _polygonal_parts(geometry) -> list[Polygon]:
+    if isinstance(geometry, Polygon):
+        return [] if geometry.is_empty else [geometry]
+    return [part for part in getattr(geometry, "geoms", []) for part in _polygonal_parts(part)]
+
+
+def _as_polygonal(geometry) -> Polygon | MultiPolygon:
+    parts = _polygonal_parts(geometry)
+    return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def rasterise(
+    annotations: Sequence[Annotation],
+    class_names: Sequence[str],
+    shape_px: tuple[int, int],
+    mpp: float,
+    level0_mpp: float,
+    unlabelled: int = IGNORE_INDEX,
+) -> np.ndarray:
+    """Label map (uint8, ``shape_px`` = (height, width) at ``mpp``) of annotations by class index.
+
+    A pixel takes the class of the annotation containing its centre; larger annotations are drawn
+    first, so a region nested inside another (a glomerulus inside a cortex outline) wins. Pixels no
+    annotation covers get ``unlabelled``. Raises :class:`AnnotationError` for a class name not in
+    ``class_names``.
+    """
+    unknown = sorted({a.class_name for a in annotations} - set(class_names))
+    if unknown:
+        raise AnnotationError(f"annotation classes {unknown} are not among the classes {list(class_names)}")
+    scale = level0_mpp / mpp
+    labels = np.full(shape_px, unlabelled, np.uint8)
+    for annotation in sorted(annotations, key=lambda a: a.geometry.area, reverse=True):
+        index = list(class_names).index(annotation.class_name)
+        for polygon in _polygonal_parts(annotation.geometry):
+            rows, cols = _ring_pixels(polygon.exterior, scale, shape_px)
+            if not rows.size:
+                continue
+            top, left = rows.min(), cols.min()
+            inside = np.zeros((rows.max() - top + 1, cols.max() - left + 1), bool)
+            inside[rows - top, cols - left] = True
+            for hole in polygon.interiors:
+                hole_rows, hole_cols = _ring_pixels(hole, scale, shape_px)
+                inside[hole_rows - top, hole_cols - left] = False
+            window = labels[top : top + inside.shape[0], left : left + inside.shape[1]]
+            window[inside] = index
+    return labels
+
+
+def _ring_pixels(ring, scale: float, shape_px: tuple[int, int]):
+    """Indices of the pixels whose centres lie inside a ring given in level-0 pixels."""
+    xy = np.asarray(ring.coords)
+    return polygon_pixels(xy[:, 1] * scale - 0.5, xy[:, 0] * scale - 0.5, shape_px)

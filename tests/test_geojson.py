@@ -1,0 +1,185 @@
+"""QuPath GeoJSON: mask to polygons against geometry truth, QuPath files in, malformed files out."""
+
+import json
+
+import numpy as np
+import pytest
+from shapely.geometry import MultiPolygon, Polygon, box
+
+from biopsy.errors import AnnotationError
+from biopsy.geojson import (
+    IGNORE_INDEX,
+    Annotation,
+    make_feature,
+    polygons_from_mask,
+    rasterise,
+    read_annotations,
+    write_feature_collection,
+)
+
+
+def disc(shape, centre_rc, radius) -> np.ndarray:
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return (rows - centre_rc[0]) ** 2 + (cols - centre_rc[1]) ** 2 < radius**2
+
+
+def test_disc_polygon_has_the_disc_area_and_position_in_level0_px():
+    mask = disc((200, 220), (90, 120), 40)  # mask at 2 µm/px, level 0 at 0.5 µm/px: scale 4
+    (polygon,) = polygons_from_mask(mask, 2.0, 0.5, simplify_tolerance_px=2.0, origin_xy_px=(1000, 3000))
+    radius_level0 = 40 * 4
+    assert polygon.area == pytest.approx(np.pi * radius_level0**2, rel=0.02)
+    # the disc's centre is at mask (row 90, col 120): pixel centre (col + 0.5) * 4 plus origin
+    assert polygon.centroid.x == pytest.approx(1000 + 120.5 * 4, abs=1)
+    assert polygon.centroid.y == pytest.approx(3000 + 90.5 * 4, abs=1)
+    assert len(polygon.exterior.coords) < 100  # simplified
+
+
+def test_holes_and_separate_regions_become_separate_polygons_with_interiors():
+    ring = disc((300, 300), (150, 150), 100) & ~disc((300, 300), (150, 150), 40)
+    island = disc((300, 300), (150, 150), 15)  # inside the hole: its own polygon
+    corner = np.zeros((300, 300), bool)
+    corner[5:25, 250:290] = True
+    polygons = polygons_from_mask(ring | island | corner, 1.0, 1.0, simplify_tolerance_px=0.0)
+    assert len(polygons) == 3
+    by_area = sorted(polygons, key=lambda p: p.area)
+    assert by_area[0].area == pytest.approx(np.pi * 15**2, rel=0.05)
+    assert by_area[1].area == pytest.approx(20 * 40, rel=0.02)
+    assert len(by_area[2].interiors) == 1
+    assert by_area[2].area == pytest.approx(np.pi * (100**2 - 40**2), rel=0.02)
+
+
+def test_mask_to_polygons_to_raster_round_trip_is_exact():
+    rng = np.random.default_rng(3)
+    mask = np.kron(rng.random((20, 20)) > 0.6, np.ones((6, 6), bool))
+    polygons = polygons_from_mask(mask, 2.0, 0.5, simplify_tolerance_px=0.0)
+    annotations = [Annotation(p, "tuft") for p in polygons]
+    labels = rasterise(annotations, ["background", "tuft"], mask.shape, 2.0, 0.5, unlabelled=0)
+    np.testing.assert_array_equal(labels == 1, mask)
+
+
+def test_rasterise_draws_nested_regions_on_top_and_marks_the_rest_unlabelled():
+    cortex = Annotation(box(0, 0, 80, 80), "tissue")
+    glomerulus = Annotation(box(20, 20, 40, 40), "tuft")
+    labels = rasterise([glomerulus, cortex], ["background", "tissue", "tuft"], (50, 50), 2.0, 1.0)
+    assert (labels[10:20, 10:20] == 2).all()  # level-0 20..40 -> map pixels 10..19
+    assert (labels[:40, :40][labels[:40, :40] != 2] == 1).all()
+    assert (labels[40:, :] == IGNORE_INDEX).all()
+    with pytest.raises(AnnotationError, match="'crescent'"):
+        rasterise([Annotation(box(0, 0, 4, 4), "crescent")], ["tuft"], (5, 5), 1.0, 1.0)
+
+
+def test_written_features_have_qupath_properties_and_read_back(tmp_path):
+    square = box(10, 20, 110, 220)
+    hollow = Polygon(box(0, 0, 50, 50).exterior.coords, [box(10, 10, 20, 20).exterior.coords])
+    features = [
+        make_feature(square, "sclerosis", (150, 40, 150), {"area_um2": 5000.0, "global": True,
+                                                            "undefined": float("nan"),
+                                                            "not_measured": None}, name="G1"),
+        make_feature(hollow, "tubule", (80, 160, 230), object_type="detection"),
+    ]
+    path = tmp_path / "objects.geojson"
+    write_feature_collection(path, features)
+    document = json.loads(path.read_text())
+    assert document["type"] == "FeatureCollection"
+    properties = document["features"][0]["properties"]
+    assert properties == {
+        "objectType": "annotation",
+        "classification": {"name": "sclerosis", "color": [150, 40, 150]},
+        "name": "G1",
+        "isLocked": False,
+        "measurements": {"area_um2": 5000.0, "global": 1.0},
+    }
+    assert document["features"][1]["properties"]["objectType"] == "detection"
+    annotations = read_annotations(path)
+    assert [a.class_name for a in annotations] == ["sclerosis", "tubule"]
+    assert annotations[0].geometry.equals(square) and annotations[1].geometry.equals(hollow)
+
+
+QUPATH_05_EXPORT = """{
+  "type": "FeatureCollection",
+  "features": [
+    {
+      "type": "Feature",
+      "id": "6c1a7f5e-3e84-4f4e-9a43-2f2b0d0c2a11",
+      "geometry": {"type": "Polygon",
+                   "coordinates": [[[1000, 2000], [1100, 2000], [1100, 2100], [1000, 2100], [1000, 2000]]]},
+      "properties": {"objectType": "annotation", "name": "glom 1",
+                     "classification": {"name": "Glomerulus", "color": [255, 0, 0]}, "isLocked": false}
+    },
+    {
+      "type": "Feature",
+      "id": "0a9e7b47-2d7e-4d8f-8c48-5d0b1b6f7e22",
+      "geometry": {"type": "MultiPolygon",
+                   "coordinates": [[[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]],
+                                   [[[20, 20], [30, 20], [30, 30], [20, 30], [20, 20]]]]},
+      "properties": {"objectType": "annotation",
+                     "classification": {"names": ["Glomerulus", "Sclerotic"], "color": [0, 0, 255]}}
+    }
+  ]
+}"""
+
+QUPATH_02_EXPORT = """[
+  {"type": "Feature", "id": "PathAnnotationObject",
+   "geometry": {"type": "Polygon", "coordinates": [[[5, 5], [15, 5], [10, 15], [5, 5]]]},
+   "properties": {"classification": {"name": "Tubule", "colorRGB": -3670016},
+                  "isLocked": false, "measurements": []}}
+]"""
+
+
+def test_reads_qupath_feature_collections_and_bare_feature_lists(tmp_path):
+    collection = tmp_path / "qupath05.geojson"
+    collection.write_text(QUPATH_05_EXPORT)
+    first, second = read_annotations(collection)
+    assert first.class_name == "Glomerulus" and first.geometry.area == 100 * 100
+    assert first.geometry.bounds == (1000, 2000, 1100, 2100)
+    assert second.class_name == "Glomerulus: Sclerotic"
+    assert isinstance(second.geometry, MultiPolygon) and second.geometry.area == 200
+    bare = tmp_path / "qupath02.json"
+    bare.write_text(QUPATH_02_EXPORT)
+    (tubule,) = read_annotations(bare)
+    assert tubule.class_name == "Tubule" and tubule.geometry.area == 50
+
+
+def feature(geometry, properties=None) -> dict:
+    return {"type": "Feature", "geometry": geometry,
+            "properties": properties if properties is not None else {"classification": {"name": "tuft"}}}
+
+
+SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]]}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"type": "FeatureCollection", "features": [', "not valid JSON"),
+        ('{"type": "FeatureCollection"}', "expected a GeoJSON FeatureCollection"),
+        (json.dumps([{"type": "Point"}]), "feature 0 is not a GeoJSON Feature"),
+        (json.dumps([feature(None)]), "feature 0 has no geometry"),
+        (json.dumps([feature({"type": "Point", "coordinates": [1, 2]})]), "geometry 'Point'"),
+        (json.dumps([feature(SQUARE), feature({"type": "Polygon", "coordinates": [[["a", 0], [1, 1]]]})]),
+         "feature 1 has invalid coordinates"),
+        (json.dumps([feature({"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]})]),
+         "feature 0 has invalid coordinates"),
+        (json.dumps([feature(SQUARE, {"objectType": "annotation"})]), "feature 0 has no classification"),
+        (json.dumps([feature(SQUARE, {"classification": {"name": ""}})]), "feature 0 has no classification"),
+    ],
+)
+def test_malformed_geojson_names_the_file_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.geojson"
+    path.write_text(content)
+    with pytest.raises(AnnotationError, match=message) as error:
+        read_annotations(path)
+    assert str(path) in str(error.value)
+
+
+def test_bowtie_is_repaired_into_valid_polygons(tmp_path):
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]}
+    path = tmp_path / "bowtie.geojson"
+    path.write_text(json.dumps([feature(bowtie)]))
+    (annotation,) = read_annotations(path)
+    assert annotation.geometry.is_valid and annotation.geometry.area == pytest.approx(50)
+
+
+def test_missing_file_is_an_annotation_error(tmp_path):
+    with pytest.raises(AnnotationError, match="nothing.geojson: cannot read"):
+        read_annotations(tmp_path / "nothing.geojson")
