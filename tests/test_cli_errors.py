@@ -1,0 +1,59 @@
+"""Bad slide files through the CLI: non-zero exit, one-line error naming the file, no traceback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from biopsy.cli import main
+
+
+@pytest.fixture
+def bad_files(tmp_path, svs_path, dicom_path, real_glomeruli) -> dict:
+    """Each kind of bad input, by name: (path, extra arguments)."""
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(svs_path.read_bytes()[:1_900_000])  # image data cut, header intact
+    random_bytes = tmp_path / "random.svs"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(50_000))
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    directory = tmp_path / "folder.svs"
+    directory.mkdir()
+    jpeg = sorted((real_glomeruli / "images").glob("*.jpg"))[0]
+    return {"truncated": truncated, "random": random_bytes, "empty": empty, "directory": directory,
+            "missing": tmp_path / "missing.svs", "jpeg_without_mpp": jpeg,
+            "malformed_dicom": dicom_path}
+
+
+CASES = [("info", "truncated"), ("info", "random"), ("info", "empty"), ("info", "directory"),
+         ("info", "missing"), ("tissue", "truncated"), ("tissue", "random"),
+         ("tissue", "jpeg_without_mpp"), ("info", "malformed_dicom")]
+
+
+def command(name: str, path, tmp_path) -> list[str]:
+    return [name, str(path)] + (["--out", str(tmp_path / "out")] if name == "tissue" else [])
+
+
+@pytest.mark.parametrize("name, case", CASES)
+def test_bad_input_gives_one_line_error(name, case, bad_files, tmp_path, capsys):
+    path = bad_files[case]
+    assert main(command(name, path, tmp_path)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"biopsy {name}: error: ")
+    assert str(path) in lines[0]
+    if case == "jpeg_without_mpp":
+        assert "--mpp" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_bad_input_through_the_installed_command(bad_files, tmp_path):
+    """The real process: exit status 2, one line on stderr, no traceback (run side by side)."""
+    runs = [subprocess.Popen([sys.executable, "-m", "biopsy", *command(name, bad_files[case], tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, case in (("info", "truncated"), ("tissue", "jpeg_without_mpp"))]
+    for run in runs:
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 2
+        assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr

@@ -1,0 +1,119 @@
+"""Tissue detection: a slide written with a known tissue polygon, real images, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import shapely
+import tifffile
+from skimage.draw import disk, line_aa, polygon
+
+from biopsy.slide import open_slide
+from biopsy.tissue import brightfield_foreground, detect_tissue, pen_ink
+
+SLIDE_MPP = 1.0
+MASK_MPP = 8.0
+TISSUE_POLYGON = [(400, 300), (2500, 500), (2700, 1800), (1500, 2200), (600, 1700)]  # level-0 (x, y)
+
+
+@pytest.fixture(scope="module")
+def polygon_slide(tmp_path_factory):
+    """A 3000 x 2400 px slide at 1 µm/px: stained tissue inside TISSUE_POLYGON on noisy glass, with
+    dust specks, and blue, green and black pen marks outside it."""
+    rng = np.random.default_rng(1)
+    height, width = 2400, 3000
+    image = rng.normal(238, 4, (height, width, 3))  # glass
+    rows, cols = polygon([y for _, y in TISSUE_POLYGON], [x for x, _ in TISSUE_POLYGON], (height, width))
+    image[rows, cols] = rng.normal((200, 130, 185), 25, (len(rows), 3))  # H&E-like tissue
+    for centre in ((100, 100), (2300, 200), (150, 2800)):  # specks, ~30 µm across
+        image[disk(centre, 15, shape=(height, width))] = (90, 60, 120)
+    for colour, offset in (((40, 60, 170), 0), ((40, 160, 70), 60), ((30, 30, 30), 120)):  # pens
+        for thickness in range(12):
+            rr, cc, _ = line_aa(2250 - offset + thickness, 200, 2000 - offset + thickness, 1200)
+            image[rr, cc] = colour
+    path = tmp_path_factory.mktemp("tissue") / "polygon.tif"
+    pixels_per_cm = 1e4 / SLIDE_MPP
+    tifffile.imwrite(path, image.clip(0, 255).astype(np.uint8), photometric="rgb", tile=(256, 256),
+                     resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_polygon_tissue_iou(polygon_slide):
+    tissue = detect_tissue(open_slide(polygon_slide), mpp=MASK_MPP)
+    scale = SLIDE_MPP / MASK_MPP
+    truth = np.zeros(tissue.mask.shape, bool)
+    # mask pixel (r, c) covers level-0 [c / scale, (c + 1) / scale): its centre is at c + 0.5
+    truth[polygon([y * scale - 0.5 for _, y in TISSUE_POLYGON],
+                  [x * scale - 0.5 for x, _ in TISSUE_POLYGON], truth.shape)] = True
+    iou = (tissue.mask & truth).sum() / (tissue.mask | truth).sum()
+    assert iou >= 0.95, iou
+    assert len(tissue.pieces) == 1  # specks and pen marks are not tissue
+    polygon_area_mm2 = shapely.Polygon(TISSUE_POLYGON).area * SLIDE_MPP**2 / 1e6
+    assert tissue.area_mm2 == pytest.approx(polygon_area_mm2, rel=0.05)
+    x0, y0, x1, y1 = tissue.pieces[0].bbox_level0
+    assert (x0, y0, x1, y1) == pytest.approx((400, 300, 2700, 2200), abs=3 / scale)
+
+
+def test_tissue_fraction_of_level0_rectangles(polygon_slide):
+    tissue = detect_tissue(open_slide(polygon_slide), mpp=MASK_MPP)
+    assert tissue.tissue_fraction(1200, 900, (512, 512)) == 1.0  # inside the polygon
+    assert tissue.tissue_fraction(2800, 100, (150, 150)) == 0.0  # glass
+    assert tissue.tissue_fraction(-1000, -1000, (500, 500)) == 0.0  # off the slide
+    whole = tissue.tissue_fraction(0, 0, (3000, 2400))
+    assert whole == pytest.approx(tissue.fraction, abs=0.01)
+    edge = tissue.tissue_fraction(300, 1000, (600, 64))  # straddles the left edge of the polygon
+    assert 0.2 < edge < 0.9
+
+
+def test_real_glomeruli_images_are_mostly_tissue(real_glomeruli):
+    images = sorted((real_glomeruli / "images").glob("*.jpg"))[::3]
+    fractions = [detect_tissue(open_slide(path, mpp=0.5)).fraction for path in images]
+    assert min(fractions) > 0.2  # camera snapshots framed on tissue
+    assert np.median(fractions) > 0.8
+
+
+@pytest.mark.parametrize("colour", [(40, 60, 170), (30, 30, 30)])  # trichrome blue, silver black
+def test_pen_coloured_stain_inside_tissue_is_tissue_but_on_glass_is_pen(colour):
+    image = np.full((80, 160, 3), 240, np.uint8)
+    image[10:70, 10:70] = (200, 130, 185)  # tissue
+    image[30:50, 30:50] = colour  # inside the tissue
+    image[30:50, 110:130] = colour  # on glass
+    pen = pen_ink(image, brightfield_foreground(image))
+    assert not pen[30:50, 30:50].any() and pen[30:50, 110:130].all()
+
+
+def test_real_stains_are_not_taken_for_pen(real_glomeruli):
+    for stain in ("Masson", "PASM"):
+        for path in sorted((real_glomeruli / "images").glob(f"*-{stain}.jpg"))[:8]:
+            image = open_slide(path, mpp=0.5).thumbnail(8.0)
+            assert pen_ink(image, brightfield_foreground(image)).mean() < 0.01, path.name
+
+
+def test_real_svs_tissue(svs_path):
+    tissue = detect_tissue(open_slide(svs_path))
+    assert 0.25 < tissue.fraction < 0.6
+    assert 0.4 < tissue.pieces[0].area_mm2 < 0.9  # one section, most of the tissue
+    assert tissue.pieces[0].area_mm2 > 0.9 * tissue.area_mm2
+
+
+def test_real_qptiff_fluorescence_tissue(qptiff_path):
+    tissue = detect_tissue(open_slide(qptiff_path))
+    assert 0.1 < tissue.fraction < 0.95
+
+
+def test_tissue_cli_writes_mask_overlay_and_json(polygon_slide, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "biopsy", "tissue", str(polygon_slide),
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "tissue.json").read_text())
+    mask = np.asarray(PIL.Image.open(out / summary["mask_png"]))
+    assert mask.shape == (300, 375) and set(np.unique(mask)) == {0, 255}
+    assert np.asarray(PIL.Image.open(out / "tissue_overlay.png")).shape == (300, 375, 3)
+    assert summary["mask_mpp"] == MASK_MPP and len(summary["pieces"]) == 1
+    assert summary["tissue_area_mm2"] == pytest.approx(summary["pieces"][0]["area_mm2"])
+    assert sorted(path.name for path in out.iterdir()) == [
+        "tissue.json", "tissue_mask.png", "tissue_overlay.png"]
