@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
+from biopsy.resources import CONFIG_DIR
 from biopsy.errors import ConfigError
 
 if TYPE_CHECKING:
     from biopsy.morphometry import CortexTile, GlomerulusMeasures
 
-# Read from the repository's configs/ for now; packaging it as package data is the lead's call.
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "score" / "nih-2018.yaml"
+DEFAULT_CONFIG_PATH = CONFIG_DIR / "score" / "nih-2018.yaml"
 
 LESIONS = ("normal", "segmental_sclerosis", "global_sclerosis", "cellular_crescent",
            "fibrous_crescent", "hyaline_deposits")
