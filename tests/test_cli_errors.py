@@ -18,17 +18,19 @@ def bad_files(tmp_path, svs_path, dicom_path, real_glomeruli) -> dict:
     random_bytes.write_bytes(np.random.default_rng(0).bytes(50_000))
     empty = tmp_path / "empty.svs"
     empty.write_bytes(b"")
+    truncated_dicom = tmp_path / "truncated.dcm"
+    truncated_dicom.write_bytes(dicom_path.read_bytes()[:800_000])  # 20 of its 42 frames whole
     directory = tmp_path / "folder.svs"
     directory.mkdir()
     jpeg = sorted((real_glomeruli / "images").glob("*.jpg"))[0]
     return {"truncated": truncated, "random": random_bytes, "empty": empty, "directory": directory,
             "missing": tmp_path / "missing.svs", "jpeg_without_mpp": jpeg,
-            "malformed_dicom": dicom_path}
+            "truncated_dicom": truncated_dicom}
 
 
 CASES = [("info", "truncated"), ("info", "random"), ("info", "empty"), ("info", "directory"),
          ("info", "missing"), ("tissue", "truncated"), ("tissue", "random"),
-         ("tissue", "jpeg_without_mpp"), ("info", "malformed_dicom")]
+         ("tissue", "jpeg_without_mpp"), ("info", "truncated_dicom")]
 
 
 def command(name: str, path, tmp_path) -> list[str]:

@@ -181,17 +181,6 @@ def test_real_qptiff_fluorescence(qptiff_path):
     assert (slide.read(-50, 0, (10, 10), 2.0) == 0).all()
 
 
-def test_real_dicom_opens_or_gives_a_clear_error(dicom_path):
-    try:
-        slide = open_slide(dicom_path)
-    except SlideError as error:
-        message = str(error)
-        assert str(dicom_path) in message and "\n" not in message
-    else:
-        assert slide.dimensions == (3236, 2638)
-        assert slide.read(0, 0, (32, 32), 4 * slide.mpp[0]).shape == (32, 32, 3)
-
-
 def test_plain_jpeg_needs_an_mpp(real_glomeruli):
     image = sorted((real_glomeruli / "images").glob("*.jpg"))[0]
     with pytest.raises(MppError, match="--mpp"):
