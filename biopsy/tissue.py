@@ -1,21 +1,32 @@
 """Tissue detection at low resolution: where on a slide there is tissue, and in how many pieces.
 
-Brightfield: optical density (OD, the largest of the three channels) above an Otsu threshold held
-between glass and the palest stain, minus pen ink (blue, green, black); fluorescence: summed channel
-intensity above an Otsu threshold. Then morphology: specks opened away, gaps closed, small holes
-filled, pieces smaller than ``min_area_um2`` dropped.
+Brightfield: the image is white-balanced on its glass (the brightest, near-grey pixels); a pixel is
+tissue when its optical density (OD, of the darkest channel) or its saturation is above an Otsu
+threshold held between glass and the palest stain: OD finds haematoxylin and dark stains,
+saturation the pale eosin stroma. Marker pen (blue, green, black) on glass is removed.
+Fluorescence: summed channel intensity above an Otsu threshold. Then morphology: specks opened
+away, gaps closed, pieces smaller than ``min_area_um2`` dropped, holes inside tissue up to
+``MAX_HOLE_AREA_UM2`` (vessel and tubule lumina) filled.
 """
 
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 from skimage import measure, morphology
 from skimage.filters import threshold_otsu
 
 from biopsy.slide import Slide
 
-# OD of clean glass is below ~0.03, pale stained tissue (collagen, cytoplasm) above ~0.08 (log10).
-OD_THRESHOLD_RANGE = (0.04, 0.08)
+# After white balance on the glass: glass has OD (log10, darkest channel) below ~0.04 and saturation
+# below ~0.03; haematoxylin and eosin above OD ~0.2; pale eosin stroma has OD ~0.05-0.1 but
+# saturation 0.1-0.15, so saturation finds it.
+OD_THRESHOLD_RANGE = (0.1, 0.2)
+SATURATION_THRESHOLD_RANGE = (0.05, 0.08)
+GLASS_MIN_GREY = 180  # the glass's darkest channel is at least this bright (0-255) ...
+GLASS_MAX_SATURATION = 0.12  # ... and it is at most this tinted
+PEN_FRINGE_PX = 4  # paler pen fringe beside the saturated stroke, in mask pixels
+MAX_HOLE_AREA_UM2 = 500_000.0  # holes inside tissue up to this size (vessel, tubule lumina) are tissue
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0
     else:
         foreground = brightfield_foreground(image)
         candidate = foreground & ~pen_ink(image, foreground)
-    mask = clean_mask(candidate, min_area_px=min_area_um2 / mpp**2)
+    mask = clean_mask(candidate, min_area_px=min_area_um2 / mpp**2, max_hole_px=MAX_HOLE_AREA_UM2 / mpp**2)
     labels = measure.label(mask, connectivity=2).astype(np.int32)
     scale_x, scale_y = mpp / slide.mpp[0], mpp / slide.mpp[1]
     pieces = [
@@ -96,32 +107,57 @@ def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0
     return TissueMask(mask=mask, mpp=mpp, level0_mpp=slide.mpp, labels=labels, pieces=pieces)
 
 
-def optical_density(image: np.ndarray) -> np.ndarray:
-    """Largest per-channel optical density (log10) of an RGB uint8 image."""
-    return -np.log10((image.astype(np.float32) + 1) / 256).max(axis=-1)
+def glass_colour(image: np.ndarray) -> np.ndarray:
+    """RGB of the glass: the median of the brightest 1 % of pixels when that is bright, near-grey
+    (microscope glass may be slightly tinted) and so plausibly glass; else white (a frame of tissue)."""
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    brightness = pixels.sum(axis=1)
+    colour = np.median(pixels[brightness >= np.percentile(brightness, 99)], axis=0)
+    if colour.min() >= GLASS_MIN_GREY and 1 - colour.min() / colour.max() <= GLASS_MAX_SATURATION:
+        return colour
+    return np.full(3, 255.0, np.float32)
+
+
+def stain_features(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optical density (log10, of the darkest channel) and HSV saturation of ``image`` after white
+    balance on its glass, so that glass is near (0, 0) whatever the scanner's light."""
+    balanced = np.clip(image.astype(np.float32) * (255 / glass_colour(image)), 0, 255)
+    brightest, darkest = balanced.max(axis=-1), balanced.min(axis=-1)
+    density = -np.log10((darkest + 1) / 256)
+    saturation = (brightest - darkest) / np.maximum(brightest, 1)
+    return density, saturation
+
+
+def otsu_within(values: np.ndarray, bounds: tuple[float, float]) -> float:
+    """Otsu threshold of ``values`` held within ``bounds`` (the upper bound when ``values`` is flat)."""
+    threshold = threshold_otsu(values) if np.ptp(values) > 0 else bounds[1]
+    return float(np.clip(threshold, *bounds))
 
 
 def brightfield_foreground(image: np.ndarray) -> np.ndarray:
-    """Pixels darker or more coloured than glass: OD above Otsu, held in ``OD_THRESHOLD_RANGE``."""
-    density = optical_density(image)
-    low, high = OD_THRESHOLD_RANGE
-    threshold = threshold_otsu(density) if np.ptp(density) > 0 else high
-    return density > np.clip(threshold, low, high)
+    """Pixels darker than glass (OD) or more coloured than glass (saturation: pale eosin stroma),
+    each above its Otsu threshold held in ``OD_THRESHOLD_RANGE`` / ``SATURATION_THRESHOLD_RANGE``."""
+    density, saturation = stain_features(image)
+    return ((density > otsu_within(density, OD_THRESHOLD_RANGE))
+            | (saturation > otsu_within(saturation, SATURATION_THRESHOLD_RANGE)))
 
 
 def pen_colours(image: np.ndarray) -> np.ndarray:
-    """Pixels of marker-pen colour: saturated dark blue, saturated green, near-black grey."""
+    """Pixels of marker-pen colour: saturated dark blue, saturated green with its paler fringe,
+    near-black grey."""
     red, green, blue = (image[..., channel].astype(np.int16) for channel in range(3))
     blue_pen = (blue - red > 90) & (blue - green > 60) & (red < 70)
     green_pen = (green - red > 40) & (green - blue > 15)
     brightest = np.maximum(np.maximum(red, green), blue)
     darkest = np.minimum(np.minimum(red, green), blue)
     black_pen = (brightest < 45) & (brightest - darkest < 20)
+    green_fringe = (green - red > 20) & (green - blue > -10)  # blue would take in trichrome collagen
+    green_pen |= green_fringe & morphology.dilation(green_pen, morphology.disk(PEN_FRINGE_PX))
     return blue_pen | green_pen | black_pen
 
 
 def pen_ink(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """Marker pen: patches of pen colour whose surroundings are mostly glass.
+    """Marker pen: patches of pen colour (with their fringe) whose surroundings are mostly glass.
 
     Patches of the same colours surrounded by tissue (trichrome-blue collagen, silver-black
     basement membranes in Jones/PASM stains) stay tissue.
@@ -145,9 +181,12 @@ def fluorescence_foreground(image: np.ndarray) -> np.ndarray:
     return intensity > threshold_otsu(intensity)
 
 
-def clean_mask(candidate: np.ndarray, min_area_px: float) -> np.ndarray:
-    """Open away specks, close small gaps, fill holes and drop pieces below ``min_area_px``."""
+def clean_mask(candidate: np.ndarray, min_area_px: float, max_hole_px: float) -> np.ndarray:
+    """Open away specks, close small gaps, drop pieces below ``min_area_px`` and fill holes up to
+    ``max_hole_px`` (lumina inside tissue)."""
     mask = morphology.opening(candidate, morphology.disk(1))
     mask = morphology.closing(mask, morphology.disk(2))
-    mask = morphology.remove_small_holes(mask, max_size=int(min_area_px))
-    return morphology.remove_small_objects(mask, max_size=int(min_area_px))
+    mask = morphology.remove_small_objects(mask, max_size=int(min_area_px))
+    holes = ndimage.binary_fill_holes(mask) & ~mask  # background not reaching the edge of the slide
+    large_holes = morphology.remove_small_objects(holes, max_size=int(max_hole_px))
+    return mask | (holes & ~large_holes)
