@@ -1,0 +1,156 @@
+"""Cohort statistics over paired comparisons: did the metric change across patients?
+
+Per metric, over the patients whose metric was assessed at both timepoints: n, the paired Wilcoxon
+signed-rank test (two-sided, zero differences dropped as in Wilcoxon's original method), the median
+change with a 95% percentile-bootstrap interval (patients resampled, fixed seed), the number of
+patients whose own verdict was improved / unchanged / worsened, and Benjamini-Hochberg q-values
+across the metrics tested. ``cohort.html`` shows them with a slope chart per metric.
+"""
+
+import numpy as np
+from scipy import stats
+
+from biopsy.report import VERDICT_COLOURS, e, number, page
+
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+def median_interval(differences: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES,
+                    seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``differences`` (patients resampled)."""
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(differences), size=(replicates, len(differences)))
+    medians = np.median(differences[samples], axis=1)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def wilcoxon_signed_rank(differences: np.ndarray) -> tuple[float | None, float | None]:
+    """(statistic, two-sided p) of scipy's Wilcoxon signed-rank test, or (None, None) when no
+    difference is non-zero (the test is undefined)."""
+    if not np.any(differences != 0):
+        return None, None
+    result = stats.wilcoxon(differences)
+    return float(result.statistic), float(result.pvalue)
+
+
+def cohort_statistics(comparisons: list[dict], replicates: int = BOOTSTRAP_REPLICATES,
+                      seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """Per-metric statistics over comparisons of distinct patients (``comparison.json`` dicts).
+
+    Returns one dict per metric, in the order of the first comparison, with the per-patient
+    values the slope charts draw.
+    """
+    patients = [c["patient_id"] for c in comparisons]
+    if len(set(patients)) != len(patients):
+        raise ValueError("cohort statistics need one comparison per patient")
+    names = list(dict.fromkeys(m["name"] for c in comparisons for m in c["metrics"]))
+    results = [_metric_statistics(name, comparisons, replicates, seed) for name in names]
+    _add_q_values(results)
+    return results
+
+
+def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed: int) -> dict:
+    rows = []
+    for comparison in comparisons:
+        metric = next((m for m in comparison["metrics"] if m["name"] == name), None)
+        if metric and metric["baseline"] is not None and metric["follow_up"] is not None:
+            rows.append((comparison["patient_id"], metric))
+    first = next(m for c in comparisons for m in c["metrics"] if m["name"] == name)
+    differences = np.array([m["follow_up"] - m["baseline"] for _, m in rows], dtype=float)
+    statistic, p_value = wilcoxon_signed_rank(differences) if rows else (None, None)
+    low, high = median_interval(differences, replicates, seed) if rows else (None, None)
+    verdicts = [m["verdict"] for _, m in rows]
+    return {
+        "name": name,
+        "label": first["label"],
+        "family": first["family"],
+        "unit": first["unit"],
+        "favourable": first["favourable"],
+        "n": len(rows),
+        "wilcoxon_statistic": statistic,
+        "p_value": p_value,
+        "median_change": float(np.median(differences)) if rows else None,
+        "median_change_ci": [low, high] if rows else None,
+        "patients_improved": verdicts.count("improved"),
+        "patients_unchanged": verdicts.count("unchanged"),
+        "patients_worsened": verdicts.count("worsened"),
+        "patients": [{"patient_id": patient, "baseline": m["baseline"], "follow_up": m["follow_up"],
+                      "verdict": m["verdict"]} for patient, m in rows],
+    }
+
+
+def _add_q_values(results: list[dict]) -> None:
+    tested = [r for r in results if r["p_value"] is not None]
+    q_values = stats.false_discovery_control([r["p_value"] for r in tested]) if tested else []
+    for result in results:
+        result["q_value"] = None
+    for result, q_value in zip(tested, q_values):
+        result["q_value"] = float(q_value)
+
+
+# --- cohort.html -------------------------------------------------------------------------------
+
+def render_cohort(cohort: dict) -> str:
+    """The HTML of ``cohort.html``: per group and metric, statistics and a slope chart."""
+    sections = ["<h1>Cohort: baseline against follow-up</h1>",
+                "<p>Per metric over patients assessed at both timepoints: paired Wilcoxon "
+                "signed-rank test (two-sided), Benjamini-Hochberg q-value across the metrics of a "
+                "group, median change (follow-up − baseline) with its 95% bootstrap interval. "
+                "Thin lines: one patient each, coloured by that patient's own verdict; thick black "
+                "line: the medians. Lower is better for every metric.</p>"]
+    for group in cohort["groups"]:
+        stain = f", stain {e(group['stain'])}" if group["stain"] else ""
+        sections.append(f"<h2>Follow-up {group['follow_up_number']}{stain}: "
+                        f"{group['patients']} patients</h2>")
+        for family in ("activity", "chronicity"):
+            charts = "".join(_slope_chart(m) for m in group["metrics"] if m["family"] == family)
+            sections.append(f"<h3>{family.capitalize()}</h3><div class=\"pair\">{charts}</div>")
+    sections.append("<h2>Comparisons</h2>" + _comparison_list(cohort["comparisons"]))
+    return page("Cohort comparison", "\n".join(sections))
+
+
+def _slope_chart(m: dict, width: int = 250, height: int = 210) -> str:
+    values = [v for p in m["patients"] for v in (p["baseline"], p["follow_up"])]
+    top = max(values + [1e-9]) * 1.1
+    y = lambda v: height - 30 - v / top * (height - 50)  # noqa: E731
+    lines = "".join(
+        f'<line x1="60" y1="{y(p["baseline"]):.1f}" x2="{width - 60}" y2="{y(p["follow_up"]):.1f}" '
+        f'stroke="{VERDICT_COLOURS[p["verdict"]]}" stroke-width="1.5" opacity="0.8">'
+        f'<title>{e(p["patient_id"])}: {number(p["baseline"])} → {number(p["follow_up"])} '
+        f'({e(p["verdict"])})</title></line>' for p in m["patients"])
+    if m["patients"]:
+        medians = [float(np.median([p[k] for p in m["patients"]])) for k in ("baseline", "follow_up")]
+        lines += (f'<line x1="60" y1="{y(medians[0]):.1f}" x2="{width - 60}" y2="{y(medians[1]):.1f}" '
+                  f'stroke="#000" stroke-width="3"><title>median</title></line>')
+    axis = (f'<line x1="60" y1="20" x2="60" y2="{height - 30}" stroke="#999"/>'
+            f'<line x1="{width - 60}" y1="20" x2="{width - 60}" y2="{height - 30}" stroke="#999"/>'
+            f'<text x="56" y="{y(0):.0f}" text-anchor="end" font-size="10">0</text>'
+            f'<text x="56" y="{y(top / 1.1) + 4:.0f}" text-anchor="end" font-size="10">'
+            f'{number(top / 1.1)}</text>'
+            f'<text x="60" y="{height - 12}" text-anchor="middle" font-size="11">baseline</text>'
+            f'<text x="{width - 60}" y="{height - 12}" text-anchor="middle" font-size="11">follow-up</text>')
+    ci = m["median_change_ci"]
+    interval = f" [{number(ci[0])}, {number(ci[1])}]" if ci else ""
+    p_value = "—" if m["p_value"] is None else f"{m['p_value']:.3g}"
+    q_value = "—" if m["q_value"] is None else f"{m['q_value']:.3g}"
+    caption = (f"<b>{e(m['label'])}</b> ({e(m['unit'])})<br>n = {m['n']}, median change "
+               f"{number(m['median_change'])}{interval}<br>Wilcoxon p = {p_value}, q = {q_value}; "
+               f"{m['patients_improved']} improved, {m['patients_unchanged']} unchanged, "
+               f"{m['patients_worsened']} worsened")
+    return (f'<figure><svg width="{width}" height="{height}" role="img">{axis}{lines}</svg>'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _comparison_list(comparisons: list[dict]) -> str:
+    rows = []
+    for c in comparisons:
+        link = (f'<a href="{e(c["folder"])}/report.html">report</a>' if c["folder"] else "")
+        rows.append(f"<tr><td>{e(c['patient_id'])}</td><td>{e(c['stain'])}</td>"
+                    f"<td>{e(c['baseline'])}</td><td>{e(c['follow_up'])}</td>"
+                    f"<td>{e(c['status'])}</td><td>{link}</td></tr>")
+    return ("<table><tr><th>patient</th><th>stain</th><th>baseline</th><th>follow-up</th>"
+            "<th>status</th><th></th></tr>" + "".join(rows) + "</table>")

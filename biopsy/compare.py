@@ -1,0 +1,307 @@
+"""Paired pre/post comparison of one patient: per metric, did the kidney get better?
+
+Biopsies taken before and after treatment are different pieces of tissue, so distributions are
+compared, not pixels (../shared/SCORING.md). For every metric: the baseline and follow-up values
+(recomputed from each folder's glomeruli and tiles; equal to its ``summary.json``), their difference (follow-up minus baseline) and a 95%
+percentile-bootstrap interval of that difference. Each replicate resamples, independently for each
+biopsy, its glomeruli (for glomerular metrics) and its cortex tiles (for area metrics), both for
+the indices, and recomputes every metric with the scoring definitions of :mod:`biopsy.scoring`
+(vectorised over replicates; ``tests/test_compare.py`` checks it equals ``score_slide``).
+
+All metrics here are lower-is-better. A metric is ``improved`` when its interval lies wholly
+below zero, ``worsened`` when wholly above, ``unchanged`` otherwise, and ``not assessed`` when
+either biopsy cannot give it. Activity and chronicity are reported apart, never combined: the
+chronicity index may rise while activity falls.
+"""
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from biopsy import scoring
+from biopsy.atomic import write_text_atomic
+from biopsy.report import write_report
+from biopsy.scorefolder import ScoredSlide, read_score_folder
+
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+MAX_RESAMPLED_ENTRIES = 2_000_000  # per index array of a bootstrap chunk (16 MB)
+COMPARISON_FORMAT = "biopsy.comparison/1"
+CSV_COLUMNS = ("name", "label", "family", "unit", "favourable", "resampled", "baseline",
+               "follow_up", "difference", "ci_low", "ci_high", "verdict")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    family: str  # "activity" or "chronicity"
+    unit: str
+    resampled: str  # what the bootstrap resamples
+    favourable: str = "lower"
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("activity_index", "NIH activity index (assessed components)", "activity",
+           "points", "glomeruli and cortex tiles"),
+    Metric("hyaline_deposits", "Glomeruli with hyaline deposits", "activity", "% of glomeruli",
+           "glomeruli"),
+    Metric("deposit_burden", "Mean hyaline-deposit area", "activity", "% of glomerular area",
+           "glomeruli"),
+    Metric("cellular_crescents", "Cellular crescents", "activity", "% of glomeruli", "glomeruli"),
+    Metric("chronicity_index", "NIH chronicity index", "chronicity", "points",
+           "glomeruli and cortex tiles"),
+    Metric("glomerulosclerosis", "Glomerulosclerosis (global + segmental)", "chronicity",
+           "% of glomeruli", "glomeruli"),
+    Metric("sclerosis_burden", "Mean sclerosis", "chronicity", "% of glomerular area", "glomeruli"),
+    Metric("fibrous_crescents", "Fibrous crescents", "chronicity", "% of glomeruli", "glomeruli"),
+    Metric("interstitial_fibrosis", "Interstitial fibrosis", "chronicity", "% of cortex",
+           "cortex tiles"),
+    Metric("tubular_atrophy", "Tubular atrophy", "chronicity", "% of tubular area", "cortex tiles"),
+)
+# Continuous burdens: per-glomerulus measure averaged over glomeruli, shown in percent.
+BURDEN_FIELDS = {"deposit_burden": ("hyaline_deposit_fraction", "hyaline_deposit"),
+                 "sclerosis_burden": ("sclerosis_fraction", "sclerosis")}
+
+
+@dataclass(frozen=True)
+class SlideSample:
+    """What the bootstrap resamples from one scored slide: per-glomerulus and per-tile arrays."""
+
+    lesion_present: dict[str, np.ndarray]  # component name -> bool per glomerulus
+    burden_fraction: dict[str, np.ndarray]  # burden metric -> fraction per glomerulus
+    tile_areas_um2: dict[str, np.ndarray]  # class name -> area per cortex tile
+    class_names: tuple[str, ...]
+    config: scoring.ScoreConfig
+
+    @property
+    def glomerulus_count(self) -> int:
+        return len(next(iter(self.burden_fraction.values())))
+
+    @property
+    def tile_count(self) -> int:
+        return len(next(iter(self.tile_areas_um2.values()), ()))
+
+
+def slide_sample(glomeruli, cortex_tiles, class_names, config: scoring.ScoreConfig) -> SlideSample:
+    """Arrays of one slide's glomeruli and tiles, lesions called as :func:`scoring.score_slide` does."""
+    calls = [scoring.call_lesions(g, config.lesions) for g in glomeruli]
+    lesion_present = {c.name: np.array([any(lesion in call for lesion in c.lesions) for call in calls],
+                                       dtype=bool)
+                      for c in scoring.COMPONENTS if c.denominator == "glomeruli" and c.lesions}
+    burden_fraction = {name: np.array([getattr(g, field) for g in glomeruli], dtype=float)
+                       for name, (field, _) in BURDEN_FIELDS.items()}
+    tile_areas = {name: np.array([t.area_um2.get(name, 0.0) for t in cortex_tiles], dtype=float)
+                  for name in class_names}
+    return SlideSample(lesion_present, burden_fraction, tile_areas, tuple(class_names), config)
+
+
+def metric_values(sample: SlideSample, glomerulus_index: np.ndarray,
+                  tile_index: np.ndarray) -> dict[str, np.ndarray | None]:
+    """Every metric for each replicate: row r of the (replicates, n) index arrays picks the
+    glomeruli / tiles of replicate r. None: not assessed on this slide; NaN: not defined in that
+    replicate (a resample without denominator area).
+    """
+    components = {}
+    for component in scoring.COMPONENTS:
+        components[component.name] = _component_percent(sample, component, glomerulus_index,
+                                                         tile_index)
+    values: dict[str, np.ndarray | None] = {
+        name: components[name] for name in ("hyaline_deposits", "cellular_crescents",
+                                            "glomerulosclerosis", "fibrous_crescents",
+                                            "interstitial_fibrosis", "tubular_atrophy")}
+    for name, (_, required_class) in BURDEN_FIELDS.items():
+        assessable = required_class in sample.class_names and sample.glomerulus_count > 0
+        values[name] = (100.0 * sample.burden_fraction[name][glomerulus_index].mean(axis=1)
+                        if assessable else None)
+    for index in ("activity", "chronicity"):
+        values[f"{index}_index"] = _index_points(index, components)
+    return values
+
+
+def _component_percent(sample: SlideSample, component: scoring.Component,
+                       glomerulus_index: np.ndarray, tile_index: np.ndarray) -> np.ndarray | None:
+    if component.denominator == "glomeruli":
+        if (not component.lesions or component.required_class not in sample.class_names
+                or sample.glomerulus_count == 0):
+            return None
+        return 100.0 * sample.lesion_present[component.name][glomerulus_index].mean(axis=1)
+    ratio = getattr(sample.config.cortex, component.name, None)
+    if ratio is None or any(n not in sample.class_names for n in ratio.numerator + ratio.denominator):
+        return None
+    tile_denominator = sum(sample.tile_areas_um2[n] for n in ratio.denominator)
+    if sample.tile_count == 0 or not tile_denominator.sum() > 0:
+        return None  # no cortex on the slide, as scoring.area_percent
+    numerator = sum(sample.tile_areas_um2[n] for n in ratio.numerator)[tile_index].sum(axis=1)
+    denominator = tile_denominator[tile_index].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 100.0 * numerator / denominator, np.nan)
+
+
+_nih_bin = np.vectorize(scoring.nih_bin, otypes=[float])
+
+
+def _index_points(index: str, components: dict[str, np.ndarray | None]) -> np.ndarray | None:
+    """Sum of bin x weight over the assessed components of ``index`` (None: none assessed)."""
+    assessed = [c for c in scoring.COMPONENTS if c.index == index and components[c.name] is not None]
+    if not assessed:
+        return None
+    points = [np.where(np.isnan(components[c.name]), np.nan,
+                       _nih_bin(np.nan_to_num(components[c.name])) * c.weight) for c in assessed]
+    return np.sum(points, axis=0)
+
+
+def assessed_components(sample: SlideSample) -> dict[str, bool]:
+    """Which NIH components the slide assesses (an index is compared only over the same set)."""
+    every_glomerulus = np.arange(sample.glomerulus_count)[None]
+    every_tile = np.arange(sample.tile_count)[None]
+    return {c.name: _component_percent(sample, c, every_glomerulus, every_tile) is not None
+            for c in scoring.COMPONENTS}
+
+
+def _same_components(index: str, baseline: dict[str, bool], follow_up: dict[str, bool]) -> bool:
+    """An index is compared only when both biopsies assess the same components of it."""
+    return all(baseline[c.name] == follow_up[c.name] for c in scoring.COMPONENTS if c.index == index)
+
+
+def point_values(sample: SlideSample) -> dict[str, float | None]:
+    """Every metric on the slide's own glomeruli and tiles (no resampling)."""
+    values = metric_values(sample, np.arange(sample.glomerulus_count)[None],
+                           np.arange(sample.tile_count)[None])
+    return {name: None if v is None or np.isnan(v[0]) else float(v[0]) for name, v in values.items()}
+
+
+def bootstrap_values(sample: SlideSample, rng: np.random.Generator,
+                     replicates: int) -> dict[str, np.ndarray | None]:
+    """Every metric for ``replicates`` resamples (with replacement) of the slide's glomeruli and
+    tiles, drawn in chunks so that memory stays bounded on slides with thousands of tiles."""
+    widest = max(sample.glomerulus_count, sample.tile_count, 1)
+    chunk = max(1, MAX_RESAMPLED_ENTRIES // widest)
+    parts = []
+    for start in range(0, replicates, chunk):
+        count = min(chunk, replicates - start)
+        glomerulus_index = rng.integers(0, max(sample.glomerulus_count, 1),
+                                        size=(count, sample.glomerulus_count))
+        tile_index = rng.integers(0, max(sample.tile_count, 1), size=(count, sample.tile_count))
+        parts.append(metric_values(sample, glomerulus_index, tile_index))
+    return {name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts])
+            for name in parts[0]}
+
+
+def compare_samples(baseline: SlideSample, follow_up: SlideSample,
+                    replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """Per metric (in :data:`METRICS` order): values, difference, interval and verdict."""
+    rng = np.random.default_rng(seed)
+    base_point, follow_point = point_values(baseline), point_values(follow_up)
+    base_boot = bootstrap_values(baseline, rng, replicates)
+    follow_boot = bootstrap_values(follow_up, rng, replicates)
+    assessed = assessed_components(baseline), assessed_components(follow_up)
+    rows = []
+    for metric in METRICS:
+        base, follow = base_point[metric.name], follow_point[metric.name]
+        comparable = base is not None and follow is not None and (
+            not metric.name.endswith("_index") or _same_components(metric.family, *assessed))
+        row = asdict(metric) | {"baseline": base, "follow_up": follow, "difference": None,
+                                "ci_low": None, "ci_high": None, "verdict": "not assessed"}
+        if comparable:
+            low, high = _percentile_interval(follow_boot[metric.name] - base_boot[metric.name])
+            row |= {"difference": follow - base, "ci_low": low, "ci_high": high,
+                    "verdict": verdict(low, high, metric.favourable)}
+        rows.append(row)
+    return rows
+
+
+def _percentile_interval(differences: np.ndarray) -> tuple[float, float]:
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.nanpercentile(differences, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def verdict(ci_low: float, ci_high: float, favourable: str = "lower") -> str:
+    """``improved`` / ``worsened`` when the interval excludes zero in the favourable / other
+    direction, else ``unchanged``."""
+    if ci_high < 0:
+        return "improved" if favourable == "lower" else "worsened"
+    if ci_low > 0:
+        return "worsened" if favourable == "lower" else "improved"
+    return "unchanged"
+
+
+def score_config_from_summary(summary: dict) -> scoring.ScoreConfig:
+    """The scoring configuration a folder was scored with (``provenance.config`` of summary.json)."""
+    config = summary["provenance"]["config"]
+    cortex = config["cortex"]
+    return scoring.ScoreConfig(
+        name=config["name"],
+        glomeruli=scoring.GlomerulusSettings(**config["glomeruli"]),
+        lesions=scoring.LesionThresholds(**config["lesions"]),
+        cortex=scoring.CortexSettings(
+            tile_um=cortex["tile_um"],
+            **{ratio: scoring.AreaRatio(tuple(cortex[ratio]["numerator"]),
+                                        tuple(cortex[ratio]["denominator"]))
+               for ratio in ("interstitial_fibrosis", "tubular_atrophy")}))
+
+
+def sample_of(scored: ScoredSlide) -> SlideSample:
+    return slide_sample(scored.glomeruli, scored.cortex_tiles,
+                        scored.summary["label_map"]["class_names"],
+                        score_config_from_summary(scored.summary))
+
+
+def compare_scored(baseline: ScoredSlide, follow_up: ScoredSlide, patient_id: str = "",
+                   replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """The comparison of two scored slides, JSON-ready (what ``comparison.json`` holds)."""
+    return {
+        "format": COMPARISON_FORMAT,
+        "patient_id": patient_id,
+        "baseline": _slide_header(baseline),
+        "follow_up": _slide_header(follow_up),
+        "bootstrap": {"replicates": replicates, "seed": seed, "confidence": CONFIDENCE,
+                      "interval": "percentile", "resampled": "glomeruli and cortex tiles of "
+                      "each biopsy, independently"},
+        "metrics": compare_samples(sample_of(baseline), sample_of(follow_up), replicates, seed),
+    }
+
+
+def compare_folders(baseline_dir: str | Path, follow_up_dir: str | Path, patient_id: str = "",
+                    replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """:func:`compare_scored` of two scored-slide folders (BiopsyError if one is incomplete)."""
+    return compare_scored(read_score_folder(baseline_dir), read_score_folder(follow_up_dir),
+                          patient_id, replicates, seed)
+
+
+def _slide_header(scored: ScoredSlide) -> dict:
+    scores, provenance = scored.summary["scores"], scored.summary["provenance"]
+    return {
+        "folder": scored.folder.name,
+        "source": provenance.get("source"),
+        "model": provenance.get("model"),
+        "glomeruli": scores["glomeruli"]["count"],
+        "adequacy": scores["glomeruli"]["adequacy"],
+        "cortex_tiles": scores["cortex"]["tiles"],
+        "chronicity_partial": scores["chronicity_index"]["partial"],
+        "activity_partial": scores["activity_index"]["partial"],
+    }
+
+
+def write_comparison(out_dir: str | Path, baseline: ScoredSlide, follow_up: ScoredSlide,
+                     patient_id: str = "", replicates: int = BOOTSTRAP_REPLICATES,
+                     seed: int = BOOTSTRAP_SEED) -> dict:
+    """Compare two scored slides into ``out_dir``: ``report.html``, ``comparison.csv`` and, last,
+    ``comparison.json``. Returns the comparison."""
+    out_dir = Path(out_dir)
+    comparison = compare_scored(baseline, follow_up, patient_id, replicates, seed)
+    (out_dir / "comparison.json").unlink(missing_ok=True)
+    write_report(out_dir / "report.html", comparison, baseline, follow_up)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(comparison["metrics"])
+    write_text_atomic(out_dir / "comparison.csv", text.getvalue())
+    write_text_atomic(out_dir / "comparison.json", json.dumps(comparison, indent=2, allow_nan=False))
+    return comparison

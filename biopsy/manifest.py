@@ -1,0 +1,165 @@
+"""Batch manifests: one CSV row per slide, validated in full before any slide is scored.
+
+Columns: ``patient_id``, ``timepoint`` (``pre``/``post`` or an ISO date ``YYYY-MM-DD``),
+``slide`` (path relative to the manifest, or absolute), and optionally ``stain`` and ``mpp``.
+Other columns are ignored. Errors name the spreadsheet row (the header is row 1).
+
+A patient's baseline is its earliest timepoint (``pre`` before ``post``; dates in calendar order);
+slides of different stains are compared stain with stain.
+"""
+
+import csv
+import datetime
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from biopsy.errors import ManifestError
+
+REQUIRED_COLUMNS = ("patient_id", "timepoint", "slide")
+OPTIONAL_COLUMNS = ("stain", "mpp")
+NAMED_TIMEPOINTS = ("pre", "post")
+_UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One validated manifest row.
+
+    ``row`` is the spreadsheet row number (header = 1); ``slide`` is an absolute path.
+    """
+
+    row: int
+    patient_id: str
+    timepoint: str
+    slide: Path
+    stain: str = ""
+    mpp: float | None = None
+
+    @property
+    def order_key(self) -> tuple[int, int]:
+        """Sort key of the timepoint: ``pre`` < ``post``; dates by calendar day."""
+        if self.timepoint in NAMED_TIMEPOINTS:
+            return (0, NAMED_TIMEPOINTS.index(self.timepoint))
+        return (1, datetime.date.fromisoformat(self.timepoint).toordinal())
+
+    @property
+    def folder_name(self) -> str:
+        """Output folder name ``<patient>_<timepoint>_<slide stem>``, made safe for file systems."""
+        stem = self.slide.name.split(".")[0] or self.slide.name
+        return "_".join(_safe(part) for part in (self.patient_id, self.timepoint, stem))
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A patient's baseline slide and one later slide of the same stain."""
+
+    baseline: ManifestEntry
+    follow_up: ManifestEntry
+    follow_up_number: int  # 1 for the first follow-up after baseline, 2 for the next, ...
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE_FILENAME_CHARS.sub("_", text).strip("._") or "_"
+
+
+def read_manifest(path: str | Path) -> list[ManifestEntry]:
+    """Read and validate a manifest; raise :class:`ManifestError` naming the row and the fix."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; the header "
+                                    f"needs {', '.join(REQUIRED_COLUMNS)} (optional: stain, mpp)")
+            reader.fieldnames = columns
+            entries = [_parse_row(path, row_number, row)
+                       for row_number, row in enumerate(reader, start=2)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ManifestError(f"{path}: cannot read the manifest ({error})") from error
+    if not entries:
+        raise ManifestError(f"{path}: the manifest lists no slides; add one row per slide")
+    _check_unique(path, entries)
+    _check_timepoints_comparable(path, entries)
+    return entries
+
+
+def _parse_row(path: Path, row_number: int, row: dict) -> ManifestEntry:
+    where = f"{path} row {row_number}"
+    if None in row:
+        raise ManifestError(f"{where}: more cells than header columns; quote cells that hold commas")
+    values = {k: (v or "").strip() for k, v in row.items()}
+    for column in REQUIRED_COLUMNS:
+        if not values[column]:
+            raise ManifestError(f"{where}: empty {column}; every row needs {', '.join(REQUIRED_COLUMNS)}")
+    timepoint = _parse_timepoint(where, values["timepoint"])
+    slide = Path(values["slide"]).expanduser()
+    slide = (slide if slide.is_absolute() else path.parent / slide).resolve()
+    if not slide.exists():
+        raise ManifestError(f"{where}: slide file {slide} not found; slide paths are relative "
+                            f"to the manifest's folder {path.parent.resolve()}")
+    return ManifestEntry(row=row_number, patient_id=values["patient_id"], timepoint=timepoint,
+                         slide=slide, stain=values.get("stain", ""),
+                         mpp=_parse_mpp(where, values.get("mpp", "")))
+
+
+def _parse_timepoint(where: str, text: str) -> str:
+    if text.lower() in NAMED_TIMEPOINTS:
+        return text.lower()
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ManifestError(f"{where}: unknown timepoint {text!r}; use pre, post or an ISO date "
+                            "such as 2024-03-31") from None
+
+
+def _parse_mpp(where: str, text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        mpp = float("nan")
+    if not 0 < mpp < 1000:
+        raise ManifestError(f"{where}: mpp {text!r} is not a positive number of µm per pixel; "
+                            "leave it empty to use the slide's metadata")
+    return mpp
+
+
+def _check_unique(path: Path, entries: list[ManifestEntry]) -> None:
+    seen: dict[tuple, int] = {}
+    for entry in entries:
+        keys = (
+            ("patient, timepoint and stain", entry.patient_id, entry.timepoint, entry.stain),
+            ("slide file", entry.slide),
+            ("output folder name", entry.folder_name),
+        )
+        for key in keys:
+            if key in seen:
+                raise ManifestError(f"{path} row {entry.row}: duplicate of row {seen[key]} (same "
+                                    f"{key[0]}); remove one of the two rows")
+            seen[key] = entry.row
+
+
+def _check_timepoints_comparable(path: Path, entries: list[ManifestEntry]) -> None:
+    first_kind: dict[str, ManifestEntry] = {}
+    for entry in entries:
+        other = first_kind.setdefault(entry.patient_id, entry)
+        if other.order_key[0] != entry.order_key[0]:
+            raise ManifestError(f"{path} row {entry.row}: patient {entry.patient_id!r} mixes "
+                                f"pre/post and dates (rows {other.row} and {entry.row}); use "
+                                "either pre/post or dates for one patient")
+
+
+def pair_timepoints(entries: list[ManifestEntry]) -> list[Pairing]:
+    """Each patient's (and stain's) baseline paired with every later timepoint, in manifest order."""
+    groups: dict[tuple[str, str], list[ManifestEntry]] = {}
+    for entry in entries:
+        groups.setdefault((entry.patient_id, entry.stain), []).append(entry)
+    pairings = []
+    for group in groups.values():
+        baseline, *follow_ups = sorted(group, key=lambda e: e.order_key)
+        pairings += [Pairing(baseline, f, number) for number, f in enumerate(follow_ups, start=1)]
+    return pairings

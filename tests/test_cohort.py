@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from biopsy.cohort import cohort_statistics, median_interval
+
+
+def comparison(patient, values):
+    """A comparison.json-like dict; ``values`` maps metric name -> (baseline, follow-up, verdict)."""
+    return {"patient_id": patient, "metrics": [
+        {"name": name, "label": name, "family": "activity", "unit": "%", "favourable": "lower",
+         "baseline": b, "follow_up": f, "verdict": v} for name, (b, f, v) in values.items()]}
+
+
+def test_wilcoxon_matches_scipy_and_the_exact_null_distribution():
+    rng = np.random.default_rng(3)
+    baseline = rng.uniform(20, 80, 12)
+    follow_up = baseline - rng.normal(8, 10, 12)
+    cohort = [comparison(f"P{i}", {"deposits": (b, f, "improved"), "monotone": (10.0, 10.0 - i, "x")})
+              for i, (b, f) in enumerate(zip(baseline, follow_up), start=1)]
+    deposits, monotone = cohort_statistics(cohort)
+
+    expected = stats.wilcoxon(follow_up, baseline)
+    assert deposits["n"] == 12
+    assert deposits["wilcoxon_statistic"] == pytest.approx(expected.statistic)
+    assert deposits["p_value"] == pytest.approx(expected.pvalue)
+    assert deposits["median_change"] == pytest.approx(np.median(follow_up - baseline))
+    # Every one of 12 patients fell: W = 0 and the exact two-sided p is 2 / 2**12.
+    assert monotone["wilcoxon_statistic"] == 0
+    assert monotone["p_value"] == pytest.approx(2 / 2**12)
+    # Benjamini-Hochberg over the two tests
+    q = stats.false_discovery_control([deposits["p_value"], monotone["p_value"]])
+    assert [deposits["q_value"], monotone["q_value"]] == pytest.approx(list(q))
+    assert deposits["patients_improved"] == 12
+
+
+def test_unassessed_patients_are_left_out_and_all_zero_changes_are_not_tested():
+    cohort = [comparison("A", {"m": (5.0, 2.0, "improved"), "flat": (1.0, 1.0, "unchanged")}),
+              comparison("B", {"m": (None, 2.0, "not assessed"), "flat": (3.0, 3.0, "unchanged")}),
+              comparison("C", {"m": (4.0, 4.5, "unchanged"), "flat": (2.0, 2.0, "unchanged")})]
+    m, flat = cohort_statistics(cohort)
+    assert m["n"] == 2 and [p["patient_id"] for p in m["patients"]] == ["A", "C"]
+    assert m["median_change"] == pytest.approx(-1.25)
+    assert flat["n"] == 3 and flat["p_value"] is None and flat["q_value"] is None
+    assert flat["median_change"] == 0 and flat["median_change_ci"] == [0, 0]
+    assert flat["patients_unchanged"] == 3
+
+
+def test_median_interval_is_deterministic_and_brackets_the_median():
+    differences = np.random.default_rng(0).normal(-5, 3, 40)
+    low, high = median_interval(differences)
+    assert (low, high) == median_interval(differences)
+    assert low < np.median(differences) < high
+    # roughly the normal-theory width of a median: 1.96 * 1.2533 * sigma / sqrt(n)
+    assert high - low == pytest.approx(2 * 1.96 * 1.2533 * 3 / np.sqrt(40), rel=0.35)
+
+
+def test_one_comparison_per_patient():
+    with pytest.raises(ValueError):
+        cohort_statistics([comparison("A", {}), comparison("A", {})])

@@ -1,0 +1,176 @@
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from biopsy import compare, scoring
+from biopsy.cli import compare as compare_cli
+from biopsy.classes import CLASS_NAMES
+from biopsy.morphometry import CortexTile, GlomerulusMeasures
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_scored import paint_label_map, scored_folder, write_label_map_file  # noqa: E402
+
+CONFIG = scoring.load_score_config()
+
+
+def random_slide(rng, glomeruli=30, tiles=80, deposit_rate=0.4, sclerosis_rate=0.3):
+    measures = []
+    for i in range(glomeruli):
+        sclerosis = rng.choice([0.0, 0.03, 0.2, 0.7], p=[1 - sclerosis_rate, 0, sclerosis_rate / 2,
+                                                         sclerosis_rate / 2])
+        crescents = rng.choice([0.0, 0.05, 0.3], size=2, p=[0.6, 0.2, 0.2])
+        deposit = rng.choice([0.0, 0.004, 0.05], p=[1 - deposit_rate, 0.0, deposit_rate])
+        measures.append(GlomerulusMeasures(i + 1, 0.0, 0.0, 2e4, 160.0, sclerosis,
+                                           crescents[0] / 3, crescents[1] / 3, crescents[0],
+                                           crescents[1], deposit))
+    areas = [CortexTile(0, 0, 125, {n: float(rng.uniform(0, 5000) * (rng.random() < 0.8))
+                                   for n in CLASS_NAMES[1:]}) for _ in range(tiles)]
+    return measures, areas
+
+
+def expected_from_scores(scores: dict) -> dict:
+    """The comparison's metrics as score_slide reports them."""
+    components = (scores["activity_index"]["components"] | scores["chronicity_index"]["components"])
+    burdens = scores["burdens"]
+    to_percent = lambda v: None if v is None else 100 * v  # noqa: E731
+    return {name: components[name]["percent"] for name in (
+        "hyaline_deposits", "cellular_crescents", "glomerulosclerosis", "fibrous_crescents",
+        "interstitial_fibrosis", "tubular_atrophy")} | {
+        "deposit_burden": to_percent(burdens["deposit_mean_area_fraction"]),
+        "sclerosis_burden": to_percent(burdens["sclerosis_mean_fraction"]),
+        "activity_index": scores["activity_index"]["score"],
+        "chronicity_index": scores["chronicity_index"]["score"]}
+
+
+@pytest.mark.parametrize("class_names", [
+    CLASS_NAMES,
+    tuple(n for n in CLASS_NAMES if n not in ("fibrous_crescent", "fibrosis")),
+    tuple(n for n in CLASS_NAMES if n not in ("hyaline_deposit", "atrophic_tubule", "sclerosis")),
+])
+def test_vectorised_metrics_equal_score_slide_on_original_and_resampled_rows(class_names):
+    rng = np.random.default_rng(7)
+    glomeruli, tiles = random_slide(rng)
+    sample = compare.slide_sample(glomeruli, tiles, class_names, CONFIG)
+    glomerulus_index = rng.integers(0, len(glomeruli), (6, len(glomeruli)))
+    tile_index = rng.integers(0, len(tiles), (6, len(tiles)))
+    glomerulus_index[0], tile_index[0] = np.arange(len(glomeruli)), np.arange(len(tiles))
+    values = compare.metric_values(sample, glomerulus_index, tile_index)
+    for r in range(6):
+        scores = scoring.score_slide([glomeruli[i] for i in glomerulus_index[r]],
+                                     [tiles[i] for i in tile_index[r]], class_names, CONFIG)
+        for name, expected in expected_from_scores(scores).items():
+            if expected is None:
+                assert values[name] is None, name
+            else:
+                assert values[name][r] == pytest.approx(expected, rel=1e-12, abs=1e-12), name
+
+
+def test_no_glomeruli_gives_not_assessed_glomerular_metrics():
+    _, tiles = random_slide(np.random.default_rng(1), glomeruli=0)
+    values = compare.point_values(compare.slide_sample([], tiles, CLASS_NAMES, CONFIG))
+    scores = scoring.score_slide([], tiles, CLASS_NAMES, CONFIG)
+    assert values == pytest.approx(expected_from_scores(scores))
+
+
+def test_identical_distributions_are_unchanged():
+    rng = np.random.default_rng(2)
+    glomeruli, tiles = random_slide(rng, glomeruli=40, tiles=120)
+    baseline = compare.slide_sample(glomeruli, tiles, CLASS_NAMES, CONFIG)
+    order, tile_order = rng.permutation(len(glomeruli)), rng.permutation(len(tiles))
+    follow_up = compare.slide_sample([glomeruli[i] for i in order], [tiles[i] for i in tile_order],
+                                     CLASS_NAMES, CONFIG)
+    for row in compare.compare_samples(baseline, follow_up):
+        assert row["difference"] == pytest.approx(0, abs=1e-9), row["name"]
+        assert row["ci_low"] <= 0 <= row["ci_high"] and row["verdict"] == "unchanged", row["name"]
+
+
+def test_interval_width_matches_binomial_theory():
+    # 100 glomeruli on each side, half with deposits: SE of the difference = sqrt(2 * .25 / 100).
+    def slide(offset):
+        return [GlomerulusMeasures(i, 0, 0, 2e4, 160, 0, 0, 0, 0, 0, 0.05 * ((i + offset) % 2))
+                for i in range(100)]
+    base = compare.slide_sample(slide(0), [], CLASS_NAMES, CONFIG)
+    follow = compare.slide_sample(slide(1), [], CLASS_NAMES, CONFIG)
+    row = next(r for r in compare.compare_samples(base, follow, replicates=4000)
+               if r["name"] == "hyaline_deposits")
+    assert (row["ci_high"] - row["ci_low"]) / 2 == pytest.approx(1.96 * np.sqrt(0.5 / 100) * 100, rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    """Activity falls (deposits, crescents cleared) while chronicity rises (sclerosis, fibrosis)."""
+    tmp = tmp_path_factory.mktemp("shift")
+    active = ["hyaline_deposits+cellular_crescent"] * 12 + ["normal"] * 8
+    scarred = ["global_sclerosis"] * 12 + ["normal"] * 8
+    return (scored_folder(tmp, "pre", active, fibrosis_fraction=0.1),
+            scored_folder(tmp, "post", scarred, fibrosis_fraction=0.5, seed=1))
+
+
+def test_clear_shift_gives_the_right_verdicts_and_keeps_activity_and_chronicity_apart(shifted):
+    comparison = compare.compare_folders(*shifted, patient_id="P1")
+    rows = {m["name"]: m for m in comparison["metrics"]}
+    for name in ("activity_index", "hyaline_deposits", "deposit_burden", "cellular_crescents"):
+        assert rows[name]["family"] == "activity"
+        assert rows[name]["ci_high"] < 0 and rows[name]["verdict"] == "improved", name
+    for name in ("chronicity_index", "glomerulosclerosis", "sclerosis_burden", "interstitial_fibrosis"):
+        assert rows[name]["family"] == "chronicity"
+        assert rows[name]["ci_low"] > 0 and rows[name]["verdict"] == "worsened", name
+    assert rows["fibrous_crescents"]["verdict"] == "unchanged"  # none before, none after
+    assert rows["hyaline_deposits"]["baseline"] == pytest.approx(60.0)
+    assert rows["hyaline_deposits"]["difference"] == pytest.approx(-60.0)
+    # Baseline and follow-up values are those of each folder's summary.json.
+    for folder, key in zip(shifted, ("baseline", "follow_up")):
+        expected = expected_from_scores(json.loads((folder / "summary.json").read_text())["scores"])
+        assert {n: r[key] for n, r in rows.items()} == pytest.approx(expected, rel=1e-12)
+    assert comparison["baseline"]["glomeruli"] == 20 and comparison["patient_id"] == "P1"
+
+
+def test_bootstrap_is_deterministic_under_its_seed(shifted):
+    first = compare.compare_folders(*shifted)
+    assert compare.compare_folders(*shifted) == first
+    other = compare.compare_folders(*shifted, seed=1)
+    assert [m["ci_low"] for m in other["metrics"]] != [m["ci_low"] for m in first["metrics"]]
+
+
+def test_metric_a_model_cannot_assess_is_not_assessed_and_indices_need_the_same_components():
+    rng = np.random.default_rng(4)
+    without_deposits = tuple(n for n in CLASS_NAMES if n != "hyaline_deposit")
+    base = compare.slide_sample(*random_slide(rng), without_deposits, CONFIG)
+    follow = compare.slide_sample(*random_slide(rng), CLASS_NAMES, CONFIG)
+    rows = {r["name"]: r for r in compare.compare_samples(base, follow)}
+    for name in ("hyaline_deposits", "deposit_burden", "activity_index"):
+        assert rows[name]["verdict"] == "not assessed" and rows[name]["difference"] is None
+    assert rows["activity_index"]["baseline"] is not None  # partial index, but over other components
+    assert rows["chronicity_index"]["verdict"] != "not assessed"
+
+
+def test_verdict_follows_the_favourable_direction():
+    assert compare.verdict(-3, -1) == "improved" and compare.verdict(1, 3) == "worsened"
+    assert compare.verdict(-1, 1) == "unchanged" and compare.verdict(-1, 0) == "unchanged"
+    assert compare.verdict(1, 3, favourable="higher") == "improved"
+
+
+def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, capsys):
+    pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["hyaline_deposits"] * 12))
+    post = write_label_map_file(tmp_path / "post.ome.tif", paint_label_map(["normal"] * 12))
+    parser = argparse.ArgumentParser()
+    compare_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["compare", str(pre), str(post), "--from-labels", "--patient", "P7",
+                              "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "Glomeruli with hyaline deposits: 100.0 -> 0.0 % of glomeruli, -100.0" in printed
+    for name in ("comparison.json", "comparison.csv", "report.html", "baseline/summary.json",
+                 "follow_up/summary.json"):
+        assert (tmp_path / "out" / name).is_file()
+    # the scored folders it wrote are accepted as inputs in turn, giving the same comparison
+    again = parser.parse_args(["compare", str(tmp_path / "out" / "baseline"),
+                               str(tmp_path / "out" / "follow_up"), "--patient", "P7",
+                               "--out", str(tmp_path / "again")])
+    assert again.func(again) == 0
+    assert ((tmp_path / "again" / "comparison.json").read_text()
+            == (tmp_path / "out" / "comparison.json").read_text())

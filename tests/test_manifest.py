@@ -1,0 +1,72 @@
+import pytest
+
+from biopsy.errors import ManifestError
+from biopsy.manifest import pair_timepoints, read_manifest
+
+
+def write_manifest(folder, text, slides=("a.svs", "b.svs", "c.svs", "d.svs")):
+    for name in slides:
+        (folder / name).write_bytes(b"")
+    path = folder / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+def test_reads_rows_resolves_paths_and_orders_timepoints(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.ome.tif").write_bytes(b"")
+    path = write_manifest(tmp_path, "\ufeffpatient_id,timepoint,slide,stain,mpp,notes\n"
+                                    "P1,POST,b.svs,PAS,0.25,second\n"
+                                    "P1,pre,a.svs,PAS,,first\n"
+                                    "P2,2024-06-01,c.svs,,,\n"
+                                    "P2,2023-01-15,d.svs,,,\n"
+                                    "P2,2025-01-01,sub/x.ome.tif,,,\n")
+    entries = read_manifest(path)
+    assert [e.row for e in entries] == [2, 3, 4, 5, 6]
+    assert entries[0].timepoint == "post" and entries[0].mpp == 0.25 and entries[0].stain == "PAS"
+    assert entries[1].mpp is None and entries[1].slide == (tmp_path / "a.svs").resolve()
+    assert entries[4].folder_name == "P2_2025-01-01_x"
+    pairs = pair_timepoints(entries)
+    assert [(p.baseline.row, p.follow_up.row, p.follow_up_number) for p in pairs] == [
+        (3, 2, 1), (5, 4, 1), (5, 6, 2)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("patient_id,slide\nP1,a.svs\n", "missing column(s) timepoint"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,during,b.svs\n", "row 3: unknown timepoint 'during'"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,2024-13-01,b.svs\n", "row 3: unknown timepoint"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,post,b.svs\nP1,post,c.svs\n",
+     "row 4: duplicate of row 3 (same patient, timepoint and stain)"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\nP2,pre,a.svs\n",
+     "row 3: duplicate of row 2 (same slide file)"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,post,missing.svs\n", "row 3: slide file"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\n,post,b.svs\n", "row 3: empty patient_id"),
+    ("patient_id,timepoint,slide,mpp\nP1,pre,a.svs,-1\n", "row 2: mpp '-1'"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,2024-01-01,b.svs\n",
+     "row 3: patient 'P1' mixes pre/post and dates (rows 2 and 3)"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs,extra\n", "row 2: more cells than header"),
+    ("patient_id,timepoint,slide\n", "lists no slides"),
+])
+def test_malformed_manifest_is_refused_with_row_and_reason(tmp_path, text, message):
+    path = write_manifest(tmp_path, text)
+    with pytest.raises(ManifestError) as error:
+        read_manifest(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_missing_manifest_file(tmp_path):
+    with pytest.raises(ManifestError, match="cannot read"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_unsafe_patient_ids_give_safe_distinct_folder_names(tmp_path):
+    path = write_manifest(tmp_path, "patient_id,timepoint,slide\n"
+                                    "../<script>,pre,a.svs\nP/1,pre,b.svs\nP_1,post,c.svs\n")
+    entries = read_manifest(path)
+    assert entries[0].folder_name == "script_pre_a"
+    assert all("/" not in e.folder_name for e in entries)
+    # "P/1" and "P_1" are different patients whose folder names would collide at the same timepoint
+    path = write_manifest(tmp_path, "patient_id,timepoint,slide\nP/1,pre,a.svs\nP_1,pre,a.ome.tif\n",
+                          slides=("a.svs", "a.ome.tif"))
+    with pytest.raises(ManifestError, match="row 3: duplicate of row 2 \\(same output folder name\\)"):
+        read_manifest(path)
