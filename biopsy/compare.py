@@ -232,25 +232,11 @@ def verdict(ci_low: float, ci_high: float, favourable: str = "lower") -> str:
     return "unchanged"
 
 
-def score_config_from_summary(summary: dict) -> scoring.ScoreConfig:
-    """The scoring configuration a folder was scored with (``provenance.config`` of summary.json)."""
-    config = summary["provenance"]["config"]
-    cortex = config["cortex"]
-    return scoring.ScoreConfig(
-        name=config["name"],
-        glomeruli=scoring.GlomerulusSettings(**config["glomeruli"]),
-        lesions=scoring.LesionThresholds(**config["lesions"]),
-        cortex=scoring.CortexSettings(
-            tile_um=cortex["tile_um"],
-            **{ratio: scoring.AreaRatio(tuple(cortex[ratio]["numerator"]),
-                                        tuple(cortex[ratio]["denominator"]))
-               for ratio in ("interstitial_fibrosis", "tubular_atrophy")}))
-
-
 def sample_of(scored: ScoredSlide) -> SlideSample:
     return slide_sample(scored.glomeruli, scored.cortex_tiles,
                         scored.summary["label_map"]["class_names"],
-                        score_config_from_summary(scored.summary))
+                        scoring.score_config_from_dict(scored.summary["provenance"]["config"],
+                                                       scored.folder / "summary.json"))
 
 
 def compare_scored(baseline: ScoredSlide, follow_up: ScoredSlide, patient_id: str = "",
