@@ -1,10 +1,14 @@
 """``biopsy info SLIDE``: what a slide file holds, after proving that it decodes."""
 
+from __future__ import annotations
+
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from biopsy.slide import Slide, open_slide
+if TYPE_CHECKING:
+    from biopsy.slide import Slide
 
 
 def add_parser(subparsers) -> None:
@@ -37,6 +41,8 @@ def slide_info(slide: Slide) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from biopsy.slide import open_slide
+
     with open_slide(args.slide, mpp=args.mpp, mpp_required=False) as slide:
         slide.verify()
         info = slide_info(slide)

@@ -4,9 +4,6 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from biopsy.synth import generate_pair, generate_slide, load_profile, preset_names
-from biopsy.synth.profile import STAINS
-
 # CLI flag -> profile key, for the flags that override a profile value.
 OVERRIDES = {
     "glomeruli": (int, "number of glomeruli over all cores"),
@@ -34,12 +31,13 @@ def add_parser(subparsers) -> None:
                     "With --pair, OUT/baseline (active-ln) and OUT/followup (remission) of one "
                     "synthetic patient: different tissue, one stain drift between them.")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--preset", choices=preset_names(), help="lesion profile preset "
-                        "(default: active-ln, or none when --profile is given)")
+    parser.add_argument("--preset", metavar="NAME", help="lesion profile preset, a file name "
+                        "of configs/synth/ (default: active-ln, or none when --profile is given)")
     parser.add_argument("--profile", type=Path, metavar="YAML",
                         help="profile file, merged over the preset")
     parser.add_argument("--seed", type=int, help="layout, texture and stain seed")
-    parser.add_argument("--stain", choices=STAINS, help="stain preset")
+    parser.add_argument("--stain", metavar="NAME", help="stain preset: pas, he or trichrome "
+                        "(default: the profile's)")
     parser.add_argument("--format", dest="slide_format", choices=("aperio", "generic"),
                         default="aperio", help="Aperio SVS style (slide.svs, default) or generic "
                                                "tiled TIFF (slide.tiff)")
@@ -52,6 +50,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from biopsy.synth import generate_pair, generate_slide, load_profile
+
     overrides = {key: getattr(args, key) for key in OVERRIDES} | {"stain": args.stain}
     if args.pair:
         baseline = load_profile(args.profile, args.preset or "active-ln", **overrides, seed=args.seed)

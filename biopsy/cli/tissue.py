@@ -1,15 +1,20 @@
 """``biopsy tissue SLIDE --out DIR``: tissue mask, overlay and tissue areas of a slide."""
 
+from __future__ import annotations
+
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 
 from biopsy.atomic import atomic_path, write_text_atomic
-from biopsy.slide import Slide, open_slide
-from biopsy.tissue import TissueMask, detect_tissue
+
+if TYPE_CHECKING:
+    from biopsy.slide import Slide
+    from biopsy.tissue import TissueMask
 
 OVERLAY_COLOUR = np.array([0, 200, 0], np.float32)
 
@@ -49,6 +54,9 @@ def overlay(image: np.ndarray, tissue: TissueMask) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    from biopsy.slide import open_slide
+    from biopsy.tissue import detect_tissue
+
     with open_slide(args.slide, mpp=args.mpp) as slide:
         tissue = detect_tissue(slide, mpp=args.tissue_mpp, min_area_um2=args.min_area_um2)
         image = display_rgb(slide, slide.thumbnail(args.tissue_mpp))

@@ -1,0 +1,266 @@
+"""Resumable cohort batch jobs: score every slide of a manifest once, then compare and summarise.
+
+Layout of the output folder ``OUT``::
+
+    slides/<patient>_<timepoint>_<stem>/   one scored slide (summary.json written last)
+    slides/.partial-<name>/                 a slide being scored; renamed into place when whole
+    status/rank-<r>.csv                     each rank's progress, rewritten after every slide
+    status.csv                              every slide: done or failed, with the error
+    comparisons/<baseline>_vs_<timepoint>/  comparison.json, comparison.csv, report.html
+    cohort.json, cohort.csv, cohort.html    per-metric statistics over patients
+
+A slide folder is scored in a ``.partial-`` folder and renamed into place only once its
+``summary.json`` exists, so a folder under its final name is always complete: a rerun (or a rank
+that restarts after a crash) skips it and scores the rest. Under ``torchrun`` the manifest is
+sharded by rank (``entries[rank::world_size]``); rank 0 writes the cohort outputs after a barrier.
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from tqdm import tqdm
+
+from biopsy.atomic import write_text_atomic
+from biopsy.cohort import cohort_statistics, render_cohort
+from biopsy.compare import write_comparison
+from biopsy.errors import BiopsyError
+from biopsy.manifest import ManifestEntry, Pairing, pair_timepoints, read_manifest
+from biopsy.scorefolder import read_score_folder
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+COHORT_FORMAT = "biopsy.cohort/1"
+COHORT_COLUMNS = ("stain", "follow_up_number", "name", "label", "family", "unit", "n",
+                  "median_change", "ci_low", "ci_high", "wilcoxon_statistic", "p_value", "q_value",
+                  "patients_improved", "patients_unchanged", "patients_worsened")
+STATUS_COLUMNS = ("row", "patient_id", "timepoint", "stain", "slide", "folder", "status", "error")
+
+# Scores one slide into an (empty) folder, writing summary.json last.
+ScoreFunction = Callable[[ManifestEntry, Path], None]
+
+
+@dataclass(frozen=True)
+class SlideStatus:
+    entry: ManifestEntry
+    folder: Path
+    status: str  # "done", "failed" or "pending"
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def device(self) -> str:
+        """This rank's GPU (``cuda:LOCAL_RANK``), or the CPU on a machine without CUDA."""
+        import torch
+
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def distributed_context() -> DistributedContext:
+    """Rank and world size from torchrun's environment; joins a gloo process group when > 1 rank.
+
+    The group is only used for barriers, so gloo serves CPU and GPU nodes alike; its timeout is a
+    day because ranks that finish their shard early wait there for the slowest one.
+    """
+    context = DistributedContext(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                                 int(os.environ.get("LOCAL_RANK", 0)))
+    if context.world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(days=1))
+    return context
+
+
+def leave_process_group() -> None:
+    """Leave the process group :func:`distributed_context` joined, if any."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def slide_folder(out_dir: Path, entry: ManifestEntry) -> Path:
+    return Path(out_dir) / "slides" / entry.folder_name
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / SUMMARY_FILE).is_file()
+
+
+def score_once(entry: ManifestEntry, out_dir: Path, score: ScoreFunction) -> None:
+    """Score one slide into its folder unless that folder is already complete."""
+    folder = slide_folder(out_dir, entry)
+    if is_complete(folder):
+        return
+    partial = folder.with_name(f".partial-{folder.name}")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while scoring this slide
+    partial.mkdir(parents=True)
+    try:
+        score(entry, partial)
+        if not is_complete(partial):
+            raise RuntimeError(f"scoring {entry.slide} wrote no {SUMMARY_FILE}")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder under the final name
+    os.rename(partial, folder)
+
+
+def score_shard(entries: list[ManifestEntry], out_dir: Path, score: ScoreFunction,
+                rank: int = 0, progress: bool = True) -> list[SlideStatus]:
+    """Score this rank's slides one by one; a failure is recorded and the next slide goes on."""
+    statuses = {e.row: SlideStatus(e, slide_folder(out_dir, e), "pending") for e in entries}
+    for entry in entries:
+        if is_complete(statuses[entry.row].folder):
+            statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "done")
+    already_done = sum(s.status == "done" for s in statuses.values())
+    status_file = Path(out_dir) / "status" / f"rank-{rank}.csv"
+    write_status(status_file, list(statuses.values()))
+    bar = tqdm(total=len(entries), initial=already_done, unit="slide", disable=not progress,
+               desc=f"rank {rank}" if rank else "slides")
+    failed = 0
+    for entry in entries:
+        if statuses[entry.row].status == "done":
+            continue
+        started = time.perf_counter()
+        try:
+            score_once(entry, out_dir, score)
+            statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "done")
+            log.info("scored %s in %.1f s", entry.slide, time.perf_counter() - started)
+        except Exception as error:  # a failing slide must not stop the cohort
+            failed += 1
+            if not isinstance(error, BiopsyError):
+                log.warning("scoring %s failed", entry.slide, exc_info=True)
+            message = f"{type(error).__name__}: {error}"
+            statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "failed", message)
+        write_status(status_file, list(statuses.values()))
+        bar.update(1)
+        bar.set_postfix(done=bar.n - failed, failed=failed)
+    bar.close()
+    return list(statuses.values())
+
+
+def write_status(path: Path, statuses: list[SlideStatus]) -> None:
+    """Write statuses as CSV (one row per slide, in manifest order), atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(STATUS_COLUMNS)
+    for s in sorted(statuses, key=lambda s: s.entry.row):
+        writer.writerow([s.entry.row, s.entry.patient_id, s.entry.timepoint, s.entry.stain,
+                         str(s.entry.slide), f"slides/{s.folder.name}", s.status,
+                         " ".join(s.error.split())])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def read_status(path: Path) -> dict[int, tuple[str, str]]:
+    """Row number -> (status, error) from a status CSV."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {int(r["row"]): (r["status"], r["error"]) for r in csv.DictReader(handle)}
+
+
+def wait_for_all_ranks(context: DistributedContext) -> None:
+    if context.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_batch(manifest_path: str | Path, out_dir: str | Path, score: ScoreFunction,
+              context: DistributedContext = DistributedContext(), progress: bool = True) -> int:
+    """Score this rank's share of the manifest; rank 0 then writes status.csv and the cohort.
+
+    Returns the number of failed slides (rank 0: over every rank; other ranks: their own).
+    The manifest is validated in full before any slide is scored.
+    """
+    out_dir = Path(out_dir)
+    entries = read_manifest(manifest_path)
+    shard = entries[context.rank::context.world_size]
+    statuses = score_shard(shard, out_dir, score, context.rank, progress)
+    wait_for_all_ranks(context)
+    if context.rank != 0:
+        return sum(s.status == "failed" for s in statuses)
+    merged: dict[int, tuple[str, str]] = {}
+    for rank in range(context.world_size):
+        merged.update(read_status(out_dir / "status" / f"rank-{rank}.csv"))
+    all_statuses = [SlideStatus(e, slide_folder(out_dir, e), *merged[e.row]) for e in entries]
+    write_status(out_dir / "status.csv", all_statuses)
+    write_cohort_outputs(entries, out_dir)
+    failed = [s for s in all_statuses if s.status == "failed"]
+    for s in failed:
+        log.error("row %d (%s) failed: %s", s.entry.row, s.entry.slide, s.error)
+    return len(failed)
+
+
+def write_cohort_outputs(entries: list[ManifestEntry], out_dir: Path) -> dict:
+    """Compare each patient's baseline with each follow-up, then write the cohort statistics.
+
+    Statistics are computed per group of comparisons that are independent across patients: one
+    group per stain and follow-up number (first follow-up after baseline, second, ...).
+    """
+    pairs = []
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for pairing in pair_timepoints(entries):
+        record, comparison = _compare_pairing(pairing, out_dir)
+        pairs.append(record)
+        if comparison is not None:
+            groups.setdefault((pairing.baseline.stain, pairing.follow_up_number), []).append(comparison)
+    cohort = {
+        "format": COHORT_FORMAT,
+        "groups": [{"stain": stain, "follow_up_number": number, "patients": len(comparisons),
+                    "metrics": cohort_statistics(comparisons)}
+                   for (stain, number), comparisons in sorted(groups.items())],
+        "comparisons": pairs,
+    }
+    write_text_atomic(out_dir / "cohort.html", render_cohort(cohort))
+    write_text_atomic(out_dir / "cohort.csv", _cohort_csv(cohort))
+    write_text_atomic(out_dir / "cohort.json", json.dumps(cohort, indent=2, allow_nan=False))
+    return cohort
+
+
+def _compare_pairing(pairing: Pairing, out_dir: Path) -> tuple[dict, dict | None]:
+    baseline, follow_up = pairing.baseline, pairing.follow_up
+    folder = Path("comparisons") / f"{baseline.folder_name}_vs_{follow_up.timepoint}"
+    record = {"patient_id": baseline.patient_id, "stain": baseline.stain,
+              "baseline": baseline.timepoint, "follow_up": follow_up.timepoint,
+              "follow_up_number": pairing.follow_up_number, "folder": folder.as_posix(),
+              "status": "compared"}
+    missing = [e for e in (baseline, follow_up) if not is_complete(slide_folder(out_dir, e))]
+    if missing:
+        return record | {"status": "not compared: row(s) " + ", ".join(str(e.row) for e in missing)
+                         + " not scored", "folder": None}, None
+    try:
+        comparison = write_comparison(out_dir / folder,
+                                      read_score_folder(slide_folder(out_dir, baseline)),
+                                      read_score_folder(slide_folder(out_dir, follow_up)),
+                                      baseline.patient_id)
+    except BiopsyError as error:
+        return record | {"status": f"not compared: {error}", "folder": None}, None
+    return record, comparison
+
+
+def _cohort_csv(cohort: dict) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COHORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for group in cohort["groups"]:
+        for metric in group["metrics"]:
+            low, high = metric["median_change_ci"] or (None, None)
+            writer.writerow(metric | {"stain": group["stain"], "ci_low": low, "ci_high": high,
+                                      "follow_up_number": group["follow_up_number"]})
+    return text.getvalue()

@@ -1,0 +1,91 @@
+"""``biopsy batch``: score a cohort's slides once each, compare baselines with follow-ups, summarise.
+
+Under ``torchrun --nproc-per-node=N`` the manifest is sharded across ranks, one GPU each.
+Exit status: 0 when every slide was scored, 1 when some failed (see ``status.csv``), 2 for a
+malformed manifest or another error the user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from biopsy.batch import ScoreFunction
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "batch", help="score every slide of a manifest once, compare and summarise the cohort",
+        description="Score every slide of MANIFEST.csv (columns patient_id, timepoint, slide; "
+                    "optional stain, mpp) into OUT/slides/, skipping slides already scored, then "
+                    "compare each patient's baseline with each follow-up (OUT/comparisons/) and "
+                    "write cohort.csv, cohort.json and cohort.html. Failures are listed in "
+                    "OUT/status.csv and give exit status 1.")
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST.csv")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    add_scoring_arguments(parser, "the manifest's slide column lists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of segmenting slides: model checkpoint, tiles per batch, tile-reading workers."""
+    parser.add_argument("--model", type=Path, metavar="CKPT",
+                        help="model checkpoint (default: the bundled model, "
+                             "biopsy/models/default.safetensors)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="tiles per batch (default %(default)s)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="tile-reading worker processes per slide (0: read in the main "
+                             "process; default 2 on CPU, 8 on CUDA)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, "
+                             "else cpu)")
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """Options of scoring slides (model options) or label maps (--from-labels), and the config."""
+    add_model_arguments(parser)
+    parser.add_argument("--from-labels", action="store_true",
+                        help=f"{what} label maps (.ome.tif written by biopsy) to score, instead "
+                             "of slides to segment")
+    parser.add_argument("--config", type=Path, metavar="YAML",
+                        help="scoring thresholds merged over configs/score/nih-2018.yaml")
+
+
+def make_scorer(args: argparse.Namespace, device: str | None) -> ScoreFunction:
+    """The score function the options ask for; a model is loaded once, onto ``device``."""
+    from biopsy import pipeline
+    from biopsy.scoring import load_score_config
+
+    config = load_score_config(args.config)
+    if args.from_labels:
+        return pipeline.label_map_scorer(config)
+    options = pipeline.inference_options(device, args.batch_size, args.workers)
+    model, info, model_path = pipeline.load_model(args.model, options.device)
+    return pipeline.slide_scorer(model, info, model_path, config, options)
+
+
+def run(args: argparse.Namespace) -> int:
+    from biopsy.batch import distributed_context, leave_process_group, run_batch
+    from biopsy.manifest import read_manifest
+
+    read_manifest(args.manifest)  # a malformed manifest is refused before a model is loaded
+    context = distributed_context()
+    try:
+        failed = run_batch(args.manifest, args.out, make_scorer(args, context.device), context,
+                           progress=not args.no_progress)
+    finally:
+        leave_process_group()
+    if context.rank == 0:
+        cohort = json.loads((args.out / "cohort.json").read_text(encoding="utf-8"))
+        compared = sum(c["status"] == "compared" for c in cohort["comparisons"])
+        print(f"{args.out}: {compared} of {len(cohort['comparisons'])} comparisons, "
+              f"{failed} slide(s) failed (status.csv); cohort.html")
+    return 1 if failed else 0

@@ -1,0 +1,84 @@
+"""``biopsy compare``: one patient's baseline against follow-up, per metric with a bootstrap interval."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from biopsy.cli.batch import add_device_argument, add_scoring_arguments, make_scorer
+from biopsy.errors import BiopsyError
+
+if TYPE_CHECKING:
+    from biopsy.batch import ScoreFunction
+    from biopsy.scorefolder import ScoredSlide
+
+BOOTSTRAP_REPLICATES = 2000  # biopsy.compare's defaults, repeated so that --help needs no numpy
+BOOTSTRAP_SEED = 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="compare a baseline biopsy with a follow-up: per metric, difference, "
+                        "95%% bootstrap interval and verdict",
+        description="Compare two biopsies of one patient. PRE and POST are scored-slide folders "
+                    "(from biopsy score or biopsy batch), or slides (label maps with "
+                    "--from-labels), which are scored into OUT/baseline and OUT/follow_up first. "
+                    "Writes comparison.json, comparison.csv and report.html to --out.")
+    parser.add_argument("baseline", type=Path, metavar="PRE")
+    parser.add_argument("follow_up", type=Path, metavar="POST")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--patient", default="", metavar="ID", help="patient id for the report")
+    parser.add_argument("--mpp", type=float, metavar="X",
+                        help="slide pixel size in µm/px, overriding (or standing in for) the files'")
+    add_scoring_arguments(parser, "PRE and POST files are")
+    add_device_argument(parser)
+    parser.add_argument("--replicates", type=int, default=BOOTSTRAP_REPLICATES,
+                        help="bootstrap replicates (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=BOOTSTRAP_SEED,
+                        help="bootstrap seed (default %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def scored_input(path: Path, folder: Path, args: argparse.Namespace,
+                 scorer: Callable[[], ScoreFunction]) -> ScoredSlide:
+    """A scored-slide folder as given, or the slide (label map) ``path`` scored into ``folder``."""
+    from biopsy.manifest import ManifestEntry
+    from biopsy.scorefolder import read_score_folder
+
+    if path.is_dir():
+        return read_score_folder(path)
+    if not path.is_file():
+        raise BiopsyError(f"{path}: not found; give a scored-slide folder or a slide file")
+    entry = ManifestEntry(row=0, patient_id=args.patient, timepoint=folder.name,
+                          slide=path.resolve(), mpp=args.mpp)
+    scorer()(entry, folder)
+    return read_score_folder(folder)
+
+
+def run(args: argparse.Namespace) -> int:
+    from biopsy import compare
+
+    if args.replicates < 100:
+        raise BiopsyError(f"--replicates {args.replicates}: give at least 100 (default 2000)")
+    scorer = functools.cache(lambda: make_scorer(args, args.device))  # loads a model once, if any
+    baseline = scored_input(args.baseline, args.out / "baseline", args, scorer)
+    follow_up = scored_input(args.follow_up, args.out / "follow_up", args, scorer)
+    comparison = compare.write_comparison(args.out, baseline, follow_up, args.patient,
+                                          args.replicates, args.seed)
+    for family in ("activity", "chronicity"):
+        print(f"{family}:")
+        for m in (m for m in comparison["metrics"] if m["family"] == family):
+            print("  " + format_metric(m))
+    print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def format_metric(m: dict) -> str:
+    """One line: label, baseline -> follow-up, difference [interval], verdict."""
+    if m["difference"] is None:
+        return f"{m['label']}: not assessed"
+    return (f"{m['label']}: {m['baseline']:.1f} -> {m['follow_up']:.1f} {m['unit']}, "
+            f"{m['difference']:+.1f} [{m['ci_low']:+.1f}, {m['ci_high']:+.1f}] {m['verdict']}")

@@ -1,0 +1,181 @@
+"""One slide file (or label map) into a scored-slide folder, with full provenance.
+
+The path every command takes from a file to scores (``biopsy score``, ``batch``, ``compare``,
+``demo``): open the slide, segment it with the model (:func:`biopsy.infer.segment_slide`), score
+the class map (:func:`biopsy.scorefolder.score_class_map`) and write the folder
+(:func:`biopsy.scorefolder.write_score_folder`). ``summary.json`` records where the numbers come
+from: the slide (path, SHA-256, mpp), the model (path, SHA-256, classes, input mpp), how
+inference ran (device, options, package versions) and, added by the folder writer, the resolved
+scoring config.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from biopsy.batch import ScoreFunction
+from biopsy.errors import CheckpointError
+from biopsy.infer import segment_slide
+from biopsy.labelmap import LabelMap, read_label_map
+from biopsy.manifest import ManifestEntry
+from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint
+from biopsy.scorefolder import file_sha256, score_class_map, write_score_folder
+from biopsy.scoring import ScoreConfig
+from biopsy.slide import open_slide
+
+TILE_OVERLAP = 0.5  # segment_slide's default, recorded in the provenance
+TRAIN_CONFIG = "configs/train/synthetic-pas.yaml"
+# Packages whose versions can change a scored slide, beyond those the folder writer records.
+INFERENCE_PACKAGES = ("openslide-python", "openslide-bin", "tifffile", "imagecodecs")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a slide is segmented: where, and how many tiles at a time."""
+
+    device: str = "cpu"
+    batch_size: int = 16
+    workers: int = 2
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` as given, or ``cuda`` when a GPU is available, else ``cpu``."""
+    if device is not None:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inference_options(device: str | None = None, batch_size: int = 16,
+                      workers: int | None = None) -> InferenceOptions:
+    """Options with the defaults resolved: the device (:func:`resolve_device`) and the tile-reading
+    workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA, where decoding is)."""
+    device = resolve_device(device)
+    if workers is None:
+        workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
+    return InferenceOptions(device, batch_size, workers)
+
+
+def checkpoint_path(path: str | Path | None) -> Path:
+    """The checkpoint ``path``, or the bundled model when None.
+
+    Raises
+    ------
+    CheckpointError : the bundled model is not installed; the message says how to train it.
+    """
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if path == DEFAULT_CHECKPOINT and not path.is_file():
+        raise CheckpointError(
+            f"{path}: the bundled model is not installed; give a checkpoint with --model CKPT, or "
+            f"train it: `python -m training synth {TRAIN_CONFIG}`, `python -m training fit "
+            f"{TRAIN_CONFIG}`, then copy runs/synthetic-pas/best.safetensors to {path}")
+    return path
+
+
+def load_model(path: str | Path | None, device: str) -> tuple[nn.Module, ModelInfo, Path]:
+    """The model of checkpoint ``path`` (None: the bundled one) on ``device``, its info and path.
+
+    Raises
+    ------
+    CheckpointError : the checkpoint is missing, unreadable or not a biopsy checkpoint.
+    """
+    path = checkpoint_path(path)
+    model, info = load_checkpoint(path, device)
+    return model, info, path
+
+
+def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Module,
+                     info: ModelInfo, model_path: str | Path, config: ScoreConfig, *,
+                     mpp: float | None = None,
+                     options: InferenceOptions = InferenceOptions()) -> dict:
+    """Segment a slide with ``model``, score it and write the scored-slide folder ``out_dir``.
+
+    ``mpp`` (µm/px) overrides the slide's metadata. Returns the slide scores (``summary.json``'s
+    ``scores``).
+
+    Raises
+    ------
+    SlideError, MppError : the slide cannot be read, or its pixel size is unknown.
+    CheckpointError : the model takes another number of channels than the slide has.
+    """
+    with open_slide(slide_path, mpp=mpp) as slide:
+        started = time.perf_counter()
+        class_map = segment_slide(slide, model, info, batch_size=options.batch_size,
+                                  workers=options.workers, device=options.device,
+                                  overlap=TILE_OVERLAP)
+        seconds = time.perf_counter() - started
+        level0_mpp = slide.mpp[0]
+        source = {"kind": "slide", "path": str(Path(slide_path).resolve()), "sha256": slide.sha256,
+                  "mpp": list(slide.mpp), "mpp_given": mpp is not None}
+    scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, config,
+                             level0_mpp=level0_mpp)
+    label_map = LabelMap(class_map.labels, class_map.mpp, class_map.class_names,
+                         class_map.class_colours)
+    provenance = {
+        "source": source,
+        "model": {"path": str(model_path), "sha256": info.sha256,
+                  "architecture": info.architecture, "arguments": info.arguments,
+                  "class_names": list(info.class_names), "input_mpp": info.input_mpp,
+                  "patch_size_px": info.patch_size_px, "code_version": info.code_version},
+        "inference": {"device": options.device, "batch_size": options.batch_size,
+                      "workers": options.workers, "tile_overlap": TILE_OVERLAP,
+                      "bf16": torch.device(options.device).type == "cuda",
+                      "tiles": class_map.tile_count, "seconds": round(seconds, 2),
+                      "packages": {"torch": torch.__version__, "cuda": torch.version.cuda}
+                      | package_versions(INFERENCE_PACKAGES)},
+    }
+    write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
+                       provenance, instances=scored.instances, config=config,
+                       level0_mpp=level0_mpp)
+    return scored.scores
+
+
+def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
+                         config: ScoreConfig) -> dict:
+    """Score an existing class map (``.ome.tif`` written by biopsy) into ``out_dir``; its scores."""
+    label_map = read_label_map(labels_path)
+    scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config)
+    provenance = {"source": {"kind": "label_map", "path": str(Path(labels_path).resolve()),
+                             "sha256": file_sha256(labels_path), "mpp": label_map.mpp},
+                  "model": None}
+    write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
+                       provenance, instances=scored.instances, config=config)
+    return scored.scores
+
+
+def slide_scorer(model: nn.Module, info: ModelInfo, model_path: str | Path, config: ScoreConfig,
+                 options: InferenceOptions = InferenceOptions()) -> ScoreFunction:
+    """Score function for manifests of slides; the manifest's ``mpp``, when given, overrides the
+    slide's metadata."""
+
+    def score(entry: ManifestEntry, out_dir: Path) -> None:
+        score_slide_file(entry.slide, out_dir, model, info, model_path, config, mpp=entry.mpp,
+                         options=options)
+
+    return score
+
+
+def label_map_scorer(config: ScoreConfig) -> ScoreFunction:
+    """Score function for manifests of label maps (as ``biopsy score --from-labels``)."""
+
+    def score(entry: ManifestEntry, out_dir: Path) -> None:
+        score_label_map_file(entry.slide, out_dir, config)
+
+    return score
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed version of each distribution (None where it is not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,218 @@
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from biopsy import pipeline
+from biopsy.batch import run_batch
+from biopsy.cli import batch as batch_cli
+from biopsy.errors import ManifestError
+from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
+from biopsy.labelmap import colourise, read_label_map
+from biopsy.manifest import read_manifest
+from biopsy.model import ModelInfo
+from biopsy.pyramid import write_pyramid
+from biopsy.scoring import load_score_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_scored import (MPP, counting_scorer, marker_counts, paint_label_map,  # noqa: E402
+                              write_cohort_manifest, write_label_map_file)
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDE_FILES = ("summary.json", "glomeruli.csv", "cortex_tiles.csv", "objects.geojson", "overview.png")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_cohort_manifest(tmp_path_factory.mktemp("cohort"), patients=3)
+
+
+def batch_command(argv: list[str]) -> int:
+    """``biopsy batch ARGV`` through its own parser (the CLI maps a BiopsyError to exit 2)."""
+    parser = argparse.ArgumentParser()
+    batch_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["batch", *argv])
+    return args.func(args)
+
+
+def status_rows(out: Path) -> list[dict]:
+    with open(out / "status.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """Every output of two batch runs is identical: byte for byte, except the label maps, whose
+    OME-XML carries a fresh UUID per file: their classes, mpp and class table must be equal."""
+    names = sorted(p.name for p in (a / "slides").iterdir())
+    assert names == sorted(p.name for p in (b / "slides").iterdir())
+    assert not [n for n in names if n.startswith(".partial-")]
+    for name in names:
+        for file in SLIDE_FILES:
+            assert (a / "slides" / name / file).read_bytes() == (b / "slides" / name / file).read_bytes(), file
+        maps = [read_label_map(folder / "slides" / name / "labels.ome.tif") for folder in (a, b)]
+        assert np.array_equal(maps[0].labels, maps[1].labels)
+        assert (maps[0].mpp, maps[0].class_names) == (maps[1].mpp, maps[1].class_names)
+    for file in ("status.csv", "cohort.json", "cohort.csv", "cohort.html"):
+        assert (a / file).read_bytes() == (b / file).read_bytes(), file
+    for comparison in (a / "comparisons").iterdir():
+        for file in ("comparison.json", "comparison.csv", "report.html"):
+            assert (comparison / file).read_bytes() == (b / "comparisons" / comparison.name / file).read_bytes()
+
+
+def test_failing_slide_is_recorded_and_the_others_finish(tmp_path):
+    manifest = write_cohort_manifest(tmp_path / "in", patients=2, broken_row=True)
+    out = tmp_path / "out"
+    assert batch_command([str(manifest), "--from-labels", "--out", str(out), "--no-progress"]) == 1
+    rows = {r["patient_id"] + r["timepoint"]: r for r in status_rows(out)}
+    assert rows["PXpost"]["status"] == "failed" and "AnnotationError" in rows["PXpost"]["error"]
+    assert rows["PXpost"]["row"] == "7"
+    assert all(r["status"] == "done" for k, r in rows.items() if k != "PXpost")
+    assert not (out / "slides" / "PX_post_px-post").exists()
+    cohort = json.loads((out / "cohort.json").read_text())
+    statuses = {c["patient_id"]: c["status"] for c in cohort["comparisons"]}
+    assert statuses == {"P1": "compared", "P2": "compared", "PX": "not compared: row(s) 7 not scored"}
+    (group,) = cohort["groups"]
+    assert group["patients"] == 2
+    deposits = next(m for m in group["metrics"] if m["name"] == "hyaline_deposits")
+    assert deposits["n"] == 2 and deposits["median_change"] < 0
+
+
+def test_malformed_manifest_is_refused_before_scoring(tmp_path):
+    manifest = write_cohort_manifest(tmp_path / "in", patients=1)
+    manifest.write_text(manifest.read_text() + "P9,later,p1-pre.ome.tif\n")
+    with pytest.raises(ManifestError, match="row 4: unknown timepoint 'later'"):
+        batch_command([str(manifest), "--from-labels", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_skips_complete_folders_and_rescores_incomplete_ones(cohort, tmp_path):
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    assert run_batch(cohort, out, counting_scorer(markers), progress=False) == 0
+    assert marker_counts(markers, "completed") == {f"P{n}_{t}_p{n}-{t}": 1
+                                                   for n in (1, 2, 3) for t in ("pre", "post")}
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    # A folder without summary.json (e.g. copied in half) is not complete: it is scored again.
+    (out / "slides" / "P2_post_p2-post" / "summary.json").unlink()
+    assert run_batch(cohort, out, counting_scorer(markers), progress=False) == 0
+    counts = marker_counts(markers, "completed")
+    assert counts.pop("P2_post_p2-post") == 2 and set(counts.values()) == {1}
+    assert_same_outputs(out, reference)
+
+
+KILLABLE_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from synthetic_scored import counting_scorer
+from biopsy.batch import run_batch
+run_batch({manifest!r}, {out!r}, counting_scorer({markers!r}, delay_s=0.4), progress=False)
+"""
+
+
+def test_kill_9_halfway_then_rerun_scores_each_slide_once(cohort, tmp_path):
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    script = KILLABLE_RUN.format(tests=str(REPO / "tests"), manifest=str(cohort), out=str(out),
+                                 markers=str(markers))
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    first = out / "slides" / "P1_pre_p1-pre" / "summary.json"
+    deadline = time.monotonic() + 60
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    # Nothing under a final name is incomplete; the slide in flight is only in a .partial- folder.
+    finals = [p for p in (out / "slides").iterdir() if not p.name.startswith(".partial-")]
+    assert finals and all((p / "summary.json").is_file() for p in finals)
+    assert len(finals) < 6 and not (out / "cohort.json").exists()
+    interrupted = marker_counts(markers, "completed")
+
+    assert run_batch(cohort, out, counting_scorer(markers), progress=False) == 0
+    completed, started = marker_counts(markers, "completed"), marker_counts(markers, "started")
+    assert len(completed) == 6 and set(completed.values()) == {1}
+    assert sum(started.values()) <= 6 + 1  # at most the slide in flight at the kill was begun twice
+    assert all(completed[name] == 1 for name in interrupted)
+
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_batch(cohort, uninterrupted, counting_scorer(tmp_path / "m2"), progress=False) == 0
+    assert_same_outputs(out, uninterrupted)
+
+
+TORCHRUN_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from synthetic_scored import counting_scorer
+from biopsy.batch import distributed_context, run_batch
+sys.exit(1 if run_batch({manifest!r}, {out!r}, counting_scorer({markers!r}),
+                        distributed_context(), progress=False) else 0)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_manifest_and_rank_0_writes_the_cohort(cohort, tmp_path):
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_RUN.format(tests=str(REPO / "tests"), manifest=str(cohort),
+                                          out=str(out), markers=str(markers)))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", str(script)],
+                            cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed = marker_counts(markers, "completed")
+    assert len(completed) == 6 and set(completed.values()) == {1}
+    ranks = {p.name.rsplit(".", 1)[1] for p in markers.glob("completed.*")}
+    assert ranks == {"rank0", "rank1"}
+    assert [r["status"] for r in status_rows(out)] == ["done"] * 6
+    reference = tmp_path / "reference"
+    assert run_batch(cohort, reference, counting_scorer(tmp_path / "m2"), progress=False) == 0
+    assert_same_outputs(out, reference)
+
+
+def colour_lookup_model(class_colours: list[tuple[int, int, int]]) -> torch.nn.Module:
+    """1x1 conv whose argmax is the class of the nearest class colour (inputs scaled 0..1):
+    a slide painted in class colours is segmented into exactly its painted classes."""
+    colours = torch.tensor(class_colours, dtype=torch.float32) / 255
+    model = torch.nn.Conv2d(3, len(class_colours), 1)
+    with torch.no_grad():
+        model.weight.copy_(50 * 2 * colours[:, :, None, None])
+        model.bias.copy_(-50 * (colours**2).sum(1))
+    return model.eval()
+
+
+def test_slides_are_segmented_then_scored_like_their_label_maps(tmp_path):
+    labels = paint_label_map(["hyaline_deposits", "global_sclerosis", "cellular_crescent",
+                              "normal", "segmental_sclerosis", "fibrous_crescent"], 0.3, 0.3)
+    colours = [CLASS_COLOURS[name] for name in CLASS_NAMES]
+    slide = tmp_path / "pre.tif"
+    write_pyramid(slide, [colourise(labels, colours)], labels.shape, MPP, style="generic",
+                  compression="zlib", min_level_px=64)
+    write_label_map_file(tmp_path / "pre.ome.tif", labels)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,timepoint,slide\nP1,pre,pre.tif\nP1,post,pre.ome.tif\n")
+    info = ModelInfo("toy", {}, list(CLASS_NAMES), {n: list(c) for n, c in CLASS_COLOURS.items()},
+                     MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3})
+    scorer = pipeline.slide_scorer(colour_lookup_model(colours), info, Path("toy.safetensors"),
+                                   load_score_config(), pipeline.InferenceOptions("cpu", 4, 0))
+    entries = read_manifest(manifest)
+    from_slide, from_labels = tmp_path / "from_slide", tmp_path / "from_labels"
+    scorer(entries[0], from_slide)
+    pipeline.label_map_scorer(load_score_config())(entries[1], from_labels)
+    assert ((from_slide / "glomeruli.csv").read_text() == (from_labels / "glomeruli.csv").read_text())
+    slide_summary, labels_summary = (json.loads((f / "summary.json").read_text())
+                                     for f in (from_slide, from_labels))
+    assert slide_summary["provenance"]["source"]["kind"] == "slide"
+    assert slide_summary["provenance"]["model"]["path"] == "toy.safetensors"
+    scores = slide_summary["scores"]
+    expected = labels_summary["scores"]
+    assert scores["glomeruli"] == expected["glomeruli"]
+    assert scores["activity_index"] == expected["activity_index"]
+    assert scores["burdens"] == pytest.approx(expected["burdens"], rel=0.02)

@@ -1,0 +1,156 @@
+"""A slide through a model checkpoint into a scored-slide folder; the ``biopsy score`` CLI."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from biopsy import compare, pipeline
+from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
+from biopsy.cli import compare as compare_cli
+from biopsy.cli import main
+from biopsy.labelmap import colourise, read_label_map
+from biopsy.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, build_model, save_checkpoint
+from biopsy.pyramid import write_pyramid
+from biopsy.scorefolder import FILES
+from biopsy.scoring import load_score_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_scored import MPP, paint_label_map  # noqa: E402
+
+TINY_ARGUMENTS = {"encoder": "resnet18", "decoder_channels": [8, 8, 8, 8, 8]}
+
+
+def tiny_checkpoint(path: Path, in_channels: int = 3, input_mpp: float = MPP) -> Path:
+    """A randomly initialised U-Net over every class (small decoder), saved as a checkpoint."""
+    torch.manual_seed(0)
+    model = build_model("unet", len(CLASS_NAMES), in_channels, **TINY_ARGUMENTS)
+    info = ModelInfo("unet", TINY_ARGUMENTS, list(CLASS_NAMES),
+                     {n: list(CLASS_COLOURS[n]) for n in CLASS_NAMES}, input_mpp, 128, in_channels,
+                     {"mean": list(IMAGENET_MEAN[:in_channels]) + [0.5] * (in_channels - 3),
+                      "std": list(IMAGENET_STD[:in_channels]) + [0.25] * (in_channels - 3)})
+    save_checkpoint(path, model, info)
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def slide_and_model(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("pipeline")
+    labels = paint_label_map(["normal", "global_sclerosis", "cellular_crescent"])
+    slide = folder / "slide.tif"
+    write_pyramid(slide, [colourise(labels, [CLASS_COLOURS[n] for n in CLASS_NAMES])],
+                  labels.shape, MPP, style="generic", compression="zlib", min_level_px=64)
+    return slide, tiny_checkpoint(folder / "tiny.safetensors")
+
+
+def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model, tmp_path):
+    slide, checkpoint = slide_and_model
+    options = pipeline.InferenceOptions("cpu", batch_size=4, workers=0)
+    model, info, model_path = pipeline.load_model(checkpoint, "cpu")
+    scores = pipeline.score_slide_file(slide, tmp_path / "out", model, info, model_path,
+                                       load_score_config(), options=options)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["scores"] == scores
+    provenance = summary["provenance"]
+    assert provenance["source"] == {"kind": "slide", "path": str(slide), "sha256": sha256(slide),
+                                    "mpp": [MPP, MPP], "mpp_given": False}
+    assert provenance["model"]["sha256"] == sha256(checkpoint)
+    assert provenance["model"]["path"] == str(checkpoint)
+    assert provenance["model"]["class_names"] == list(CLASS_NAMES)
+    assert provenance["model"]["input_mpp"] == MPP
+    inference = provenance["inference"]
+    assert (inference["device"], inference["batch_size"], inference["workers"]) == ("cpu", 4, 0)
+    assert inference["tiles"] > 0 and inference["packages"]["torch"] == torch.__version__
+    assert inference["packages"]["tifffile"] is not None
+    assert provenance["config"] == json.loads(json.dumps(load_score_config().as_dict()))
+    assert summary["label_map"]["level0_mpp"] == MPP
+    label_map = read_label_map(tmp_path / "out" / "labels.ome.tif")
+    assert label_map.class_names == tuple(CLASS_NAMES) and label_map.mpp == MPP
+
+
+def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys):
+    slide, checkpoint = slide_and_model
+    out = tmp_path / "out"
+    assert main(["score", str(slide), "--model", str(checkpoint), "--out", str(out),
+                 "--mpp", str(MPP), "--device", "cpu", "--workers", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert printed["glomeruli"] == summary["scores"]["glomeruli"]["count"]
+    assert summary["provenance"]["source"]["mpp_given"] is True
+
+
+def one_line_error(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    return error
+
+
+def test_missing_bundled_model_says_how_to_get_one(slide_and_model, tmp_path, monkeypatch,
+                                                    capsys):
+    monkeypatch.setattr(pipeline, "DEFAULT_CHECKPOINT", tmp_path / "models" / "default.safetensors")
+    slide, _ = slide_and_model
+    assert main(["score", str(slide), "--out", str(tmp_path / "out")]) == 2
+    error = one_line_error(capsys)
+    assert "default.safetensors" in error and "--model" in error and "training fit" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_file_is_a_one_line_error(slide_and_model, tmp_path, capsys):
+    slide, _ = slide_and_model
+    missing = tmp_path / "nowhere.safetensors"
+    assert main(["score", str(slide), "--model", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert str(missing) in one_line_error(capsys)
+
+
+def test_model_of_other_channels_is_a_one_line_error(slide_and_model, tmp_path, capsys):
+    slide, _ = slide_and_model
+    checkpoint = tiny_checkpoint(tmp_path / "four.safetensors", in_channels=4)
+    assert main(["score", str(slide), "--model", str(checkpoint), "--out",
+                 str(tmp_path / "out"), "--workers", "0"]) == 2
+    error = one_line_error(capsys)
+    assert "4 channels" in error and str(slide) in error
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_score_needs_exactly_one_input(slide_and_model, tmp_path, capsys):
+    slide, _ = slide_and_model
+    assert main(["score", "--out", str(tmp_path)]) == 2
+    assert "SLIDE or --from-labels" in one_line_error(capsys)
+    assert main(["score", str(slide), "--from-labels", str(slide), "--out", str(tmp_path)]) == 2
+    one_line_error(capsys)
+
+
+def test_cli_defaults_match_the_library():
+    assert compare_cli.BOOTSTRAP_REPLICATES == compare.BOOTSTRAP_REPLICATES
+    assert compare_cli.BOOTSTRAP_SEED == compare.BOOTSTRAP_SEED
+
+
+HEAVY_MODULES = ("torch", "biopsy.infer", "biopsy.model", "biopsy.synth.slide", "biopsy.compare",
+                 "skimage")
+PARSER_IMPORTS = """
+import argparse, importlib, json, sys
+import biopsy.cli
+subparsers = argparse.ArgumentParser().add_subparsers()
+heavy = {}
+for name in biopsy.cli.COMMAND_MODULES:
+    importlib.import_module(f"biopsy.cli.{name}").add_parser(subparsers)
+    heavy[name] = [m for m in HEAVY if m in sys.modules and m not in sum(heavy.values(), [])]
+biopsy.cli.build_parser()
+print(json.dumps({name: modules for name, modules in heavy.items() if modules}))
+"""
+
+
+def test_building_the_parser_imports_no_heavy_module():
+    """`biopsy --help` and `biopsy info` start fast: no command imports torch (2-8 s) up front."""
+    code = f"HEAVY = {HEAVY_MODULES!r}" + PARSER_IMPORTS
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == {}, "commands that import heavy modules at import time"
