@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 
 from biopsy.errors import ConfigError
+from biopsy.resources import CONFIG_DIR
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "synth"
+PRESET_DIR = CONFIG_DIR / "synth"
 STAINS = ("pas", "he", "trichrome")
 GLOMERULAR_FRACTIONS = ("global_sclerosis", "segmental_sclerosis", "cellular_crescent",
                         "fibrous_crescent", "hyaline_deposit")
