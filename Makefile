@@ -24,8 +24,7 @@ demo: venv
 	$(BIN)/biopsy demo --out demo-output
 
 bench: venv
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/segment.py --quick --parts --rss-check
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,122 @@
+"""A segmented slide as a folder: what ``biopsy segment`` writes.
+
+``labels.ome.tif`` (pyramidal label map with mpp and class table, :mod:`biopsy.labelmap`),
+optionally ``probabilities.ome.tif`` (pyramidal OME-TIFF, one uint8 channel per class, 255 = 1),
+``objects.geojson`` (the predicted regions of every non-background class as simplified polygons in
+level-0 pixels, QuPath detections with their area), ``overview.png`` (the slide with the class
+colours laid over it) and, written last, ``segment.json`` (slide, model, options, class areas):
+its presence means the folder is whole. Every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from biopsy.atomic import atomic_path, write_text_atomic
+from biopsy.classes import class_index
+from biopsy.geojson import make_feature, polygons_from_mask, write_feature_collection
+from biopsy.infer import ClassMap
+from biopsy.labelmap import colourise, write_label_map
+from biopsy.pyramid import level_shapes
+
+SEGMENTATION_FORMAT = "biopsy.segmentation/1"
+OVERVIEW_MAX_PX = 2048
+TILE_PX = 256
+
+
+def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenance: dict) -> None:
+    """Write the folder for ``class_map`` of ``slide``; ``provenance`` goes into segment.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "segment.json").unlink(missing_ok=True)  # the folder is whole again only at the end
+    colours = [class_map.class_colours[name] for name in class_map.class_names]
+    write_label_map(out_dir / "labels.ome.tif", class_map.labels, class_map.mpp,
+                    class_map.class_names, class_map.class_colours)
+    if class_map.probabilities is not None:
+        write_probabilities(out_dir / "probabilities.ome.tif", class_map.probabilities,
+                            class_map.mpp, class_map.class_names)
+    write_feature_collection(out_dir / "objects.geojson", region_features(class_map, slide.mpp[0]))
+    with atomic_path(out_dir / "overview.png") as temporary:
+        overview(class_map, slide, colours).save(temporary, format="PNG")
+    pixel_area_um2 = class_map.mpp**2
+    counts = np.bincount(class_map.labels.ravel(), minlength=len(class_map.class_names))
+    summary = {
+        "format": SEGMENTATION_FORMAT,
+        **provenance,
+        "mpp": class_map.mpp,
+        "shape_px": list(class_map.labels.shape),
+        "tile_count": class_map.tile_count,
+        "class_area_um2": {name: float(count * pixel_area_um2)
+                           for name, count in zip(class_map.class_names, counts)},
+    }
+    write_text_atomic(out_dir / "segment.json", json.dumps(summary, indent=2))
+
+
+def region_features(class_map: ClassMap, level0_mpp: float) -> list[dict]:
+    """One QuPath detection per connected region of each non-background class, simplified to
+    one map pixel, with its area in µm²."""
+    background = class_index(class_map.class_names, "background")
+    level0_px_per_map_px = class_map.mpp / level0_mpp
+    features = []
+    for index, name in enumerate(class_map.class_names):
+        if index == background:
+            continue
+        mask = class_map.labels == index
+        if not mask.any():
+            continue
+        for polygon in polygons_from_mask(mask, class_map.mpp, level0_mpp, level0_px_per_map_px):
+            area_um2 = polygon.area * level0_mpp**2
+            features.append(make_feature(polygon, name, class_map.class_colours[name],
+                                         {"area_um2": area_um2}, object_type="detection"))
+    return features
+
+
+def overview(class_map: ClassMap, slide, colours) -> Image.Image:
+    """The slide thumbnail (long side at most ``OVERVIEW_MAX_PX``) with the non-background classes
+    laid over it in their colours, half transparent."""
+    step = max(1, int(np.ceil(max(class_map.labels.shape) / OVERVIEW_MAX_PX)))
+    labels = class_map.labels[::step, ::step]
+    coloured = colourise(labels, colours)
+    thumbnail = slide.thumbnail(class_map.mpp * step)
+    if thumbnail.ndim != 3 or thumbnail.shape[2] != 3:
+        return Image.fromarray(coloured)
+    thumbnail = _fit(thumbnail, labels.shape)
+    background = class_index(class_map.class_names, "background")
+    blended = thumbnail.astype(np.uint16) + coloured
+    image = np.where((labels != background)[..., None], blended // 2, thumbnail)
+    return Image.fromarray(image.astype(np.uint8))
+
+
+def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Crop or pad (white) ``image`` to ``shape``: sizes rounded apart by one pixel."""
+    fitted = np.full(shape + image.shape[2:], 255, np.uint8)
+    height, width = min(shape[0], image.shape[0]), min(shape[1], image.shape[1])
+    fitted[:height, :width] = image[:height, :width]
+    return fitted
+
+
+def write_probabilities(path: str | Path, probabilities: np.ndarray, mpp: float,
+                        class_names) -> None:
+    """(C, h, w) uint8 probabilities as a pyramidal OME-TIFF, one named channel per class."""
+    shapes = level_shapes(probabilities.shape[1:], min_level_px=TILE_PX)
+    pixels_per_cm = 1e4 / mpp
+    options = {"tile": (TILE_PX, TILE_PX), "compression": "zlib", "photometric": "minisblack"}
+    with atomic_path(path) as temporary, tifffile.TiffWriter(
+            temporary, ome=True, bigtiff=probabilities.nbytes > 2**31) as tif:
+        tif.write(probabilities, subifds=len(shapes) - 1,
+                  resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
+                  metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+                            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
+                            "Name": "class probabilities",
+                            "Channel": {"Name": list(class_names)}}, **options)
+        for level in range(1, len(shapes)):
+            step = 2**level
+            level_mpp = mpp * step
+            tif.write(probabilities[:, ::step, ::step], subfiletype=1,
+                      resolution=(1e4 / level_mpp, 1e4 / level_mpp),
+                      resolutionunit="CENTIMETER", metadata=None, **options)

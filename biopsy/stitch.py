@@ -1,0 +1,153 @@
+"""Gaussian-blended stitching of tile probabilities, streamed in bands of rows.
+
+Each tile's class probabilities are weighted by a Gaussian centred on the tile (sigma = patch / 8,
+as nnU-Net and MONAI's ``mode="gaussian"``), so a pixel's prediction comes mostly from the tiles in
+which it lies far from the border. The weighted sums live on the model's device in a buffer of
+``patch_px`` rows spanning the slide's width. Tiles arrive in row-major order; when a tile row
+starts at row ``r``, every row above ``r`` is final: it is normalised, arg-maxed, sampled at the
+output mpp, copied to the host and dropped from the buffer. Memory is bounded by slide width x
+patch height x classes, never by slide area.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MIN_WEIGHT = 1e-3  # floor of the Gaussian (MONAI's), so tile corners still count where alone
+
+
+def gaussian_weight(patch_px: int, sigma_scale: float = 0.125, device="cpu") -> torch.Tensor:
+    """(patch, patch) Gaussian weight, 1 at the centre, floored at ``MIN_WEIGHT``."""
+    offsets = torch.arange(patch_px, dtype=torch.float32, device=device) - (patch_px - 1) / 2
+    profile = torch.exp(-(offsets**2) / (2 * (sigma_scale * patch_px) ** 2))
+    return torch.outer(profile, profile).clamp_(min=MIN_WEIGHT)
+
+
+def output_index(size_px: int, grid_mpp: float, output_mpp: float, grid_size_px: int) -> np.ndarray:
+    """For each output pixel along an axis, the grid pixel under its centre (nearest sampling)."""
+    centres = (np.arange(size_px) + 0.5) * (output_mpp / grid_mpp)
+    return np.clip(np.floor(centres).astype(np.int64), 0, grid_size_px - 1)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Consecutive finished rows at the output mpp: class indices (h, w) uint8 and, if asked,
+    class probabilities (C, h, w) uint8 scaled so that 255 = 1 (all 0 where no tile ran).
+    Writable: their consumer may edit them in place."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+
+
+class BandStitcher:
+    """Accumulates Gaussian-weighted tile probabilities and hands back finished rows in bands.
+
+    Parameters
+    ----------
+    num_classes : classes of the model.
+    grid_shape_px, grid_mpp : (height, width) of the slide at the grid's (the model's) mpp.
+    output_shape_px, output_mpp : the same for the output map, whose pixels are sampled from the
+        grid with :func:`output_index`.
+    patch_px : tile side at the grid's mpp.
+    background_index : label of pixels no tile covers.
+    keep_probabilities : also hand back the normalised probabilities.
+    device : where the sums live (the model's device).
+    """
+
+    def __init__(self, num_classes: int, grid_shape_px: tuple[int, int], grid_mpp: float,
+                 output_shape_px: tuple[int, int], output_mpp: float, patch_px: int,
+                 background_index: int, keep_probabilities: bool = False, device="cpu"):
+        self.num_classes = num_classes
+        self.patch_px = patch_px
+        self.background_index = background_index
+        self.keep_probabilities = keep_probabilities
+        self.grid_height_px = grid_shape_px[0]
+        self.output_width_px = output_shape_px[1]
+        self.source_rows = output_index(output_shape_px[0], grid_mpp, output_mpp, grid_shape_px[0])
+        source_cols = output_index(output_shape_px[1], grid_mpp, output_mpp, grid_shape_px[1])
+        identity = np.array_equal(source_cols, np.arange(len(source_cols)))
+        self.source_cols = None if identity else torch.from_numpy(source_cols).to(device)
+        width = max(grid_shape_px[1], patch_px)
+        # channels 0..C-1: weighted probabilities; channel C: the sum of weights
+        self.sums = torch.zeros((num_classes + 1, patch_px, width), dtype=torch.float32,
+                                device=device)
+        self.weight = gaussian_weight(patch_px, device=device)
+        self.top = 0  # grid row held in the buffer's first row; rows above it are final
+        self.next_output_row = 0
+
+    def add(self, probabilities: torch.Tensor, origins_px: np.ndarray) -> list[Band]:
+        """Add tiles' probabilities (B, C, patch, patch) at grid (row, col) ``origins_px``.
+
+        Tiles must come in row-major order. Returns the bands finished by the tiles' arrival.
+        """
+        weighted = probabilities.float().contiguous() * self.weight
+        bands = []
+        for (row, col), tile in zip(origins_px.tolist(), weighted):
+            if row != self.top:
+                if row < self.top:
+                    raise ValueError(f"tiles out of row-major order: row {row} after {self.top}")
+                bands += self._advance(row)
+            window = self.sums[:, :, col : col + self.patch_px]
+            window[: self.num_classes] += tile
+            window[self.num_classes] += self.weight
+        return bands
+
+    def finish(self) -> list[Band]:
+        """The remaining rows, down to the bottom of the output."""
+        return self._advance(self.grid_height_px)
+
+    def _advance(self, row: int) -> list[Band]:
+        """Finish every grid row above ``row`` and move the buffer down to start at ``row``."""
+        held_end = self.top + self.patch_px
+        bands = [self._band_from_buffer(min(row, held_end)), self._background_band(row)]
+        keep = max(0, held_end - row)
+        if keep:
+            self.sums[:, :keep] = self.sums[:, self.patch_px - keep :].clone()
+        self.sums[:, keep:] = 0
+        self.top = row
+        return [band for band in bands if band is not None]
+
+    def _take_output_rows(self, end: int) -> np.ndarray:
+        """Output rows not yet handed back whose source grid row lies above ``end``."""
+        stop = int(np.searchsorted(self.source_rows, end, side="left"))
+        rows = np.arange(self.next_output_row, max(stop, self.next_output_row))
+        self.next_output_row = max(stop, self.next_output_row)
+        return rows
+
+    def _band_from_buffer(self, end: int) -> Band | None:
+        rows = self._take_output_rows(end)
+        if not len(rows):
+            return None
+        sampled = self._sample(self.source_rows[rows] - self.top)
+        weights = sampled[self.num_classes]
+        labels = sampled[: self.num_classes].argmax(0).to(torch.uint8)
+        labels[weights == 0] = self.background_index
+        probabilities = None
+        if self.keep_probabilities:
+            normalised = sampled[: self.num_classes] / weights.clamp(min=MIN_WEIGHT**2)
+            probabilities = (normalised * 255).round_().to(torch.uint8).cpu().numpy()
+        return Band(labels.cpu().numpy(), probabilities)
+
+    def _sample(self, local_rows: np.ndarray) -> torch.Tensor:
+        """The sums at buffer rows ``local_rows`` and the output's columns (a view when these
+        are plain ranges, as when the output mpp is the grid's)."""
+        if np.all(np.diff(local_rows) == 1):
+            rows = self.sums[:, local_rows[0] : local_rows[-1] + 1]
+        else:
+            rows = self.sums.index_select(1, torch.from_numpy(local_rows).to(self.sums.device))
+        if self.source_cols is None:
+            return rows[:, :, : self.output_width_px]
+        return rows.index_select(2, self.source_cols)
+
+    def _background_band(self, end: int) -> Band | None:
+        """Rows that no tile touched: background, with zero probabilities."""
+        rows = self._take_output_rows(end)
+        if not len(rows):
+            return None
+        shape = (len(rows), self.output_width_px)
+        probabilities = (np.zeros((self.num_classes,) + shape, np.uint8)
+                         if self.keep_probabilities else None)
+        return Band(np.full(shape, self.background_index, np.uint8), probabilities)

@@ -1,0 +1,105 @@
+"""The tile grid of stitched inference and the dataset that reads its tiles in worker processes.
+
+The grid lives at the model's mpp: square tiles of ``patch_px`` every ``step_px`` along each axis,
+the last tile of a row or column moved back so that it ends at the slide's edge (the positions of
+MONAI's ``sliding_window_inference``), so no tile reads past the slide. Tiles come in row-major
+order, which lets the stitcher finish rows as it goes. Only tiles that touch tissue are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles over a slide at ``mpp``, row-major.
+
+    ``shape_px`` is the slide's (height, width) at ``mpp``; ``origins_px`` an (n, 2) int array of
+    tile top-left (row, col) at ``mpp``, sorted by row then col.
+    """
+
+    mpp: float
+    shape_px: tuple[int, int]
+    patch_px: int
+    step_px: int
+    origins_px: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.origins_px)
+
+    def level0_xy(self, slide_mpp: tuple[float, float]) -> np.ndarray:
+        """(n, 2) float level-0 (x, y) of each tile's top-left corner."""
+        scale = np.array([self.mpp / slide_mpp[0], self.mpp / slide_mpp[1]])
+        return self.origins_px[:, ::-1] * scale
+
+
+def axis_starts(size_px: int, patch_px: int, step_px: int) -> list[int]:
+    """Tile starts along one axis: every ``step_px``, the last one ending at ``size_px``."""
+    if size_px <= patch_px:
+        return [0]
+    return list(range(0, size_px - patch_px, step_px)) + [size_px - patch_px]
+
+
+def make_grid(
+    shape_px: tuple[int, int],
+    mpp: float,
+    patch_px: int,
+    overlap: float = 0.5,
+    tissue=None,
+    slide_mpp: tuple[float, float] | None = None,
+) -> TileGrid:
+    """The row-major grid over a slide of ``shape_px`` (height, width) at ``mpp``.
+
+    ``overlap`` is the fraction of a tile shared with its neighbour (step = patch * (1 - overlap)).
+    With a ``tissue`` mask (:class:`biopsy.tissue.TissueMask`) and the slide's level-0
+    ``slide_mpp``, only tiles whose footprint touches tissue are kept.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    step_px = max(1, int(patch_px * (1 - overlap)))
+    rows = axis_starts(shape_px[0], patch_px, step_px)
+    cols = axis_starts(shape_px[1], patch_px, step_px)
+    origins = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2).astype(np.int64)
+    grid = TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins)
+    if tissue is None:
+        return grid
+    size_px = (patch_px * mpp / slide_mpp[0], patch_px * mpp / slide_mpp[1])
+    touches = [tissue.tissue_fraction(x, y, size_px) > 0 for x, y in grid.level0_xy(slide_mpp)]
+    return TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins[np.array(touches, bool)])
+
+
+def grid_shape_px(dimensions: tuple[int, int], slide_mpp: tuple[float, float],
+                  mpp: float) -> tuple[int, int]:
+    """(height, width) at ``mpp`` of a slide of level-0 ``dimensions`` (width, height)."""
+    width, height = dimensions
+    return (max(1, math.floor(height * slide_mpp[1] / mpp + 0.5)),
+            max(1, math.floor(width * slide_mpp[0] / mpp + 0.5)))
+
+
+class TileDataset(Dataset):
+    """The grid's tiles as uint8 (patch, patch, C) tensors, read from the slide at the grid's mpp.
+
+    Holds a fresh copy of the slide (file not yet open), so that each DataLoader worker opens its
+    own handle after the fork instead of sharing the parent's file offset.
+    """
+
+    def __init__(self, slide, grid: TileGrid):
+        self.slide = copy.copy(slide)
+        self.patch_px = grid.patch_px
+        self.mpp = grid.mpp
+        self.level0_xy = grid.level0_xy(slide.mpp)
+
+    def __len__(self) -> int:
+        return len(self.level0_xy)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x, y = self.level0_xy[index]
+        tile = self.slide.read(float(x), float(y), (self.patch_px, self.patch_px), self.mpp)
+        return torch.from_numpy(np.ascontiguousarray(tile))

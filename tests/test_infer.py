@@ -1,0 +1,333 @@
+"""Stitched whole-slide inference: against MONAI, seam-free, band-streamed, clear errors."""
+
+import logging
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+from biopsy.errors import CheckpointError
+from biopsy.infer import segment_slide, segment_slide_bands
+from biopsy.model import ModelInfo
+from biopsy.pyramid import write_pyramid
+from biopsy.slide import open_slide
+from biopsy.stitch import BandStitcher
+from biopsy.tissue import TissueMask
+
+STRIPE_PX = 40  # level-0 width of the position-encoding stripes
+
+
+def write_slide(path, image: np.ndarray, mpp: float):
+    write_pyramid(path, [image], image.shape[:2], mpp, style="generic", compression="zlib",
+                  min_level_px=64)
+    return open_slide(path)
+
+
+def model_info(num_classes: int, mpp: float, patch_px: int, in_channels: int = 3,
+               mean: float = 0.5, std: float = 0.25) -> ModelInfo:
+    names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    return ModelInfo("toy", {}, names, {name: [i, i, i] for i, name in enumerate(names)}, mpp,
+                     patch_px, in_channels,
+                     {"mean": [mean] * in_channels, "std": [std] * in_channels})
+
+
+def tissue_mask(mask: np.ndarray, mpp: float, slide) -> TissueMask:
+    return TissueMask(mask, mpp, slide.mpp, mask.astype(np.int32), [])
+
+
+def all_tissue(slide, mpp: float = 10.0) -> TissueMask:
+    width_um, height_um = (size * mpp0 for size, mpp0 in zip(slide.dimensions, slide.mpp))
+    return tissue_mask(np.ones((int(np.ceil(height_um / mpp)), int(np.ceil(width_um / mpp))), bool),
+                       mpp, slide)
+
+
+def random_cnn(num_classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(),
+                         nn.Conv2d(8, num_classes, 5, padding=2)).eval()
+
+
+def constant_model(num_classes: int, winner: int) -> nn.Module:
+    model = nn.Conv2d(3, num_classes, 1)
+    nn.init.zeros_(model.weight)
+    with torch.no_grad():
+        model.bias.copy_(torch.arange(num_classes) == winner)
+    return model.eval()
+
+
+def position_model() -> nn.Module:
+    """1x1 conv: class ``a + 4 b`` where red = 64 a and green = 128 b (inputs scaled 0..1)."""
+    model = nn.Conv2d(3, 8, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        for k in range(8):
+            a, b = k % 4, k // 4
+            model.weight[k, 0] = 10 * 2 * a * 255 / 64
+            model.weight[k, 1] = 10 * 2 * b * 255 / 128
+            model.bias[k] = -10 * (a * a + b * b)
+    return model.eval()
+
+
+def position_image(height: int, width: int) -> np.ndarray:
+    """Red encodes the x stripe (4 values), green the y stripe (2 values)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = 64 * ((np.arange(width) // STRIPE_PX) % 4)[None, :]
+    image[..., 1] = 128 * ((np.arange(height) // STRIPE_PX) % 2)[:, None]
+    return image
+
+
+@pytest.fixture(scope="module")
+def noise_slide(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    return write_slide(tmp_path_factory.mktemp("noise") / "noise.tif", image, mpp=1.0)
+
+
+@pytest.fixture(scope="module")
+def position_slide(tmp_path_factory):
+    return write_slide(tmp_path_factory.mktemp("position") / "position.tif",
+                       position_image(1000, 1280), mpp=0.5)
+
+
+def test_matches_monai_gaussian_sliding_window(noise_slide):
+    from monai.inferers import sliding_window_inference
+
+    model, info = random_cnn(5), model_info(5, mpp=1.0, patch_px=64)
+    ours = segment_slide(noise_slide, model, info, workers=0, batch_size=8,
+                         tissue=all_tissue(noise_slide),
+                         return_probabilities=True)
+    image = torch.from_numpy(noise_slide.read(0, 0, (420, 300), 1.0))[None]
+    with torch.no_grad():
+        theirs = sliding_window_inference(info.normalise(image), (64, 64), 8,
+                                          lambda x: model(x).softmax(1), overlap=0.5,
+                                          mode="gaussian", sigma_scale=0.125)[0].numpy()
+    assert ours.labels.shape == (300, 420) and ours.tile_count == 9 * 13
+    assert (ours.labels == theirs.argmax(0)).mean() >= 0.999
+    assert np.abs(ours.probabilities - theirs * 255).max() <= 1
+
+
+def test_worker_processes_give_the_same_map(noise_slide):
+    model, info = random_cnn(5), model_info(5, mpp=1.0, patch_px=64)
+    in_process = segment_slide(noise_slide, model, info, workers=0, tissue=all_tissue(noise_slide))
+    in_workers = segment_slide(noise_slide, model, info, workers=2, tissue=all_tissue(noise_slide))
+    np.testing.assert_array_equal(in_process.labels, in_workers.labels)
+
+
+def test_constant_model_gives_a_constant_map(noise_slide):
+    info = model_info(4, mpp=1.5, patch_px=48)
+    result = segment_slide(noise_slide, constant_model(4, 2), info, workers=0,
+                           tissue=all_tissue(noise_slide))
+    assert result.labels.shape == (200, 280) and result.mpp == 1.5
+    assert np.all(result.labels == 2)
+
+
+@pytest.mark.parametrize("model_mpp, output_mpp", [(1.0, None), (1.5, None), (1.0, 2.5)])
+def test_positions_are_right_across_tiles_and_pyramid_levels(position_slide, model_mpp, output_mpp):
+    """Model mpp 1.0 reads pyramid level 1 as is, 1.5 resamples it; 2.5 is a coarser output."""
+    check_positions(position_slide, model_mpp, output_mpp, workers=0, batch_size=4)
+
+
+@pytest.mark.gpu
+def test_positions_on_cuda_with_bf16_pinned_workers_and_compile(position_slide):
+    check_positions(position_slide, 1.5, None, workers=2, batch_size=16, device="cuda",
+                    compile=True)
+
+
+def check_positions(position_slide, model_mpp: float, output_mpp: float | None, **options):
+    info = model_info(8, mpp=model_mpp, patch_px=64, mean=0.0, std=1.0)
+    result = segment_slide(position_slide, position_model(), info, output_mpp=output_mpp,
+                           tissue=all_tissue(position_slide), **options)
+    output_scale = result.mpp / 0.5  # level-0 px per output px
+    height, width = round(1000 / output_scale), round(1280 / output_scale)
+    assert result.labels.shape == (height, width)
+    stripe_x, clear_x = stripes(width, 1280, output_scale, model_mpp / 0.5, period=4)
+    stripe_y, clear_y = stripes(height, 1000, output_scale, model_mpp / 0.5, period=2)
+    clear = clear_y[:, None] & clear_x[None, :]
+    assert clear.mean() > 0.85
+    expected = stripe_x[None, :] + 4 * stripe_y[:, None]
+    np.testing.assert_array_equal(result.labels[clear], expected[clear])
+
+
+def stripes(n_out: int, size: int, output_scale: float, model_scale: float, period: int):
+    """Stripe index under each output pixel, and whether the model's pixel beneath it lies
+    within one stripe (not straddling a border, where colours blend, or the slide's edge)."""
+    model_pixel = np.floor((np.arange(n_out) + 0.5) * output_scale / model_scale)
+    start, end = model_pixel * model_scale, (model_pixel + 1) * model_scale
+    first, last = start // STRIPE_PX, np.ceil(end / STRIPE_PX) - 1
+    return first % period, (first == last) & (end <= size)
+
+
+def test_only_tissue_tiles_are_read_and_glass_is_background(position_slide, monkeypatch):
+    reads = []
+    read = position_slide.read
+    monkeypatch.setattr(position_slide, "read", lambda *a, **k: reads.append(a) or read(*a, **k))
+    mask = np.zeros((100, 128), bool)  # 5 µm/px over the 500 x 640 µm slide
+    mask[10:20, 30:40] = True  # level-0 x 300..400, y 100..200
+    info = model_info(4, mpp=1.0, patch_px=64)
+    result = segment_slide(position_slide, constant_model(4, 3), info, workers=0,
+                           tissue=tissue_mask(mask, 5.0, position_slide))
+    assert len(reads) == result.tile_count == 4 * 4
+    origins_px = sorted((round(y / 2), round(x / 2)) for x, y, *_ in reads)  # at 1 µm/px
+    assert origins_px == [(row, col) for row in (0, 32, 64, 96) for col in (96, 128, 160, 192)]
+    near_tissue = np.zeros_like(result.labels, bool)  # the mask dilated by one 5 µm pixel
+    near_tissue[45:105, 145:205] = True
+    np.testing.assert_array_equal(result.labels, np.where(near_tissue, 3, 0))
+
+
+def test_stitcher_finishes_rows_as_tiles_arrive_in_bounded_memory():
+    """On a tall grid the buffer holds one patch of rows; rows come back as soon as no tile
+    can touch them, and the blend of constant tiles is exact."""
+    patch, step, height, width = 32, 16, 400, 80
+    stitcher = BandStitcher(3, (height, width), 1.0, (height, width), 1.0, patch, 0)
+    done = 0
+    for row in list(range(0, height - patch, step)) + [height - patch]:
+        probabilities = torch.zeros(4, 3, patch, patch)
+        probabilities[:, 1] = 1
+        origins = np.array([[row, col] for col in (0, 16, 32, 48)])
+        bands = stitcher.add(probabilities, origins)
+        done += sum(len(band.labels) for band in bands)
+        assert done == row  # every row above the new tile row is finished
+        assert stitcher.sums.shape == (4, patch, width)
+    done += sum(len(band.labels) for band in stitcher.finish())
+    assert done == height
+
+
+def test_bands_stream_top_to_bottom(position_slide):
+    info = model_info(4, mpp=2.0, patch_px=32)
+    grid, bands = segment_slide_bands(position_slide, constant_model(4, 1), info, workers=0,
+                                      tissue=all_tissue(position_slide), output_mpp=4.0)
+    heights = [len(band.labels) for band in bands]
+    assert len(heights) > 5 and sum(heights) == 125 and len(grid) == 15 * 19
+
+
+def test_slide_without_tissue_gives_background_and_a_warning(noise_slide, caplog):
+    empty = tissue_mask(np.zeros((30, 42), bool), 10.0, noise_slide)
+    with caplog.at_level(logging.WARNING):
+        result = segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64), workers=0,
+                               tissue=empty, return_probabilities=True)
+    assert "no tissue" in caplog.text
+    assert result.tile_count == 0 and result.labels.shape == (300, 420)
+    assert not result.labels.any() and not result.probabilities.any()
+
+
+def test_channel_mismatch_is_a_clear_error(noise_slide):
+    with pytest.raises(CheckpointError, match="takes 4 channels, the slide has 3"):
+        segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64, in_channels=4),
+                      tissue=all_tissue(noise_slide))
+
+
+# --- biopsy segment -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A small random U-Net for RGB slides and one that wants 4 channels."""
+    from biopsy.model import build_model, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for channels in (3, 4):
+        torch.manual_seed(0)
+        arguments = {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]}
+        model = build_model("unet", 3, channels, **arguments)
+        info = model_info(3, mpp=2.0, patch_px=64, in_channels=channels)
+        info.architecture, info.arguments = "unet", arguments
+        paths[channels] = folder / f"unet-{channels}.safetensors"
+        save_checkpoint(paths[channels], model, info)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tissue_slide(tmp_path_factory):
+    """Glass with a textured pink core across the middle."""
+    rng = np.random.default_rng(1)
+    image = np.full((1024, 1536, 3), 240, np.uint8)
+    core = rng.integers(0, 60, (224, 736, 1), dtype=np.uint8)
+    image[400:624, 400:1136] = np.array([225, 150, 190], np.uint8) - core
+    return write_slide(tmp_path_factory.mktemp("tissue") / "tissue.tif", image, mpp=0.5)
+
+
+def test_segment_command_writes_the_folder(tissue_slide, checkpoints, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+    from biopsy.model import load_checkpoint
+
+    out = tmp_path / "out"
+    assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
+                 str(out), "--workers", "0", "--probabilities"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["labels.ome.tif", "objects.geojson",
+                                                     "overview.png", "probabilities.ome.tif",
+                                                     "segment.json"]
+    label_map = read_label_map(out / "labels.ome.tif")
+    model, info = load_checkpoint(checkpoints[3])
+    expected = segment_slide(tissue_slide, model, info, workers=0)
+    assert label_map.mpp == 2.0 and label_map.class_names == tuple(info.class_names)
+    np.testing.assert_array_equal(label_map.labels, expected.labels)
+    assert expected.labels[:60].max() == 0 and expected.labels[:, :60].max() == 0  # glass
+    assert 0 < expected.tile_count < 7 * 11
+    collection = json.loads((out / "objects.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in collection["features"]}
+    assert names and names <= set(info.class_names) - {"background"}
+    summary = json.loads((out / "segment.json").read_text())
+    assert summary["tile_count"] == expected.tile_count > 0
+    assert summary["model"]["sha256"] == info.sha256
+    assert Image.open(out / "overview.png").size == (384, 256)
+    with tifffile.TiffFile(out / "probabilities.ome.tif") as tif:
+        probabilities = tif.series[0].asarray()
+        assert len(tif.series[0].levels) == 1 and "Name=\"class2\"" in tif.ome_metadata
+    assert probabilities.shape == (3, 256, 384) and probabilities.dtype == np.uint8
+    near_tissue = probabilities.any(0)
+    assert np.all(np.abs(probabilities.sum(0, dtype=int)[near_tissue] - 255) <= 3)
+    assert not near_tissue[:60].any()
+
+
+def test_segment_command_on_a_slide_without_tissue(checkpoints, tmp_path, caplog, capsys):
+    import json
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+
+    slide = write_slide(tmp_path / "glass.tif", np.full((512, 512, 3), 242, np.uint8), mpp=0.5)
+    with caplog.at_level(logging.WARNING):
+        assert main(["segment", str(slide.path), "--model", str(checkpoints[3]), "--out",
+                     str(tmp_path / "out"), "--workers", "0"]) == 0
+    assert "no tissue" in caplog.text
+    assert not read_label_map(tmp_path / "out" / "labels.ome.tif").labels.any()
+    assert json.loads((tmp_path / "out" / "objects.geojson").read_text())["features"] == []
+
+
+@pytest.mark.parametrize("problem, expected", [("channels", "takes 4 channels"),
+                                               ("unreadable", "cannot read"),
+                                               ("no mpp", "pixel size unknown")])
+def test_segment_command_errors_are_one_line(tissue_slide, checkpoints, tmp_path, capsys,
+                                             problem, expected):
+    from PIL import Image
+
+    from biopsy.cli import main
+
+    slide, model = tissue_slide.path, checkpoints[4 if problem == "channels" else 3]
+    if problem == "unreadable":
+        slide = tmp_path / "broken.svs"
+        slide.write_bytes(b"II*\0" + bytes(100))
+    if problem == "no mpp":
+        slide = tmp_path / "photo.png"
+        Image.new("RGB", (300, 200), (200, 120, 160)).save(slide)
+    assert main(["segment", str(slide), "--model", str(model), "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and str(slide) in message and expected in message
+    assert not (tmp_path / "out" / "segment.json").exists()
+
+
+def test_real_svs_in_worker_processes(svs_path):
+    """An Aperio file through OpenSlide in worker processes: tissue tiles only, glass background."""
+    slide = open_slide(svs_path)
+    info = model_info(3, mpp=2.0, patch_px=64)
+    result = segment_slide(slide, constant_model(3, 1), info, workers=2, batch_size=32)
+    width, height = slide.dimensions
+    assert result.labels.shape == (round(height * slide.mpp[1] / 2), round(width * slide.mpp[0] / 2))
+    assert set(np.unique(result.labels)) == {0, 1}
+    assert 0.2 < (result.labels == 1).mean() < 0.95
