@@ -11,7 +11,6 @@ scoring config.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from biopsy.infer import segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint
-from biopsy.scorefolder import file_sha256, score_class_map, write_score_folder
+from biopsy.provenance import file_sha256, package_versions
+from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import ScoreConfig
 from biopsy.slide import open_slide
 
@@ -168,14 +168,3 @@ def label_map_scorer(config: ScoreConfig) -> ScoreFunction:
         score_label_map_file(entry.slide, out_dir, config)
 
     return score
-
-
-def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
-    """Installed version of each distribution (None where it is not installed)."""
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import platform
@@ -77,15 +76,6 @@ def score_class_map(labels: np.ndarray, class_names, mpp: float, config: ScoreCo
                                  origin_xy_px=origin_xy_px, level0_mpp=level0_mpp)
     return ClassMapScores(instances, glomeruli, tiles,
                           score_slide(glomeruli, tiles, class_names, config))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_score_folder(out_dir: str | Path, label_map: LabelMap,

@@ -11,7 +11,6 @@ places a level's pixels at level-0 location / downsample and interpolates the fr
 with a non-integer downsample its regions can be off by up to 0.5 / downsample level pixels.)
 """
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 import scipy.sparse
 
 from biopsy.errors import MppError, SlideError
+from biopsy.provenance import file_sha256
 from biopsy.slide_readers import BRIGHTFIELD_CHANNELS, open_reader
 
 __all__ = ["BRIGHTFIELD_CHANNELS", "Level", "Slide", "open_slide"]
@@ -103,11 +103,7 @@ class Slide:
     def sha256(self) -> str:
         """SHA-256 of the file's bytes (computed once, streamed)."""
         if self._sha256 is None:
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as file:
-                for block in iter(lambda: file.read(1 << 22), b""):
-                    digest.update(block)
-            self._sha256 = digest.hexdigest()
+            self._sha256 = file_sha256(self.path)
         return self._sha256
 
     def close(self) -> None:

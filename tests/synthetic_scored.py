@@ -12,7 +12,8 @@ import numpy as np
 
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
 from biopsy.labelmap import LabelMap, read_label_map, write_label_map
-from biopsy.scorefolder import file_sha256, score_class_map, write_score_folder
+from biopsy.provenance import file_sha256
+from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import load_score_config
 
 MPP = 2.0

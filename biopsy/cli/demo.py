@@ -51,7 +51,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from biopsy import compare, pipeline
-    from biopsy.scorefolder import file_sha256, read_score_folder
+    from biopsy.provenance import file_sha256
+    from biopsy.scorefolder import read_score_folder
     from biopsy.scoring import load_score_config
     from biopsy.synth import generate_pair, load_profile
 
