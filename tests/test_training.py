@@ -1,0 +1,351 @@
+"""Training pipeline: configs, annotations, patch sampling, loop (resume, DDP), evaluation."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from shapely.geometry import box
+from skimage.draw import disk
+
+from biopsy.errors import AnnotationError, ConfigError
+from biopsy.geojson import Annotation
+from biopsy.labelmap import write_label_map
+from biopsy.model import load_checkpoint
+from training.annotations import LabelMapLabels, PolygonLabels, read_coco
+from training.cases import find_slides, split_by_case
+from training.config import EvaluateConfig, config_from_dict, load_config
+from training.dataset import PatchDataset
+from training.augment import build_augmentation
+from training.evaluate import count_metrics, evaluate_checkpoint, metrics_from_counts, predict_image
+from training.loop import fit, model_info
+from training.losses import DiceCrossEntropyLoss, soft_dice
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE_PX = 160  # test images, 1 µm/px
+
+
+def make_dataset(root: Path, cases: int = 3, seed: int = 0) -> None:
+    """Images of pink discs (glomeruli; the second of each image sclerotic, dark) on pale tissue,
+    two stains per case, and their COCO polygons."""
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    (root / "images").mkdir(parents=True)
+    for case in range(cases):
+        for stain in ("PAS", "PASM"):
+            image = np.full((SIZE_PX, SIZE_PX, 3), (235, 220, 225), np.uint8)
+            image_id = len(images)
+            for k, (row, col) in enumerate([(45, 50), (110, 105)]):
+                row, col, radius = row + rng.integers(-8, 9), col + rng.integers(-8, 9), rng.integers(22, 30)
+                image[disk((row, col), radius, shape=image.shape[:2])] = (120, 40, 110) if k else (220, 120, 180)
+                angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+                polygon = np.column_stack([col + 0.5 + radius * np.cos(angles), row + 0.5 + radius * np.sin(angles)])
+                annotations.append({"id": len(annotations), "image_id": image_id, "category_id": k,
+                                    "segmentation": [polygon.ravel().round(1).tolist()]})
+            image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+            name = f"case{case}-{stain}.png"
+            Image.fromarray(image).save(root / "images" / name)
+            images.append({"id": image_id, "file_name": f"images/{name}", "width": SIZE_PX, "height": SIZE_PX})
+    images.append({"id": len(images), "file_name": "images/unannotated.png", "width": 4, "height": 4})
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images" / "unannotated.png")
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 0, "name": "gn"}, {"id": 1, "name": "gs"}]}
+    (root / "coco.json").write_text(json.dumps(coco))
+
+
+def config_dict(root: Path, output: Path, **train) -> dict:
+    return {
+        "seed": 1,
+        "output_dir": str(output),
+        "data": {"root": str(root), "slides": "images/*.png", "slide_mpp": 1.0,
+                 "annotations": {"format": "coco", "path": "coco.json",
+                                 "class_map": {"gn": "tuft", "gs": "sclerosis"}},
+                 "unannotated": "tissue", "case_pattern": r"(case\d+)-", "stain_pattern": r"-(PASM|PAS)\.",
+                 "split": {"validation_cases": ["case2"]}},
+        "model": {"classes": ["tissue", "tuft", "sclerosis"],
+                  "arguments": {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
+                  "patch_size_px": 64},
+        "augment": [{"transform": "D4"}, {"transform": "HEStain", "p": 0.5}],
+        "optim": {"lr": 3e-3, "warmup_steps": 0},
+        "train": {"steps": 6, "batch_size": 4, "workers": 0, "log_every": 1, "validate_every": 100,
+                  "save_every": 100, **train},
+        "evaluate": {"min_glomerulus_area_um2": 300},
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("glomeruli")
+    make_dataset(root)
+    return root
+
+
+def losses(output: Path) -> list[float]:
+    with open(output / "log.csv", newline="") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+def test_bundled_configs_load():
+    for name in ("real-glomeruli", "synthetic-pas"):
+        config = load_config(REPO / "configs" / "train" / f"{name}.yaml")
+        assert config.model.classes
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["train"].update(stepz=3), "unknown key 'train.stepz'"),
+    (lambda d: d["train"].pop("steps"), "missing required key 'train.steps'"),
+    (lambda d: d["optim"].update(lr="fast"), "optim.lr must be float"),
+    (lambda d: d["optim"].update(optimizer="adam"), "optim.optimizer must be one of"),
+    (lambda d: d["data"]["annotations"]["class_map"].update(gs="crescent"), "'crescent'.*not in model.classes"),
+    (lambda d: d.update(augment=[{"transform": "Rotate180"}]), r"augment\[0\].*albumentations transform"),
+    (lambda d: d.update(augment=[{"transform": "GaussNoise", "sigma": 3}]), "GaussNoise has no argument 'sigma'"),
+    (lambda d: d.update(augment=[{"transform": "GaussNoise", "std_range": "x"}]), "invalid arguments"),
+])
+def test_bad_config_names_file_and_key(tmp_path, change, message):
+    data = config_dict(tmp_path, tmp_path / "out")
+    change(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+
+
+# --- annotations and cases -------------------------------------------------------------------
+
+@pytest.mark.parametrize("document,message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"images": []}), "needs lists"),
+    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
+                 "annotations": [{"image_id": 0, "category_id": 0, "segmentation": [[1, 2, 3]]}]}),
+     "annotation 0: a polygon must be"),
+    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
+                 "annotations": [{"image_id": 7, "category_id": 0, "segmentation": [[1, 2, 3, 4, 5, 6]]}]}),
+     "unknown image_id 7"),
+    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
+                 "annotations": [{"image_id": 0, "category_id": 0, "segmentation": {"counts": "x"}}]}),
+     "RLE"),
+])
+def test_malformed_coco_names_file_and_problem(tmp_path, document, message):
+    path = tmp_path / "coco.json"
+    path.write_text(document)
+    with pytest.raises(AnnotationError, match=message) as caught:
+        read_coco(path)
+    assert str(path) in str(caught.value)
+
+
+def test_malformed_geojson_names_file(tmp_path):
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "slide1.png")
+    geojson = tmp_path / "slide1.geojson"
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]},
+         "properties": {"classification": {"name": "tuft"}}}]}))
+    data = config_dict(tmp_path, tmp_path / "out")["data"]
+    data.update(slides="*.png", annotations={"format": "geojson", "path": "{stem}.geojson"},
+                case_pattern="(slide\\d)")
+    config = config_from_dict({**config_dict(tmp_path, tmp_path / "out"), "data": data}, "test")
+    with pytest.raises(AnnotationError, match="Point") as caught:
+        find_slides(config.data, config.model.classes, config.source)
+    assert str(geojson) in str(caught.value)
+
+
+def test_slides_split_by_case_and_unannotated_images_left_out(dataset_root, tmp_path):
+    config = config_from_dict(config_dict(dataset_root, tmp_path), "test")
+    slides = find_slides(config.data, config.model.classes, config.source)
+    assert len(slides) == 6 and all(s.path.name != "unannotated.png" for s in slides)
+    assert {s.stain for s in slides} == {"PAS", "PASM"}
+    config.data.split.validation_cases = None
+    config.data.split.validation_fraction = 0.3
+    training, validation = split_by_case(slides, config.data.split)
+    assert len(validation) == 2 and not {s.case for s in training} & {s.case for s in validation}
+
+
+def test_patches_are_reproducible_and_labels_follow_the_polygons(dataset_root, tmp_path):
+    config = config_from_dict(config_dict(dataset_root, tmp_path), "test")
+    slides = find_slides(config.data, config.model.classes, config.source)
+    none = build_augmentation([], "test")
+    dataset = PatchDataset(slides, config.model, config.sampling, ["tuft", "sclerosis"], none,
+                           seed=5, rank=0, length=40)
+    again = PatchDataset(slides, config.model, config.sampling, ["tuft", "sclerosis"], none,
+                         seed=5, rank=0, length=40)
+    other_rank = PatchDataset(slides, config.model, config.sampling, ["tuft", "sclerosis"], none,
+                              seed=5, rank=1, length=40)
+    assert all(torch.equal(dataset[i][0], again[i][0]) for i in range(5))
+    assert not all(torch.equal(dataset[i][0], other_rank[i][0]) for i in range(5))
+    images, labels = zip(*(dataset[i] for i in range(40)))
+    images, labels = torch.stack(images).numpy(), torch.stack(labels).numpy()
+    # labels agree with the drawn colours: tuft pink, sclerosis dark, tissue pale
+    assert np.median(images[labels == 1][:, 1]) > 90 and np.median(images[labels == 2][:, 1]) < 70
+    assert np.median(images[labels == 0][:, 1]) > 200
+    assert (labels == 2).any(axis=(1, 2)).mean() > 0.2  # object oversampling reaches the rare class
+
+
+# --- loss and evaluation ---------------------------------------------------------------------
+
+def test_loss_ignores_unlabelled_pixels():
+    target = torch.tensor([[[0, 1], [255, 255]]])
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0, 0, 0] = logits[0, 1, 0, 1] = 20.0
+    changed = logits.clone()
+    changed[0, :, 1, :] = torch.randn(2, 2)  # ignored pixels
+    loss = DiceCrossEntropyLoss()
+    assert float(loss(logits, target)) == pytest.approx(float(loss(changed, target)))
+    assert soft_dice(logits, target, 255).min() > 0.99
+
+
+def test_metrics_against_hand_made_masks():
+    names = ["tissue", "tuft", "sclerosis"]
+    truth = np.zeros((100, 100), np.uint8)
+    truth[10:30, 10:30] = 1  # glomerulus A, found exactly
+    truth[60:90, 60:90] = 2  # glomerulus B (sclerotic), found only in part
+    truth[0:5, 0:5] = 255  # unlabelled
+    prediction = np.zeros_like(truth)
+    prediction[10:30, 10:30] = 1
+    prediction[60:70, 60:90] = 2  # IoU 1/3 with B: a miss and a false positive
+    prediction[40:50, 0:10] = 1  # false positive
+    prediction[0:5, 0:5] = 1  # inside the unlabelled area: not counted
+    settings = EvaluateConfig(min_glomerulus_area_um2=50)
+    metrics = metrics_from_counts(count_metrics(truth, prediction, names, 1.0, settings), names)
+    assert metrics["dice_tuft"] == pytest.approx(2 * 400 / (500 + 400))
+    assert metrics["dice_sclerosis"] == pytest.approx(2 * 300 / (300 + 900))
+    assert metrics["glomerulus_dice"] == pytest.approx(2 * 700 / (800 + 1300))
+    assert (metrics["glomerulus_precision"], metrics["glomerulus_recall"]) == (pytest.approx(1 / 3), 0.5)
+    assert metrics["glomerulus_f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))
+    assert metrics["global_sclerosis_f1"] == 0.0 and metrics["global_sclerosis_count"] == 1
+    prediction[60:90, 60:90] = 2
+    metrics = metrics_from_counts(count_metrics(truth, prediction, names, 1.0, settings), names)
+    assert metrics["global_sclerosis_f1"] == 1.0 and metrics["glomerulus_f1"] == pytest.approx(0.8)
+
+
+class _RedIsClassOne(torch.nn.Module):
+    """Logits from pixel values, so the exact expected class map is known."""
+
+    def forward(self, x):
+        return torch.cat([-x[:, :1], x[:, :1]], dim=1)
+
+
+def test_tiled_prediction_covers_every_pixel_exactly(dataset_root, tmp_path):
+    config = config_from_dict(config_dict(dataset_root, tmp_path), "test")
+    info = model_info(config)
+    info.normalisation = {"mean": [0.5] * 3, "std": [1.0] * 3}
+    image = np.random.default_rng(0).integers(0, 256, (150, 203, 3), dtype=np.uint8)
+    prediction = predict_image(_RedIsClassOne(), info, image, torch.device("cpu"), batch_size=3)
+    assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path):
+    config = config_from_dict(config_dict(dataset_root, tmp_path / "run", steps=24, validate_every=24), "test")
+    metrics = fit(config)
+    history = losses(tmp_path / "run")
+    assert len(history) == 24 and np.mean(history[-4:]) < 0.8 * np.mean(history[:4])
+    model, info = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert info.class_names == ["tissue", "tuft", "sclerosis"]
+    assert info.validation_metrics["metrics"] == metrics
+    assert info.validation_metrics["validation_cases"] == ["case2"]
+    assert set(metrics) == {"all", "PAS", "PASM"} and metrics["all"]["glomerulus_count"] == 4
+    assert (tmp_path / "run" / "validation.csv").exists() and (tmp_path / "run" / "config.yaml").exists()
+    assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
+    everything = evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors", data_root=dataset_root)
+    assert everything["all"]["glomerulus_count"] == 12  # --data: every annotated image
+
+
+def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
+    whole = config_from_dict(config_dict(dataset_root, tmp_path / "whole"), "test")
+    fit(whole)
+    cut = config_from_dict(config_dict(dataset_root, tmp_path / "cut"), "test")
+    fit(cut, stop_at=3)
+    assert len(losses(tmp_path / "cut")) == 3
+    fit(cut, resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_two_process_ddp_on_cpu(dataset_root, tmp_path):
+    data = config_dict(dataset_root, tmp_path / "ddp", steps=3, validate_every=3)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "training", "fit", str(path)],
+        cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun's workers too
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    assert len(losses(tmp_path / "ddp")) == 3
+    _, info = load_checkpoint(tmp_path / "ddp" / "last.safetensors")
+    assert info.validation_metrics["metrics"]["all"]["glomerulus_count"] == 4  # both ranks' shares
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: 1\n")
+    result = subprocess.run([sys.executable, "-m", "training", "fit", str(path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and str(path) in result.stderr
+
+
+def test_label_map_and_geojson_sources_give_labels_at_the_model_mpp(tmp_path):
+    truth = np.zeros((40, 60), np.uint8)  # at 2 µm/px
+    truth[10:20, 30:50] = 2
+    names = ["background", "tissue", "tuft"]
+    write_label_map(tmp_path / "labels.ome.tif", truth, 2.0, names,
+                    {"background": (255, 255, 255), "tissue": (1, 1, 1), "tuft": (2, 2, 2)})
+    source = LabelMapLabels(tmp_path / "labels.ome.tif", ["tissue", "tuft"], {"background": "ignore"}, 0.5)
+    labels = source.labels(x=100, y=60, size_px=(30, 20), mpp=1.0)  # level-0 at 0.5 µm/px
+    expected = np.repeat(np.repeat(np.where(truth == 2, 1, 255), 2, 0), 2, 1)[30:50, 50:80]
+    assert np.array_equal(labels, expected)
+    (obj,) = source.objects([0, 1])
+    assert (obj.class_index, obj.x, obj.y) == (1, pytest.approx(160, abs=4), pytest.approx(60, abs=4))
+    polygons = PolygonLabels([Annotation(box(120, 40, 200, 80), "glom")], ["tissue", "tuft"],
+                             {"glom": "tuft"}, "tissue", 0.5, "test")
+    expected = np.zeros((20, 30), np.uint8)
+    expected[:10, 10:] = 1  # output pixel centres (101 + 2 col, 61 + 2 row) inside the box
+    assert np.array_equal(polygons.labels(100, 60, (30, 20), 1.0), expected)
+
+
+def test_synthetic_training_set_trains_end_to_end(tmp_path):
+    from training.synthetic import generate_training_set
+
+    data = yaml.safe_load((REPO / "configs" / "train" / "synthetic-pas.yaml").read_text())
+    data["synth"].update(slides=2, profile={"stain": "pas", "core_length_mm": 0.5, "core_width_mm": 0.4,
+                                           "glomeruli": 1})
+    data["data"].update(root=str(tmp_path / "synth"), split={"validation_cases": ["synth-101"]})
+    data["model"].update(patch_size_px=64, arguments=config_dict(tmp_path, tmp_path)["model"]["arguments"])
+    data["train"].update(steps=2, batch_size=2, workers=0, validate_every=2)
+    data["output_dir"] = str(tmp_path / "run")
+    config = config_from_dict(data, "test")
+    folders = generate_training_set(config)
+    assert [f.name for f in folders] == ["synth-100", "synth-101"]
+    slides = find_slides(config.data, config.model.classes, config.source)
+    size = (slides[0].dimensions[0] // 8, slides[0].dimensions[1] // 8)  # whole slide at 4 µm/px
+    image = slides[0].slide().read(0, 0, size, 4.0)
+    labels = slides[0].labels.labels(0, 0, size, 4.0)
+    assert image[labels == 0].mean() > 220 > image[(labels > 0) & (labels < 255)].mean()  # glass is white
+    metrics = fit(config)
+    assert metrics["all"]["glomerulus_count"] >= 1 and metrics["all"]["dice_background"] is not None

@@ -1,0 +1,91 @@
+"""``python -m training {fit,eval,synth} CONFIG ...`` (``fit`` also under ``torchrun``), ``export``.
+
+Errors the user can cause are printed on one line and exit with status 2.
+"""
+
+import argparse
+import json
+import sys
+
+from biopsy.errors import BiopsyError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("fit", help="train a model as CONFIG says")
+    fit.add_argument("config")
+    fit.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state.pt")
+    fit.add_argument("--stop-at", type=int, metavar="STEP",
+                     help="stop after STEP (resumable; the schedule still spans train.steps)")
+    evaluate = commands.add_parser("eval", help="per-class Dice and detection F1 of a checkpoint")
+    evaluate.add_argument("config")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data", metavar="ROOT",
+                          help="evaluate every annotated slide under ROOT (same layout as data.root) "
+                               "instead of the config's validation cases")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
+    synth.add_argument("config")
+    synth.add_argument("--root", help="write here instead of data.root (e.g. a held-out test set)")
+    synth.add_argument("--first-seed", type=int, help="seed of the first slide (default: synth.first_seed)")
+    synth.add_argument("--slides", type=int, help="how many slides (default: synth.slides)")
+    export = commands.add_parser("export", help="copy a checkpoint, e.g. as float16 for bundling")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    export.add_argument("--half", action="store_true", help="store convolution weights as float16")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BiopsyError as error:
+        print(f"training {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command == "export":
+        from biopsy.model import load_checkpoint, save_checkpoint
+
+        model, info = load_checkpoint(args.checkpoint)
+        save_checkpoint(args.out, model, info, half_precision=args.half)
+        return 0
+    from training.config import load_config
+
+    config = load_config(args.config)
+    if args.command == "fit":
+        from training.loop import fit
+
+        metrics = fit(config, resume=args.resume, stop_at=args.stop_at)
+        if metrics is not None:
+            print(format_metrics(metrics))
+    elif args.command == "eval":
+        from training.evaluate import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(config, args.checkpoint, args.data)
+        print(format_metrics(metrics))
+        if args.json:
+            from biopsy.atomic import write_text_atomic
+
+            write_text_atomic(args.json, json.dumps(metrics, indent=2))
+    else:
+        from training.synthetic import generate_training_set
+
+        folders = generate_training_set(config, args.root, args.first_seed, args.slides)
+        print(f"{len(folders)} synthetic slides in {folders[0].parent}")
+    return 0
+
+
+def format_metrics(metrics: dict[str, dict]) -> str:
+    """One row per metric, one column per stain (``all`` first); ``-`` where undefined."""
+    stains = list(metrics)
+    width = max(len(n) for n in metrics["all"]) + 2
+    lines = ["metric".ljust(width) + "".join(s.rjust(10) for s in stains)]
+    for name in metrics["all"]:
+        cells = [metrics[s][name] for s in stains]
+        lines.append(name.ljust(width) + "".join(
+            ("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)).rjust(10) for c in cells))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

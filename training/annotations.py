@@ -1,0 +1,191 @@
+"""Annotations of one slide as labels at any µm/px: COCO or QuPath polygons, or a label map.
+
+Every source answers the same two questions in level-0 pixels of its slide: the class labels of a
+region (``labels``) and where its annotated objects are (``objects``). Classes are renamed to the
+model's through the config's class map; pixels no annotation covers take the ``unannotated`` class
+or :data:`IGNORE_INDEX`.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.affinity import translate
+from shapely.geometry import MultiPolygon, Polygon, box
+from skimage.measure import label, regionprops
+
+from biopsy.errors import AnnotationError
+from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise
+from biopsy.labelmap import read_label_map
+from training.config import IGNORE
+
+
+@dataclass(frozen=True)
+class AnnotatedObject:
+    """One annotated object: its model class index and a level-0 (x, y) point inside it."""
+
+    class_index: int
+    x: float
+    y: float
+
+
+def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
+    """Polygons of a COCO instance JSON by image file name (as written in the file).
+
+    Only polygon segmentations are read (an RLE mask raises: export polygons). Images listed with
+    no annotation map to an empty list. Raises :class:`AnnotationError` naming the file and the
+    problem.
+    """
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise AnnotationError(f"{path}: cannot read COCO file ({error.strerror})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AnnotationError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(document, dict) or not all(
+        isinstance(document.get(k), list) for k in ("images", "annotations", "categories")
+    ):
+        raise AnnotationError(f"{path}: not COCO instances JSON (needs lists 'images', "
+                              "'annotations' and 'categories')")
+    try:
+        categories = {c["id"]: str(c["name"]) for c in document["categories"]}
+        images = {i["id"]: str(i["file_name"]) for i in document["images"]}
+    except (KeyError, TypeError) as error:
+        raise AnnotationError(f"{path}: category or image without 'id'/'name'/'file_name' "
+                              f"({error!r})") from error
+    by_image: dict[str, list[Annotation]] = {name: [] for name in images.values()}
+    for index, entry in enumerate(document["annotations"]):
+        where = f"{path}: annotation {index}"
+        if not isinstance(entry, dict):
+            raise AnnotationError(f"{where} is not an object")
+        if entry.get("image_id") not in images:
+            raise AnnotationError(f"{where} refers to unknown image_id {entry.get('image_id')!r}")
+        if entry.get("category_id") not in categories:
+            raise AnnotationError(f"{where} refers to unknown category_id {entry.get('category_id')!r}")
+        geometry = _coco_geometry(where, entry.get("segmentation"))
+        by_image[images[entry["image_id"]]].append(
+            Annotation(geometry=geometry, class_name=categories[entry["category_id"]]))
+    return by_image
+
+
+def _coco_geometry(where: str, segmentation) -> Polygon | MultiPolygon:
+    if isinstance(segmentation, dict):
+        raise AnnotationError(f"{where} has an RLE mask; only polygon segmentations are supported")
+    if not isinstance(segmentation, list) or not segmentation:
+        raise AnnotationError(f"{where} has no polygon segmentation")
+    polygons = []
+    for ring in segmentation:
+        if (not isinstance(ring, list) or len(ring) < 6 or len(ring) % 2
+                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in ring)):
+            raise AnnotationError(f"{where}: a polygon must be a flat list of at least 3 finite "
+                                  "x, y pairs")
+        polygons.append(Polygon(np.reshape(ring, (-1, 2))))
+    geometry = shapely.make_valid(MultiPolygon(polygons) if len(polygons) > 1 else polygons[0])
+    parts = [g for g in getattr(geometry, "geoms", [geometry]) if isinstance(g, Polygon) and g.area > 0]
+    if not parts:
+        raise AnnotationError(f"{where} has a polygon of zero area")
+    return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def _rasterise_names(class_names: list[str]) -> list[str]:
+    """Class names for :func:`rasterise` with ``ignore`` at index 255, so ignore regions draw too."""
+    return list(class_names) + [""] * (IGNORE_INDEX - len(class_names)) + [IGNORE]
+
+
+class PolygonLabels:
+    """Labels from polygons (COCO or GeoJSON) of one slide, renamed to model classes."""
+
+    def __init__(self, annotations: list[Annotation], class_names: list[str], class_map: dict[str, str],
+                 unannotated: str, level0_mpp: float, source: str):
+        self.class_names = list(class_names)
+        self.level0_mpp = level0_mpp
+        renamed = []
+        for annotation in annotations:
+            name = class_map.get(annotation.class_name, annotation.class_name)
+            if name not in self.class_names and name != IGNORE:
+                raise AnnotationError(f"{source}: class {annotation.class_name!r} is not a model class; "
+                                      "map it in data.annotations.class_map")
+            renamed.append(Annotation(annotation.geometry, name))
+        self.annotations = renamed
+        self.unannotated = IGNORE_INDEX if unannotated == IGNORE else self.class_names.index(unannotated)
+        self._tree = shapely.STRtree([a.geometry for a in renamed]) if renamed else None
+
+    def labels(self, x: float, y: float, size_px: tuple[int, int], mpp: float) -> np.ndarray:
+        """(h, w) uint8 labels of the region with level-0 top-left (x, y), ``size_px`` at ``mpp``."""
+        width, height = size_px
+        scale = mpp / self.level0_mpp
+        patch = box(x, y, x + width * scale, y + height * scale)
+        hits = self._tree.query(patch) if self._tree is not None else []
+        shifted = [Annotation(translate(self.annotations[i].geometry, -x, -y), self.annotations[i].class_name)
+                   for i in sorted(hits)]
+        return rasterise(shifted, _rasterise_names(self.class_names), (height, width), mpp,
+                         self.level0_mpp, unlabelled=self.unannotated)
+
+    def objects(self, class_indices: list[int]) -> list[AnnotatedObject]:
+        """A point inside every annotation of the given classes."""
+        return [AnnotatedObject(self.class_names.index(a.class_name), *_inside_point(a.geometry))
+                for a in self.annotations
+                if a.class_name != IGNORE and self.class_names.index(a.class_name) in class_indices]
+
+
+def _inside_point(geometry) -> tuple[float, float]:
+    point = geometry.centroid if geometry.contains(geometry.centroid) else geometry.representative_point()
+    return point.x, point.y
+
+
+class LabelMapLabels:
+    """Labels from a label-map image (e.g. synthetic truth), renamed to model classes."""
+
+    def __init__(self, path: Path, class_names: list[str], class_map: dict[str, str], level0_mpp: float):
+        self.path = path
+        self.class_names = list(class_names)
+        self.class_map = class_map
+        self.level0_mpp = level0_mpp
+        self._map = None  # read on first use, in the process that uses it
+
+    def _label_map(self):
+        if self._map is None:
+            label_map = read_label_map(self.path)
+            lookup = np.full(256, IGNORE_INDEX, np.uint8)
+            for index, name in enumerate(label_map.class_names):
+                name = self.class_map.get(name, name)
+                if name not in self.class_names and name != IGNORE:
+                    raise AnnotationError(f"{self.path}: class {name!r} is not a model class; map it "
+                                          "in data.annotations.class_map")
+                if name != IGNORE:
+                    lookup[index] = self.class_names.index(name)
+            self._map = (lookup[label_map.labels], label_map.mpp)
+        return self._map
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_map": None}
+
+    def labels(self, x: float, y: float, size_px: tuple[int, int], mpp: float) -> np.ndarray:
+        """Nearest-neighbour labels of the region at ``mpp``; ignore outside the map."""
+        labels, map_mpp = self._label_map()
+        scale = mpp / self.level0_mpp  # level-0 px per output px
+        to_map = self.level0_mpp / map_mpp
+        width, height = size_px
+        cols = np.floor((x + (np.arange(width) + 0.5) * scale) * to_map).astype(np.int64)
+        rows = np.floor((y + (np.arange(height) + 0.5) * scale) * to_map).astype(np.int64)
+        inside = (rows[:, None] >= 0) & (rows[:, None] < labels.shape[0]) \
+            & (cols[None, :] >= 0) & (cols[None, :] < labels.shape[1])
+        out = labels[np.clip(rows, 0, labels.shape[0] - 1)[:, None],
+                     np.clip(cols, 0, labels.shape[1] - 1)[None, :]]
+        return np.where(inside, out, IGNORE_INDEX).astype(np.uint8)
+
+    def objects(self, class_indices: list[int]) -> list[AnnotatedObject]:
+        """A point (nearest the centroid) in every connected region of the given classes."""
+        labels, map_mpp = self._label_map()
+        to_level0 = map_mpp / self.level0_mpp
+        found = []
+        for index in class_indices:
+            for region in regionprops(label(labels == index, connectivity=1)):
+                coords = region.coords
+                nearest = coords[np.argmin(((coords - region.centroid) ** 2).sum(axis=1))]
+                found.append(AnnotatedObject(index, (nearest[1] + 0.5) * to_level0,
+                                             (nearest[0] + 0.5) * to_level0))
+        return found

@@ -1,0 +1,110 @@
+"""The annotated slides of a data config, and their split into training and validation by case."""
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from biopsy.errors import ConfigError
+from biopsy.geojson import read_annotations
+from biopsy.slide import Slide, open_slide
+from training.annotations import LabelMapLabels, PolygonLabels, read_coco
+from training.config import DataConfig, SplitConfig
+
+
+@dataclass
+class AnnotatedSlide:
+    """A slide, its labels source, case id and stain. Opens the slide lazily, once per process."""
+
+    path: Path
+    case: str
+    stain: str
+    mpp: float  # level-0 µm/px
+    dimensions: tuple[int, int]  # level-0 (width, height)
+    labels: PolygonLabels | LabelMapLabels
+    mpp_override: float | None = None
+    _slide: Slide | None = field(default=None, repr=False)
+
+    def slide(self) -> Slide:
+        if self._slide is None:
+            self._slide = open_slide(self.path, mpp=self.mpp_override)
+        return self._slide
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None}
+
+
+def find_slides(data: DataConfig, class_names: list[str], source: str, root: str | Path | None = None
+                ) -> list[AnnotatedSlide]:
+    """Every annotated slide that ``data`` describes (``root`` replaces ``data.root``)."""
+    root = Path(root if root is not None else data.root)
+    paths = sorted(p for p in root.glob(data.slides) if p.is_file())
+    if not paths:
+        raise ConfigError(f"{source}: no slides match data.slides {data.slides!r} under {root}")
+    coco = read_coco(root / data.annotations.path) if data.annotations.format == "coco" else None
+    found = []
+    for path in paths:
+        relative = path.relative_to(root).as_posix()
+        slide = open_slide(path, mpp=data.slide_mpp)
+        mpp, dimensions = slide.mpp[0], slide.dimensions
+        slide.close()
+        labels = _labels(data, root, path, relative, coco, class_names, mpp)
+        if labels is None:
+            continue
+        found.append(AnnotatedSlide(path, _match(data.case_pattern, relative, "data.case_pattern", source),
+                                    _stain(data.stain_pattern, relative), mpp, dimensions, labels,
+                                    data.slide_mpp))
+    if not found:
+        raise ConfigError(f"{source}: none of the {len(paths)} slides under {root} has annotations")
+    return found
+
+
+def _labels(data: DataConfig, root: Path, path: Path, relative: str, coco, class_names, mpp):
+    annotations = data.annotations
+    if annotations.format == "labelmap":
+        label_path = path.parent / annotations.path.format(stem=_stem(path))
+        if not label_path.is_file():
+            return None  # a slide without truth is not a negative
+        return LabelMapLabels(label_path, class_names, annotations.class_map, mpp)
+    if annotations.format == "coco":
+        polygons = coco.get(relative, coco.get(path.name))
+        annotation_path = root / annotations.path
+    else:
+        annotation_path = path.parent / annotations.path.format(stem=_stem(path))
+        polygons = read_annotations(annotation_path) if annotation_path.is_file() else None
+    if not polygons and data.require_annotations:
+        return None
+    return PolygonLabels(polygons or [], class_names, annotations.class_map, data.unannotated, mpp,
+                         f"{annotation_path} ({path.name})")
+
+
+def _stem(path: Path) -> str:
+    return path.name.split(".")[0]
+
+
+def _match(pattern: str, text: str, key: str, source: str) -> str:
+    match = re.search(pattern, text)
+    if match is None or not match.groups():
+        raise ConfigError(f"{source}: {key} {pattern!r} does not match {text!r} (or has no group)")
+    return match.group(1)
+
+
+def _stain(pattern: str | None, text: str) -> str:
+    match = re.search(pattern, text) if pattern else None
+    return match.group(1) if match and match.groups() else "all"
+
+
+def split_by_case(slides: list[AnnotatedSlide], split: SplitConfig
+                  ) -> tuple[list[AnnotatedSlide], list[AnnotatedSlide]]:
+    """(training, validation) slides; all slides of a case land on the same side."""
+    cases = sorted({s.case for s in slides})
+    if split.validation_cases is not None:
+        validation = set(split.validation_cases)
+    else:
+        count = min(len(cases) - 1, max(1, math.ceil(split.validation_fraction * len(cases))))
+        order = np.random.default_rng(split.seed).permutation(len(cases))
+        validation = {cases[i] for i in order[:count]}
+    return ([s for s in slides if s.case not in validation],
+            [s for s in slides if s.case in validation])

@@ -1,0 +1,258 @@
+"""Typed training configuration, loaded from YAML with every key checked.
+
+An unknown key, a missing required key or a value of the wrong type raises
+:class:`biopsy.errors.ConfigError` naming the file and the key. Relative data paths are resolved
+against the current directory (run from the repository root).
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from biopsy.errors import ConfigError
+from training.augment import build_augmentation
+
+IGNORE = "ignore"
+
+
+@dataclass
+class AnnotationConfig:
+    """Where a slide's annotations are and how their classes map to the model's.
+
+    ``path``: COCO, one file relative to ``data.root``; GeoJSON and label maps, a template relative to
+    the slide's folder where ``{stem}`` is the slide's file name without suffixes.
+    ``class_map``: annotation class (COCO category, QuPath classification, label-map class) → model
+    class name or ``ignore``; classes not listed keep their name (and must be model classes).
+    """
+
+    format: Literal["coco", "geojson", "labelmap"]
+    path: str
+    class_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SplitConfig:
+    """Train/validation split by case id, never by image."""
+
+    validation_fraction: float = 0.2
+    seed: int = 0
+    validation_cases: list[str] | None = None  # explicit list; overrides the fraction
+
+
+@dataclass
+class DataConfig:
+    root: str
+    slides: str  # glob relative to root
+    annotations: AnnotationConfig
+    case_pattern: str  # regex on the slide path relative to root; group 1 is the case id
+    stain_pattern: str | None = None  # regex; group 1 is the stain, else "all"
+    slide_mpp: float | None = None  # overrides the slides' own pixel size
+    unannotated: str = IGNORE  # class of pixels outside annotations (polygon formats)
+    require_annotations: bool = True  # skip slides with no annotation (they are not negatives)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class ModelConfig:
+    classes: list[str]
+    architecture: str = "unet"
+    arguments: dict = field(default_factory=lambda: {"encoder": "resnet18"})
+    encoder_weights: str | None = None  # local torchvision state dict; never downloaded
+    in_channels: int = 3
+    input_mpp: float = 1.0
+    patch_size_px: int = 256
+    normalisation_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    normalisation_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    class_colours: dict[str, list[int]] = field(default_factory=dict)  # default: biopsy.classes
+
+
+@dataclass
+class SamplingConfig:
+    object_fraction: float = 1 / 3  # patches centred on an object of a uniformly chosen class
+    object_jitter: float = 0.25  # of the patch size, so objects are not always dead centre
+    tissue_mpp: float = 8.0  # resolution of the masks random positions are drawn from
+    object_classes: list[str] | None = None  # default: all but background and data.unannotated
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: Literal["poly", "cosine"] = "poly"
+    warmup_steps: int = 0
+    grad_clip_norm: float | None = 1.0
+
+
+@dataclass
+class LossConfig:
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    class_weights: dict[str, float] = field(default_factory=dict)  # cross-entropy weights by name
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int = 8  # per process
+    workers: int = 2
+    ema_decay: float | None = None
+    compile: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    log_every: int = 10
+    validate_every: int = 500
+    save_every: int = 100  # resumable state (state.pt)
+    best_metric: str = "all/mean_dice"  # "<stain or all>/<metric>", higher is better
+
+    def bf16(self, device: str) -> bool:
+        """Whether to run under bfloat16 autocast on ``device`` ("cuda" or "cpu")."""
+        return self.precision == "bf16" or (self.precision == "auto" and device == "cuda")
+
+
+@dataclass
+class EvaluateConfig:
+    iou_threshold: float = 0.5
+    min_glomerulus_area_um2: float = 2000.0  # smaller predicted pieces are not glomeruli
+    global_sclerosis_fraction: float = 0.5  # sclerosis share that makes a glomerulus global
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic training set: ``python -m training synth CONFIG`` writes it into ``data.root``."""
+
+    slides: int
+    first_seed: int = 0
+    presets: list[str] = field(default_factory=lambda: ["active-ln", "remission"])  # cycled
+    profile: dict = field(default_factory=dict)  # lesion-profile values over the preset's
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    output_dir: str
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augment: list[dict] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    synth: SynthConfig | None = None
+    source: str = field(default="<memory>", compare=False)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        del data["source"]
+        return data
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a YAML training config."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+    config = config_from_dict(data, str(path))
+    config.source = str(path)
+    return config
+
+
+def config_from_dict(data, source: str) -> Config:
+    """Check ``data`` (parsed YAML) against :class:`Config`; ``source`` names it in errors."""
+    config = _convert(data, Config, "", source)
+    _check(config, source)
+    return config
+
+
+def _convert(value, kind, key: str, source: str):
+    """``value`` checked and converted to the annotated type ``kind``; ``key`` locates it."""
+    where = key or "top level"
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(kind)
+        fields = {f.name: f for f in dataclasses.fields(kind) if f.name != "source"}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key '{_join(key, unknown[0])}' "
+                              f"(known: {', '.join(sorted(fields))})")
+        missing = [n for n, f in fields.items() if n not in value
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{source}: missing required key '{_join(key, missing[0])}'")
+        return kind(**{n: _convert(v, hints[n], _join(key, n), source) for n, v in value.items()})
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        return _convert(value, next(o for o in options if o is not type(None)), key, source)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise ConfigError(f"{source}: {where} must be one of {list(typing.get_args(kind))}, "
+                              f"got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {value!r}")
+        key_kind, value_kind = typing.get_args(kind)
+        return {_convert(k, key_kind, key, source): _convert(v, value_kind, _join(key, str(k)), source)
+                for k, v in value.items()}
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is dict and isinstance(value, dict) or kind in (int, str, bool) and type(value) is kind:
+        return value
+    raise ConfigError(f"{source}: {where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _check(config: Config, source: str) -> None:
+    """Checks that span several keys."""
+    model = config.model
+    if len(set(model.classes)) != len(model.classes) or len(model.classes) < 2:
+        raise ConfigError(f"{source}: model.classes must hold at least two distinct names")
+    targets = set(config.data.annotations.class_map.values()) | {config.data.unannotated}
+    unknown = sorted(targets - set(model.classes) - {IGNORE})
+    if unknown:
+        raise ConfigError(f"{source}: class '{unknown[0]}' (data.annotations.class_map or "
+                          f"data.unannotated) is not in model.classes {model.classes}")
+    for name in ("normalisation_mean", "normalisation_std"):
+        if len(getattr(model, name)) != model.in_channels:
+            raise ConfigError(f"{source}: model.{name} needs {model.in_channels} values "
+                              "(one per input channel)")
+    if not 0 <= config.sampling.object_fraction <= 1:
+        raise ConfigError(f"{source}: sampling.object_fraction must lie in [0, 1]")
+    if not 0 < config.data.split.validation_fraction < 1 and config.data.split.validation_cases is None:
+        raise ConfigError(f"{source}: data.split.validation_fraction must lie in (0, 1)")
+    if config.train.steps < 1 or config.train.batch_size < 1:
+        raise ConfigError(f"{source}: train.steps and train.batch_size must be positive")
+    unknown = sorted(set(config.sampling.object_classes or []) - set(model.classes))
+    if unknown:
+        raise ConfigError(f"{source}: sampling.object_classes names '{unknown[0]}', not in model.classes")
+    unknown = sorted(set(config.loss.class_weights) - set(model.classes))
+    if unknown:
+        raise ConfigError(f"{source}: loss.class_weights names '{unknown[0]}', not in model.classes")
+    build_augmentation(config.augment, source)

@@ -1,0 +1,201 @@
+"""Validation: whole-image prediction, per-class Dice and glomerulus detection F1, per stain.
+
+Metrics are sums of counts (intersections, true/false positives) over images, so they add across
+images, stains and DDP ranks: Dice is pooled over pixels, not averaged over images.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from skimage.measure import label
+
+from biopsy.classes import GLOMERULAR_CLASSES
+from biopsy.geojson import IGNORE_INDEX
+from biopsy.model import ModelInfo, load_checkpoint
+from training.cases import AnnotatedSlide, find_slides, split_by_case
+from training.config import Config, EvaluateConfig
+
+
+@torch.inference_mode()
+def predict_image(model: torch.nn.Module, info: ModelInfo, image: np.ndarray, device: torch.device,
+                  batch_size: int = 8, bf16: bool = False, background: int = 255) -> np.ndarray:
+    """Class map (H, W) uint8 of an image (H, W, C) uint8 at the model's mpp.
+
+    An image smaller than a patch is padded with ``background`` (255: glass in brightfield).
+    Overlapping tiles (step half a patch); each pixel takes the argmax of the tile whose centre is
+    nearest, so it is never predicted from a tile border.
+    """
+    patch = info.patch_size_px
+    height, width = image.shape[:2]
+    padded = np.full((max(height, patch), max(width, patch), image.shape[2]), background, np.uint8)
+    padded[:height, :width] = image
+    rows, cols = _tiles(padded.shape[0], patch), _tiles(padded.shape[1], patch)
+    result = np.zeros(padded.shape[:2], np.uint8)
+    tiles = [(r, c) for r in rows for c in cols]
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+    for first in range(0, len(tiles), batch_size):
+        chunk = tiles[first:first + batch_size]
+        batch = torch.from_numpy(np.stack([padded[r[0]:r[0] + patch, c[0]:c[0] + patch] for r, c in chunk]))
+        with autocast:
+            classes = model(info.normalise(batch.to(device))).argmax(dim=1).to(torch.uint8).cpu().numpy()
+        for (row, col), tile in zip(chunk, classes):
+            (start_r, keep_r0, keep_r1), (start_c, keep_c0, keep_c1) = row, col
+            result[keep_r0:keep_r1, keep_c0:keep_c1] = tile[keep_r0 - start_r:keep_r1 - start_r,
+                                                            keep_c0 - start_c:keep_c1 - start_c]
+    return result[:height, :width]
+
+
+def _tiles(length: int, patch: int) -> list[tuple[int, int, int]]:
+    """(start, keep_from, keep_to) of tiles covering ``length`` with step ``patch // 2``."""
+    starts = list(range(0, length - patch, patch // 2)) + [length - patch]
+    centres = [s + patch / 2 for s in starts]
+    bounds = [0] + [int((a + b) // 2) for a, b in zip(centres, centres[1:])] + [length]
+    return [(s, bounds[i], bounds[i + 1]) for i, s in enumerate(starts)]
+
+
+def count_metrics(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str], mpp: float,
+                  settings: EvaluateConfig) -> np.ndarray:
+    """Counts (3 * classes + 9) for :func:`metrics_from_counts` of one image.
+
+    Per class [intersection, predicted, truth] pixels, the same for the glomerular union, then
+    [TP, FP, FN] of glomerulus detection and of globally sclerotic glomeruli. ``truth`` may hold
+    IGNORE_INDEX (those pixels count nowhere).
+    """
+    valid = truth != IGNORE_INDEX
+    counts = []
+    for index in range(len(class_names)):
+        t, p = (truth == index) & valid, (prediction == index) & valid
+        counts += [(t & p).sum(), p.sum(), t.sum()]
+    glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
+    t, p = np.isin(truth, glomerular), np.isin(prediction, glomerular) & valid
+    counts += [(t & p).sum(), p.sum(), t.sum()]
+    counts += _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, settings)
+    return np.array(counts, np.int64)
+
+
+def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, settings) -> list[int]:
+    """[TP, FP, FN] for glomeruli, then for globally sclerotic glomeruli (IoU >= threshold)."""
+    min_area_px = settings.min_glomerulus_area_um2 / mpp**2
+    sclerosis = list(class_names).index("sclerosis") if "sclerosis" in class_names else None
+    truth_objects = _instances(np.isin(truth, glomerular), min_area_px)
+    predicted = _instances(np.isin(prediction, glomerular), min_area_px, inside=valid)
+    truth_sclerotic = _sclerotic(truth_objects, truth, sclerosis, settings.global_sclerosis_fraction)
+    predicted_sclerotic = _sclerotic(predicted, prediction, sclerosis, settings.global_sclerosis_fraction)
+    matches = _match(truth_objects, predicted, settings.iou_threshold)
+    n_truth, n_predicted = truth_objects.max(), predicted.max()
+    hits = len(matches)
+    sclerotic_hits = sum(1 for t, p in matches if t in truth_sclerotic and p in predicted_sclerotic)
+    return [hits, n_predicted - hits, n_truth - hits,
+            sclerotic_hits, len(predicted_sclerotic) - sclerotic_hits, len(truth_sclerotic) - sclerotic_hits]
+
+
+def _instances(mask: np.ndarray, min_area_px: float, inside: np.ndarray | None = None) -> np.ndarray:
+    """Instance labels 1..n of the connected regions of ``mask`` at least ``min_area_px`` large
+    (and, given ``inside``, mostly within it)."""
+    instances = label(mask, connectivity=2)
+    areas = np.bincount(instances.ravel())
+    keep = areas >= min_area_px
+    if inside is not None:
+        keep &= np.bincount(instances.ravel(), weights=inside.ravel(), minlength=len(areas)) > areas / 2
+    keep[0] = False
+    renumber = np.zeros(len(areas), np.int64)
+    renumber[keep] = np.arange(1, keep.sum() + 1)
+    return renumber[instances]
+
+
+def _sclerotic(instances: np.ndarray, labels: np.ndarray, sclerosis: int | None, fraction: float) -> set[int]:
+    if sclerosis is None or instances.max() == 0:
+        return set()
+    areas = np.bincount(instances.ravel())
+    sclerotic = np.bincount(instances.ravel(), weights=(labels == sclerosis).ravel(), minlength=len(areas))
+    return {i for i in range(1, len(areas)) if sclerotic[i] >= fraction * areas[i]}
+
+
+def _match(truth: np.ndarray, predicted: np.ndarray, iou_threshold: float) -> list[tuple[int, int]]:
+    """Greedy one-to-one matching of instances by IoU, best first."""
+    both = (truth > 0) & (predicted > 0)
+    pairs, overlap = np.unique(np.stack([truth[both], predicted[both]]), axis=1, return_counts=True)
+    truth_areas, predicted_areas = np.bincount(truth.ravel()), np.bincount(predicted.ravel())
+    iou = overlap / (truth_areas[pairs[0]] + predicted_areas[pairs[1]] - overlap)
+    matches, used_truth, used_predicted = [], set(), set()
+    for k in np.argsort(-iou, kind="stable"):
+        t, p = int(pairs[0, k]), int(pairs[1, k])
+        if iou[k] >= iou_threshold and t not in used_truth and p not in used_predicted:
+            matches.append((t, p))
+            used_truth.add(t)
+            used_predicted.add(p)
+    return matches
+
+
+def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[str, float | None]:
+    """Dice per class (None where a class is in neither truth nor prediction), mean Dice over classes
+    present in the truth, glomerulus Dice, detection precision/recall/F1 and global-sclerosis F1."""
+    n = len(class_names)
+    per_class = counts[:3 * n].reshape(n, 3)
+    metrics: dict[str, float | None] = {}
+    for name, (i, p, t) in zip(class_names, per_class):
+        metrics[f"dice_{name}"] = _ratio(2 * i, p + t)
+    present = [2 * i / (p + t) for i, p, t in per_class if t > 0]
+    metrics["mean_dice"] = float(np.mean(present)) if present else None
+    i, p, t = counts[3 * n:3 * n + 3]
+    metrics["glomerulus_dice"] = _ratio(2 * i, p + t)
+    for prefix, (tp, fp, fn) in (("glomerulus", counts[3 * n + 3:3 * n + 6]),
+                                 ("global_sclerosis", counts[3 * n + 6:3 * n + 9])):
+        metrics[f"{prefix}_precision"] = _ratio(tp, tp + fp)
+        metrics[f"{prefix}_recall"] = _ratio(tp, tp + fn)
+        metrics[f"{prefix}_f1"] = _ratio(2 * tp, 2 * tp + fp + fn)
+        metrics[f"{prefix}_count"] = int(tp + fn)
+    return metrics
+
+
+def _ratio(numerator, denominator) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
+def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
+                    settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
+                    bf16: bool = False) -> dict[str, dict[str, float | None]]:
+    """Metrics per stain and over all (key ``all``) of whole slides read at the model's mpp.
+
+    Under torch.distributed each rank predicts its share of the slides and counts are summed.
+    """
+    stains = sorted({s.stain for s in slides})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    counts = np.zeros((len(stains), 3 * len(info.class_names) + 9), np.int64)
+    was_training = model.training
+    model.eval()
+    for slide in slides[rank::world]:
+        size = (round(slide.dimensions[0] * slide.mpp / info.input_mpp),
+                round(slide.dimensions[1] * slide.mpp / info.input_mpp))
+        image = slide.slide().read(0, 0, size, info.input_mpp)
+        truth = slide.labels.labels(0, 0, size, info.input_mpp)
+        prediction = predict_image(model, info, image, device, batch_size, bf16,
+                                   slide.slide().background_value)
+        counts[stains.index(slide.stain)] += count_metrics(truth, prediction, info.class_names,
+                                                           info.input_mpp, settings)
+    model.train(was_training)
+    if world > 1:
+        total = torch.from_numpy(counts).to(device)
+        dist.all_reduce(total)
+        counts = total.cpu().numpy()
+    results = {"all": metrics_from_counts(counts.sum(axis=0), info.class_names)}
+    if len(stains) > 1:
+        results.update({s: metrics_from_counts(counts[k], info.class_names) for k, s in enumerate(stains)})
+    return results
+
+
+def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None
+                        ) -> dict[str, dict[str, float | None]]:
+    """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_checkpoint(checkpoint, device)
+    model = model.to(memory_format=torch.channels_last)
+    slides = find_slides(config.data, info.class_names, config.source, root=data_root)
+    if data_root is None:
+        slides = split_by_case(slides, config.data.split)[1]
+    bf16 = config.train.bf16(device.type)
+    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16)

@@ -1,0 +1,248 @@
+"""The training loop: one process, or DDP under ``torchrun`` (gloo on CPU, NCCL on CUDA).
+
+Rank 0 writes everything into ``output_dir``: ``config.yaml`` (resolved), ``log.csv`` (loss per
+logged step), ``validation.csv``, ``state.pt`` (resumable: model, EMA, optimiser, scheduler, step,
+RNG; loads with ``weights_only=True``), ``last.safetensors`` and ``best.safetensors`` (inference
+checkpoints, see :mod:`biopsy.model`).
+"""
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from biopsy.atomic import atomic_path, write_text_atomic
+from biopsy.classes import CLASS_COLOURS
+from biopsy.errors import CheckpointError
+from biopsy.model import ModelInfo, build_model, save_checkpoint
+from training.augment import build_augmentation
+from training.cases import find_slides, split_by_case
+from training.config import Config
+from training.dataset import PatchDataset, default_object_classes
+from training.evaluate import evaluate_slides
+from training.losses import DiceCrossEntropyLoss
+
+
+def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dict | None:
+    """Train as ``config`` says; returns the last validation metrics (rank 0) or None.
+
+    ``resume`` continues from ``output_dir/state.pt``; ``stop_at`` ends after that step (a run cut
+    to fit a time slot, resumable later) without changing the schedule.
+    """
+    rank, world, device = _init_distributed()
+    output = Path(config.output_dir)
+    torch.manual_seed(config.seed)
+    slides = find_slides(config.data, config.model.classes, config.source)
+    training_slides, validation_slides = split_by_case(slides, config.data.split)
+    info = model_info(config)
+    model = build_model(info.architecture, len(info.class_names), info.in_channels,
+                        encoder_weights=config.model.encoder_weights, **info.arguments)
+    model = model.to(device, memory_format=torch.channels_last)  # inputs are channels_last too
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+           if config.train.ema_decay else None)
+    optimiser = _optimiser(config, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(config))
+    start, best = 0, -math.inf
+    if resume:
+        start, best = _load_state(output / "state.pt", model, ema, optimiser, scheduler, device)
+    network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    if config.train.compile:
+        network = torch.compile(network)
+    last_step = min(config.train.steps, stop_at or config.train.steps)
+    loader = _loader(config, training_slides, rank, device, start, last_step)
+    loss_function = DiceCrossEntropyLoss(
+        config.loss.dice_weight, config.loss.ce_weight,
+        torch.tensor([config.loss.class_weights.get(c, 1.0) for c in info.class_names], device=device)
+        if config.loss.class_weights else None).to(device)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    log = _CsvLog(output / "log.csv", start) if rank == 0 else None
+    progress = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fit", unit="step")
+    bf16 = config.train.bf16(device.type)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+    metrics, timer = None, time.perf_counter()
+    for step, (images, labels) in enumerate(loader, start=start + 1):
+        inputs = info.normalise(images.to(device, non_blocking=True))
+        target = labels.to(device, non_blocking=True).long()
+        with autocast:
+            loss = loss_function(network(inputs), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
+        optimiser.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        progress.update()
+        if step % config.train.log_every == 0 or step == last_step:
+            mean_loss = _mean_over_ranks(loss.detach(), world)
+            elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+            if log is not None:
+                log.write(step, mean_loss, scheduler.get_last_lr()[0],
+                          config.train.batch_size * world * config.train.log_every / elapsed)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+        final = step == last_step
+        if step % config.train.validate_every == 0 or step == config.train.steps:
+            evaluated = ema.module if ema is not None else model
+            metrics = evaluate_slides(evaluated, info, validation_slides, config.evaluate, device,
+                                      config.train.batch_size, bf16)
+            if rank == 0:
+                best = _save_checkpoints(output, evaluated, info, metrics, step, config, best,
+                                         validation_slides)
+        if rank == 0 and (step % config.train.save_every == 0 or final):
+            _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best)
+    progress.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics if rank == 0 else None
+
+
+def model_info(config: Config) -> ModelInfo:
+    """The checkpoint metadata a model trained with ``config`` carries (before validation)."""
+    model = config.model
+    colours = {name: list(model.class_colours.get(name, CLASS_COLOURS.get(name, (128, 128, 128))))
+               for name in model.classes}
+    return ModelInfo(architecture=model.architecture, arguments=dict(model.arguments),
+                     class_names=list(model.classes), class_colours=colours,
+                     input_mpp=model.input_mpp, patch_size_px=model.patch_size_px,
+                     in_channels=model.in_channels,
+                     normalisation={"mean": list(model.normalisation_mean),
+                                    "std": list(model.normalisation_std)},
+                     training_config=config.to_dict())
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; one process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def _optimiser(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    optim = config.optim
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def _schedule(config: Config):
+    """Learning-rate factor per step: linear warm-up, then poly (power 0.9) or cosine decay."""
+    steps, warmup, kind = config.train.steps, config.optim.warmup_steps, config.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return (1 - progress) ** 0.9 if kind == "poly" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _loader(config: Config, slides, rank: int, device: torch.device, start: int, stop: int):
+    """Batches ``start + 1 .. stop`` of this rank's patch stream."""
+    batch = config.train.batch_size
+    dataset = PatchDataset(
+        slides, config.model, config.sampling,
+        config.sampling.object_classes or default_object_classes(config.model.classes, config.data.unannotated),
+        build_augmentation(config.augment, config.source), config.seed, rank, config.train.steps * batch)
+    workers = config.train.workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=range(start * batch, stop * batch), num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers else None)
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _save_checkpoints(output: Path, model, info: ModelInfo, metrics: dict, step: int, config: Config,
+                      best: float, validation_slides) -> float:
+    """Write last.safetensors (and best.safetensors when the best metric improved), validation.csv."""
+    stain, name = config.train.best_metric.split("/", 1)
+    value = metrics.get(stain, {}).get(name)
+    info.validation_metrics = {"step": step, "metrics": metrics, "best_metric": config.train.best_metric,
+                               "validation_cases": sorted({s.case for s in validation_slides})}
+    save_checkpoint(output / "last.safetensors", model, info)
+    if value is not None and value > best:
+        best = value
+        save_checkpoint(output / "best.safetensors", model, info)
+    path = output / "validation.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        names = list(metrics["all"])
+        if new:
+            writer.writerow(["step", "stain", *names])
+        for group, values in metrics.items():
+            writer.writerow([step, group, *("" if values[n] is None else
+                                            f"{values[n]:.4f}" if isinstance(values[n], float) else values[n]
+                                            for n in names)])
+    return best
+
+
+def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: float) -> None:
+    state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "best": best,
+             "rng_cpu": torch.get_rng_state()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+
+
+def _load_state(path: Path, model, ema, optimiser, scheduler, device) -> tuple[int, float]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no training state to resume from; run without --resume")
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+    return int(state["step"]), float(state["best"])
+
+
+class _CsvLog:
+    """log.csv: step, loss, lr, images/s; on resume rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, start: int):
+        rows = []
+        if start and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f)][1:]
+            rows = [r for r in rows if int(r[0]) <= start]
+        self.path = path
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([["step", "loss", "lr", "images_per_s"], *rows])
+
+    def write(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([step, repr(loss), f"{lr:.6g}", f"{images_per_s:.1f}"])
