@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 
-from biopsy.resources import CONFIG_DIR
+from biopsy.resources import CONFIG_DIR, read_yaml_mapping
 from biopsy.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -114,9 +113,9 @@ def load_score_config(path: str | Path | None = None) -> ScoreConfig:
     ConfigError
         ``path`` is missing or malformed, names an unknown setting, or holds an invalid value.
     """
-    settings = _read_yaml(DEFAULT_CONFIG_PATH)
+    settings = read_yaml_mapping(DEFAULT_CONFIG_PATH, "scoring config")
     if path is not None:
-        settings = _merge(settings, _read_yaml(Path(path)), Path(path), "")
+        settings = _merge(settings, read_yaml_mapping(Path(path), "scoring config"), Path(path), "")
     return score_config_from_dict(settings, path or DEFAULT_CONFIG_PATH)
 
 
@@ -148,17 +147,6 @@ def score_config_from_dict(settings: dict, where: str | Path = "scoring config")
         raise ConfigError(f"{where}: cortex.tile_um and glomeruli.split_min_depth_um must be > 0")
     return config
 
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: scoring config not found; give an existing YAML file") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error}); fix its syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a scoring config is a YAML mapping; see {DEFAULT_CONFIG_PATH}")
-    return data
 
 
 def _merge(base: dict, override: dict, path: Path, prefix: str) -> dict:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 
 from biopsy.errors import ConfigError
+from biopsy.resources import read_yaml_mapping
 from training.augment import build_augmentation
 
 IGNORE = "ignore"
@@ -156,13 +156,7 @@ class Config:
 def load_config(path: str | Path) -> Config:
     """Read and check a YAML training config."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
-    config = config_from_dict(data, str(path))
+    config = config_from_dict(read_yaml_mapping(path, "training config"), str(path))
     config.source = str(path)
     return config
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
 
 from biopsy.errors import ConfigError
-from biopsy.resources import CONFIG_DIR
+from biopsy.resources import CONFIG_DIR, read_yaml_mapping
 
 PRESET_DIR = CONFIG_DIR / "synth"
 STAINS = ("pas", "he", "trichrome")
@@ -100,9 +99,9 @@ def load_profile(path: str | Path | None = None, preset: str | None = None,
         preset_path = PRESET_DIR / f"{preset}.yaml"
         if not preset_path.is_file():
             raise ConfigError(f"no synthetic preset {preset!r}; choose one of {', '.join(preset_names())}")
-        values |= _read_yaml(preset_path)
+        values |= read_yaml_mapping(preset_path, "lesion profile")
     if path is not None:
-        values |= _read_yaml(Path(path))
+        values |= read_yaml_mapping(Path(path), "lesion profile")
     values |= {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in fields(LesionProfile)}
     unknown = sorted(set(values) - known)
@@ -113,15 +112,3 @@ def load_profile(path: str | Path | None = None, preset: str | None = None,
         return LesionProfile(**values)
     except TypeError as error:
         raise ConfigError(f"{path or preset}: {error}") from None
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: profile file not found") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a profile must be a YAML mapping of keys to values")
-    return values
