@@ -25,6 +25,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/segment.py --quick --parts --rss-check
+	$(BIN)/python benchmarks/scoring.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
