@@ -107,6 +107,16 @@ def polygons_from_mask(
     return polygons
 
 
+def read_json_annotations(path: Path, what: str, fix: str) -> object:
+    """The parsed JSON of an annotation file; :class:`AnnotationError` naming ``path`` and ``fix``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise AnnotationError(f"{path}: cannot read {what} ({error.strerror})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AnnotationError(f"{path}: not valid JSON ({error}); {fix}") from error
+
+
 def read_annotations(path: str | Path) -> list[Annotation]:
     """Annotations of a QuPath GeoJSON file (FeatureCollection or bare list of features).
 
@@ -116,12 +126,7 @@ def read_annotations(path: str | Path) -> list[Annotation]:
     classification.
     """
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise AnnotationError(f"{path}: cannot read annotation file ({error.strerror})") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AnnotationError(f"{path}: not valid JSON ({error}); export GeoJSON from QuPath") from error
+    document = read_json_annotations(path, "annotation file", "export GeoJSON from QuPath")
     if isinstance(document, dict) and document.get("type") == "FeatureCollection":
         features = document.get("features")
     elif isinstance(document, dict) and document.get("type") == "Feature":

@@ -6,7 +6,6 @@ model's through the config's class map; pixels no annotation covers take the ``u
 or :data:`IGNORE_INDEX`.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from skimage.measure import label, regionprops
 
 from biopsy.errors import AnnotationError
-from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise
+from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise, read_json_annotations
 from biopsy.labelmap import read_label_map
 from training.config import IGNORE
 
@@ -39,12 +38,7 @@ def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
     problem.
     """
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise AnnotationError(f"{path}: cannot read COCO file ({error.strerror})") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AnnotationError(f"{path}: not valid JSON ({error})") from error
+    document = read_json_annotations(path, "COCO file", "export COCO instance JSON")
     if not isinstance(document, dict) or not all(
         isinstance(document.get(k), list) for k in ("images", "annotations", "categories")
     ):
