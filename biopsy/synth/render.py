@@ -254,7 +254,8 @@ def render_labels(layout: Layout, scale: float, col: int, row: int, width: int,
     tubules = [layout.tubules[i] for i in layout.select("tubules", top, bottom)]
     canvas.fill([t.outer for t in tubules if not t.atrophic], [LABEL["tubule"]])
     canvas.fill([t.outer for t in tubules if t.atrophic], [LABEL["atrophic_tubule"]])
-    canvas.fill([layout.arteries[i].outer for i in layout.select("arteries", top, bottom)], [LABEL["artery"]])
+    # The artery is its visible wall and lumen; the adventitia, drawn almost like interstitium, is tissue.
+    canvas.fill([layout.arteries[i].media for i in layout.select("arteries", top, bottom)], [LABEL["artery"]])
     both = Canvas([labels, instances], x0, y0, scale, exact=True)
     for i in layout.select("glomeruli", top, bottom):
         g = layout.glomeruli[i]
