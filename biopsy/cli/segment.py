@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
                         help="also write probabilities.ome.tif (one channel per class)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                         help="bfloat16 autocast (default: on CUDA only; on CPUs with native bf16 "
-                             "--bf16 is ~1.5x faster, a few border pixels may change)")
+                             "--bf16 is ~2x faster, a few border pixels may change)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.set_defaults(func=run)
 
