@@ -16,7 +16,7 @@ from PIL import Image
 from shapely.geometry import box
 from skimage.draw import disk
 
-from biopsy.errors import AnnotationError, ConfigError
+from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint
@@ -280,6 +280,29 @@ def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
 
 
+def test_fine_tuning_starts_from_the_checkpoint_and_refuses_another_architecture(dataset_root, tmp_path):
+    fit(config_from_dict(config_dict(dataset_root, tmp_path / "base", steps=2), "test"))
+    base = tmp_path / "base" / "last.safetensors"
+    data = config_dict(dataset_root, tmp_path / "tuned", steps=2)
+    data["model"]["init_checkpoint"] = str(base)
+    data["optim"]["lr"] = 0.0  # weights stay where they started
+    fit(config_from_dict(data, "test"))
+    start, _ = load_checkpoint(base)
+    tuned, _ = load_checkpoint(tmp_path / "tuned" / "last.safetensors")
+    convolutions = [k for k, v in start.state_dict().items() if v.ndim == 4]
+    assert convolutions and all(torch.equal(start.state_dict()[k], tuned.state_dict()[k]) for k in convolutions)
+    data["model"]["classes"] = ["tissue", "tuft"]  # another head: the rest is taken over
+    data["data"]["annotations"]["class_map"] = {"gn": "tuft", "gs": "tuft"}
+    data["output_dir"] = str(tmp_path / "two-classes")
+    fit(config_from_dict(data, "test"))
+    two, _ = load_checkpoint(tmp_path / "two-classes" / "last.safetensors")
+    body = [k for k in convolutions if not k.startswith("head.")]
+    assert all(torch.equal(start.state_dict()[k], two.state_dict()[k]) for k in body)
+    data["model"]["arguments"] = {"encoder": "resnet34", "decoder_channels": [32, 16, 16, 8, 8]}
+    with pytest.raises(CheckpointError, match="init_checkpoint"):
+        fit(config_from_dict(data, "test"))
+
+
 def test_two_process_ddp_on_cpu(dataset_root, tmp_path):
     data = config_dict(dataset_root, tmp_path / "ddp", steps=3, validate_every=3)
     path = tmp_path / "ddp.yaml"
@@ -333,8 +356,8 @@ def test_synthetic_training_set_trains_end_to_end(tmp_path):
     from training.synthetic import generate_training_set
 
     data = yaml.safe_load((REPO / "configs" / "train" / "synthetic-pas.yaml").read_text())
-    data["synth"].update(slides=2, profile={"stain": "pas", "core_length_mm": 0.5, "core_width_mm": 0.4,
-                                           "glomeruli": 1})
+    data["synth"].update(slides=2, stains=["pas", "he"],
+                         profile={"core_length_mm": 0.5, "core_width_mm": 0.4, "glomeruli": 1})
     data["data"].update(root=str(tmp_path / "synth"), split={"validation_cases": ["synth-101"]})
     data["model"].update(patch_size_px=64, arguments=config_dict(tmp_path, tmp_path)["model"]["arguments"])
     data["train"].update(steps=2, batch_size=2, workers=0, validate_every=2)
@@ -342,6 +365,7 @@ def test_synthetic_training_set_trains_end_to_end(tmp_path):
     config = config_from_dict(data, "test")
     folders = generate_training_set(config)
     assert [f.name for f in folders] == ["synth-100", "synth-101"]
+    assert [yaml.safe_load((f / "profile.yaml").read_text())["stain"] for f in folders] == ["pas", "he"]
     slides = find_slides(config.data, config.model.classes, config.source)
     size = (slides[0].dimensions[0] // 8, slides[0].dimensions[1] // 8)  # whole slide at 4 µm/px
     image = slides[0].slide().read(0, 0, size, 4.0)

@@ -63,6 +63,7 @@ class ModelConfig:
     architecture: str = "unet"
     arguments: dict = field(default_factory=lambda: {"encoder": "resnet18"})
     encoder_weights: str | None = None  # local torchvision state dict; never downloaded
+    init_checkpoint: str | None = None  # biopsy checkpoint (same architecture and classes) to fine-tune
     in_channels: int = 3
     input_mpp: float = 1.0
     patch_size_px: int = 256
@@ -129,6 +130,7 @@ class SynthConfig:
     slides: int
     first_seed: int = 0
     presets: list[str] = field(default_factory=lambda: ["active-ln", "remission"])  # cycled
+    stains: list[str] = field(default_factory=lambda: ["pas"])  # cycled, independently of presets
     profile: dict = field(default_factory=dict)  # lesion-profile values over the preset's
 
 

@@ -1,9 +1,10 @@
 """The training loop: one process, or DDP under ``torchrun`` (gloo on CPU, NCCL on CUDA).
 
-Rank 0 writes everything into ``output_dir``: ``config.yaml`` (resolved), ``log.csv`` (loss per
-logged step), ``validation.csv``, ``state.pt`` (resumable: model, EMA, optimiser, scheduler, step,
-RNG; loads with ``weights_only=True``), ``last.safetensors`` and ``best.safetensors`` (inference
-checkpoints, see :mod:`biopsy.model`).
+Rank 0 writes everything into ``output_dir``: ``config.yaml`` (resolved), ``log.csv`` (per logged
+step: loss, learning rate, images/s and the seconds rank 0 spent blocked waiting for the data loader
+since the previous row), ``validation.csv``, ``state.pt`` (resumable: model, EMA, optimiser,
+scheduler, step, RNG; loads with ``weights_only=True``), ``last.safetensors`` and
+``best.safetensors`` (inference checkpoints, see :mod:`biopsy.model`).
 """
 
 import csv
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.classes import CLASS_COLOURS
 from biopsy.errors import CheckpointError
-from biopsy.model import ModelInfo, build_model, save_checkpoint
+from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
 from training.augment import build_augmentation
 from training.cases import find_slides, split_by_case
 from training.config import Config
@@ -45,6 +46,10 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
     info = model_info(config)
     model = build_model(info.architecture, len(info.class_names), info.in_channels,
                         encoder_weights=config.model.encoder_weights, **info.arguments)
+    if config.model.init_checkpoint and not resume:
+        message = _load_initial_weights(model, info, Path(config.model.init_checkpoint))
+        if rank == 0:
+            print(message)
     model = model.to(device, memory_format=torch.channels_last)  # inputs are channels_last too
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
            if config.train.ema_decay else None)
@@ -70,8 +75,12 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
     progress = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fit", unit="step")
     bf16 = config.train.bf16(device.type)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-    metrics, timer = None, time.perf_counter()
-    for step, (images, labels) in enumerate(loader, start=start + 1):
+    batches = iter(loader)
+    metrics, timer, logged_step, data_wait_s = None, time.perf_counter(), start, 0.0
+    for step in range(start + 1, last_step + 1):
+        waiting = time.perf_counter()
+        images, labels = next(batches)
+        data_wait_s += time.perf_counter() - waiting
         inputs = info.normalise(images.to(device, non_blocking=True))
         target = labels.to(device, non_blocking=True).long()
         with autocast:
@@ -90,7 +99,8 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
             elapsed, timer = time.perf_counter() - timer, time.perf_counter()
             if log is not None:
                 log.write(step, mean_loss, scheduler.get_last_lr()[0],
-                          config.train.batch_size * world * config.train.log_every / elapsed)
+                          config.train.batch_size * world * (step - logged_step) / elapsed, data_wait_s)
+            logged_step, data_wait_s = step, 0.0
             progress.set_postfix(loss=f"{mean_loss:.4f}")
         final = step == last_step
         if step % config.train.validate_every == 0 or step == config.train.steps:
@@ -121,6 +131,21 @@ def model_info(config: Config) -> ModelInfo:
                      normalisation={"mean": list(model.normalisation_mean),
                                     "std": list(model.normalisation_std)},
                      training_config=config.to_dict())
+
+
+def _load_initial_weights(model: torch.nn.Module, info: ModelInfo, path: Path) -> str:
+    """Start from the weights of checkpoint ``path`` (fine-tuning); says how many were taken. It
+    must have the same architecture and arguments; a head for other classes (or a stem for other
+    channels) keeps its fresh initialisation."""
+    start, start_info = load_checkpoint(path)
+    if (start_info.architecture, start_info.arguments) != (info.architecture, info.arguments):
+        raise CheckpointError(f"{path}: model.init_checkpoint is a {start_info.architecture} "
+                              f"{start_info.arguments}, the config asks for {info.architecture} "
+                              f"{info.arguments}; fine-tuning needs the same architecture")
+    own = model.state_dict()
+    fitting = {k: v.to(own[k].dtype) for k, v in start.state_dict().items() if v.shape == own[k].shape}
+    model.load_state_dict(fitting, strict=False)
+    return f"fine-tuning from {path}: {len(fitting)} of {len(own)} tensors taken over"
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
@@ -231,18 +256,22 @@ def _load_state(path: Path, model, ema, optimiser, scheduler, device) -> tuple[i
 
 
 class _CsvLog:
-    """log.csv: step, loss, lr, images/s; on resume rows after the resumed step are dropped."""
+    """log.csv: step, loss, lr, images/s, data wait (s); on resume rows after the resumed step are
+    dropped (rows of an older log without a column get it empty)."""
+
+    HEADER = ["step", "loss", "lr", "images_per_s", "data_wait_s"]
 
     def __init__(self, path: Path, start: int):
         rows = []
         if start and path.exists():
             with open(path, newline="") as f:
                 rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if int(r[0]) <= start]
+            rows = [r + [""] * (len(self.HEADER) - len(r)) for r in rows if int(r[0]) <= start]
         self.path = path
         with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([["step", "loss", "lr", "images_per_s"], *rows])
+            csv.writer(f).writerows([self.HEADER, *rows])
 
-    def write(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
+    def write(self, step: int, loss: float, lr: float, images_per_s: float, data_wait_s: float) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([step, repr(loss), f"{lr:.6g}", f"{images_per_s:.1f}"])
+            csv.writer(f).writerow([step, repr(loss), f"{lr:.6g}", f"{images_per_s:.2f}",
+                                    f"{data_wait_s:.4f}"])

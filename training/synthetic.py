@@ -1,7 +1,7 @@
 """The synthetic training set: ``python -m training synth CONFIG`` writes it into ``data.root``.
 
-Slide ``i`` is ``biopsy synth`` with preset ``presets[i % len(presets)]``, seed ``first_seed + i``
-and the config's profile overrides, in folder ``synth-<seed>`` (its case id). Folders already
+Slide ``i`` is ``biopsy synth`` with preset ``presets[i % len(presets)]``, stain
+``stains[i % len(stains)]``, seed ``first_seed + i`` and the config's profile overrides, in folder ``synth-<seed>`` (its case id). Folders already
 complete (``truth.json`` present) are kept, so an interrupted run resumes.
 """
 
@@ -29,7 +29,9 @@ def generate_training_set(config: Config, root: str | Path | None = None, first_
         folder = root / f"synth-{first_seed + i}"
         if not (folder / "truth.json").is_file():
             preset = config.synth.presets[i % len(config.synth.presets)]
-            profile = load_profile(None, preset, seed=first_seed + i, **config.synth.profile)
+            stain = config.synth.stains[i % len(config.synth.stains)]
+            profile = load_profile(None, preset, seed=first_seed + i,
+                                   **{"stain": stain, **config.synth.profile})
             generate_slide(profile, folder)
         folders.append(folder)
     return folders
