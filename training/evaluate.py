@@ -84,7 +84,7 @@ def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, se
     predicted = _instances(np.isin(prediction, glomerular), min_area_px, inside=valid)
     truth_sclerotic = _sclerotic(truth_objects, truth, sclerosis, settings.global_sclerosis_fraction)
     predicted_sclerotic = _sclerotic(predicted, prediction, sclerosis, settings.global_sclerosis_fraction)
-    matches = _match(truth_objects, predicted, settings.iou_threshold)
+    matches = match_instances(truth_objects, predicted, settings.iou_threshold)
     n_truth, n_predicted = truth_objects.max(), predicted.max()
     hits = len(matches)
     sclerotic_hits = sum(1 for t, p in matches if t in truth_sclerotic and p in predicted_sclerotic)
@@ -114,7 +114,7 @@ def _sclerotic(instances: np.ndarray, labels: np.ndarray, sclerosis: int | None,
     return {i for i in range(1, len(areas)) if sclerotic[i] >= fraction * areas[i]}
 
 
-def _match(truth: np.ndarray, predicted: np.ndarray, iou_threshold: float) -> list[tuple[int, int]]:
+def match_instances(truth: np.ndarray, predicted: np.ndarray, iou_threshold: float) -> list[tuple[int, int]]:
     """Greedy one-to-one matching of instances by IoU, best first."""
     both = (truth > 0) & (predicted > 0)
     pairs, overlap = np.unique(np.stack([truth[both], predicted[both]]), axis=1, return_counts=True)

@@ -1,0 +1,106 @@
+"""Glomerulus counts and global-sclerosis calls through the scorer, on real photomicrographs.
+
+Each validation image of ``configs/train/real-glomeruli.yaml`` (cases never trained on; COCO
+outlines of every glomerulus, ``gs`` = globally sclerotic) goes through the production path:
+:func:`biopsy.infer.segment_slide` (Gaussian-blended tiles) and
+:func:`biopsy.scorefolder.score_class_map` (watershed-split instances, lesion calls from
+``configs/score/nih-2018.yaml``). Predicted glomeruli are matched one-to-one to the outlines by
+IoU >= 0.5; the table gives, per stain and over all, detection precision / recall / F1, the
+global-sclerosis F1 (a hit is a matched pair where both are globally sclerotic) and the mean
+absolute error of the glomerulus count per image.
+
+    python -m training fit configs/train/real-glomeruli.yaml         # a GPU: ~10 min
+    python benchmarks/real_glomeruli.py --checkpoint runs/real-glomeruli/best.safetensors
+
+The data's licence is unstated: the weights trained on it stay out of the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from biopsy.classes import GLOMERULAR_CLASSES  # noqa: E402
+from biopsy.infer import segment_slide  # noqa: E402
+from biopsy.model import load_checkpoint  # noqa: E402
+from biopsy.scorefolder import score_class_map  # noqa: E402
+from biopsy.scoring import load_score_config  # noqa: E402
+from training.cases import find_slides, split_by_case  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.evaluate import match_instances  # noqa: E402
+from skimage.measure import label  # noqa: E402
+
+
+def image_counts(annotated, model, info, score_config, device: str, iou_threshold: float) -> np.ndarray:
+    """[TP, FP, FN, GS TP, GS FP, GS FN, |count error|] of one annotated image."""
+    slide = annotated.slide()
+    class_map = segment_slide(slide, model, info, device=device, workers=0)
+    scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, score_config,
+                             level0_mpp=slide.mpp[0])
+    height, width = class_map.labels.shape
+    truth = annotated.labels.labels(0, 0, (width, height), class_map.mpp)
+    glomerular = [i for i, name in enumerate(info.class_names) if name in GLOMERULAR_CLASSES]
+    truth_instances = label(np.isin(truth, glomerular), connectivity=2)
+    sclerosis = info.class_names.index("sclerosis")
+    truth_sclerotic = {i for i in range(1, truth_instances.max() + 1)
+                       if (truth[truth_instances == i] == sclerosis).mean() >= 0.5}
+    predicted_sclerotic = {g.glomerulus_id for g in scored.glomeruli if "global_sclerosis" in g.lesions}
+    matches = match_instances(truth_instances, scored.instances, iou_threshold)
+    hits = len(matches)
+    sclerotic_hits = sum(1 for t, p in matches if t in truth_sclerotic and p in predicted_sclerotic)
+    n_truth, n_predicted = int(truth_instances.max()), len(scored.glomeruli)
+    return np.array([hits, n_predicted - hits, n_truth - hits,
+                     sclerotic_hits, len(predicted_sclerotic) - sclerotic_hits,
+                     len(truth_sclerotic) - sclerotic_hits, abs(n_predicted - n_truth)])
+
+
+def f1(tp: int, fp: int, fn: int) -> float | None:
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+
+
+def print_table(counts: dict[str, np.ndarray], images: dict[str, int]) -> None:
+    print("| stain | images | glomeruli | precision | recall | detection F1 | global sclerosis (truth) "
+          "| GS F1 | count error / image |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for stain in sorted(counts, key=lambda s: (s == "all", s)):
+        tp, fp, fn, gtp, gfp, gfn, count_error = counts[stain]
+        precision = tp / (tp + fp) if tp + fp else float("nan")
+        recall = tp / (tp + fn) if tp + fn else float("nan")
+        gs = f1(gtp, gfp, gfn)
+        print(f"| {stain} | {images[stain]} | {tp + fn} | {precision:.3f} | {recall:.3f} | "
+              f"{f1(tp, fp, fn) or 0:.3f} | {gtp + gfn} | {'n/a' if gs is None else f'{gs:.3f}'} | "
+              f"{count_error / images[stain]:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a model with tuft and sclerosis classes")
+    parser.add_argument("--config", default=str(REPO / "configs/train/real-glomeruli.yaml"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    model, info = load_checkpoint(args.checkpoint, args.device)
+    slides = split_by_case(find_slides(config.data, info.class_names, config.source), config.data.split)[1]
+    score_config = load_score_config()
+    counts, images = defaultdict(lambda: np.zeros(7, int)), defaultdict(int)
+    for annotated in slides:
+        result = image_counts(annotated, model, info, score_config, args.device,
+                              config.evaluate.iou_threshold)
+        for key in (annotated.stain, "all"):
+            counts[key] += result
+            images[key] += 1
+    print(f"{args.checkpoint}: {len(slides)} validation images of "
+          f"{len({s.case for s in slides})} cases, {info.input_mpp} µm/px, scoring config nih-2018\n")
+    print_table(counts, images)
+
+
+if __name__ == "__main__":
+    main()
