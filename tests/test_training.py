@@ -358,13 +358,13 @@ def test_synthetic_training_set_trains_end_to_end(tmp_path):
     data = yaml.safe_load((REPO / "configs" / "train" / "synthetic-pas.yaml").read_text())
     data["synth"].update(slides=2, stains=["pas", "he"],
                          profile={"core_length_mm": 0.5, "core_width_mm": 0.4, "glomeruli": 1})
-    data["data"].update(root=str(tmp_path / "synth"), split={"validation_cases": ["synth-101"]})
+    data["data"].update(root=str(tmp_path / "synth"), split={"validation_cases": ["synth-101-he"]})
     data["model"].update(patch_size_px=64, arguments=config_dict(tmp_path, tmp_path)["model"]["arguments"])
     data["train"].update(steps=2, batch_size=2, workers=0, validate_every=2)
     data["output_dir"] = str(tmp_path / "run")
     config = config_from_dict(data, "test")
     folders = generate_training_set(config)
-    assert [f.name for f in folders] == ["synth-100", "synth-101"]
+    assert [f.name for f in folders] == ["synth-100-pas", "synth-101-he"]
     assert [yaml.safe_load((f / "profile.yaml").read_text())["stain"] for f in folders] == ["pas", "he"]
     slides = find_slides(config.data, config.model.classes, config.source)
     size = (slides[0].dimensions[0] // 8, slides[0].dimensions[1] // 8)  # whole slide at 4 µm/px
