@@ -273,5 +273,5 @@ class _CsvLog:
 
     def write(self, step: int, loss: float, lr: float, images_per_s: float, data_wait_s: float) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([step, repr(loss), f"{lr:.6g}", f"{images_per_s:.2f}",
+            csv.writer(f).writerow([step, repr(loss), f"{lr:.6g}", f"{images_per_s:.6g}",
                                     f"{data_wait_s:.4f}"])
