@@ -2,7 +2,8 @@
 
 One synthetic slide (``biopsy synth``: biopsy cores on glass, JPEG Aperio SVS at 0.5 µm/px, with
 its truth label map) and one checkpoint (a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px,
-random features with the last layer fitted to the truth, unless ``--model`` is given) go through:
+random features with the last layer fitted to the truth, unless ``--model`` is given) go through
+(inputs: ``segment_inputs.py``; the methods: ``segment_runners.py``):
 
 1. ``ours``: :func:`biopsy.infer.segment_slide` (tissue tiles only, worker processes, Gaussian
    blending, band-streamed stitching; bf16 on CUDA); ``ours-bf16`` with bf16 autocast on CPU too;
@@ -17,11 +18,16 @@ random features with the last layer fitted to the truth, unless ``--model`` is g
 Each runs in its own process; the table gives wall time (including tissue detection and slide
 loading, excluding interpreter start), tiles/s, peak memory (PSS summed over the process and its
 workers, so forked workers' shared pages count once), agreement with ours and accuracy against
-the truth on tissue pixels, and time relative to ours. ``--parts`` times our stages alone (tile
-reading, model on pre-decoded tiles, stitching); ``--rss-check`` runs ours on a 4x longer core.
+the truth on tissue pixels, and time relative to ours. ``--parts`` times our stages alone (tissue
+detection, tile reading, host-to-device transfer, model on pre-decoded tiles, stitching);
+``--rss-check`` runs ours on a 4x longer core. ``--large-px N`` times ours end to end (slide in,
+pyramidal ``labels.ome.tif`` out, streamed) on an N x N px slide at 0.5 µm/px tiled with copies of
+the ``--quick`` core slide (~35% of the area tissue), built once per size in the work dir (60,000
+px: ~1 GB, ~1-2 min), and where its time goes.
 
     python benchmarks/segment.py --quick --parts --rss-check          # 2-core CPU, ~10 minutes
-    python benchmarks/segment.py --device cuda --parts --rss-check    # GPU machine
+    python benchmarks/segment.py --quick --methods ours --large-px 4000   # CPU, ~3-10 minutes
+    python benchmarks/segment.py --device cuda --parts --rss-check --large-px 60000  # GPU machine
 
 TIAToolbox 2.1 pins torch < 2.13 and older numpy, tifffile and openslide, so it lives in its own
 environment layered over the project's (nothing of ours is downgraded)::
@@ -50,275 +56,13 @@ from pathlib import Path
 
 import numpy as np
 
+from segment_inputs import SLIDE_MPP, make_checkpoint, make_large_slide, make_slide
+from segment_runners import RUNNERS
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SLIDE_MPP = 0.5
-MODEL_MPP = 1.0
-PATCH_PX = 256
 METHODS = ("ours", "ours-bf16", "tiatoolbox", "monai", "naive")
-
-
-# --- inputs --------------------------------------------------------------------------------------
-
-def make_slide(folder: Path, cores: int, core_length_mm: float, core_width_mm: float) -> Path:
-    """A ``biopsy synth`` slide (slide.svs at 0.5 µm/px; truth labels.ome.tif at 1 µm/px)."""
-    from biopsy.cli import main as biopsy
-
-    if not (folder / "truth.json").exists():
-        glomeruli = max(1, round(4 * cores * core_length_mm * core_width_mm))  # 4 per mm²
-        arguments = ["synth", "--out", str(folder), "--seed", "0", "--cores", str(cores),
-                     "--core-length-mm", str(core_length_mm), "--core-width-mm", str(core_width_mm),
-                     "--glomeruli", str(glomeruli)]
-        if biopsy(arguments):
-            raise SystemExit(f"biopsy {' '.join(arguments)} failed")
-    return folder / "slide.svs"
-
-
-def make_checkpoint(path: Path, slide_path: Path, steps: int = 150) -> Path:
-    """A ResNet18 U-Net that predicts the slide's classes roughly, made in a minute on a CPU:
-    random weights, batch-norm statistics measured on 16 tiles of the slide, then only the last
-    layer fitted to the truth (``steps`` Adam steps on the frozen features). Its maps look like a
-    trained model's: structured, confident in places, uncertain along borders."""
-    import torch
-
-    from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
-    from biopsy.labelmap import read_label_map
-    from biopsy.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, build_model, save_checkpoint
-    from biopsy.slide import open_slide
-
-    if path.exists():
-        return path
-    torch.manual_seed(0)
-    arguments = {"encoder": "resnet18"}
-    model = build_model("unet", len(CLASS_NAMES), 3, **arguments)
-    info = ModelInfo("unet", arguments, list(CLASS_NAMES),
-                     {n: list(c) for n, c in CLASS_COLOURS.items()}, MODEL_MPP, PATCH_PX, 3,
-                     {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-                     training_config={"benchmark": "random features, last layer fitted"})
-    slide, truth = open_slide(slide_path), read_label_map(slide_path.parent / "labels.ome.tif")
-    assert truth.mpp == MODEL_MPP and truth.class_names == CLASS_NAMES
-    rng = np.random.default_rng(0)
-    height, width = truth.labels.shape
-    corners = list(zip(rng.integers(0, width - PATCH_PX, 16),
-                       rng.integers(0, height - PATCH_PX, 16)))
-    scale = MODEL_MPP / SLIDE_MPP
-    tiles = np.stack([slide.read(int(col * scale), int(row * scale), (PATCH_PX, PATCH_PX),
-                                 MODEL_MPP) for col, row in corners])
-    targets = np.stack([truth.labels[row : row + PATCH_PX, col : col + PATCH_PX]
-                        for col, row in corners])
-    features = []
-    model.head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a plain average over the calibration batch
-    with torch.no_grad():
-        model.train()(info.normalise(torch.from_numpy(tiles)))
-        model.eval()(info.normalise(torch.from_numpy(tiles)))
-    optimiser = torch.optim.Adam(model.head.parameters(), lr=0.05)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model.head(features[-1]),
-                                                 torch.from_numpy(targets).long())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    print(f"benchmark model: last layer fitted to the truth, loss {loss.item():.3f}", flush=True)
-    save_checkpoint(path, model, info)
-    return path
-
-
-# --- the methods, each run in a child process ----------------------------------------------------
-
-def run_ours(slide_path, checkpoint, args, bf16: bool | None = None) -> dict:
-    from biopsy.infer import segment_slide
-    from biopsy.model import load_checkpoint
-    from biopsy.slide import open_slide
-
-    model, info = load_checkpoint(checkpoint, args.device)
-    started = time.perf_counter()
-    class_map = segment_slide(open_slide(slide_path), model, info, batch_size=args.batch_size,
-                              workers=args.workers, device=args.device, bf16=bf16)
-    return {"seconds": time.perf_counter() - started, "tiles": class_map.tile_count,
-            "labels": class_map.labels}
-
-
-def run_parts(slide_path, checkpoint, args) -> dict:
-    """Where our time goes: tile reading alone, the model alone on pre-decoded tiles already on
-    the device, and stitching alone, each over the tiles of the full run."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from biopsy.model import load_checkpoint
-    from biopsy.slide import open_slide
-    from biopsy.stitch import BandStitcher
-    from biopsy.tiling import TileDataset, grid_shape_px, make_grid
-    from biopsy.tissue import detect_tissue
-
-    model, info = load_checkpoint(checkpoint, args.device)
-    slide = open_slide(slide_path)
-    started = time.perf_counter()
-    tissue = detect_tissue(slide)
-    tissue_seconds = time.perf_counter() - started
-    shape_px = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
-    grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, 0.5, tissue, slide.mpp)
-    loader = DataLoader(TileDataset(slide, grid), batch_size=args.batch_size,
-                        num_workers=args.workers)
-    started = time.perf_counter()
-    sample = None
-    for batch in loader:
-        sample = batch if sample is None else sample
-    read_seconds = time.perf_counter() - started
-    device = torch.device(args.device)
-    model = model.to(memory_format=torch.channels_last)
-    tiles = sample.to(device)  # one real batch, run as often as the full run has batches
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    batches = -(-len(grid) // args.batch_size)
-    with torch.inference_mode(), autocast:
-        model(info.normalise(tiles))
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(batches):
-            probabilities = model(info.normalise(tiles)).float().softmax(1)
-        _sync(device)
-    model_seconds = time.perf_counter() - started
-    stitcher = BandStitcher(len(info.class_names), shape_px, info.input_mpp, shape_px,
-                            info.input_mpp,
-                            info.patch_size_px, 0, device=device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for first in range(0, len(grid), args.batch_size):
-            origins = grid.origins_px[first : first + args.batch_size]
-            stitcher.add(probabilities[: len(origins)], origins)
-        stitcher.finish()
-        _sync(device)
-    stitch_seconds = time.perf_counter() - started
-    return {"tiles": len(grid), "tissue detection": tissue_seconds, "tile reading": read_seconds,
-            "model (pre-decoded tiles on device)": model_seconds, "stitching": stitch_seconds}
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def run_tiatoolbox(slide_path, checkpoint, args) -> dict:
-    import torch
-    import zarr
-    from tiatoolbox.models.engine.io_config import IOSegmentorConfig
-    from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
-    from tiatoolbox.models.models_abc import ModelABC
-
-    from biopsy.model import load_checkpoint
-
-    class TiaModel(ModelABC):
-        """Our network as a TIAToolbox model, written the way its own UNetModel is."""
-
-        def __init__(self, net, info):
-            super().__init__()
-            self.net = net
-            self.register_buffer("mean", torch.tensor(info.normalisation["mean"]) * 255)
-            self.register_buffer("std", torch.tensor(info.normalisation["std"]) * 255)
-
-        def forward(self, images):
-            return self.net(images)
-
-        @staticmethod
-        def infer_batch(model, batch_data, *, device):
-            model.eval()
-            module = getattr(model, "module", model)
-            images = batch_data.to(device).float()
-            with torch.inference_mode():
-                images = ((images - module.mean) / module.std).permute(0, 3, 1, 2)
-                return model(images).softmax(1).permute(0, 2, 3, 1).cpu().numpy()
-
-        @staticmethod
-        def postproc(image):
-            return image.argmax(axis=-1)
-
-    net, info = load_checkpoint(checkpoint)
-    resolution = {"units": "mpp", "resolution": info.input_mpp}
-    patch = info.patch_size_px
-    ioconfig = IOSegmentorConfig(
-        input_resolutions=[resolution], output_resolutions=[resolution],
-        patch_input_shape=(patch, patch), patch_output_shape=(patch, patch),
-        stride_shape=(patch // 2, patch // 2), save_resolution=resolution)
-    save_dir = Path(tempfile.mkdtemp(prefix="tia-", dir=args.work_dir))
-    started = time.perf_counter()
-    segmentor = SemanticSegmentor(model=TiaModel(net, info), batch_size=args.batch_size,
-                                  num_workers=args.workers, device=args.device, verbose=False)
-    outputs = segmentor.run([str(slide_path)], patch_mode=False, ioconfig=ioconfig,
-                            save_dir=save_dir, overwrite=True, output_type="zarr",
-                            device=args.device, auto_get_mask=True)
-    seconds = time.perf_counter() - started
-    store = zarr.open(str(next(iter(outputs.values()))), mode="r")
-    return {"seconds": seconds, "tiles": store["coordinates"].shape[0],
-            "labels": np.asarray(store["predictions"]).astype(np.uint8)}
-
-
-def run_monai(slide_path, checkpoint, args) -> dict:
-    import torch
-    from monai.inferers import SlidingWindowInferer
-
-    from biopsy.model import load_checkpoint
-    from biopsy.slide import open_slide
-    from biopsy.tiling import grid_shape_px, make_grid
-
-    model, info = load_checkpoint(checkpoint, args.device)
-    started = time.perf_counter()
-    slide = open_slide(slide_path)
-    height, width = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
-    image = torch.from_numpy(slide.read(0, 0, (width, height), info.input_mpp))[None]
-    patch = info.patch_size_px
-    inferer = SlidingWindowInferer((patch, patch), sw_batch_size=args.batch_size,
-                                   overlap=0.5, mode="gaussian", sigma_scale=0.125,
-                                   sw_device=args.device, device=args.device)
-    with torch.inference_mode():
-        probabilities = inferer(info.normalise(image).contiguous(),
-                                lambda x: model(x).softmax(1))
-        labels = probabilities[0].argmax(0).to(torch.uint8).cpu().numpy()
-    tiles = len(make_grid((height, width), info.input_mpp, info.patch_size_px, 0.5))
-    return {"seconds": time.perf_counter() - started, "tiles": tiles, "labels": labels}
-
-
-def run_naive(slide_path, checkpoint, args) -> dict:
-    import openslide
-    import torch
-    from PIL import Image
-
-    from biopsy.model import load_checkpoint
-    from biopsy.stitch import gaussian_weight
-    from biopsy.tiling import grid_shape_px, make_grid
-
-    model, info = load_checkpoint(checkpoint, args.device)
-    patch = info.patch_size_px
-    started = time.perf_counter()
-    slide = openslide.OpenSlide(str(slide_path))
-    slide_mpp = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
-    downsample = info.input_mpp / slide_mpp
-    level = slide.get_best_level_for_downsample(downsample + 1e-6)
-    read_px = round(patch * downsample / slide.level_downsamples[level])
-    shape_px = grid_shape_px(slide.dimensions, (slide_mpp, slide_mpp), info.input_mpp)
-    grid = make_grid(shape_px, info.input_mpp, patch, 0.5)
-    sums = np.zeros((len(info.class_names),) + shape_px, np.float32)  # argmax needs no weight sum
-    weight = gaussian_weight(patch).numpy()
-    mean = torch.tensor(info.normalisation["mean"], device=args.device)[:, None, None]
-    std = torch.tensor(info.normalisation["std"], device=args.device)[:, None, None]
-    for row, col in grid.origins_px:
-        region = slide.read_region((round(col * downsample), round(row * downsample)), level,
-                                   (read_px, read_px)).convert("RGB")
-        tile = np.asarray(region.resize((patch, patch), Image.BOX))
-        image = torch.from_numpy(tile).to(args.device).permute(2, 0, 1).float() / 255
-        with torch.no_grad():
-            probabilities = model(((image - mean) / std)[None].contiguous())[0].softmax(0)
-        sums[:, row : row + patch, col : col + patch] += probabilities.cpu().numpy() * weight
-    labels = sums.argmax(0).astype(np.uint8)
-    return {"seconds": time.perf_counter() - started, "tiles": len(grid), "labels": labels}
-
-
-RUNNERS = {"ours": run_ours, "ours-bf16": lambda *a: run_ours(*a, bf16=True), "parts": run_parts,
-           "tiatoolbox": run_tiatoolbox, "monai": run_monai, "naive": run_naive}
 
 
 def child(args) -> None:
@@ -455,6 +199,8 @@ def main() -> None:
                   f"{results['ours']['seconds'] / model_seconds:.2f}x")
     if args.rss_check:
         rss_check(args, checkpoint, results.get("ours"))
+    if args.large_px:
+        large_check(args, checkpoint)
 
 
 def print_table(results: dict, labels: dict, slide: Path, mpp: float, patch_px: int) -> None:
@@ -526,6 +272,35 @@ def rss_check(args, checkpoint: Path, small: dict | None) -> None:
           f"{100 * growth:+.1f}% ({'within' if growth < 0.2 else 'OVER'} the 20% bound)")
 
 
+def large_check(args, checkpoint: Path) -> None:
+    """Ours end to end on an ``args.large_px`` square slide made of copies of the quick core slide
+    (the map streamed to a pyramidal label map), then each of its stages alone."""
+    source = make_slide(args.work_dir / "synth-1.5mm", 1, 1.5, 0.8)
+    folder = args.work_dir / f"large-{args.large_px}px"
+    slide = make_large_slide(folder / "slide.svs", args.large_px, source)
+    ours = run_child("large", sys.executable, slide, checkpoint, args, folder / "labels.ome.tif")
+    parts = run_child("parts", sys.executable, slide, checkpoint, args, folder / "none.npy")
+    size = f"{args.large_px:,} x {args.large_px:,} px"
+    if "error" in ours:
+        print(f"\n{size}: ours failed: {ours['error']}")
+        return
+    print(f"\n{size} at {SLIDE_MPP} µm/px (copies of {source.parent.name}): "
+          f"{ours['tissue fraction']:.0%} of the area tissue, {ours['tiles']} of "
+          f"{ours['grid tiles']} tiles ({ours['tiles'] / ours['grid tiles']:.0%})")
+    print(f"ours end to end (slide in, labels.ome.tif out): {ours['seconds']:.1f} s "
+          f"({ours['seconds'] / 60:.1f} min), {ours['tiles'] / ours['seconds']:.1f} tiles/s, "
+          f"peak {ours['peak_mib']:.0f} MiB")
+    if "error" in parts:
+        print(f"where its time goes: failed: {parts['error']}")
+        return
+    stages = {key: value for key, value in parts.items() if key not in ("tiles", "peak_mib")}
+    largest = max(stages, key=stages.get)
+    print(f"where its time goes (s, each stage alone): {_rounded(stages)}; largest: {largest} "
+          f"({stages[largest] / ours['seconds']:.0%} of end to end)")
+    print(f"ours end to end / model alone on pre-decoded tiles: "
+          f"{ours['seconds'] / stages['model (pre-decoded tiles on device)']:.2f}x")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -543,6 +318,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parts", action="store_true", help="also time our parts separately")
     parser.add_argument("--rss-check", action="store_true",
                         help="also run ours on a 4x longer core")
+    parser.add_argument("--large-px", type=int, metavar="N",
+                        help="also time ours on an N x N px slide (e.g. 60000; 8000 on a CPU)")
     parser.add_argument("--work-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "biopsy-bench")
     parser.add_argument("--child", choices=sorted(RUNNERS), help=argparse.SUPPRESS)

@@ -1,0 +1,251 @@
+"""The methods of the segmentation benchmark, each run in a fresh process by ``segment.py``.
+
+Every runner takes ``(slide_path, checkpoint, args)`` and returns a dict: ``seconds`` (wall time
+from slide opening or tissue detection to the class map, excluding interpreter start and model
+loading), ``tiles`` and, where the method gives a map in memory, ``labels`` at the model's mpp.
+
+- ``ours``: :func:`biopsy.infer.segment_slide` (``ours-bf16``: bf16 autocast on CPU too);
+- ``large``: ours streamed band by band into a pyramidal ``labels.ome.tif`` (the bounded-memory
+  path for slides whose class map should not sit in memory);
+- ``parts``: where our time goes, each stage alone over the tiles of the full run;
+- ``tiatoolbox``: ``SemanticSegmentor.run(patch_mode=False)`` with its automatic tissue mask;
+- ``monai``: ``SlidingWindowInferer(mode="gaussian", sigma_scale=0.125)`` over the slide read
+  whole at the model's mpp;
+- ``naive``: every tile read with OpenSlide ``read_region`` and box-resized, batch 1, fp32, NCHW,
+  Gaussian blended into a whole-slide float array.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_ours(slide_path, checkpoint, args, bf16: bool | None = None) -> dict:
+    from biopsy.infer import segment_slide
+    from biopsy.model import load_checkpoint
+    from biopsy.slide import open_slide
+
+    model, info = load_checkpoint(checkpoint, args.device)
+    started = time.perf_counter()
+    class_map = segment_slide(open_slide(slide_path), model, info, batch_size=args.batch_size,
+                              workers=args.workers, device=args.device, bf16=bf16)
+    return {"seconds": time.perf_counter() - started, "tiles": class_map.tile_count,
+            "labels": class_map.labels}
+
+
+def run_large(slide_path, checkpoint, args) -> dict:
+    """Ours from slide to ``args.labels_out`` (a pyramidal OME-TIFF label map), the class map
+    streamed in bands, never held whole; also the grid's tile count without the tissue mask and
+    the tissue's share of the slide area."""
+    from biopsy.infer import output_shape_px, segment_slide_bands
+    from biopsy.labelmap import write_label_map
+    from biopsy.model import load_checkpoint
+    from biopsy.slide import open_slide
+    from biopsy.tiling import make_grid
+    from biopsy.tissue import detect_tissue
+
+    model, info = load_checkpoint(checkpoint, args.device)
+    started = time.perf_counter()
+    slide = open_slide(slide_path)
+    tissue = detect_tissue(slide)
+    grid, bands = segment_slide_bands(slide, model, info, batch_size=args.batch_size,
+                                      workers=args.workers, device=args.device, tissue=tissue)
+    write_label_map(args.labels_out, (band.labels for band in bands), info.input_mpp,
+                    info.class_names, info.class_colours,
+                    shape_px=output_shape_px(slide, info.input_mpp))
+    seconds = time.perf_counter() - started
+    all_tiles = len(make_grid(grid.shape_px, grid.mpp, grid.patch_px, 0.5))
+    return {"seconds": seconds, "tiles": len(grid), "grid tiles": all_tiles,
+            "tissue fraction": tissue.fraction}
+
+
+def run_parts(slide_path, checkpoint, args) -> dict:
+    """Where our time goes, each stage alone over the tiles of the full run: tissue detection;
+    tile reading (decoding, in the DataLoader workers, pinned on CUDA); the host-to-device copy
+    of the uint8 batches; the model on normalised tiles already on the device; stitching. One
+    real batch stands in for every batch after reading."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from biopsy.model import load_checkpoint
+    from biopsy.slide import open_slide
+    from biopsy.stitch import BandStitcher
+    from biopsy.tiling import TileDataset, grid_shape_px, make_grid
+    from biopsy.tissue import detect_tissue
+
+    model, info = load_checkpoint(checkpoint, args.device)
+    device = torch.device(args.device)
+    slide = open_slide(slide_path)
+    started = time.perf_counter()
+    tissue = detect_tissue(slide)
+    tissue_seconds = time.perf_counter() - started
+    shape_px = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
+    grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, 0.5, tissue, slide.mpp)
+    loader = DataLoader(TileDataset(slide, grid), batch_size=args.batch_size,
+                        num_workers=args.workers, pin_memory=device.type == "cuda")
+    started = time.perf_counter()
+    sample = None
+    for batch in loader:
+        sample = batch if sample is None else sample
+    read_seconds = time.perf_counter() - started
+    batches = -(-len(grid) // args.batch_size)
+    started = time.perf_counter()
+    for _ in range(batches):
+        tiles = sample.to(device, non_blocking=True)
+    _sync(device)
+    transfer_seconds = time.perf_counter() - started
+    model = model.to(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        inputs = info.normalise(tiles)
+        model(inputs)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            probabilities = model(inputs).float().softmax(1)
+        _sync(device)
+    model_seconds = time.perf_counter() - started
+    stitcher = BandStitcher(len(info.class_names), shape_px, info.input_mpp, shape_px,
+                            info.input_mpp,
+                            info.patch_size_px, 0, device=device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(grid), args.batch_size):
+            origins = grid.origins_px[first : first + args.batch_size]
+            stitcher.add(probabilities[: len(origins)], origins)
+        stitcher.finish()
+        _sync(device)
+    stitch_seconds = time.perf_counter() - started
+    return {"tiles": len(grid), "tissue detection": tissue_seconds, "tile reading": read_seconds,
+            "transfer": transfer_seconds, "model (pre-decoded tiles on device)": model_seconds,
+            "stitching": stitch_seconds}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_tiatoolbox(slide_path, checkpoint, args) -> dict:
+    import torch
+    import zarr
+    from tiatoolbox.models.engine.io_config import IOSegmentorConfig
+    from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
+    from tiatoolbox.models.models_abc import ModelABC
+
+    from biopsy.model import load_checkpoint
+
+    class TiaModel(ModelABC):
+        """Our network as a TIAToolbox model, written the way its own UNetModel is."""
+
+        def __init__(self, net, info):
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(info.normalisation["mean"]) * 255)
+            self.register_buffer("std", torch.tensor(info.normalisation["std"]) * 255)
+
+        def forward(self, images):
+            return self.net(images)
+
+        @staticmethod
+        def infer_batch(model, batch_data, *, device):
+            model.eval()
+            module = getattr(model, "module", model)
+            images = batch_data.to(device).float()
+            with torch.inference_mode():
+                images = ((images - module.mean) / module.std).permute(0, 3, 1, 2)
+                return model(images).softmax(1).permute(0, 2, 3, 1).cpu().numpy()
+
+        @staticmethod
+        def postproc(image):
+            return image.argmax(axis=-1)
+
+    net, info = load_checkpoint(checkpoint)
+    resolution = {"units": "mpp", "resolution": info.input_mpp}
+    patch = info.patch_size_px
+    ioconfig = IOSegmentorConfig(
+        input_resolutions=[resolution], output_resolutions=[resolution],
+        patch_input_shape=(patch, patch), patch_output_shape=(patch, patch),
+        stride_shape=(patch // 2, patch // 2), save_resolution=resolution)
+    save_dir = Path(tempfile.mkdtemp(prefix="tia-", dir=args.work_dir))
+    started = time.perf_counter()
+    segmentor = SemanticSegmentor(model=TiaModel(net, info), batch_size=args.batch_size,
+                                  num_workers=args.workers, device=args.device, verbose=False)
+    outputs = segmentor.run([str(slide_path)], patch_mode=False, ioconfig=ioconfig,
+                            save_dir=save_dir, overwrite=True, output_type="zarr",
+                            device=args.device, auto_get_mask=True)
+    seconds = time.perf_counter() - started
+    store = zarr.open(str(next(iter(outputs.values()))), mode="r")
+    return {"seconds": seconds, "tiles": store["coordinates"].shape[0],
+            "labels": np.asarray(store["predictions"]).astype(np.uint8)}
+
+
+def run_monai(slide_path, checkpoint, args) -> dict:
+    import torch
+    from monai.inferers import SlidingWindowInferer
+
+    from biopsy.model import load_checkpoint
+    from biopsy.slide import open_slide
+    from biopsy.tiling import grid_shape_px, make_grid
+
+    model, info = load_checkpoint(checkpoint, args.device)
+    started = time.perf_counter()
+    slide = open_slide(slide_path)
+    height, width = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
+    image = torch.from_numpy(slide.read(0, 0, (width, height), info.input_mpp))[None]
+    patch = info.patch_size_px
+    inferer = SlidingWindowInferer((patch, patch), sw_batch_size=args.batch_size,
+                                   overlap=0.5, mode="gaussian", sigma_scale=0.125,
+                                   sw_device=args.device, device=args.device)
+    with torch.inference_mode():
+        probabilities = inferer(info.normalise(image).contiguous(),
+                                lambda x: model(x).softmax(1))
+        labels = probabilities[0].argmax(0).to(torch.uint8).cpu().numpy()
+    tiles = len(make_grid((height, width), info.input_mpp, info.patch_size_px, 0.5))
+    return {"seconds": time.perf_counter() - started, "tiles": tiles, "labels": labels}
+
+
+def run_naive(slide_path, checkpoint, args) -> dict:
+    import openslide
+    import torch
+    from PIL import Image
+
+    from biopsy.model import load_checkpoint
+    from biopsy.stitch import gaussian_weight
+    from biopsy.tiling import grid_shape_px, make_grid
+
+    model, info = load_checkpoint(checkpoint, args.device)
+    patch = info.patch_size_px
+    started = time.perf_counter()
+    slide = openslide.OpenSlide(str(slide_path))
+    slide_mpp = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+    downsample = info.input_mpp / slide_mpp
+    level = slide.get_best_level_for_downsample(downsample + 1e-6)
+    read_px = round(patch * downsample / slide.level_downsamples[level])
+    shape_px = grid_shape_px(slide.dimensions, (slide_mpp, slide_mpp), info.input_mpp)
+    grid = make_grid(shape_px, info.input_mpp, patch, 0.5)
+    sums = np.zeros((len(info.class_names),) + shape_px, np.float32)  # argmax needs no weight sum
+    weight = gaussian_weight(patch).numpy()
+    mean = torch.tensor(info.normalisation["mean"], device=args.device)[:, None, None]
+    std = torch.tensor(info.normalisation["std"], device=args.device)[:, None, None]
+    for row, col in grid.origins_px:
+        region = slide.read_region((round(col * downsample), round(row * downsample)), level,
+                                   (read_px, read_px)).convert("RGB")
+        tile = np.asarray(region.resize((patch, patch), Image.BOX))
+        image = torch.from_numpy(tile).to(args.device).permute(2, 0, 1).float() / 255
+        with torch.no_grad():
+            probabilities = model(((image - mean) / std)[None].contiguous())[0].softmax(0)
+        sums[:, row : row + patch, col : col + patch] += probabilities.cpu().numpy() * weight
+    labels = sums.argmax(0).astype(np.uint8)
+    return {"seconds": time.perf_counter() - started, "tiles": len(grid), "labels": labels}
+
+
+RUNNERS = {"ours": run_ours, "ours-bf16": lambda *a: run_ours(*a, bf16=True), "large": run_large,
+           "parts": run_parts, "tiatoolbox": run_tiatoolbox, "monai": run_monai,
+           "naive": run_naive}
