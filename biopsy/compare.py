@@ -78,6 +78,8 @@ class SlideSample:
     tile_areas_um2: dict[str, np.ndarray]  # class name -> area per cortex tile
     class_names: tuple[str, ...]
     config: scoring.ScoreConfig
+    glomerular_nuclei_counted: bool = False  # every glomerulus has a tuft nuclear density
+    tile_inflamed: np.ndarray | None = None  # bool per cortex tile; None: nuclei not counted
 
     @property
     def glomerulus_count(self) -> int:
@@ -98,7 +100,13 @@ def slide_sample(glomeruli, cortex_tiles, class_names, config: scoring.ScoreConf
                        for name, (field, _) in BURDEN_FIELDS.items()}
     tile_areas = {name: np.array([t.area_um2.get(name, 0.0) for t in cortex_tiles], dtype=float)
                   for name in class_names}
-    return SlideSample(lesion_present, burden_fraction, tile_areas, tuple(class_names), config)
+    counted = bool(glomeruli) and all(g.tuft_nuclei_per_1000um2 is not None for g in glomeruli)
+    inflamed = None
+    if cortex_tiles and all(t.interstitial_nuclei is not None for t in cortex_tiles):
+        settings = config.cortex.interstitial_inflammation
+        inflamed = np.array([scoring.tile_is_inflamed(t, settings) for t in cortex_tiles], bool)
+    return SlideSample(lesion_present, burden_fraction, tile_areas, tuple(class_names), config,
+                       counted, inflamed)
 
 
 def metric_values(sample: SlideSample, glomerulus_index: np.ndarray,
@@ -128,16 +136,26 @@ def _component_percent(sample: SlideSample, component: scoring.Component,
                        glomerulus_index: np.ndarray, tile_index: np.ndarray) -> np.ndarray | None:
     if component.denominator == "glomeruli":
         if (not component.lesions or component.required_class not in sample.class_names
-                or sample.glomerulus_count == 0):
+                or sample.glomerulus_count == 0
+                or (component.from_nuclei and not sample.glomerular_nuclei_counted)):
             return None
         return 100.0 * sample.lesion_present[component.name][glomerulus_index].mean(axis=1)
-    ratio = getattr(sample.config.cortex, component.name, None)
-    if ratio is None or any(n not in sample.class_names for n in ratio.numerator + ratio.denominator):
-        return None
+    if component.name == "interstitial_inflammation":  # as scoring.inflamed_percent
+        ratio = sample.config.cortex.interstitial_fibrosis
+        if sample.tile_inflamed is None or any(
+                n not in sample.class_names for n in scoring.INTERSTITIAL_CLASSES + ratio.denominator):
+            return None
+    else:
+        ratio = getattr(sample.config.cortex, component.name, None)
+        if ratio is None or any(n not in sample.class_names for n in ratio.numerator + ratio.denominator):
+            return None
     tile_denominator = sum(sample.tile_areas_um2[n] for n in ratio.denominator)
     if sample.tile_count == 0 or not tile_denominator.sum() > 0:
         return None  # no cortex on the slide, as scoring.area_percent
-    numerator = sum(sample.tile_areas_um2[n] for n in ratio.numerator)[tile_index].sum(axis=1)
+    tile_numerator = (tile_denominator * sample.tile_inflamed
+                      if component.name == "interstitial_inflammation"
+                      else sum(sample.tile_areas_um2[n] for n in ratio.numerator))
+    numerator = tile_numerator[tile_index].sum(axis=1)
     denominator = tile_denominator[tile_index].sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, 100.0 * numerator / denominator, np.nan)

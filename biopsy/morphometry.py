@@ -21,7 +21,7 @@ from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import watershed
 
 from biopsy.classes import GLOMERULAR_CLASSES, class_index
-from biopsy.scoring import load_score_config
+from biopsy.scoring import CELLULAR_TUFT_CLASSES, INTERSTITIAL_CLASSES, load_score_config
 
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -53,6 +53,9 @@ class GlomerulusMeasures:
         reads about 5 % (relative) above its arc.)
     hyaline_deposit_fraction : ``n(hyaline_deposit) / |M|``.
     lesions : lesion calls (``biopsy.scoring.call_lesions``); empty until called.
+    tuft_nuclei_per_1000um2 : nuclei whose centre lies on a cellular-tuft pixel of ``M``
+        (``scoring.CELLULAR_TUFT_CLASSES``) per 1000 µm2 of those pixels (0 when there are none);
+        None when nuclei were not counted.
 
     A class the model lacks counts 0 pixels.
     """
@@ -69,6 +72,7 @@ class GlomerulusMeasures:
     fibrous_crescent_capsule_coverage: float
     hyaline_deposit_fraction: float
     lesions: tuple[str, ...] = ()
+    tuft_nuclei_per_1000um2: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,13 +81,16 @@ class CortexTile:
 
     ``x_px``, ``y_px``: level-0 pixel position of the tile's top-left corner; ``size_px``: its
     nominal side in level-0 pixels (tiles at the right and bottom edges may be cut short);
-    ``area_um2``: area of each class but ``background`` inside the tile.
+    ``area_um2``: area of each class but ``background`` inside the tile;
+    ``interstitial_nuclei``: nuclei whose centre lies on an interstitial pixel of the tile
+    (``scoring.INTERSTITIAL_CLASSES``), None when nuclei were not counted.
     """
 
     x_px: float
     y_px: float
     size_px: float
     area_um2: dict[str, float]
+    interstitial_nuclei: int | None = None
 
 
 def find_glomeruli(labels: np.ndarray, class_names, mpp: float, *,
@@ -139,7 +146,8 @@ def _split_touching(region: np.ndarray, depth_px: float) -> np.ndarray:
 def measure_glomeruli(labels: np.ndarray, class_names, mpp: float,
                       instances: np.ndarray | None = None,
                       origin_xy_px: tuple[float, float] = (0, 0),
-                      level0_mpp: float | None = None) -> list[GlomerulusMeasures]:
+                      level0_mpp: float | None = None,
+                      nuclei_xy: np.ndarray | None = None) -> list[GlomerulusMeasures]:
     """Measures of every glomerulus, in order of instance id (see :class:`GlomerulusMeasures`).
 
     Parameters
@@ -148,6 +156,8 @@ def measure_glomeruli(labels: np.ndarray, class_names, mpp: float,
     instances : instance raster of the same shape (0 = none); None: :func:`find_glomeruli`.
     origin_xy_px : level-0 pixel position of the top-left corner of ``labels``.
     level0_mpp : µm/px of level 0; None: ``labels`` is level 0.
+    nuclei_xy : level-0 (x, y) centres of the slide's nuclei (``biopsy.nuclei``); None: not
+        counted (``tuft_nuclei_per_1000um2`` None).
     """
     if instances is None:
         instances = find_glomeruli(labels, class_names, mpp)
@@ -156,6 +166,12 @@ def measure_glomeruli(labels: np.ndarray, class_names, mpp: float,
     scale = mpp / (level0_mpp or mpp)
     index = {name: class_index(class_names, name) for name in
              ("sclerosis", "cellular_crescent", "fibrous_crescent", "hyaline_deposit")}
+    tuft_classes = _class_indices(class_names, CELLULAR_TUFT_CLASSES)
+    tuft_nuclei = None
+    if nuclei_xy is not None:
+        rows, cols = nuclear_pixels(nuclei_xy, labels.shape, origin_xy_px, scale)
+        on_tuft = np.isin(labels[rows, cols], tuft_classes)
+        tuft_nuclei = np.bincount(instances[rows, cols][on_tuft], minlength=int(instances.max()) + 1)
     measures = []
     for glomerulus_id, box in enumerate(ndimage.find_objects(instances), start=1):
         if box is None:
@@ -168,6 +184,10 @@ def measure_glomeruli(labels: np.ndarray, class_names, mpp: float,
         area_fraction = counts / pixels
         rows, cols = np.nonzero(mask)
         area_um2 = pixels * mpp**2
+        density = None
+        if tuft_nuclei is not None:
+            tuft_um2 = float(counts[tuft_classes].sum()) * mpp**2
+            density = 1000.0 * tuft_nuclei[glomerulus_id] / tuft_um2 if tuft_um2 > 0 else 0.0
         measures.append(GlomerulusMeasures(
             glomerulus_id=glomerulus_id,
             centroid_x_px=float(origin_xy_px[0] + (box[1].start + cols.mean() + 0.5) * scale),
@@ -180,8 +200,23 @@ def measure_glomeruli(labels: np.ndarray, class_names, mpp: float,
             cellular_crescent_capsule_coverage=_of_class(coverage, index["cellular_crescent"]),
             fibrous_crescent_capsule_coverage=_of_class(coverage, index["fibrous_crescent"]),
             hyaline_deposit_fraction=_of_class(area_fraction, index["hyaline_deposit"]),
+            tuft_nuclei_per_1000um2=density,
         ))
     return measures
+
+
+def nuclear_pixels(nuclei_xy: np.ndarray, shape: tuple[int, int], origin_xy_px, scale: float):
+    """(rows, cols) of the map pixels under the nuclei centres that fall inside a map of
+    ``shape`` whose pixels are ``scale`` level-0 px wide, from level-0 ``origin_xy_px``."""
+    xy = np.asarray(nuclei_xy, np.float64).reshape(-1, 2)
+    cols = np.floor((xy[:, 0] - origin_xy_px[0]) / scale).astype(np.int64)
+    rows = np.floor((xy[:, 1] - origin_xy_px[1]) / scale).astype(np.int64)
+    inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+    return rows[inside], cols[inside]
+
+
+def _class_indices(class_names, names) -> list[int]:
+    return [i for i in (class_index(class_names, name) for name in names) if i is not None]
 
 
 def _of_class(per_class: np.ndarray, index: int | None) -> float:
@@ -227,18 +262,28 @@ def _outline_class_fractions(mask: np.ndarray, classes: np.ndarray, n_classes: i
 def measure_cortex_tiles(labels: np.ndarray, class_names, mpp: float,
                          tile_um: float | None = None, *,
                          origin_xy_px: tuple[float, float] = (0, 0),
-                         level0_mpp: float | None = None) -> list[CortexTile]:
+                         level0_mpp: float | None = None,
+                         nuclei_xy: np.ndarray | None = None) -> list[CortexTile]:
     """Area of each class per square tile of ``tile_um`` (default: scoring config), tissue only.
 
     Tiles form a grid from the top-left corner of ``labels``; a tile with no pixel other than
     ``background`` is left out. Their sums give the slide's cortex areas; resampling them gives a
-    bootstrap interval for area scores.
+    bootstrap interval for area scores. With ``nuclei_xy`` (level-0 (x, y) centres), each tile
+    also counts the nuclei on its interstitial pixels.
     """
     if tile_um is None:
         tile_um = load_score_config().cortex.tile_um
     tile_px = max(1, round(tile_um / mpp))
     scale = mpp / (level0_mpp or mpp)
     background = class_index(class_names, "background")
+    interstitial_nuclei = None
+    if nuclei_xy is not None:
+        rows, cols = nuclear_pixels(nuclei_xy, labels.shape, origin_xy_px, scale)
+        on_interstitium = np.isin(labels[rows, cols], _class_indices(class_names, INTERSTITIAL_CLASSES))
+        grid = (-(-labels.shape[0] // tile_px), -(-labels.shape[1] // tile_px))
+        interstitial_nuclei = np.zeros(grid, np.int64)
+        np.add.at(interstitial_nuclei, (rows[on_interstitium] // tile_px,
+                                        cols[on_interstitium] // tile_px), 1)
     tiles = []
     for row in range(0, labels.shape[0], tile_px):
         for col in range(0, labels.shape[1], tile_px):
@@ -250,5 +295,7 @@ def measure_cortex_tiles(labels: np.ndarray, class_names, mpp: float,
                 x_px=origin_xy_px[0] + col * scale, y_px=origin_xy_px[1] + row * scale,
                 size_px=tile_px * scale,
                 area_um2={name: float(counts[i]) * mpp**2 for i, name in enumerate(class_names)
-                          if i != background}))
+                          if i != background},
+                interstitial_nuclei=None if interstitial_nuclei is None
+                else int(interstitial_nuclei[row // tile_px, col // tile_px])))
     return tiles

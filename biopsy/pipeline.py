@@ -1,7 +1,9 @@
 """One slide file (or label map) into a scored-slide folder, with full provenance.
 
 The path every command takes from a file to scores (``biopsy score``, ``batch``, ``compare``,
-``demo``): open the slide, segment it with the model (:func:`biopsy.infer.segment_slide`), score
+``demo``): open the slide, segment it with the model (:func:`biopsy.infer.segment_slide`), find
+its nuclei (:func:`biopsy.nuclei.detect_nuclei`, for endocapillary hypercellularity and
+interstitial inflammation; a label map alone has none), score
 the class map (:func:`biopsy.scorefolder.score_class_map`) and write the folder
 (:func:`biopsy.scorefolder.write_score_folder`). ``summary.json`` records where the numbers come
 from: the slide (path, SHA-256, mpp), the model (path, SHA-256, classes, input mpp), how
@@ -25,6 +27,7 @@ from biopsy.infer import segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint
+from biopsy.nuclei import DETECTION_MPP, detect_nuclei, why_not_countable
 from biopsy.provenance import file_sha256, package_versions
 from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import ScoreConfig
@@ -110,11 +113,12 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                                   workers=options.workers, device=options.device,
                                   overlap=TILE_OVERLAP)
         seconds = time.perf_counter() - started
+        nuclei_xy, nuclei = _find_nuclei(slide)
         level0_mpp = slide.mpp[0]
         source = {"kind": "slide", "path": str(Path(slide_path).resolve()), "sha256": slide.sha256,
                   "mpp": list(slide.mpp), "mpp_given": mpp is not None}
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, config,
-                             level0_mpp=level0_mpp)
+                             level0_mpp=level0_mpp, nuclei_xy=nuclei_xy)
     label_map = LabelMap(class_map.labels, class_map.mpp, class_map.class_names,
                          class_map.class_colours)
     provenance = {
@@ -129,11 +133,24 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                       "tiles": class_map.tile_count, "seconds": round(seconds, 2),
                       "packages": {"torch": torch.__version__, "cuda": torch.version.cuda}
                       | package_versions(INFERENCE_PACKAGES)},
+        "nuclei": nuclei,
     }
     write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
                        provenance, instances=scored.instances, config=config,
                        level0_mpp=level0_mpp)
     return scored.scores
+
+
+def _find_nuclei(slide) -> tuple:
+    """The slide's nuclei centres (None when they cannot be counted) and their provenance."""
+    reason = why_not_countable(slide)
+    if reason is not None:
+        return None, {"counted": False, "reason": reason}
+    started = time.perf_counter()
+    nuclei_xy = detect_nuclei(slide)
+    return nuclei_xy, {"counted": True, "count": len(nuclei_xy), "mpp": DETECTION_MPP,
+                       "method": "haematoxylin (skimage rgb2hed) LoG peaks, biopsy.nuclei",
+                       "seconds": round(time.perf_counter() - started, 2)}
 
 
 def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
@@ -143,7 +160,8 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
     scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config)
     provenance = {"source": {"kind": "label_map", "path": str(Path(labels_path).resolve()),
                              "sha256": file_sha256(labels_path), "mpp": label_map.mpp},
-                  "model": None}
+                  "model": None,
+                  "nuclei": {"counted": False, "reason": "a label map has no slide pixels"}}
     write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
                        provenance, instances=scored.instances, config=config)
     return scored.scores

@@ -39,7 +39,8 @@ OVERVIEW_MAX_PX = 2048
 # Colour of each lesion call in objects.geojson: that of the class that shows it.
 LESION_CLASS = {"normal": "tuft", "segmental_sclerosis": "sclerosis",
                 "global_sclerosis": "sclerosis", "cellular_crescent": "cellular_crescent",
-                "fibrous_crescent": "fibrous_crescent", "hyaline_deposits": "hyaline_deposit"}
+                "fibrous_crescent": "fibrous_crescent", "hyaline_deposits": "hyaline_deposit",
+                "endocapillary_hypercellularity": "tuft"}
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,23 @@ class ScoredSlide:
 
 def score_class_map(labels: np.ndarray, class_names, mpp: float, config: ScoreConfig, *,
                     origin_xy_px: tuple[float, float] = (0, 0),
-                    level0_mpp: float | None = None) -> ClassMapScores:
-    """Find and measure glomeruli, call their lesions, measure cortex tiles and score the slide."""
+                    level0_mpp: float | None = None,
+                    nuclei_xy: np.ndarray | None = None) -> ClassMapScores:
+    """Find and measure glomeruli, call their lesions, measure cortex tiles and score the slide.
+
+    ``nuclei_xy``: level-0 (x, y) nucleus centres of the slide (``biopsy.nuclei``), for the
+    nuclear-density components; None leaves them not assessed.
+    """
     instances = find_glomeruli(labels, class_names, mpp,
                                min_area_um2=config.glomeruli.min_area_um2,
                                split_min_depth_um=config.glomeruli.split_min_depth_um)
     glomeruli = [dataclasses.replace(g, lesions=tuple(call_lesions(g, config.lesions)))
                  for g in measure_glomeruli(labels, class_names, mpp, instances,
-                                            origin_xy_px=origin_xy_px, level0_mpp=level0_mpp)]
+                                            origin_xy_px=origin_xy_px, level0_mpp=level0_mpp,
+                                            nuclei_xy=nuclei_xy)]
     tiles = measure_cortex_tiles(labels, class_names, mpp, config.cortex.tile_um,
-                                 origin_xy_px=origin_xy_px, level0_mpp=level0_mpp)
+                                 origin_xy_px=origin_xy_px, level0_mpp=level0_mpp,
+                                 nuclei_xy=nuclei_xy)
     return ClassMapScores(instances, glomeruli, tiles,
                           score_slide(glomeruli, tiles, class_names, config))
 
@@ -162,29 +170,36 @@ def _glomeruli_csv(glomeruli: list[GlomerulusMeasures]) -> str:
 def _glomerulus_from_row(row: dict[str, str]) -> GlomerulusMeasures:
     values = {}
     for field in dataclasses.fields(GlomerulusMeasures):
-        text = row[field.name]
+        text = row.get(field.name, "")  # a column added later is empty in older folders
         if field.name == "lesions":
             values[field.name] = tuple(text.split(";")) if text else ()
+        elif field.name == "tuft_nuclei_per_1000um2":
+            values[field.name] = float(text) if text else None  # empty: nuclei not counted
         else:
             values[field.name] = int(text) if field.type == "int" else float(text)
     return GlomerulusMeasures(**values)
 
 
 def _cortex_tiles_csv(tiles: list[CortexTile], label_map: LabelMap) -> str:
-    """One row per tissue tile: position, size (level-0 px) and ``<class>_area_um2`` columns."""
+    """One row per tissue tile: position, size (level-0 px), ``<class>_area_um2`` columns and
+    ``interstitial_nuclei`` (empty when nuclei were not counted)."""
     names = [n for n in label_map.class_names if n != "background"]
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["x_px", "y_px", "size_px"] + [f"{n}_area_um2" for n in names])
+    writer.writerow(["x_px", "y_px", "size_px"] + [f"{n}_area_um2" for n in names]
+                    + ["interstitial_nuclei"])
     for t in tiles:
-        writer.writerow([t.x_px, t.y_px, t.size_px] + [t.area_um2[n] for n in names])
+        writer.writerow([t.x_px, t.y_px, t.size_px] + [t.area_um2[n] for n in names]
+                        + [t.interstitial_nuclei])
     return text.getvalue()
 
 
 def _cortex_tile_from_row(row: dict[str, str]) -> CortexTile:
     areas = {key.removesuffix("_area_um2"): float(value) for key, value in row.items()
              if key.endswith("_area_um2")}
-    return CortexTile(float(row["x_px"]), float(row["y_px"]), float(row["size_px"]), areas)
+    nuclei = row.get("interstitial_nuclei") or None  # empty or absent: not counted
+    return CortexTile(float(row["x_px"]), float(row["y_px"]), float(row["size_px"]), areas,
+                      None if nuclei is None else int(nuclei))
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:

@@ -6,6 +6,8 @@ weights and the bins are the NIH definition and live here.
 
 A component whose class the model lacks, or that light-microscopy classes cannot show, is "not
 assessed": ``percent``, ``bin`` and ``points`` are None and the index is marked partial. Never 0.
+Endocapillary hypercellularity and interstitial inflammation are assessed from nuclei counts
+(``biopsy.nuclei``), so only when the measures carry them (a slide was read, not a label map alone).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG_PATH = CONFIG_DIR / "score" / "nih-2018.yaml"
 
 LESIONS = ("normal", "segmental_sclerosis", "global_sclerosis", "cellular_crescent",
-           "fibrous_crescent", "hyaline_deposits")
+           "fibrous_crescent", "hyaline_deposits", "endocapillary_hypercellularity")
+# Classes whose pixels count as the cellular tuft (nuclei per tuft area) and as interstitium.
+CELLULAR_TUFT_CLASSES = ("tuft", "hyaline_deposit")
+INTERSTITIAL_CLASSES = ("tissue", "fibrosis")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class LesionThresholds:
     segmental_sclerosis_tuft_fraction: float
     crescent_capsule_coverage: float
     hyaline_deposit_fraction: float
+    endocapillary_tuft_nuclei_per_1000um2: float
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,20 @@ class AreaRatio:
 
 
 @dataclass(frozen=True)
+class InflammationSettings:
+    """A tile is inflamed when its interstitium holds more than ``nuclei_per_mm2`` nuclei per mm2
+    and is at least ``min_interstitium_um2``."""
+
+    nuclei_per_mm2: float
+    min_interstitium_um2: float
+
+
+@dataclass(frozen=True)
 class CortexSettings:
     tile_um: float
     interstitial_fibrosis: AreaRatio
     tubular_atrophy: AreaRatio
+    interstitial_inflammation: InflammationSettings
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class Component:
     denominator: str  # "glomeruli" or "cortex"
     lesions: tuple[str, ...] = ()  # glomerular lesions that count; () for cortex / unassessable
     required_class: str | None = None  # glomerular class the model must carry
+    from_nuclei: bool = False  # assessed from nuclei counts, when the measures carry them
 
 
 COMPONENTS: tuple[Component, ...] = (
@@ -91,16 +108,19 @@ COMPONENTS: tuple[Component, ...] = (
               "fibrous_crescent"),
     Component("tubular_atrophy", "chronicity", 1, "cortex"),
     Component("interstitial_fibrosis", "chronicity", 1, "cortex"),
-    Component("endocapillary_hypercellularity", "activity", 1, "glomeruli"),
+    Component("endocapillary_hypercellularity", "activity", 1, "glomeruli",
+              ("endocapillary_hypercellularity",), "tuft", from_nuclei=True),
     Component("neutrophils_karyorrhexis", "activity", 1, "glomeruli"),
     Component("fibrinoid_necrosis", "activity", 2, "glomeruli"),
     Component("hyaline_deposits", "activity", 1, "glomeruli", ("hyaline_deposits",),
               "hyaline_deposit"),
     Component("cellular_crescents", "activity", 2, "glomeruli", ("cellular_crescent",),
               "cellular_crescent"),
-    Component("interstitial_inflammation", "activity", 1, "cortex"),
+    Component("interstitial_inflammation", "activity", 1, "cortex", from_nuclei=True),
 )
 NOT_SEGMENTED = "no light-microscopy class shows it; not estimated"
+NOT_COUNTED = ("nuclei not counted: scored from a class map alone, or the slide is not RGB "
+               "brightfield at 0.6 um/px or finer")
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -122,11 +142,15 @@ def load_score_config(path: str | Path | None = None) -> ScoreConfig:
 def score_config_from_dict(settings: dict, where: str | Path = "scoring config") -> ScoreConfig:
     """A validated :class:`ScoreConfig` from a complete mapping (a config file's, or the
     ``provenance.config`` that ``summary.json`` records); ``where`` names it in errors."""
+    settings = _with_nuclei_defaults(settings)
     try:
         cortex = dict(settings["cortex"])
         for ratio in ("interstitial_fibrosis", "tubular_atrophy"):
             cortex[ratio] = AreaRatio(**{k: _class_list(v, where, f"cortex.{ratio}.{k}")
                                          for k, v in cortex[ratio].items()})
+        cortex["interstitial_inflammation"] = _section(
+            InflammationSettings, cortex["interstitial_inflammation"], where,
+            "cortex.interstitial_inflammation")
         config = ScoreConfig(
             name=str(settings["name"]),
             glomeruli=_section(GlomerulusSettings, settings["glomeruli"], where, "glomeruli"),
@@ -137,7 +161,7 @@ def score_config_from_dict(settings: dict, where: str | Path = "scoring config")
         raise ConfigError(f"{where}: malformed scoring config ({error}); compare it with "
                           f"{DEFAULT_CONFIG_PATH}") from None
     for name, value in asdict(config.lesions).items():
-        if not 0.0 <= value <= 1.0:
+        if name != "endocapillary_tuft_nuclei_per_1000um2" and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{where}: lesions.{name} = {value} is a fraction; give 0..1")
     lesions = config.lesions
     if lesions.segmental_sclerosis_tuft_fraction > lesions.global_sclerosis_tuft_fraction:
@@ -147,6 +171,20 @@ def score_config_from_dict(settings: dict, where: str | Path = "scoring config")
         raise ConfigError(f"{where}: cortex.tile_um and glomeruli.split_min_depth_um must be > 0")
     return config
 
+
+
+def _with_nuclei_defaults(settings: dict) -> dict:
+    """``settings`` with the nuclei thresholds of the default file where it has none: configs
+    recorded before nuclei were counted (their measures carry no counts, so these change nothing)."""
+    lesions, cortex = settings.get("lesions"), settings.get("cortex")
+    if not (isinstance(lesions, dict) and isinstance(cortex, dict)):
+        return settings
+    default = read_yaml_mapping(DEFAULT_CONFIG_PATH, "scoring config")
+    key = "endocapillary_tuft_nuclei_per_1000um2"
+    return settings | {
+        "lesions": {key: default["lesions"][key]} | lesions,
+        "cortex": {"interstitial_inflammation": default["cortex"]["interstitial_inflammation"]} | cortex,
+    }
 
 
 def _merge(base: dict, override: dict, path: Path, prefix: str) -> dict:
@@ -202,6 +240,8 @@ def call_lesions(glomerulus: GlomerulusMeasures, thresholds: LesionThresholds) -
       ``crescent_capsule_coverage``.
     - ``hyaline_deposits``: hyaline-deposit fraction of the glomerulus >
       ``hyaline_deposit_fraction``.
+    - ``endocapillary_hypercellularity``: nuclei per 1000 µm2 of cellular tuft >
+      ``endocapillary_tuft_nuclei_per_1000um2`` (never called when nuclei were not counted).
     - ``normal``: none of these.
     """
     sclerosis = tuft_sclerosis_fraction(glomerulus)
@@ -215,6 +255,8 @@ def call_lesions(glomerulus: GlomerulusMeasures, thresholds: LesionThresholds) -
             glomerulus.fibrous_crescent_capsule_coverage > thresholds.crescent_capsule_coverage,
         "hyaline_deposits":
             glomerulus.hyaline_deposit_fraction > thresholds.hyaline_deposit_fraction,
+        "endocapillary_hypercellularity": glomerulus.tuft_nuclei_per_1000um2 is not None
+            and glomerulus.tuft_nuclei_per_1000um2 > thresholds.endocapillary_tuft_nuclei_per_1000um2,
     }
     lesions = [name for name in LESIONS if calls.get(name)]
     return lesions or ["normal"]
@@ -244,6 +286,33 @@ def area_percent(cortex_tiles: list[CortexTile], ratio: AreaRatio,
     return 100.0 * numerator / denominator if denominator > 0 else None
 
 
+def inflamed_percent(cortex_tiles: list[CortexTile], denominator: tuple[str, ...],
+                     settings: InflammationSettings, class_names) -> float | None:
+    """100 * denominator area of the inflamed tiles / denominator area of all tiles; None when
+    not assessable (nuclei not counted, an interstitial or denominator class missing, no cortex).
+
+    A tile is inflamed when its interstitium (``INTERSTITIAL_CLASSES``) is at least
+    ``settings.min_interstitium_um2`` and holds more than ``settings.nuclei_per_mm2`` nuclei per mm2.
+    """
+    if (not cortex_tiles or any(t.interstitial_nuclei is None for t in cortex_tiles)
+            or any(name not in class_names for name in INTERSTITIAL_CLASSES + denominator)):
+        return None
+    inflamed = total = 0.0
+    for tile in cortex_tiles:
+        area = sum(tile.area_um2.get(name, 0.0) for name in denominator)
+        total += area
+        inflamed += area if tile_is_inflamed(tile, settings) else 0.0
+    return 100.0 * inflamed / total if total > 0 else None
+
+
+def tile_is_inflamed(tile: CortexTile, settings: InflammationSettings) -> bool:
+    """Whether a tile's interstitium is large enough and denser in nuclei than the threshold."""
+    interstitium_um2 = sum(tile.area_um2.get(name, 0.0) for name in INTERSTITIAL_CLASSES)
+    return (tile.interstitial_nuclei is not None
+            and interstitium_um2 >= settings.min_interstitium_um2
+            and tile.interstitial_nuclei > settings.nuclei_per_mm2 * interstitium_um2 / 1e6)
+
+
 def score_slide(glomeruli: list[GlomerulusMeasures], cortex_tiles: list[CortexTile],
                 class_names, config: ScoreConfig) -> dict:
     """JSON-ready slide scores: both NIH indices by component, adequacy and continuous burdens.
@@ -252,7 +321,8 @@ def score_slide(glomeruli: list[GlomerulusMeasures], cortex_tiles: list[CortexTi
     not read), so the scores depend only on the measures and the config.
     """
     calls = [call_lesions(g, config.lesions) for g in glomeruli]
-    components = {c.name: _score_component(c, calls, cortex_tiles, class_names, config)
+    counted = bool(glomeruli) and all(g.tuft_nuclei_per_1000um2 is not None for g in glomeruli)
+    components = {c.name: _score_component(c, calls, cortex_tiles, class_names, config, counted)
                   for c in COMPONENTS}
     count = len(glomeruli)
     deposits = components["hyaline_deposits"]
@@ -285,11 +355,18 @@ def score_slide(glomeruli: list[GlomerulusMeasures], cortex_tiles: list[CortexTi
 
 
 def _score_component(component: Component, calls: list[list[str]], cortex_tiles, class_names,
-                     config: ScoreConfig) -> dict:
+                     config: ScoreConfig, glomerular_nuclei_counted: bool) -> dict:
     result = {"index": component.index, "weight": component.weight,
               "denominator": component.denominator, "assessed": False, "percent": None,
               "bin": None, "points": None, "count": None, "of": None, "reason": None}
-    if component.denominator == "cortex":
+    if component.name == "interstitial_inflammation":
+        percent = inflamed_percent(cortex_tiles, config.cortex.interstitial_fibrosis.denominator,
+                                   config.cortex.interstitial_inflammation, class_names)
+        if percent is None:
+            counted = cortex_tiles and all(t.interstitial_nuclei is not None for t in cortex_tiles)
+            return result | {"reason": "no cortex in the class map or model lacks an interstitial "
+                             "class" if counted else NOT_COUNTED}
+    elif component.denominator == "cortex":
         ratio = getattr(config.cortex, component.name, None)
         if ratio is None:
             return result | {"reason": NOT_SEGMENTED}
@@ -306,6 +383,8 @@ def _score_component(component: Component, calls: list[list[str]], cortex_tiles,
             return result | {"reason": f"model lacks class {component.required_class}"}
         if not calls:
             return result | {"reason": "no glomeruli"}
+        if component.from_nuclei and not glomerular_nuclei_counted:
+            return result | {"reason": NOT_COUNTED}
         count = sum(any(lesion in c for lesion in component.lesions) for c in calls)
         percent = 100.0 * count / len(calls)
         result |= {"count": count, "of": len(calls)}

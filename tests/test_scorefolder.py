@@ -142,18 +142,35 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
 
 
 def test_scoring_a_synthetic_truth_map_reproduces_its_truth(tmp_path):
+    from biopsy.scoring import NOT_COUNTED
+    from biopsy.synth.layout import build_layout
     from biopsy.synth.profile import load_profile
     from biopsy.synth.slide import generate_slide
 
     profile = load_profile(preset="active-ln", core_length_mm=1.5, glomeruli=10, seed=11)
     truth = generate_slide(profile, tmp_path / "synthetic")
-    assert main(["score", "--from-labels", str(tmp_path / "synthetic" / "labels.ome.tif"),
-                 "--out", str(tmp_path / "scored")]) == 0
+    labels_path = tmp_path / "synthetic" / "labels.ome.tif"
+    assert main(["score", "--from-labels", str(labels_path), "--out", str(tmp_path / "scored")]) == 0
     scored = read_score_folder(tmp_path / "scored")
     truth_scores = truth["scores"]
-    for index in ("chronicity_index", "activity_index"):
-        assert scored.summary["scores"][index] == truth_scores[index]
-    assert scored.summary["scores"]["glomeruli"] == truth_scores["glomeruli"]
+    # A label map alone shows no nuclei: the nuclear components are not assessed, the rest exact.
+    assert scored.summary["scores"]["chronicity_index"] == truth_scores["chronicity_index"]
+    activity = scored.summary["scores"]["activity_index"]["components"]
+    nuclear = ("endocapillary_hypercellularity", "interstitial_inflammation")
+    for name, expected in truth_scores["activity_index"]["components"].items():
+        if name in nuclear:
+            assert expected["assessed"] and not activity[name]["assessed"]
+            assert activity[name]["reason"] == NOT_COUNTED
+        else:
+            assert activity[name] == expected
+    # With the drawn nuclei the truth map's scores are the truth's, nuclear components included.
+    label_map = read_label_map(labels_path)
+    with_nuclei = score_class_map(label_map.labels, label_map.class_names, label_map.mpp,
+                                  load_score_config(), level0_mpp=profile.mpp,
+                                  nuclei_xy=build_layout(profile).nuclei[:, :2])
+    for key in ("chronicity_index", "activity_index", "glomeruli"):
+        assert with_nuclei.scores[key] == truth_scores[key]
+    assert truth_scores["activity_index"]["components"]["endocapillary_hypercellularity"]["bin"] == 2
     # Each glomerulus found is a drawn one with its lesions; the truth measures each glomerulus
     # on a window rendered apart from the label map, which can differ from it by a pixel.
     to_slide = profile.label_mpp / profile.mpp  # scored centroids are in label-map pixels
@@ -161,6 +178,8 @@ def test_scoring_a_synthetic_truth_map_reproduces_its_truth(tmp_path):
         found = min(scored.glomeruli, key=lambda g: math.hypot(
             g.centroid_x_px * to_slide - expected["centroid_x_px"],
             g.centroid_y_px * to_slide - expected["centroid_y_px"]))
-        assert found.lesions == tuple(expected["lesions"])
+        from_labels = tuple(l for l in expected["lesions"] if l != "endocapillary_hypercellularity")
+        assert found.lesions == (from_labels or ("normal",))
+        assert found.tuft_nuclei_per_1000um2 is None
         assert found.area_um2 == pytest.approx(expected["area_um2"], abs=2 * profile.label_mpp**2)
     assert scored.summary["scores"]["burdens"] == pytest.approx(truth_scores["burdens"], rel=1e-3)

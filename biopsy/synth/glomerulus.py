@@ -9,6 +9,9 @@ with thin walls) in mesangial matrix, with nuclei between the loops. Lesions rep
   it always spans the space, from the capsule to the tuft.
 - hyaline deposits: wire loops (thick rings on capillary walls) and hyaline thrombi (filled
   lumina), on loops well inside the tuft and outside sclerosis.
+- endocapillary hypercellularity (``endocapillary_nuclei``, added by the layout from its own
+  random stream): cells inside narrowed capillary lumina and more mesangial cells; no class of
+  its own, the truth counts its nuclei.
 
 The truth classes (tuft, sclerosis, crescent, hyaline_deposit) are exactly these shapes; the
 glomerulus instance is tuft plus crescent. Bowman's space and capsule are ``tissue``.
@@ -212,6 +215,43 @@ def _nuclei(g: Glomerulus, tuft: Polygon, sclerosis, um, rng) -> np.ndarray:
         axes = (3.0 * um, 1.9 * um) if cellular else (3.6 * um, 0.9 * um)
         tables.append(nuclei_rows(points, axes, angle + rng.normal(0, 15, len(points)), rng))
     nuclei = np.vstack(tables) if tables else np.zeros((0, 6), np.float32)
+    if sclerosis is not None and len(nuclei):
+        clear = shapely.distance(sclerosis, shapely.points(nuclei[:, :2])) > nuclei[:, 2] + 2.5 * um
+        nuclei = nuclei[clear]
+    return nuclei
+
+
+def endocapillary_nuclei(g: Glomerulus, um: float, rng: np.random.Generator) -> np.ndarray:
+    """Nuclei of endocapillary hypercellularity, about 1.5 times a normal tuft's again.
+
+    One or two swollen endothelial cells or leukocytes in each capillary lumen but the thrombosed
+    ones (the lumina narrowed to 0.8 of their radius, in place) and more mesangial cells between
+    the loops; none in sclerosis.
+    """
+    tuft = polygon_of(g.tuft)
+    sclerosis = polygon_of(g.sclerosis) if g.sclerosis is not None else None
+    loops = g.loops
+    open_loops = loops
+    if len(g.thrombi) and len(loops):
+        open_loops = loops[cKDTree(g.thrombi[:, :2]).query(loops[:, :2])[0] > 0.5 * um]
+    wide = open_loops[:, 2] > 5.5 * um
+    along = np.radians(open_loops[wide, 4])
+    offset = 0.4 * open_loops[wide, 2:3] * np.column_stack([np.cos(along), np.sin(along)])
+    intracapillary = np.vstack([open_loops[~wide, :2], open_loops[wide, :2] + offset,
+                                open_loops[wide, :2] - offset])
+    intracapillary = intracapillary + rng.normal(0, 0.5 * um, intracapillary.shape)
+    if len(loops):
+        loops[:, 2] *= 0.8
+    region = tuft.difference(sclerosis) if sclerosis is not None else tuft
+    mesangial = random_points_in(region, int(region.area / (110 * um * um)), rng)
+    if len(loops) and len(mesangial):
+        distance, nearest = cKDTree(loops[:, :2]).query(mesangial)
+        mesangial = mesangial[distance > loops[nearest, 2] * (1 + loops[nearest, 3]) / 2 + 0.8 * um]
+    nuclei = np.vstack([
+        nuclei_rows(intracapillary, (2.4 * um, 1.9 * um), rng.uniform(0, 180, len(intracapillary)),
+                    rng),
+        nuclei_rows(mesangial, (2.6 * um, 2.0 * um), rng.uniform(0, 180, len(mesangial)), rng),
+    ])
     if sclerosis is not None and len(nuclei):
         clear = shapely.distance(sclerosis, shapely.points(nuclei[:, :2])) > nuclei[:, 2] + 2.5 * um
         nuclei = nuclei[clear]

@@ -4,6 +4,10 @@ Needle cores run top to bottom (so that row bands stay narrow on long slides). I
 glomeruli and arteries placed without overlap, fibrosis patches, then tubules around them
 (``tubules``; small and atrophic in the patches' widened interstitium), and interstitial nuclei. All coordinates are level-0 pixels (x, y).
 
+The activity lesions shown by nuclei alone (endocapillary hypercellularity, interstitial
+inflammation) draw from their own random stream, so a profile without them gives the same slide
+as before they existed.
+
 Every object kind keeps the row range of each object (``Layout.select``) so that a band renderer
 visits only the objects that meet its rows.
 """
@@ -14,12 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import shapely
+from scipy.spatial import cKDTree
 from shapely.geometry import Point, Polygon
 
 from biopsy.errors import ConfigError
 from biopsy.synth.geometry import (angles, exterior_vertices, nuclei_rows, periodic_noise,
                                    points_along, polar_outline, polygon_of, random_points_in)
-from biopsy.synth.glomerulus import Glomerulus, build_glomerulus
+from biopsy.synth.glomerulus import Glomerulus, build_glomerulus, endocapillary_nuclei
 from biopsy.synth.profile import LesionProfile
 from biopsy.synth.tubules import (NORMAL_KEEPS, Tubule, build_tubules, calibrate_atrophy,
                                   tubule_cells)
@@ -76,7 +81,9 @@ class Layout:
 
 def build_layout(profile: LesionProfile, seed: int | None = None) -> Layout:
     """The geometry of the slide that ``profile`` describes (``seed`` overrides ``profile.seed``)."""
-    rng = np.random.default_rng(profile.seed if seed is None else seed)
+    seed = profile.seed if seed is None else seed
+    rng = np.random.default_rng(seed)
+    nuclear_rng = np.random.default_rng([seed, 7])  # nuclear lesions: a stream of their own
     um = 1.0 / profile.mpp
     core_width = profile.core_width_mm * 1000 * um
     margin, gap = MARGIN_MM * 1000 * um, CORE_GAP_MM * 1000 * um
@@ -90,7 +97,8 @@ def build_layout(profile: LesionProfile, seed: int | None = None) -> Layout:
     core_polygons = [polygon_of(c) for c in cores]
     tissue = shapely.union_all(core_polygons)
 
-    lesions = _assign_lesions(profile, rng)
+    lesions = _assign_hypercellularity(_assign_lesions(profile, rng),
+                                       profile.endocapillary_hypercellularity, nuclear_rng)
     glomeruli, nuclei = [], []
     centres = _place_discs(core_polygons, [_diameter_um(l, rng) / 2 * um for l in lesions], [], rng,
                            "glomeruli", clearance=25 * um)
@@ -99,6 +107,8 @@ def build_layout(profile: LesionProfile, seed: int | None = None) -> Layout:
             gid, (x, y), 2 * radius / um, lesion_set, profile.deposit_burden, um, rng)
         glomeruli.append(glomerulus)
         nuclei.append(glomerulus_nuclei)
+        if "endocapillary_hypercellularity" in lesion_set:
+            nuclei.append(endocapillary_nuclei(glomerulus, um, nuclear_rng))
 
     area_mm2 = tissue.area / (1000 * um) ** 2
     artery_radii = list(rng.uniform(40, 75, max(1, round(area_mm2 * 0.3))) * um)
@@ -130,6 +140,11 @@ def build_layout(profile: LesionProfile, seed: int | None = None) -> Layout:
     tubules, tubule_nuclei = build_tubules(cells, atrophic, um, rng)
     nuclei.append(tubule_nuclei)
     nuclei.append(_interstitial_nuclei(tissue, patches, tubules, glomeruli, arteries, um, rng))
+    if profile.inflammation_percent > 0:
+        infiltrates = _fibrosis_patches(tissue, profile.inflammation_percent / 100 * cortex_area, um,
+                                        nuclear_rng)
+        nuclei.append(_infiltrate_nuclei(tissue, infiltrates, tubules, glomeruli, arteries, um,
+                                         nuclear_rng))
     fibrosis_outlines = [exterior_vertices(p) for p in getattr(patches, "geoms", [patches])
                          if isinstance(p, Polygon) and not p.is_empty]
     return Layout((height, width), profile.mpp, cores, fibrosis_outlines, tubules, arteries,
@@ -191,6 +206,18 @@ def _assign_lesions(profile: LesionProfile, rng) -> list[tuple[str, ...]]:
     for i in rng.permutation(others)[:count["hyaline_deposit"]]:
         lesions[i].append("hyaline_deposit")
     return [tuple(sorted(l)) for l in lesions]
+
+
+def _assign_hypercellularity(lesions: list[tuple[str, ...]], fraction: float,
+                             rng) -> list[tuple[str, ...]]:
+    """Endocapillary hypercellularity on round(fraction * n) glomeruli, none globally sclerosed."""
+    count = int(round(fraction * len(lesions)))
+    if count == 0:
+        return lesions
+    candidates = [i for i, l in enumerate(lesions) if "global_sclerosis" not in l]
+    chosen = set(rng.permutation(candidates)[:count].tolist())
+    return [tuple(sorted(l + ("endocapillary_hypercellularity",))) if i in chosen else l
+            for i, l in enumerate(lesions)]
 
 
 def _diameter_um(lesions: tuple[str, ...], rng) -> float:
@@ -295,3 +322,18 @@ def _interstitial_nuclei(tissue, patches, tubules, glomeruli, arteries, um, rng)
         nuclei_rows(spindle, (3.2 * um, 1.3 * um), rng.uniform(0, 180, len(spindle)), rng),
         nuclei_rows(round_cells, (2.0 * um, 1.8 * um), rng.uniform(0, 180, len(round_cells)), rng, 1.15),
     ])
+
+
+def _infiltrate_nuclei(tissue, infiltrates, tubules, glomeruli, arteries, um, rng) -> np.ndarray:
+    """Dense small round lymphocytes in the interstitium of the infiltrate patches, at least
+    5 µm apart (centre to centre), kept 1.5 µm off tubules, glomeruli and arteries."""
+    region = infiltrates.intersection(tissue.buffer(-3 * um))
+    points = random_points_in(region, int(region.area / (12 * um * um)), rng)
+    objects = ([polygon_of(t.outer) for t in tubules] + [polygon_of(g.capsule) for g in glomeruli]
+               + [polygon_of(a.outer) for a in arteries])
+    touching = shapely.STRtree(objects).query(shapely.points(points), predicate="dwithin",
+                                              distance=1.5 * um)[0]
+    points = np.delete(points, np.unique(touching), axis=0)
+    crowded = [j for i, j in sorted(cKDTree(points).query_pairs(5 * um))]
+    points = np.delete(points, np.unique(np.asarray(crowded, int)), axis=0)
+    return nuclei_rows(points, (2.1 * um, 1.9 * um), rng.uniform(0, 180, len(points)), rng, 1.2)

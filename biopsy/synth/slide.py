@@ -9,8 +9,9 @@
     truth.json               per-glomerulus measures and lesion calls, slide scores (written last)
 
 The truth measures and scores are computed by the shared ``biopsy.morphometry`` and
-``biopsy.scoring`` functions from the truth label map and the known glomerulus instances, window
-by window, so memory stays bounded on long slides.
+``biopsy.scoring`` functions from the truth label map, the known glomerulus instances and the
+drawn nuclei (their exact centres, for the nuclear densities of endocapillary hypercellularity and
+interstitial inflammation), window by window, so memory stays bounded on long slides.
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ def _write_labels(path: Path, layout: Layout, profile: LesionProfile, tile_um: f
     def bands():
         row = 0
         for labels, _ in label_bands(layout, profile.label_mpp, band_px=tile_px):
+            nuclei = layout.nuclei_in(row * scale, (row + labels.shape[0]) * scale)[:, :2]
             tiles.extend(measure_cortex_tiles(labels, CLASS_NAMES, profile.label_mpp, tile_um,
-                                              origin_xy_px=(0.0, row * scale), level0_mpp=profile.mpp))
+                                              origin_xy_px=(0.0, row * scale), level0_mpp=profile.mpp,
+                                              nuclei_xy=nuclei))
             row += labels.shape[0]
             yield labels
 
@@ -133,7 +136,8 @@ def _write_labels(path: Path, layout: Layout, profile: LesionProfile, tile_um: f
 
 
 def measure_truth_glomeruli(layout: Layout, label_mpp: float) -> list[GlomerulusMeasures]:
-    """Measures of every drawn glomerulus from a label-map window around it and its known pixels."""
+    """Measures of every drawn glomerulus from a label-map window around it, its known pixels and
+    the drawn nuclei."""
     scale = label_mpp / layout.mpp
     height, width = label_shape(layout, label_mpp)
     measures = []
@@ -143,8 +147,10 @@ def measure_truth_glomeruli(layout: Layout, label_mpp: float) -> list[Glomerulus
         right, bottom = min(int(xmax / scale) + 3, width), min(int(ymax / scale) + 3, height)
         labels, instances = render_labels(layout, scale, col, row, right - col, bottom - row)
         own = np.where(instances == g.glomerulus_id, g.glomerulus_id, 0).astype(np.int32)
+        nuclei = layout.nuclei_in(row * scale, bottom * scale)[:, :2]
         measures += measure_glomeruli(labels, CLASS_NAMES, label_mpp, instances=own,
-                                      origin_xy_px=(col * scale, row * scale), level0_mpp=layout.mpp)
+                                      origin_xy_px=(col * scale, row * scale), level0_mpp=layout.mpp,
+                                      nuclei_xy=nuclei)
     return measures
 
 
