@@ -1,9 +1,10 @@
 """Scoring validation: the bundled model on a synthetic cohort it never saw, against exact truth.
 
-``--slides N`` synthetic PAS slides (``biopsy.synth``), alternating the ``active-ln`` and
-``remission`` presets (glomerulus count scaled to ``--core-length-mm``), with fresh seeds
-(2000 + i; the bundled model was trained on seeds 100-119), are scored with the bundled model
-(:func:`biopsy.pipeline.score_slide_file`) and compared with their ``truth.json``:
+``--slides N`` synthetic slides (``biopsy.synth``), alternating the ``active-ln`` and
+``remission`` presets and cycling the PAS, H&E and trichrome stains (glomerulus count scaled to
+``--core-length-mm``), with fresh seeds (2000 + i; the bundled model was trained on seeds 100-119
+and 200-223), are scored with the bundled model (:func:`biopsy.pipeline.score_slide_file`) and
+compared with their ``truth.json``:
 
 - glomerulus detection: a predicted glomerulus matches a truth glomerulus when its centroid lies
   within the truth glomerulus's equivalent radius; matches are one-to-one, chosen to minimise the
@@ -11,16 +12,19 @@
 - lesion-call accuracy: matched glomeruli whose set of lesion calls equals the truth's exactly;
 - chronicity: slides whose four component bins all equal the truth's, and slides whose total is
   within +-1 of the truth's;
+- nuclear activity components (endocapillary hypercellularity, interstitial inflammation, from
+  nuclei detected on the slide): slides whose two bins equal the truth's;
 - deposit burden: Pearson r (``scipy.stats.pearsonr``) of the mean deposit area fraction over
   glomeruli, and of the % of glomeruli with deposits, against the truth, across slides; since
   ``remission`` slides have no deposits, r mostly separates the presets, so the mean relative
   error of the deposit fraction on slides with deposits is printed beside it.
 
-One table: a row per slide, then the cohort row with the issue's targets beside it. Slides and
-scored folders already complete in ``--work-dir`` are reused on a rerun.
+One table: a row per slide, then the cohort row with the issue's targets beside it. Slides are
+made in a temporary folder, or in ``--work-dir``, where complete slides are reused on a rerun (and
+scored folders too, per model hash): delete it when the generator changes.
 
-    python benchmarks/scoring.py                                # 10 slides, 3 mm: ~3.5 min
-    python benchmarks/scoring.py --slides 4 --core-length-mm 2  # quick check: ~1 min
+    python benchmarks/scoring.py                                # 10 slides, 3 mm: ~5 min on 2 cores
+    python benchmarks/scoring.py --slides 4 --core-length-mm 2  # quick check: ~1.5 min
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,15 +43,18 @@ from scipy.stats import pearsonr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from biopsy.model import DEFAULT_CHECKPOINT, read_model_info  # noqa: E402
 from biopsy.pipeline import inference_options, load_model, score_slide_file  # noqa: E402
 from biopsy.scorefolder import read_score_folder  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from biopsy.synth import generate_slide, load_profile  # noqa: E402
 
 PRESETS = ("active-ln", "remission")
+STAINS = ("pas", "he", "trichrome")
 FIRST_SEED = 2000
 CHRONICITY = ("glomerulosclerosis", "fibrous_crescents", "tubular_atrophy",
               "interstitial_fibrosis")
+NUCLEAR = ("endocapillary_hypercellularity", "interstitial_inflammation")
 TARGETS = {"f1": 0.95, "lesion_accuracy": 0.90, "chronicity_exact": 0.90,
            "total_within_1": 0.90, "deposit_r": 0.9}
 
@@ -62,6 +70,8 @@ class SlideResult:
     lesions_equal: int
     truth_bins: tuple
     predicted_bins: tuple
+    truth_nuclear_bins: tuple
+    predicted_nuclear_bins: tuple
     truth_total: int
     predicted_total: int
     truth_deposit_fraction: float
@@ -72,6 +82,10 @@ class SlideResult:
     @property
     def chronicity_exact(self) -> bool:
         return self.truth_bins == self.predicted_bins
+
+    @property
+    def nuclear_exact(self) -> bool:
+        return self.truth_nuclear_bins == self.predicted_nuclear_bins
 
     @property
     def total_within_1(self) -> bool:
@@ -99,12 +113,12 @@ def match_glomeruli(truth: list[dict], predicted: list, level0_mpp: float) -> li
     return [(int(r), int(c)) for r, c in zip(rows, cols) if allowed[r, c]]
 
 
-def chronicity_bins(scores: dict) -> tuple:
-    components = scores["chronicity_index"]["components"]
-    return tuple(components[name]["bin"] for name in CHRONICITY)
+def component_bins(scores: dict, index: str, names: tuple[str, ...]) -> tuple:
+    components = scores[index]["components"]
+    return tuple(components[name]["bin"] for name in names)
 
 
-def ensure_slide(folder: Path, preset: str, seed: int, core_length_mm: float) -> dict:
+def ensure_slide(folder: Path, preset: str, stain: str, seed: int, core_length_mm: float) -> dict:
     """The truth of the slide in ``folder``, generating it unless complete there already.
 
     The preset's glomerulus count is scaled to the core length (24 per 6 mm: 12 per 3 mm), so
@@ -117,7 +131,7 @@ def ensure_slide(folder: Path, preset: str, seed: int, core_length_mm: float) ->
     per_mm = preset_profile.glomeruli / preset_profile.core_length_mm
     glomeruli = max(1, round(per_mm * core_length_mm))
     profile = load_profile(None, preset, seed=seed, core_length_mm=core_length_mm,
-                           glomeruli=glomeruli, stain="pas")
+                           glomeruli=glomeruli, stain=stain)
     return generate_slide(profile, folder)
 
 
@@ -149,7 +163,10 @@ def compare(name: str, truth: dict, scored) -> SlideResult:
     return SlideResult(
         name=name, truth_count=len(truth["glomeruli"]), predicted_count=len(scored.glomeruli),
         matched=len(pairs), lesions_equal=lesions_equal,
-        truth_bins=chronicity_bins(truth_scores), predicted_bins=chronicity_bins(predicted_scores),
+        truth_bins=component_bins(truth_scores, "chronicity_index", CHRONICITY),
+        predicted_bins=component_bins(predicted_scores, "chronicity_index", CHRONICITY),
+        truth_nuclear_bins=component_bins(truth_scores, "activity_index", NUCLEAR),
+        predicted_nuclear_bins=component_bins(predicted_scores, "activity_index", NUCLEAR),
         truth_total=truth_scores["chronicity_index"]["score"],
         predicted_total=predicted_scores["chronicity_index"]["score"],
         truth_deposit_fraction=truth_scores["burdens"]["deposit_mean_area_fraction"],
@@ -171,16 +188,17 @@ def bins_text(bins: tuple) -> str:
 
 def print_table(results: list[SlideResult]) -> None:
     """A row per slide, the cohort row, and the targets row."""
-    header = (f"{'slide':<22}{'glom t/p/m':>12}{'F1':>7}{'lesion acc':>11}{'CI bins t/p':>13}"
-              f"{'CI t/p':>8}{'dep frac t/p':>15}{'dep % t/p':>13}")
+    header = (f"{'slide':<28}{'glom t/p/m':>12}{'F1':>7}{'lesion acc':>11}{'CI bins t/p':>13}"
+              f"{'CI t/p':>8}{'nuc bins t/p':>14}{'dep frac t/p':>15}{'dep % t/p':>13}")
     print(header)
     print("-" * len(header))
     for r in results:
         accuracy = r.lesions_equal / r.matched if r.matched else float("nan")
-        print(f"{r.name:<22}{f'{r.truth_count}/{r.predicted_count}/{r.matched}':>12}"
+        print(f"{r.name:<28}{f'{r.truth_count}/{r.predicted_count}/{r.matched}':>12}"
               f"{f1_score(r.matched, r.truth_count, r.predicted_count):>7.3f}{accuracy:>11.3f}"
               f"{bins_text(r.truth_bins) + '/' + bins_text(r.predicted_bins):>13}"
               f"{f'{r.truth_total}/{r.predicted_total}':>8}"
+              f"{bins_text(r.truth_nuclear_bins) + '/' + bins_text(r.predicted_nuclear_bins):>14}"
               f"{f'{r.truth_deposit_fraction:.3f}/{r.predicted_deposit_fraction:.3f}':>15}"
               f"{f'{r.truth_deposit_percent:.0f}/{r.predicted_deposit_percent:.0f}':>13}")
     matched = sum(r.matched for r in results)
@@ -201,14 +219,15 @@ def print_table(results: list[SlideResult]) -> None:
         [abs(r.predicted_deposit_fraction / r.truth_deposit_fraction - 1) for r in with_deposits]
     )) if with_deposits else float("nan")
     print("-" * len(header))
-    print(f"{f'cohort ({len(results)} slides)':<22}{'F1':>8} {cohort['f1']:.3f}"
+    print(f"{f'cohort ({len(results)} slides)':<28}{'F1':>8} {cohort['f1']:.3f}"
           f"  lesion acc {cohort['lesion_accuracy']:.3f}"
           f"  CI exact {cohort['chronicity_exact']:.0%}"
           f"  CI total +-1 {cohort['total_within_1']:.0%}"
+          f"  nuclear bins exact {np.mean([r.nuclear_exact for r in results]):.0%}"
           f"  deposit r (frac) {cohort['deposit_r']:.3f}  (% glom) {deposit_percent_r:.3f}"
           f"  deposit frac mean |rel err| {deposit_relative_error:.0%}"
           f" ({len(with_deposits)} slides)")
-    print(f"{'target':<22}{'F1':>8} >={TARGETS['f1']:.2f}"
+    print(f"{'target':<28}{'F1':>8} >={TARGETS['f1']:.2f}"
           f"  lesion acc >={TARGETS['lesion_accuracy']:.2f}"
           f"  CI exact >={TARGETS['chronicity_exact']:.0%}"
           f"  CI total +-1 >={TARGETS['total_within_1']:.0%}"
@@ -217,6 +236,7 @@ def print_table(results: list[SlideResult]) -> None:
     print("targets: " + ", ".join(f"{k} {v}" for k, v in verdict.items()))
     print("columns: glom truth/predicted/matched; CI bins = chronicity component bins "
           "(glomerulosclerosis, fibrous crescents, tubular atrophy, interstitial fibrosis); "
+          "nuc bins = endocapillary hypercellularity, interstitial inflammation; "
           "dep frac = mean deposit area fraction; dep % = % glomeruli with deposits")
 
 
@@ -225,18 +245,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slides", type=int, default=10, help="cohort size (default 10)")
     parser.add_argument("--core-length-mm", type=float, default=3.0,
                         help="biopsy core length in mm (default 3)")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/biopsy-scoring-benchmark"),
-                        help="slides and scored folders; complete ones are reused")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="slides and scored folders, complete ones reused (default: a "
+                             "temporary folder)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as temporary:
+        run(args, args.work_dir or Path(temporary))
+
+
+def run(args: argparse.Namespace, work_dir: Path) -> None:
     scorer = Scorer(args.device)
+    model_tag = read_model_info(DEFAULT_CHECKPOINT).sha256[:12]
     results = []
     for index in range(args.slides):
-        preset, seed = PRESETS[index % len(PRESETS)], FIRST_SEED + index
-        name = f"{preset}-{seed}"
-        folder = args.work_dir / f"{name}-{args.core_length_mm:g}mm"
-        truth = ensure_slide(folder / "synth", preset, seed, args.core_length_mm)
-        scored = scorer.ensure_scored(folder / "synth" / truth["slide"]["file"], folder / "scored")
+        preset, stain = PRESETS[index % len(PRESETS)], STAINS[index % len(STAINS)]
+        seed = FIRST_SEED + index
+        name = f"{preset}-{stain}-{seed}"
+        folder = work_dir / f"{name}-{args.core_length_mm:g}mm"
+        truth = ensure_slide(folder / "synth", preset, stain, seed, args.core_length_mm)
+        scored = scorer.ensure_scored(folder / "synth" / truth["slide"]["file"],
+                                      folder / f"scored-{model_tag}")
         results.append(compare(name, truth, scored))
         print(f"scored {name}", file=sys.stderr, flush=True)
     print_table(results)
