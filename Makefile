@@ -26,6 +26,7 @@ demo: venv
 bench: venv
 	$(BIN)/python benchmarks/segment.py --quick --parts --rss-check
 	$(BIN)/python benchmarks/scoring.py
+	$(BIN)/python benchmarks/stability.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
