@@ -42,7 +42,7 @@ from biopsy.restain import StainShift, restain_slide, rotated_xy  # noqa: E402
 from biopsy.scorefolder import ScoredSlide, read_score_folder  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from biopsy.slide import open_slide  # noqa: E402
-from biopsy.synth import generate_slide, load_profile  # noqa: E402
+from scoring import bins_text, ensure_slide  # noqa: E402  (benchmarks/scoring.py, beside this file)
 
 PRESETS = ("active-ln", "remission")
 STAINS = ("pas", "he", "trichrome")
@@ -112,20 +112,6 @@ def calls_changed(original: Scores, copy: Scores, quarter_turns: int) -> tuple[i
     return len(pairs), changed
 
 
-def ensure_slide(folder: Path, preset: str, stain: str, seed: int, core_length_mm: float) -> Path:
-    """The slide file in ``folder``, generating it unless complete there already (``truth.json``).
-
-    The preset's glomerulus count is scaled to the core length, as in ``benchmarks/scoring.py``.
-    """
-    if not (folder / "truth.json").is_file():
-        preset_profile = load_profile(None, preset)
-        per_mm = preset_profile.glomeruli / preset_profile.core_length_mm
-        profile = load_profile(None, preset, seed=seed, core_length_mm=core_length_mm,
-                               glomeruli=max(1, round(per_mm * core_length_mm)), stain=stain)
-        generate_slide(profile, folder)
-    return folder / "slide.svs"
-
-
 class Scorer:
     """Scores slides with a model (None: the bundled one) into folders kept per model."""
 
@@ -145,10 +131,6 @@ class Scorer:
         with open_slide(slide_path) as slide:
             dimensions = slide.dimensions
         return Scores.of(read_score_folder(out_dir), dimensions)
-
-
-def bins_text(bins: tuple) -> str:
-    return "".join("-" if b is None else str(b) for b in bins)
 
 
 def pair(before, after, text=str, width: int = 0) -> str:
@@ -238,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         preset, stain, seed = PRESETS[index % 2], STAINS[index % 3], FIRST_SEED + index
         name = f"{preset}-{stain}-{seed}"
         folder = args.work_dir / f"{name}-{core_length_mm:g}mm"
-        slide_path = ensure_slide(folder / "synth", preset, stain, seed, core_length_mm)
+        truth = ensure_slide(folder / "synth", preset, stain, seed, core_length_mm)
+        slide_path = folder / "synth" / truth["slide"]["file"]
         scored = folder / f"scored-{scorer.model_id}"
         original = scorer.scores(slide_path, scored / "original")
         for variant, (quarter_turns, shift) in VARIANTS.items():
