@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from biopsy.errors import CheckpointError
-from biopsy.infer import segment_slide, segment_slide_bands
-from biopsy.model import ModelInfo
+from biopsy.infer import prepare_model, segment_slide, segment_slide_bands
+from biopsy.model import ModelInfo, build_model
 from biopsy.pyramid import write_pyramid
 from biopsy.slide import open_slide
 from biopsy.stitch import BandStitcher
@@ -105,6 +105,24 @@ def test_matches_monai_gaussian_sliding_window(noise_slide):
     assert ours.labels.shape == (300, 420) and ours.tile_count == 9 * 13
     assert (ours.labels == theirs.argmax(0)).mean() >= 0.999
     assert np.abs(ours.probabilities - theirs * 255).max() <= 1
+
+
+def test_batchnorm_folding_keeps_the_unet_outputs():
+    torch.manual_seed(0)
+    model = build_model("unet", 4, 3, encoder="resnet18", decoder_channels=[32, 16, 16, 8, 8]).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # trained-like statistics, not the identity
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    image = torch.rand(2, 3, 96, 128)
+    folded = prepare_model(model, torch.device("cpu"))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the caller's model is kept
+    with torch.inference_mode():
+        expected, got = model(image), folded(image.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_worker_processes_give_the_same_map(noise_slide):

@@ -26,7 +26,7 @@ from training.config import EvaluateConfig, config_from_dict, load_config
 from training.dataset import PatchDataset
 from training.augment import build_augmentation
 from training.evaluate import count_metrics, evaluate_checkpoint, metrics_from_counts, predict_image
-from training.loop import fit, model_info
+from training.loop import ema_with_warmup, fit, model_info
 from training.losses import DiceCrossEntropyLoss, soft_dice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,13 +271,37 @@ def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
-    whole = config_from_dict(config_dict(dataset_root, tmp_path / "whole"), "test")
+    whole = config_from_dict(config_dict(dataset_root, tmp_path / "whole", ema_decay=0.99), "test")
     fit(whole)
-    cut = config_from_dict(config_dict(dataset_root, tmp_path / "cut"), "test")
+    cut = config_from_dict(config_dict(dataset_root, tmp_path / "cut", ema_decay=0.99), "test")
     fit(cut, stop_at=3)
     assert len(losses(tmp_path / "cut")) == 3
     fit(cut, resume=True)
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    resumed, _ = load_checkpoint(tmp_path / "cut" / "last.safetensors")  # the EMA weights
+    uncut, _ = load_checkpoint(tmp_path / "whole" / "last.safetensors")
+    for (name, a), b in zip(resumed.state_dict().items(), uncut.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_ema_decay_ramps_up_so_the_starting_weights_fade():
+    weights = [torch.tensor(float(value)) for value in [5.0, 1.0, 2.0, 3.0, 4.0]]
+    model = torch.nn.Linear(1, 1, bias=False)
+    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.5))
+    expected = None
+    for n, value in enumerate(weights):
+        model.weight.data.fill_(value)
+        averaged.update_parameters(model)
+        decay = min(0.5, (1 + n) / (10 + n))  # n weights averaged so far
+        expected = value if expected is None else decay * expected + (1 - decay) * value
+        assert averaged.module.weight.item() == pytest.approx(float(expected))
+    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999))
+    model.weight.data.fill_(1.0)
+    averaged.update_parameters(model)
+    model.weight.data.fill_(0.0)
+    for _ in range(1000):
+        averaged.update_parameters(model)
+    assert averaged.module.weight.item() < 0.01  # a fixed 0.999 would keep 0.37 of the start
 
 
 def test_fine_tuning_starts_from_the_checkpoint_and_refuses_another_architecture(dataset_root, tmp_path):

@@ -103,7 +103,7 @@ class TrainConfig:
     steps: int
     batch_size: int = 8  # per process
     workers: int = 2
-    ema_decay: float | None = None
+    ema_decay: float | None = None  # validate and save an EMA of the weights (decay ramps up)
     compile: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     log_every: int = 10

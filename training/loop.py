@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from biopsy.atomic import atomic_path, write_text_atomic
@@ -51,7 +51,7 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
         if rank == 0:
             print(message)
     model = model.to(device, memory_format=torch.channels_last)  # inputs are channels_last too
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(config.train.ema_decay), use_buffers=True)
            if config.train.ema_decay else None)
     optimiser = _optimiser(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(config))
@@ -117,6 +117,24 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
         dist.barrier()
         dist.destroy_process_group()
     return metrics if rank == 0 else None
+
+
+def ema_with_warmup(decay: float):
+    """EMA update whose decay ramps as (1 + n) / (10 + n) up to ``decay`` after n updates.
+
+    A fixed 0.999 keeps 0.999^n of the starting weights: 37 % after 1000 steps, which made a
+    1000-step real-glomeruli run validate at glomerulus Dice 0.65 where its raw weights had 0.90.
+    The decay is computed on the device, so the update never waits for the GPU.
+    """
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        if not torch.is_floating_point(averaged[0]):  # BatchNorm's num_batches_tracked
+            torch._foreach_copy_(averaged, current)
+            return
+        updates = updates.to(averaged[0].dtype)
+        weight = 1 - torch.clamp((1 + updates) / (10 + updates), max=decay)
+        torch._foreach_lerp_(averaged, current, weight)
+    return update
 
 
 def model_info(config: Config) -> ModelInfo:
