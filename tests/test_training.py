@@ -199,6 +199,32 @@ def test_patches_are_reproducible_and_labels_follow_the_polygons(dataset_root, t
     assert (labels == 2).any(axis=(1, 2)).mean() > 0.2  # object oversampling reaches the rare class
 
 
+def test_hed_jitter_scales_each_stain_and_keeps_colours_off_the_stain_plane():
+    from skimage.color import hed2rgb
+
+    concentrations = np.random.default_rng(0).uniform(0, [0.06, 0.08, 0.01], (32, 32, 3))
+    image = np.rint(hed2rgb(concentrations) * 255).astype(np.uint8)  # stains only, as scikit-image sees them
+    jitter = build_augmentation([{"transform": "HEDJitter", "haematoxylin": [0.7, 1.3],
+                                  "eosin": [0.9, 0.9], "p": 1}], "test")
+    jitter.set_random_seed(1)
+    jittered = jitter(image=image)["image"]
+    shift = jitter.transforms[0].get_applied_params()["shift"]
+    assert 0.7 <= shift.haematoxylin <= 1.3 and shift.eosin == pytest.approx(0.9)
+    expected = hed2rgb(concentrations * [shift.haematoxylin, shift.eosin, 1]) * 255
+    assert np.abs(jittered - expected).max() <= 2.5  # uint8 rounding of the input, amplified
+    # factors of 1 leave PAS magenta and trichrome blue as they are; albumentations' HEStain,
+    # which rebuilds from two stain vectors, does not
+    colours = np.array([[[200, 60, 170], [70, 90, 190]]], np.uint8)
+    identity = [{"transform": "HEDJitter", "haematoxylin": [1, 1], "eosin": [1, 1], "p": 1}]
+    assert np.array_equal(build_augmentation(identity, "test")(image=colours)["image"], colours)
+    two_stain = [{"transform": "HEStain", "method": "preset", "preset": "ruifrok",
+                  "intensity_scale_range": [1, 1], "intensity_shift_range": [0, 0],
+                  "augment_background": True, "p": 1}]
+    assert np.abs(build_augmentation(two_stain, "test")(image=colours)["image"].astype(int) - colours).max() > 20
+    with pytest.raises(ConfigError, match="invalid arguments for HEDJitter"):
+        build_augmentation([{"transform": "HEDJitter", "eosin": [1.2, 0.8]}], "test")
+
+
 # --- loss and evaluation ---------------------------------------------------------------------
 
 def test_loss_ignores_unlabelled_pixels():

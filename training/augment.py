@@ -6,6 +6,7 @@ Each config entry names an albumentations transform and its arguments, e.g.::
       - {transform: D4}                                # flips and rot90
       - {transform: Affine, scale: [0.8, 1.25], rotate: [-180, 180], fill: 255, fill_mask: 255, p: 0.5}
       - {transform: HEStain, method: random_preset, p: 0.5}   # stain jitter in HED space
+      - {transform: HEDJitter, haematoxylin: [0.7, 1.3], eosin: [0.7, 1.3], p: 0.8}   # ours, below
       - {transform: HueSaturationValue, hue_shift_limit: 10, p: 0.5}
       - {transform: RandomBrightnessContrast, p: 0.5}
       - {transform: RandomGamma, p: 0.3}
@@ -20,8 +21,38 @@ from outside the patch are ignored by the loss.
 import inspect
 
 import albumentations as A
+import numpy as np
 
 from biopsy.errors import ConfigError
+from biopsy.restain import StainShift
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """Each stain's amount scaled by its own random factor in the full-rank HED colour deconvolution
+    (:class:`biopsy.restain.StainShift`, what ``biopsy restain`` and the stability check apply).
+
+    Unlike albumentations' ``HEStain``, which rebuilds the image from two stain vectors and so drops
+    whatever colour lies off their plane (PAS magenta, trichrome blue), the third axis is kept: a
+    factor of 1 is the identity and every stain's colour survives.
+    """
+
+    def __init__(self, haematoxylin: tuple[float, float] = (0.8, 1.2),
+                 eosin: tuple[float, float] = (0.8, 1.2), p: float = 0.5):
+        super().__init__(p=p)
+        for name, limits in (("haematoxylin", haematoxylin), ("eosin", eosin)):
+            if len(limits) != 2 or not 0 <= limits[0] <= limits[1]:
+                raise ValueError(f"{name} must be [low, high] factors with 0 <= low <= high, got {limits}")
+        self.haematoxylin, self.eosin = tuple(haematoxylin), tuple(eosin)
+
+    def get_params(self) -> dict:
+        return {"shift": StainShift(haematoxylin=self.py_random.uniform(*self.haematoxylin),
+                                    eosin=self.py_random.uniform(*self.eosin))}
+
+    def apply(self, img: np.ndarray, shift: StainShift, **params) -> np.ndarray:
+        return shift.apply(img)
+
+
+TRANSFORMS = {"HEDJitter": HEDJitter}  # the project's own, beside albumentations' by name
 
 
 def build_augmentation(entries: list[dict], source: str) -> A.Compose:
@@ -31,7 +62,7 @@ def build_augmentation(entries: list[dict], source: str) -> A.Compose:
         where = f"{source}: augment[{index}]"
         arguments = dict(entry)
         name = arguments.pop("transform", None)
-        kind = getattr(A, name, None) if isinstance(name, str) else None
+        kind = TRANSFORMS.get(name, getattr(A, name, None)) if isinstance(name, str) else None
         if not (inspect.isclass(kind) and issubclass(kind, A.BasicTransform)):
             raise ConfigError(f"{where}: 'transform' must name an albumentations transform, got {name!r}")
         accepted = inspect.signature(kind).parameters
