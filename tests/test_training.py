@@ -96,9 +96,11 @@ def losses(output: Path) -> list[float]:
 # --- configs ---------------------------------------------------------------------------------
 
 def test_bundled_configs_load():
-    for name in ("real-glomeruli", "synthetic-pas"):
-        config = load_config(REPO / "configs" / "train" / f"{name}.yaml")
-        assert config.model.classes
+    paths = sorted((REPO / "configs" / "train").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        config = load_config(path)
+        assert config.model.classes and build_augmentation(config.augment, str(path)).transforms
 
 
 @pytest.mark.parametrize("change,message", [
