@@ -312,6 +312,21 @@ def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_tensorboard_gets_the_log_rows_and_validation_metrics(dataset_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = config_from_dict(config_dict(dataset_root, tmp_path / "run", steps=4, validate_every=4,
+                                          tensorboard=True), "test")
+    metrics = fit(config)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in loss] == [1, 2, 3, 4]
+    assert [value for _, value in loss] == pytest.approx(losses(tmp_path / "run"), rel=1e-6)
+    dice = events.Scalars("validation/all/glomerulus_dice")
+    assert [(e.step, e.value) for e in dice] == [(4, pytest.approx(metrics["all"]["glomerulus_dice"]))]
+
+
 def test_ema_decay_ramps_up_so_the_starting_weights_fade():
     weights = [torch.tensor(float(value)) for value in [5.0, 1.0, 2.0, 3.0, 4.0]]
     model = torch.nn.Linear(1, 1, bias=False)

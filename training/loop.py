@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.classes import CLASS_COLOURS
-from biopsy.errors import CheckpointError
+from biopsy.errors import CheckpointError, ConfigError
 from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
 from training.augment import build_augmentation
 from training.cases import find_slides, split_by_case
@@ -72,6 +72,7 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
         output.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     log = _CsvLog(output / "log.csv", start) if rank == 0 else None
+    board = _TensorBoardLog(output, start) if rank == 0 and config.train.tensorboard else None
     progress = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fit", unit="step")
     bf16 = config.train.bf16(device.type)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
@@ -98,8 +99,11 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
             mean_loss = _mean_over_ranks(loss.detach(), world)
             elapsed, timer = time.perf_counter() - timer, time.perf_counter()
             if log is not None:
-                log.write(step, mean_loss, scheduler.get_last_lr()[0],
-                          config.train.batch_size * world * (step - logged_step) / elapsed, data_wait_s)
+                row = (step, mean_loss, scheduler.get_last_lr()[0],
+                       config.train.batch_size * world * (step - logged_step) / elapsed, data_wait_s)
+                log.write(*row)
+                if board is not None:
+                    board.write(*row)
             logged_step, data_wait_s = step, 0.0
             progress.set_postfix(loss=f"{mean_loss:.4f}")
         final = step == last_step
@@ -110,9 +114,13 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
             if rank == 0:
                 best = _save_checkpoints(output, evaluated, info, metrics, step, config, best,
                                          validation_slides)
+                if board is not None:
+                    board.validation(step, metrics)
         if rank == 0 and (step % config.train.save_every == 0 or final):
             _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best)
     progress.close()
+    if board is not None:
+        board.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -293,3 +301,30 @@ class _CsvLog:
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([step, repr(loss), f"{lr:.6g}", f"{images_per_s:.6g}",
                                     f"{data_wait_s:.4f}"])
+
+
+class _TensorBoardLog:
+    """log.csv's columns and the validation metrics as TensorBoard scalars in ``output_dir/tensorboard``
+    (``train.tensorboard: true``; on resume, events after the resumed step are dropped)."""
+
+    def __init__(self, output: Path, start: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ConfigError("train.tensorboard needs TensorBoard: pip install 'renal-biopsy[tensorboard]'"
+                              ) from error
+        self.writer = SummaryWriter(output / "tensorboard", purge_step=start + 1 if start else None)
+
+    def write(self, step: int, loss: float, lr: float, images_per_s: float, data_wait_s: float) -> None:
+        for name, value in zip(_CsvLog.HEADER[1:], (loss, lr, images_per_s, data_wait_s)):
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def validation(self, step: int, metrics: dict[str, dict]) -> None:
+        for group, values in metrics.items():
+            for name, value in values.items():
+                if isinstance(value, float):
+                    self.writer.add_scalar(f"validation/{group}/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
