@@ -1,8 +1,8 @@
 """Whole-slide segmentation, side by side: this engine, TIAToolbox, MONAI and a naive loop.
 
 One synthetic slide (``biopsy synth``: biopsy cores on glass, JPEG Aperio SVS at 0.5 µm/px, with
-its truth label map) and one checkpoint (a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px,
-random features with the last layer fitted to the truth, unless ``--model`` is given) go through
+its truth label map) and one checkpoint (the bundled model, ``biopsy/models/default.safetensors``:
+a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px; or ``--model``) go through
 (inputs: ``segment_inputs.py``; the methods: ``segment_runners.py``):
 
 1. ``ours``: :func:`biopsy.infer.segment_slide` (tissue tiles only, worker processes, Gaussian
@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segment_inputs import SLIDE_MPP, make_checkpoint, make_large_slide, make_slide
+from segment_inputs import SLIDE_MPP, make_large_slide, make_slide
 from segment_runners import RUNNERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def tia_python(requested: str | None) -> str | None:
 
 
 def main() -> None:
-    from biopsy.model import read_model_info
+    from biopsy.model import DEFAULT_CHECKPOINT, read_model_info
     from biopsy.slide import open_slide
 
     args = parse_args()
@@ -169,7 +169,7 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     slide = make_slide(args.work_dir / f"synth-{args.core_length_mm}mm", args.cores,
                        args.core_length_mm, args.core_width_mm)
-    checkpoint = args.model or make_checkpoint(args.work_dir / "unet-benchmark.safetensors", slide)
+    checkpoint = args.model or DEFAULT_CHECKPOINT
     info = read_model_info(checkpoint)
     width, height = open_slide(slide).dimensions
     print(f"slide: {width} x {height} px at {SLIDE_MPP} µm/px ({args.cores} core(s) of "
@@ -309,7 +309,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cores", type=int, help="tissue cores on the slide (default 2; quick 1)")
     parser.add_argument("--core-length-mm", type=float, help="default 12; quick 1.5")
     parser.add_argument("--core-width-mm", type=float, help="default 1.2; quick 0.8")
-    parser.add_argument("--model", type=Path, help="checkpoint (default: a U-Net made here)")
+    parser.add_argument("--model", type=Path, help="checkpoint (default: the bundled model)")
     parser.add_argument("--batch-size", type=int, help="default 64 on CUDA, 8 on CPU")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--methods", nargs="+", choices=METHODS,

@@ -1,9 +1,7 @@
-"""Inputs of the segmentation benchmark: synthetic slides and the benchmark checkpoint.
+"""Inputs of the segmentation benchmark: synthetic slides.
 
 - :func:`make_slide`: a ``biopsy synth`` slide (biopsy cores on glass, JPEG Aperio SVS at
   0.5 µm/px) with its truth label map at 1 µm/px;
-- :func:`make_checkpoint`: a ResNet18 U-Net (11 classes, 256 px tiles at 1 µm/px) with random
-  features and the last layer fitted to a slide's truth;
 - :func:`make_large_slide`: a large square slide (e.g. 60,000 x 60,000 px) tiled with copies of a
   small synthetic slide, built in bounded memory in a minute or two.
 
@@ -18,8 +16,6 @@ from pathlib import Path
 import numpy as np
 
 SLIDE_MPP = 0.5
-MODEL_MPP = 1.0
-PATCH_PX = 256
 BAND_PX = 256  # rows per band handed to the pyramid writer (one JPEG tile row)
 
 
@@ -35,58 +31,6 @@ def make_slide(folder: Path, cores: int, core_length_mm: float, core_width_mm: f
         if biopsy(arguments):
             raise SystemExit(f"biopsy {' '.join(arguments)} failed")
     return folder / "slide.svs"
-
-
-def make_checkpoint(path: Path, slide_path: Path, steps: int = 150) -> Path:
-    """A ResNet18 U-Net that predicts the slide's classes roughly, made in a minute on a CPU:
-    random weights, batch-norm statistics measured on 16 tiles of the slide, then only the last
-    layer fitted to the truth (``steps`` Adam steps on the frozen features). Its maps look like a
-    trained model's: structured, confident in places, uncertain along borders."""
-    import torch
-
-    from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
-    from biopsy.labelmap import read_label_map
-    from biopsy.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, build_model, save_checkpoint
-    from biopsy.slide import open_slide
-
-    if path.exists():
-        return path
-    torch.manual_seed(0)
-    arguments = {"encoder": "resnet18"}
-    model = build_model("unet", len(CLASS_NAMES), 3, **arguments)
-    info = ModelInfo("unet", arguments, list(CLASS_NAMES),
-                     {n: list(c) for n, c in CLASS_COLOURS.items()}, MODEL_MPP, PATCH_PX, 3,
-                     {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-                     training_config={"benchmark": "random features, last layer fitted"})
-    slide, truth = open_slide(slide_path), read_label_map(slide_path.parent / "labels.ome.tif")
-    assert truth.mpp == MODEL_MPP and truth.class_names == CLASS_NAMES
-    rng = np.random.default_rng(0)
-    height, width = truth.labels.shape
-    corners = list(zip(rng.integers(0, width - PATCH_PX, 16),
-                       rng.integers(0, height - PATCH_PX, 16)))
-    scale = MODEL_MPP / SLIDE_MPP
-    tiles = np.stack([slide.read(int(col * scale), int(row * scale), (PATCH_PX, PATCH_PX),
-                                 MODEL_MPP) for col, row in corners])
-    targets = np.stack([truth.labels[row : row + PATCH_PX, col : col + PATCH_PX]
-                        for col, row in corners])
-    features = []
-    model.head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a plain average over the calibration batch
-    with torch.no_grad():
-        model.train()(info.normalise(torch.from_numpy(tiles)))
-        model.eval()(info.normalise(torch.from_numpy(tiles)))
-    optimiser = torch.optim.Adam(model.head.parameters(), lr=0.05)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model.head(features[-1]),
-                                                 torch.from_numpy(targets).long())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    print(f"benchmark model: last layer fitted to the truth, loss {loss.item():.3f}", flush=True)
-    save_checkpoint(path, model, info)
-    return path
 
 
 def make_large_slide(path: Path, size_px: int, source: Path) -> Path:
