@@ -24,7 +24,8 @@ from biopsy.errors import CheckpointError
 from biopsy.provenance import file_sha256
 
 CHECKPOINT_FORMAT = "biopsy.checkpoint/1"
-# The bundled model (all SCORING.md classes, trained on synthetic PAS slides: configs/train/synthetic-pas.yaml).
+# The bundled model (all SCORING.md classes; synthetic PAS, H&E and trichrome slides; recipe in
+# configs/train/synthetic-multistain-polish.yaml).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "default.safetensors"
 METADATA_KEY = "biopsy"
 

@@ -34,7 +34,7 @@ from biopsy.scoring import ScoreConfig
 from biopsy.slide import open_slide
 
 TILE_OVERLAP = 0.5  # segment_slide's default, recorded in the provenance
-TRAIN_CONFIG = "configs/train/synthetic-pas.yaml"
+TRAIN_CONFIG = "configs/train/synthetic-multistain-polish.yaml"  # its header: the three stages
 # Packages whose versions can change a scored slide, beyond those the folder writer records.
 INFERENCE_PACKAGES = ("openslide-python", "openslide-bin", "tifffile", "imagecodecs")
 
@@ -76,8 +76,7 @@ def checkpoint_path(path: str | Path | None) -> Path:
     if path == DEFAULT_CHECKPOINT and not path.is_file():
         raise CheckpointError(
             f"{path}: the bundled model is not installed; give a checkpoint with --model CKPT, or "
-            f"train it: `python -m training synth {TRAIN_CONFIG}`, `python -m training fit "
-            f"{TRAIN_CONFIG}`, then copy runs/synthetic-pas/best.safetensors to {path}")
+            f"train it in the three stages {TRAIN_CONFIG} lists and export the last to {path}")
     return path
 
 
