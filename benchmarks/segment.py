@@ -7,6 +7,7 @@ a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px; or ``--model``) go throu
 
 1. ``ours``: :func:`biopsy.infer.segment_slide` (tissue tiles only, worker processes, Gaussian
    blending, band-streamed stitching; bf16 on CUDA); ``ours-bf16`` with bf16 autocast on CPU too;
+   stain normalisation off, as the peers have none (``--large-px`` keeps it: the production path);
 2. ``tiatoolbox``: ``SemanticSegmentor.run(patch_mode=False)`` with its automatic tissue mask and
    the same tiles, stride and workers (needs ``tiatoolbox``; ``--tia-python`` names an interpreter
    that has it, e.g. a separate environment, since it pins older torch/numpy);

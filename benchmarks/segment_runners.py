@@ -30,6 +30,7 @@ def run_ours(slide_path, checkpoint, args, bf16: bool | None = None) -> dict:
     from biopsy.slide import open_slide
 
     model, info = load_checkpoint(checkpoint, args.device)
+    info.stain_reference = None  # the peers see the slide's own pixels: so does ours here
     started = time.perf_counter()
     class_map = segment_slide(open_slide(slide_path), model, info, batch_size=args.batch_size,
                               workers=args.workers, device=args.device, bf16=bf16)

@@ -31,6 +31,7 @@ from biopsy.classes import class_index
 from biopsy.errors import CheckpointError, MppError, SlideError
 from biopsy.model import ModelInfo
 from biopsy.slide import Slide
+from biopsy.stainnorm import slide_stain_shift
 from biopsy.stitch import Band, BandStitcher, output_index
 from biopsy.tiling import TileDataset, TileGrid, grid_shape_px, make_grid
 from biopsy.tissue import TissueMask, detect_tissue
@@ -142,12 +143,14 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
                             output_mpp, info.patch_size_px, background, return_probabilities,
                             device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
-    bands = _bands(slide, grid, prepare_model(model, device, compile), info, stitcher, batch_size,
+    stain = slide_stain_shift(slide, info.stain_reference) if len(grid) else None
+    tiles = TileDataset(slide, grid, stain)
+    bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
                    workers, device, bf16, progress)
     return grid, _background_outside_tissue(bands, tissue, output_mpp, output_shape, background)
 
 
-def _bands(slide, grid: TileGrid, model, info, stitcher: BandStitcher, batch_size: int,
+def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: int,
            workers: int, device: torch.device, bf16: bool, progress: bool) -> Iterator[Band]:
     """Run the tiles in row-major order; yield each band as soon as it is finished.
 
@@ -155,11 +158,10 @@ def _bands(slide, grid: TileGrid, model, info, stitcher: BandStitcher, batch_siz
     the consumer's code.
     """
     on_cuda = device.type == "cuda"
-    loader = DataLoader(TileDataset(slide, grid), batch_size=batch_size, num_workers=workers,
-                        pin_memory=on_cuda)
+    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, pin_memory=on_cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     normalise = _normaliser(info, device)
-    bar = tqdm(total=len(grid), unit="tile", disable=not progress)
+    bar = tqdm(total=len(tiles), unit="tile", disable=not progress)
     first = 0
     for batch in loader:
         with torch.inference_mode():
@@ -167,7 +169,7 @@ def _bands(slide, grid: TileGrid, model, info, stitcher: BandStitcher, batch_siz
             with autocast:
                 logits = model(normalise(batch))
             probabilities = _resize(logits.float(), info.patch_size_px).softmax(dim=1)
-            bands = stitcher.add(probabilities, grid.origins_px[first : first + len(batch)])
+            bands = stitcher.add(probabilities, tiles.origins_px[first : first + len(batch)])
         first += len(batch)
         bar.update(len(batch))
         yield from bands

@@ -163,6 +163,7 @@ class ModelInfo:
     patch_size_px: int
     in_channels: int
     normalisation: dict[str, list[float]]  # {"mean": [...], "std": [...]} for inputs in 0..1
+    stain_reference: list[float] | None = None  # (haematoxylin, eosin) amounts: biopsy.stainnorm
     training_config: dict = field(default_factory=dict)
     validation_metrics: dict = field(default_factory=dict)
     code_version: str = __version__

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from biopsy.restain import StainShift
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -84,17 +86,20 @@ def grid_shape_px(dimensions: tuple[int, int], slide_mpp: tuple[float, float],
 
 
 class TileDataset(Dataset):
-    """The grid's tiles as uint8 (patch, patch, C) tensors, read from the slide at the grid's mpp.
+    """The grid's tiles as uint8 (patch, patch, C) tensors, read from the slide at the grid's mpp
+    (with ``stain`` applied: :mod:`biopsy.stainnorm`).
 
     Holds a fresh copy of the slide (file not yet open), so that each DataLoader worker opens its
     own handle after the fork instead of sharing the parent's file offset.
     """
 
-    def __init__(self, slide, grid: TileGrid):
+    def __init__(self, slide, grid: TileGrid, stain: StainShift | None = None):
         self.slide = copy.copy(slide)
+        self.stain = stain
         self.patch_px = grid.patch_px
         self.mpp = grid.mpp
         self.level0_xy = grid.level0_xy(slide.mpp)
+        self.origins_px = grid.origins_px
 
     def __len__(self) -> int:
         return len(self.level0_xy)
@@ -102,4 +107,6 @@ class TileDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         x, y = self.level0_xy[index]
         tile = self.slide.read(float(x), float(y), (self.patch_px, self.patch_px), self.mpp)
+        if self.stain is not None:
+            tile = self.stain.apply(tile)
         return torch.from_numpy(np.ascontiguousarray(tile))

@@ -21,7 +21,7 @@ from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
-from training.cases import find_slides, split_by_case
+from training.cases import find_slides, split_by_case, stain_reference
 from training.config import EvaluateConfig, config_from_dict, load_config
 from training.dataset import PatchDataset
 from training.augment import build_augmentation
@@ -296,6 +296,17 @@ def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path
     assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
     everything = evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors", data_root=dataset_root)
     assert everything["all"]["glomerulus_count"] == 12  # --data: every annotated image
+
+
+def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path):
+    settings = config_dict(dataset_root, tmp_path / "run", steps=2, validate_every=2)
+    settings["model"]["stain_normalisation"] = True
+    config = config_from_dict(settings, "test")
+    metrics = fit(config)
+    _, info = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    training_slides = split_by_case(find_slides(config.data, info.class_names, "test"), config.data.split)[0]
+    assert info.stain_reference == pytest.approx(stain_reference(training_slides))
+    assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):

@@ -9,7 +9,9 @@ import numpy as np
 
 from biopsy.errors import ConfigError
 from biopsy.geojson import read_annotations
+from biopsy.restain import StainShift
 from biopsy.slide import Slide, open_slide
+from biopsy.stainnorm import slide_stain_shift, stain_amounts
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.config import DataConfig, SplitConfig
 
@@ -25,6 +27,7 @@ class AnnotatedSlide:
     dimensions: tuple[int, int]  # level-0 (width, height)
     labels: PolygonLabels | LabelMapLabels
     mpp_override: float | None = None
+    stain_shift: StainShift | None = None  # applied to every read (stain normalisation)
     _slide: Slide | None = field(default=None, repr=False)
 
     def slide(self) -> Slide:
@@ -32,8 +35,27 @@ class AnnotatedSlide:
             self._slide = open_slide(self.path, mpp=self.mpp_override)
         return self._slide
 
+    def read(self, left: float, top: float, size: tuple[int, int], mpp: float) -> np.ndarray:
+        """The slide's pixels (:meth:`biopsy.slide.Slide.read`), stain-normalised when set."""
+        image = self.slide().read(left, top, size, mpp)
+        return image if self.stain_shift is None else self.stain_shift.apply(image)
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None}
+
+
+def stain_reference(slides: list[AnnotatedSlide]) -> list[float]:
+    """The mean (haematoxylin, eosin) amounts of ``slides`` (those with tissue)."""
+    amounts = [a for a in (stain_amounts(s.slide()) for s in slides) if a is not None]
+    if not amounts:
+        raise ConfigError("model.stain_normalisation: no tissue found on the training slides")
+    return [float(v) for v in np.mean(amounts, axis=0)]
+
+
+def set_stain_shifts(slides: list[AnnotatedSlide], reference: list[float] | None) -> None:
+    """Have every slide's reads brought to a model's stain ``reference`` (None: left as they are)."""
+    for slide in slides:
+        slide.stain_shift = slide_stain_shift(slide.slide(), reference)
 
 
 def find_slides(data: DataConfig, class_names: list[str], source: str, root: str | Path | None = None

@@ -69,6 +69,7 @@ class ModelConfig:
     patch_size_px: int = 256
     normalisation_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     normalisation_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    stain_normalisation: bool = False  # scale every slide's stain amounts to the training mean (biopsy.stainnorm)
     class_colours: dict[str, list[int]] = field(default_factory=dict)  # default: biopsy.classes
 
 

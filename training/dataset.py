@@ -47,7 +47,7 @@ class PatchDataset(torch.utils.data.Dataset):
         left = int(round(_clamp(x - extent / 2, slide.dimensions[0] - extent)))
         top = int(round(_clamp(y - extent / 2, slide.dimensions[1] - extent)))
         size = (self.patch_size_px, self.patch_size_px)
-        image = slide.slide().read(left, top, size, self.mpp)
+        image = slide.read(left, top, size, self.mpp)
         labels = slide.labels.labels(left, top, size, self.mpp)
         self.augment.set_random_seed(int(rng.integers(2**31)))
         out = self.augment(image=image, mask=labels)

@@ -15,7 +15,7 @@ from skimage.measure import label
 from biopsy.classes import GLOMERULAR_CLASSES
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.model import ModelInfo, load_checkpoint
-from training.cases import AnnotatedSlide, find_slides, split_by_case
+from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
 from training.config import Config, EvaluateConfig
 
 
@@ -171,7 +171,7 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
     for slide in slides[rank::world]:
         size = (round(slide.dimensions[0] * slide.mpp / info.input_mpp),
                 round(slide.dimensions[1] * slide.mpp / info.input_mpp))
-        image = slide.slide().read(0, 0, size, info.input_mpp)
+        image = slide.read(0, 0, size, info.input_mpp)
         truth = slide.labels.labels(0, 0, size, info.input_mpp)
         prediction = predict_image(model, info, image, device, batch_size, bf16,
                                    slide.slide().background_value)
@@ -197,5 +197,6 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
         slides = split_by_case(slides, config.data.split)[1]
+    set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
     return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16)

@@ -25,7 +25,7 @@ from biopsy.classes import CLASS_COLOURS
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
 from training.augment import build_augmentation
-from training.cases import find_slides, split_by_case
+from training.cases import find_slides, set_stain_shifts, split_by_case, stain_reference
 from training.config import Config
 from training.dataset import PatchDataset, default_object_classes
 from training.evaluate import evaluate_slides
@@ -44,6 +44,9 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
     slides = find_slides(config.data, config.model.classes, config.source)
     training_slides, validation_slides = split_by_case(slides, config.data.split)
     info = model_info(config)
+    if config.model.stain_normalisation:
+        info.stain_reference = stain_reference(training_slides)
+        set_stain_shifts(training_slides + validation_slides, info.stain_reference)
     model = build_model(info.architecture, len(info.class_names), info.in_channels,
                         encoder_weights=config.model.encoder_weights, **info.arguments)
     if config.model.init_checkpoint and not resume:

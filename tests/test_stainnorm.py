@@ -1,0 +1,85 @@
+"""Stain normalisation: amounts measured on slides, undone shifts, and inference that applies them."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import rgb_from_hed
+from torch import nn
+
+from biopsy.infer import segment_slide
+from biopsy.model import ModelInfo
+from biopsy.pyramid import write_pyramid
+from biopsy.restain import StainShift
+from biopsy.slide import open_slide
+from biopsy.stainnorm import MEASURE_MPP, normalising_shift, slide_stain_shift, stain_amounts
+from biopsy.tissue import TissueMask
+
+MPP = 0.5
+BLOCK = int(MEASURE_MPP / MPP)  # stains constant over what one measured pixel covers
+
+
+def stained(concentrations: np.ndarray) -> np.ndarray:
+    """uint8 RGB of (h, w, 2) haematoxylin and eosin concentrations (optical density units)."""
+    hed = np.concatenate([concentrations, np.zeros_like(concentrations[..., :1])], axis=-1)
+    return np.rint(255 * np.exp(-(hed @ rgb_from_hed))).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def stains():
+    rng = np.random.default_rng(3)
+    coarse = np.stack([rng.uniform(0.2, 1.5, (100, 100)), rng.uniform(0.2, 1.0, (100, 100))], axis=-1)
+    return np.kron(coarse, np.ones((BLOCK, BLOCK, 1)))  # 800 x 800 px at 0.5 µm/px
+
+
+def write(path, image):
+    glass = np.full((160, image.shape[1], 3), 255, np.uint8)
+    image = np.concatenate([glass, image])
+    write_pyramid(path, [image], image.shape[:2], MPP, style="generic", compression="zlib",
+                  min_level_px=64)
+    return open_slide(path)
+
+
+def test_amounts_are_the_99th_percentiles_and_follow_a_shift(stains, tmp_path):
+    original = write(tmp_path / "original.tif", stained(stains))
+    expected = np.percentile(stains.reshape(-1, 2), 99, axis=0)
+    assert stain_amounts(original) == pytest.approx(expected, abs=0.02)
+    shifted = write(tmp_path / "shifted.tif", StainShift(haematoxylin=0.8, eosin=1.2).apply(stained(stains)))
+    assert stain_amounts(shifted) == pytest.approx(expected * [0.8, 1.2], rel=0.02)
+    back = normalising_shift(stain_amounts(shifted), stain_amounts(original))
+    assert (back.haematoxylin, back.eosin) == pytest.approx((1 / 0.8, 1 / 1.2), rel=0.02)
+
+
+def test_glass_and_fluorescence_are_left_alone(tmp_path):
+    glass = write(tmp_path / "glass.tif", np.full((64, 64, 3), 255, np.uint8))
+    assert stain_amounts(glass) is None
+    assert slide_stain_shift(glass, [1.0, 1.0]) == StainShift()
+    assert slide_stain_shift(glass, None) is None
+    with open_slide("../shared/data/slides/vectra-multiplex-if.qptiff") as fluorescence:
+        assert slide_stain_shift(fluorescence, [1.0, 1.0]) is None
+
+
+def test_inference_undoes_a_stain_shift(stains, tmp_path):
+    """A model that calls dark green (eosin-rich) pixels class 1 gives the original's map on a
+    re-stained copy once the copy is brought to the original's amounts."""
+    original = write(tmp_path / "original.tif", stained(stains))
+    shifted = write(tmp_path / "shifted.tif", StainShift(haematoxylin=1.2, eosin=0.7).apply(stained(stains)))
+    median_green = (np.median(stained(stains)[..., 1]) / 255 - 0.5) / 0.25  # as the model sees it
+    model = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[1, 1] = -10.0  # class 1 where green is below the original's median
+        model.bias.copy_(torch.tensor([0.0, 10 * median_green]))
+    info = ModelInfo("toy", {}, ["background", "dark"], {"background": [0, 0, 0], "dark": [1, 1, 1]},
+                     1.0, 64, 3, {"mean": [0.5] * 3, "std": [0.25] * 3},
+                     stain_reference=list(stain_amounts(original)))
+    mask = np.ones((120, 100), bool)
+    tissue = TissueMask(mask, 4.0, original.mpp, mask.astype(np.int32), [])
+
+    def labels(slide, reference):
+        info.stain_reference = reference
+        return segment_slide(slide, model.eval(), info, workers=0, tissue=tissue).labels[80:]
+
+    truth = labels(original, None)
+    assert 0.2 < truth.mean() < 0.8
+    assert (labels(shifted, None) == truth).mean() < 0.95  # the shift moves ~10 % of the calls
+    assert (labels(shifted, list(stain_amounts(original))) == truth).mean() > 0.98
