@@ -144,6 +144,9 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
                             device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     stain = slide_stain_shift(slide, info.stain_reference) if len(grid) else None
+    if stain is not None:
+        log.info("%s: stain normalised: haematoxylin x%.3f, eosin x%.3f", slide.path, stain.haematoxylin,
+                 stain.eosin)
     tiles = TileDataset(slide, grid, stain)
     bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
                    workers, device, bf16, progress)
