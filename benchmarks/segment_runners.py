@@ -72,6 +72,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
+    from biopsy.infer import prepare_model
     from biopsy.model import load_checkpoint
     from biopsy.slide import open_slide
     from biopsy.stitch import BandStitcher
@@ -99,7 +100,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
         tiles = sample.to(device, non_blocking=True)
     _sync(device)
     transfer_seconds = time.perf_counter() - started
-    model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model, device)  # as segment_slide runs it: BatchNorm folded, channels_last
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.inference_mode(), autocast:
         inputs = info.normalise(tiles)

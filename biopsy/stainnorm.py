@@ -4,8 +4,10 @@ Staining runs differ in how much dye a section takes up, and a model that reads 
 colour reads a darker follow-up biopsy differently. A slide's stain amount is, per stain, the
 99th percentile of its concentration over the tissue (the "maximum concentration" of Macenko et
 al. 2009), from the full-rank colour deconvolution with scikit-image's fixed Ruifrok & Johnston
-vectors (:class:`biopsy.restain.StainShift`), measured at 4 µm/px. Scaling each stain by
-reference / measured undoes a global change of intensity. A model trained with normalisation
+vectors (:class:`biopsy.restain.StainShift`), measured at 4 µm/px on pixels inside the tissue mask
+that are not glass-pale. Scaling each stain by reference / measured (kept within 0.5-2, so a slide
+nearly without one of the stains is not blown up) undoes a global change of intensity. A model
+trained with normalisation
 (``model.stain_normalisation`` in a training config) stores its reference, the mean amounts of
 its training slides, as ``ModelInfo.stain_reference``; training and inference then scale every
 slide's pixels to it.
@@ -13,6 +15,7 @@ slide's pixels to it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,30 +23,51 @@ from skimage.color import hed_from_rgb
 
 from biopsy.restain import StainShift
 from biopsy.slide import BRIGHTFIELD_CHANNELS, Slide
+from biopsy.tissue import TissueMask, detect_tissue
+
+log = logging.getLogger(__name__)
 
 MEASURE_MPP = 4.0  # µm/px at which amounts are measured (fixed: peaks depend on resolution)
 PERCENTILE = 99.0
-TISSUE_DENSITY = 0.15  # summed optical density above which a pixel counts as tissue, not glass
+TISSUE_DENSITY = 0.15  # summed optical density below which a pixel is glass-pale and not counted
+FACTOR_LIMITS = (0.5, 2.0)  # a stain is never scaled beyond these
 _BAND_PX = 512  # rows read at a time, so memory stays bounded on any slide
 _BINS = np.linspace(0, 4, 4001)  # concentration (optical density units) histogram; dense nuclei ~2
 
 
-def stain_amounts(slide: Slide) -> tuple[float, float] | None:
-    """(haematoxylin, eosin) amounts of a brightfield slide; None without tissue."""
+def is_brightfield(slide: Slide) -> bool:
+    """Whether the slide is 8-bit RGB, the only kind whose stains are measured."""
+    return list(slide.channel_names) == list(BRIGHTFIELD_CHANNELS) and slide.dtype == np.uint8
+
+
+def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float, float] | None:
+    """(haematoxylin, eosin) amounts of an 8-bit RGB slide within ``tissue`` (default: detected;
+    where none is, as on a small snapshot, every pixel that is not glass-pale); None without stain."""
+    tissue = detect_tissue(slide) if tissue is None else tissue
+    everywhere = not tissue.mask.any()
     width_px, height_px = (max(1, round(size * mpp / MEASURE_MPP))
                            for size, mpp in zip(slide.dimensions, slide.mpp))
+    mask_cols = _mask_index(width_px, tissue.mask.shape[1], tissue.mpp)
     counts = np.zeros((2, len(_BINS) - 1), np.int64)
     for top in range(0, height_px, _BAND_PX):
         rows = min(_BAND_PX, height_px - top)
         rgb = slide.read(0, top * MEASURE_MPP / slide.mpp[1], (width_px, rows), MEASURE_MPP)
-        density = -np.log(np.maximum(rgb.reshape(-1, 3), 1).astype(np.float32) / 255)
-        tissue = density[density.sum(axis=1) > TISSUE_DENSITY]
-        concentrations = np.clip(tissue @ hed_from_rgb[:, :2].astype(np.float32), 0, _BINS[-1])
+        inside = (np.ones(rgb.shape[:2], bool) if everywhere else
+                  tissue.mask[np.ix_(_mask_index(rows, tissue.mask.shape[0], tissue.mpp, top), mask_cols)])
+        density = -np.log(np.maximum(rgb[inside], 1).astype(np.float32) / 255)
+        stained = density[density.sum(axis=1) > TISSUE_DENSITY]
+        concentrations = np.clip(stained @ hed_from_rgb[:, :2].astype(np.float32), 0, _BINS[-1])
         for stain in range(2):
             counts[stain] += np.histogram(concentrations[:, stain], _BINS)[0]
     if not counts[0].any():
         return None
     return tuple(_percentile(stain_counts) for stain_counts in counts)
+
+
+def _mask_index(length_px: int, mask_length: int, mask_mpp: float, start_px: int = 0) -> np.ndarray:
+    """Mask rows (or columns) under measured pixels ``start_px .. start_px + length_px``."""
+    centres_um = (start_px + np.arange(length_px) + 0.5) * MEASURE_MPP
+    return np.minimum((centres_um / mask_mpp).astype(np.int64), mask_length - 1)
 
 
 def _percentile(counts: np.ndarray) -> float:
@@ -55,14 +79,19 @@ def _percentile(counts: np.ndarray) -> float:
 
 def normalising_shift(amounts: Sequence[float] | None, reference: Sequence[float]) -> StainShift:
     """The shift that brings ``amounts`` to ``reference`` (the identity without tissue)."""
-    if amounts is None or min(amounts) <= 0:
+    if amounts is None:
         return StainShift()
-    return StainShift(haematoxylin=reference[0] / amounts[0], eosin=reference[1] / amounts[1])
+    factors = [float(np.clip(r / a, *FACTOR_LIMITS)) for r, a in zip(reference, amounts)]
+    if factors != [r / a for r, a in zip(reference, amounts)]:
+        log.warning("stain amounts %s are far from the model's %s: factors kept to %s",
+                    amounts, list(reference), FACTOR_LIMITS)
+    return StainShift(haematoxylin=factors[0], eosin=factors[1])
 
 
-def slide_stain_shift(slide: Slide, reference: Sequence[float] | None) -> StainShift | None:
+def slide_stain_shift(slide: Slide, reference: Sequence[float] | None,
+                      tissue: TissueMask | None = None) -> StainShift | None:
     """What a model with stain ``reference`` needs applied to this slide's pixels; None when the
-    model has no reference or the slide is not brightfield RGB."""
-    if reference is None or list(slide.channel_names) != list(BRIGHTFIELD_CHANNELS):
+    model has no reference or the slide is not 8-bit RGB."""
+    if reference is None or not is_brightfield(slide):
         return None
-    return normalising_shift(stain_amounts(slide), reference)
+    return normalising_shift(stain_amounts(slide, tissue), reference)

@@ -49,13 +49,23 @@ def test_amounts_are_the_99th_percentiles_and_follow_a_shift(stains, tmp_path):
     assert (back.haematoxylin, back.eosin) == pytest.approx((1 / 0.8, 1 / 1.2), rel=0.02)
 
 
-def test_glass_and_fluorescence_are_left_alone(tmp_path):
+def test_grey_glass_beside_the_tissue_does_not_count(stains, tmp_path):
+    alone = write(tmp_path / "alone.tif", stained(stains))
+    grey_glass = np.full((stains.shape[0], 2 * stains.shape[1], 3), 238, np.uint8)  # dusty, not white
+    beside = write(tmp_path / "beside.tif", np.concatenate([stained(stains), grey_glass], axis=1))
+    assert stain_amounts(beside) == pytest.approx(stain_amounts(alone), rel=0.02)
+
+
+def test_glass_and_fluorescence_are_left_alone(tmp_path, shared_data, caplog):
     glass = write(tmp_path / "glass.tif", np.full((64, 64, 3), 255, np.uint8))
     assert stain_amounts(glass) is None
     assert slide_stain_shift(glass, [1.0, 1.0]) == StainShift()
     assert slide_stain_shift(glass, None) is None
-    with open_slide("../shared/data/slides/vectra-multiplex-if.qptiff") as fluorescence:
+    with open_slide(shared_data / "slides" / "vectra-multiplex-if.qptiff") as fluorescence:
         assert slide_stain_shift(fluorescence, [1.0, 1.0]) is None
+    faint = normalising_shift((0.1, 0.8), (1.0, 1.0))  # nearly no haematoxylin: kept to x2
+    assert (faint.haematoxylin, faint.eosin) == pytest.approx((2.0, 1.25))
+    assert "far from the model's" in caplog.text
 
 
 def test_inference_undoes_a_stain_shift(stains, tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint
+from biopsy.restain import StainShift
+from biopsy.stainnorm import stain_amounts
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
-from training.cases import find_slides, split_by_case, stain_reference
+from training.cases import find_slides, set_stain_shifts, split_by_case
 from training.config import EvaluateConfig, config_from_dict, load_config
 from training.dataset import PatchDataset
 from training.augment import build_augmentation
@@ -299,13 +302,21 @@ def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path
 
 
 def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path):
-    settings = config_dict(dataset_root, tmp_path / "run", steps=2, validate_every=2)
+    root = tmp_path / "data"
+    shutil.copytree(dataset_root, root)
+    for path in (root / "images").glob("case2-*.png"):  # the validation case, paler in eosin
+        image = np.asarray(Image.open(path).convert("RGB"))
+        Image.fromarray(StainShift(eosin=0.6).apply(image)).save(path)
+    settings = config_dict(root, tmp_path / "run", steps=2, validate_every=2)
     settings["model"]["stain_normalisation"] = True
     config = config_from_dict(settings, "test")
     metrics = fit(config)
     _, info = load_checkpoint(tmp_path / "run" / "last.safetensors")
-    training_slides = split_by_case(find_slides(config.data, info.class_names, "test"), config.data.split)[0]
-    assert info.stain_reference == pytest.approx(stain_reference(training_slides))
+    training, validation = split_by_case(find_slides(config.data, info.class_names, "test"), config.data.split)
+    expected = np.mean([stain_amounts(slide.slide()) for slide in training], axis=0)
+    assert info.stain_reference == pytest.approx(expected)
+    set_stain_shifts(validation, info.stain_reference)
+    assert all(slide.stain_shift.eosin > 1.3 for slide in validation)  # brought back up
     assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
 
 

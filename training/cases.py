@@ -11,7 +11,7 @@ from biopsy.errors import ConfigError
 from biopsy.geojson import read_annotations
 from biopsy.restain import StainShift
 from biopsy.slide import Slide, open_slide
-from biopsy.stainnorm import slide_stain_shift, stain_amounts
+from biopsy.stainnorm import is_brightfield, normalising_shift, slide_stain_shift, stain_amounts
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.config import DataConfig, SplitConfig
 
@@ -44,12 +44,23 @@ class AnnotatedSlide:
         return {**self.__dict__, "_slide": None}
 
 
-def stain_reference(slides: list[AnnotatedSlide]) -> list[float]:
-    """The mean (haematoxylin, eosin) amounts of ``slides`` (those with tissue)."""
-    amounts = [a for a in (stain_amounts(s.slide()) for s in slides) if a is not None]
-    if not amounts:
+def normalise_stains(training: list[AnnotatedSlide], others: list[AnnotatedSlide]) -> list[float]:
+    """Bring every slide's stains to the mean amounts of ``training`` (:mod:`biopsy.stainnorm`);
+    returns that reference."""
+    amounts = [_stain_amounts(slide) for slide in training + others]
+    measured = [a for a in amounts[:len(training)] if a is not None]
+    if not measured:
         raise ConfigError("model.stain_normalisation: no tissue found on the training slides")
-    return [float(v) for v in np.mean(amounts, axis=0)]
+    reference = [float(v) for v in np.mean(measured, axis=0)]
+    for slide, slide_amounts in zip(training + others, amounts):
+        slide.stain_shift = normalising_shift(slide_amounts, reference)
+    return reference
+
+
+def _stain_amounts(slide: AnnotatedSlide) -> tuple[float, float] | None:
+    if not is_brightfield(slide.slide()):
+        raise ConfigError(f"{slide.path}: model.stain_normalisation needs 8-bit RGB slides")
+    return stain_amounts(slide.slide())
 
 
 def set_stain_shifts(slides: list[AnnotatedSlide], reference: list[float] | None) -> None:

@@ -25,7 +25,7 @@ from biopsy.classes import CLASS_COLOURS
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
 from training.augment import build_augmentation
-from training.cases import find_slides, set_stain_shifts, split_by_case, stain_reference
+from training.cases import find_slides, normalise_stains, split_by_case
 from training.config import Config
 from training.dataset import PatchDataset, default_object_classes
 from training.evaluate import evaluate_slides
@@ -39,14 +39,15 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
     to fit a time slot, resumable later) without changing the schedule.
     """
     rank, world, device = _init_distributed()
+    if config.train.tensorboard:
+        _summary_writer_class()  # on every rank, so that none waits for one that stopped
     output = Path(config.output_dir)
     torch.manual_seed(config.seed)
     slides = find_slides(config.data, config.model.classes, config.source)
     training_slides, validation_slides = split_by_case(slides, config.data.split)
     info = model_info(config)
     if config.model.stain_normalisation:
-        info.stain_reference = stain_reference(training_slides)
-        set_stain_shifts(training_slides + validation_slides, info.stain_reference)
+        info.stain_reference = normalise_stains(training_slides, validation_slides)
     model = build_model(info.architecture, len(info.class_names), info.in_channels,
                         encoder_weights=config.model.encoder_weights, **info.arguments)
     if config.model.init_checkpoint and not resume:
@@ -304,17 +305,21 @@ class _CsvLog:
                                     f"{data_wait_s:.4f}"])
 
 
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ConfigError("train.tensorboard needs TensorBoard: pip install 'renal-biopsy[tensorboard]'"
+                          ) from error
+    return SummaryWriter
+
+
 class _TensorBoardLog:
     """log.csv's columns and the validation metrics as TensorBoard scalars in ``output_dir/tensorboard``
-    (``train.tensorboard: true``; on resume, events after the resumed step are dropped)."""
+    (``train.tensorboard: true``; events of an earlier run after the starting step are dropped)."""
 
     def __init__(self, output: Path, start: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ConfigError("train.tensorboard needs TensorBoard: pip install 'renal-biopsy[tensorboard]'"
-                              ) from error
-        self.writer = SummaryWriter(output / "tensorboard", purge_step=start + 1 if start else None)
+        self.writer = _summary_writer_class()(output / "tensorboard", purge_step=start + 1)
 
     def write(self, step: int, loss: float, lr: float, images_per_s: float, data_wait_s: float) -> None:
         for name, value in zip(_CsvLog.HEADER[1:], (loss, lr, images_per_s, data_wait_s)):
