@@ -5,7 +5,7 @@ colour reads a darker follow-up biopsy differently. A slide's stain amount is, p
 99th percentile of its concentration over the tissue (the "maximum concentration" of Macenko et
 al. 2009), from the full-rank colour deconvolution with scikit-image's fixed Ruifrok & Johnston
 vectors (:class:`biopsy.restain.StainShift`), measured at 4 µm/px on pixels inside the tissue mask
-that are not glass-pale. Scaling each stain by reference / measured (kept within 0.5-2, so a slide
+that are not glass-pale. Scaling each stain by reference / measured (kept within 0.25-4, so a slide
 nearly without one of the stains is not blown up) undoes a global change of intensity. A model
 trained with normalisation
 (``model.stain_normalisation`` in a training config) stores its reference, the mean amounts of
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MEASURE_MPP = 4.0  # µm/px at which amounts are measured (fixed: peaks depend on resolution)
 PERCENTILE = 99.0
 TISSUE_DENSITY = 0.15  # summed optical density below which a pixel is glass-pale and not counted
-FACTOR_LIMITS = (0.5, 2.0)  # a stain is never scaled beyond these
+FACTOR_LIMITS = (0.25, 4.0)  # a stain is never scaled beyond these (trichrome eosin: ~2.4)
 _BAND_PX = 512  # rows read at a time, so memory stays bounded on any slide
 _BINS = np.linspace(0, 4, 4001)  # concentration (optical density units) histogram; dense nuclei ~2
 
