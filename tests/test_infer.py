@@ -303,6 +303,28 @@ def test_segment_command_writes_the_folder(tissue_slide, checkpoints, tmp_path):
     assert not near_tissue[:60].any()
 
 
+def test_segment_command_applies_the_model_stain_reference_unless_told_not_to(tissue_slide, checkpoints,
+                                                                            tmp_path):
+    import json
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+    from biopsy.model import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(checkpoints[3])
+    info.stain_reference = [3.0, 1.5]  # far darker than the slide: every stain scaled up
+    normalising = tmp_path / "normalising.safetensors"
+    save_checkpoint(normalising, model, info)
+    for flag, reference in (([], [3.0, 1.5]), (["--no-stain-normalisation"], None)):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["segment", str(tissue_slide.path), "--model", str(normalising), "--out", str(out),
+                     "--workers", "0", *flag]) == 0
+        assert json.loads((out / "segment.json").read_text())["options"]["stain_reference"] == reference
+        info.stain_reference = reference
+        expected = segment_slide(tissue_slide, model, info, workers=0).labels
+        np.testing.assert_array_equal(read_label_map(out / "labels.ome.tif").labels, expected)
+
+
 def test_segment_command_on_a_slide_without_tissue(checkpoints, tmp_path, caplog, capsys):
     import json
 

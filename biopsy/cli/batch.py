@@ -49,6 +49,12 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                              "else cpu)")
 
 
+def add_stain_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stain-normalisation", action=argparse.BooleanOptionalAction, default=True,
+                        help="scale the slide's stain amounts to the model's reference when the model "
+                             "has one (biopsy.stainnorm; default: on)")
+
+
 def add_scoring_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """Options of scoring slides (model options) or label maps (--from-labels), and the config."""
     add_model_arguments(parser)

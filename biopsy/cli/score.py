@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from biopsy.cli.batch import add_device_argument, add_model_arguments
+from biopsy.cli.batch import add_device_argument, add_model_arguments, add_stain_argument
 from biopsy.errors import BiopsyError
 
 
@@ -31,6 +31,7 @@ def add_parser(subparsers) -> None:
     add_device_argument(parser)
     parser.add_argument("--config", type=Path, metavar="YAML",
                         help="scoring thresholds merged over configs/score/nih-2018.yaml")
+    add_stain_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
         options = pipeline.inference_options(args.device, args.batch_size, args.workers)
         model, info, model_path = pipeline.load_model(args.model, options.device)
+        if not args.stain_normalisation:
+            info.stain_reference = None
         scores = pipeline.score_slide_file(args.slide, args.out, model, info, model_path, config,
                                            mpp=args.mpp, options=options)
     print(json.dumps(headline(scores)))

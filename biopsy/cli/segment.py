@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from biopsy.cli.batch import add_stain_argument
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -34,6 +36,7 @@ def add_parser(subparsers) -> None:
                         help="bfloat16 autocast (default: on CUDA only; on CPUs with native bf16 "
                              "--bf16 is ~2x faster, a few border pixels may change)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    add_stain_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     args.device, args.workers = options.device, options.workers
     slide = open_slide(args.slide, mpp=args.mpp)
     model, info = load_checkpoint(args.model, args.device)
+    if not args.stain_normalisation:
+        info.stain_reference = None
     started = time.perf_counter()
     class_map = segment_slide(slide, model, info, batch_size=args.batch_size,
                               workers=args.workers, device=args.device,
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                     "device": str(args.device),
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
                     "output_mpp": class_map.mpp,
-                    "overlap": 0.5},
+                    "overlap": 0.5,
+                    "stain_reference": info.stain_reference},
         "seconds": round(seconds, 3),
     }
     write_segmentation(args.out, class_map, slide, provenance)
