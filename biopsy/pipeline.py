@@ -76,7 +76,8 @@ def checkpoint_path(path: str | Path | None) -> Path:
     if path == DEFAULT_CHECKPOINT and not path.is_file():
         raise CheckpointError(
             f"{path}: the bundled model is not installed; give a checkpoint with --model CKPT, or "
-            f"train it in the three stages {TRAIN_CONFIG} lists and export the last to {path}")
+            f"train it: `python -m training fit CONFIG` for each of the three stages {TRAIN_CONFIG} "
+            f"lists, then `python -m training export ... {path} --half`")
     return path
 
 
