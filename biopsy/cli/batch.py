@@ -63,6 +63,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                              "of slides to segment")
     parser.add_argument("--config", type=Path, metavar="YAML",
                         help="scoring thresholds merged over configs/score/nih-2018.yaml")
+    add_stain_argument(parser)
 
 
 def make_scorer(args: argparse.Namespace, device: str | None) -> ScoreFunction:
@@ -75,6 +76,8 @@ def make_scorer(args: argparse.Namespace, device: str | None) -> ScoreFunction:
         return pipeline.label_map_scorer(config)
     options = pipeline.inference_options(device, args.batch_size, args.workers)
     model, info, model_path = pipeline.load_model(args.model, options.device)
+    if not args.stain_normalisation:
+        info.stain_reference = None
     return pipeline.slide_scorer(model, info, model_path, config, options)
 
 
