@@ -30,6 +30,7 @@ from tqdm import tqdm
 from biopsy.classes import class_index
 from biopsy.errors import CheckpointError, MppError, SlideError
 from biopsy.model import ModelInfo
+from biopsy.restain import StainShift
 from biopsy.slide import Slide
 from biopsy.stainnorm import slide_stain_shift
 from biopsy.stitch import Band, BandStitcher, output_index
@@ -46,7 +47,8 @@ class ClassMap:
     ``labels`` (h, w) uint8 class indices at ``mpp`` µm/px, covering the whole slide (pixel
     (row, col) covers level-0 ``[col * s, (col + 1) * s)`` with ``s = mpp / slide mpp``);
     ``probabilities`` (C, h, w) uint8 (255 = 1; all 0 outside tissue) when asked for;
-    ``tile_count`` tiles were run.
+    ``tile_count`` tiles were run; ``stain_factors`` (haematoxylin, eosin) scaled each tile's
+    stains to the model's reference (None: not normalised).
     """
 
     labels: np.ndarray
@@ -55,6 +57,7 @@ class ClassMap:
     class_colours: dict[str, tuple[int, int, int]]
     probabilities: np.ndarray | None = None
     tile_count: int = 0
+    stain_factors: tuple[float, float] | None = None
 
 
 def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size: int = 16,
@@ -89,7 +92,7 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     CheckpointError : the model takes another number of channels than the slide has.
     MppError : the slide's pixel size is unknown.
     """
-    grid, bands = _run(slide, model, info, batch_size=batch_size, workers=workers, device=device,
+    grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers, device=device,
                        output_mpp=output_mpp, overlap=overlap, tissue=tissue,
                        return_probabilities=return_probabilities, bf16=bf16,
                        compile=compile, progress=progress)
@@ -107,7 +110,8 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
         top = rows.stop
     return ClassMap(labels, output_mpp, tuple(info.class_names),
                     {name: tuple(rgb) for name, rgb in info.class_colours.items()},
-                    probabilities, len(grid))
+                    probabilities, len(grid),
+                    None if stain is None else (stain.haematoxylin, stain.eosin))
 
 
 def segment_slide_bands(slide: Slide, model: nn.Module, info: ModelInfo,
@@ -115,7 +119,8 @@ def segment_slide_bands(slide: Slide, model: nn.Module, info: ModelInfo,
     """As :func:`segment_slide` (same options), but the map comes as an iterator of row bands,
     top to bottom, at the output mpp, so that it can be streamed to a file
     (:func:`biopsy.labelmap.write_label_map`) without ever being held whole."""
-    return _run(slide, model, info, **options)
+    grid, _, bands = _run(slide, model, info, **options)
+    return grid, bands
 
 
 def output_shape_px(slide: Slide, output_mpp: float) -> tuple[int, int]:
@@ -125,7 +130,7 @@ def output_shape_px(slide: Slide, output_mpp: float) -> tuple[int, int]:
 
 def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_mpp=None,
          overlap=0.5, tissue=None, return_probabilities=False, bf16=None, compile=False,
-         progress=False) -> tuple[TileGrid, Iterator[Band]]:
+         progress=False) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
     _check_channels(slide, info)
     device = torch.device(device)
     output_mpp = output_mpp or info.input_mpp
@@ -150,7 +155,7 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
     tiles = TileDataset(slide, grid, stain)
     bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
                    workers, device, bf16, progress)
-    return grid, _background_outside_tissue(bands, tissue, output_mpp, output_shape, background)
+    return grid, stain, _background_outside_tissue(bands, tissue, output_mpp, output_shape, background)
 
 
 def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: int,

@@ -131,6 +131,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
                       "bf16": torch.device(options.device).type == "cuda",
                       "stain_reference": info.stain_reference,
+                      "stain_factors": class_map.stain_factors,
                       "tiles": class_map.tile_count, "seconds": round(seconds, 2),
                       "packages": {"torch": torch.__version__, "cuda": torch.version.cuda}
                       | package_versions(INFERENCE_PACKAGES)},

@@ -319,7 +319,10 @@ def test_segment_command_applies_the_model_stain_reference_unless_told_not_to(ti
         out = tmp_path / f"out{len(flag)}"
         assert main(["segment", str(tissue_slide.path), "--model", str(normalising), "--out", str(out),
                      "--workers", "0", *flag]) == 0
-        assert json.loads((out / "segment.json").read_text())["options"]["stain_reference"] == reference
+        options = json.loads((out / "segment.json").read_text())["options"]
+        assert options["stain_reference"] == reference
+        factors = options["stain_factors"]
+        assert factors is None if reference is None else min(factors) > 1.2
         info.stain_reference = reference
         expected = segment_slide(tissue_slide, model, info, workers=0).labels
         np.testing.assert_array_equal(read_label_map(out / "labels.ome.tif").labels, expected)

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
                     "output_mpp": class_map.mpp,
                     "overlap": 0.5,
-                    "stain_reference": info.stain_reference},
+                    "stain_reference": info.stain_reference,
+                    "stain_factors": class_map.stain_factors},
         "seconds": round(seconds, 3),
     }
     write_segmentation(args.out, class_map, slide, provenance)
