@@ -112,6 +112,7 @@ def test_bundled_configs_load():
     (lambda d: d["optim"].update(lr="fast"), "optim.lr must be float"),
     (lambda d: d["optim"].update(optimizer="adam"), "optim.optimizer must be one of"),
     (lambda d: d["data"]["annotations"]["class_map"].update(gs="crescent"), "'crescent'.*not in model.classes"),
+    (lambda d: d.update(sampling={"mpp_scale": [2.0, 0.5]}), r"sampling.mpp_scale must be \[low, high\]"),
     (lambda d: d.update(augment=[{"transform": "Rotate180"}]), r"augment\[0\].*albumentations transform"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "sigma": 3}]), "GaussNoise has no argument 'sigma'"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "std_range": "x"}]), "invalid arguments"),
@@ -202,6 +203,28 @@ def test_patches_are_reproducible_and_labels_follow_the_polygons(dataset_root, t
     assert np.median(images[labels == 1][:, 1]) > 90 and np.median(images[labels == 2][:, 1]) < 70
     assert np.median(images[labels == 0][:, 1]) > 200
     assert (labels == 2).any(axis=(1, 2)).mean() > 0.2  # object oversampling reaches the rare class
+
+
+def test_magnification_jitter_reads_patches_at_the_scaled_mpp(dataset_root, tmp_path):
+    """A fixed factor of 2 reads what a model at twice the mpp reads; a range gives varied sizes."""
+    data = config_dict(dataset_root, tmp_path)
+    data["sampling"] = {"object_fraction": 0.0, "mpp_scale": [2.0, 2.0]}
+    jittered = config_from_dict(data, "test")
+    data["sampling"]["mpp_scale"] = [1.0, 1.0]
+    data["model"]["input_mpp"] = 2.0  # the default is 1.0
+    coarser = config_from_dict(data, "test")
+    slides = find_slides(coarser.data, coarser.model.classes, coarser.source)
+    none = build_augmentation([], "test")
+    pairs = [PatchDataset(slides, c.model, c.sampling, ["tuft"], none, seed=3, rank=0, length=8)
+             for c in (jittered, coarser)]
+    assert all(torch.equal(pairs[0][i][0], pairs[1][i][0]) for i in range(8))
+    data["sampling"]["mpp_scale"] = [0.5, 2.0]
+    data["model"]["input_mpp"] = 1.0
+    varied = config_from_dict(data, "test")
+    dataset = PatchDataset(slides, varied.model, varied.sampling, ["tuft"], none, seed=3, rank=0, length=64)
+    scales = [dataset._scale(np.random.default_rng(i)) for i in range(2000)]
+    assert 0.5 <= min(scales) < 0.55 and 1.9 < max(scales) <= 2.0
+    assert abs(np.median(np.log(scales))) < 0.05  # log-uniform: as much zooming in as out
 
 
 def test_hed_jitter_scales_each_stain_and_keeps_colours_off_the_stain_plane():

@@ -79,6 +79,9 @@ class SamplingConfig:
     object_jitter: float = 0.25  # of the patch size, so objects are not always dead centre
     tissue_mpp: float = 8.0  # resolution of the masks random positions are drawn from
     object_classes: list[str] | None = None  # default: all but background and data.unannotated
+    # Magnification jitter: each patch is read at input_mpp times a factor drawn log-uniformly from
+    # [low, high] (> 1 zooms out). For images of mixed or unrecorded magnification.
+    mpp_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
 
 @dataclass
@@ -243,6 +246,10 @@ def _check(config: Config, source: str) -> None:
                               "(one per input channel)")
     if not 0 <= config.sampling.object_fraction <= 1:
         raise ConfigError(f"{source}: sampling.object_fraction must lie in [0, 1]")
+    scale = config.sampling.mpp_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        raise ConfigError(f"{source}: sampling.mpp_scale must be [low, high] with 0 < low <= high, "
+                          f"got {scale}")
     if not 0 < config.data.split.validation_fraction < 1 and config.data.split.validation_cases is None:
         raise ConfigError(f"{source}: data.split.validation_fraction must lie in (0, 1)")
     if config.train.steps < 1 or config.train.batch_size < 1:

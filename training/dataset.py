@@ -43,15 +43,22 @@ class PatchDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.rank, index])
         slide_index, x, y = self._centre(rng)
         slide = self.slides[slide_index]
-        extent = self.patch_size_px * self.mpp / slide.mpp  # level-0 px
+        mpp = self.mpp * self._scale(rng)
+        extent = self.patch_size_px * mpp / slide.mpp  # level-0 px
         left = int(round(_clamp(x - extent / 2, slide.dimensions[0] - extent)))
         top = int(round(_clamp(y - extent / 2, slide.dimensions[1] - extent)))
         size = (self.patch_size_px, self.patch_size_px)
-        image = slide.read(left, top, size, self.mpp)
-        labels = slide.labels.labels(left, top, size, self.mpp)
+        image = slide.read(left, top, size, mpp)
+        labels = slide.labels.labels(left, top, size, mpp)
         self.augment.set_random_seed(int(rng.integers(2**31)))
         out = self.augment(image=image, mask=labels)
         return torch.from_numpy(np.ascontiguousarray(out["image"])), torch.from_numpy(out["mask"])
+
+    def _scale(self, rng: np.random.Generator) -> float:
+        """The patch's magnification jitter factor (no random draw without jitter, so that such a
+        config's patch stream is as it was before the option existed)."""
+        low, high = self.sampling.mpp_scale
+        return low if low == high else float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
     def _centre(self, rng: np.random.Generator) -> tuple[int, float, float]:
         """(slide index, level-0 x, y) of the next patch centre."""
