@@ -7,6 +7,7 @@ a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px; or ``--model``) go throu
 
 1. ``ours``: :func:`biopsy.infer.segment_slide` (tissue tiles only, worker processes, Gaussian
    blending, band-streamed stitching; bf16 on CUDA); ``ours-bf16`` with bf16 autocast on CPU too;
+   ``ours-compile`` (only when asked for) with ``torch.compile``, its compilation in the wall time;
    stain normalisation off, as the peers have none (``--large-px`` keeps it: the production path);
 2. ``tiatoolbox``: ``SemanticSegmentor.run(patch_mode=False)`` with its automatic tissue mask and
    the same tiles, stride and workers (needs ``tiatoolbox``; ``--tia-python`` names an interpreter
@@ -63,7 +64,7 @@ from segment_runners import RUNNERS
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = ("ours", "ours-bf16", "tiatoolbox", "monai", "naive")
+METHODS = ("ours", "ours-bf16", "ours-compile", "tiatoolbox", "monai", "naive")
 
 
 def child(args) -> None:
@@ -314,7 +315,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="default 64 on CUDA, 8 on CPU")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        help="default: all (ours-bf16 only on CPU, where ours is fp32)")
+                        help="default: all but ours-compile (ours-bf16 only on CPU, where ours is fp32)")
     parser.add_argument("--tia-python", help="interpreter with tiatoolbox (default: this one)")
     parser.add_argument("--parts", action="store_true", help="also time our parts separately")
     parser.add_argument("--rss-check", action="store_true",
@@ -333,7 +334,8 @@ def parse_args() -> argparse.Namespace:
     args.core_width_mm = args.core_width_mm or defaults[2]
     on_cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (64 if on_cuda else 8)
-    args.methods = args.methods or [m for m in METHODS if not (on_cuda and m == "ours-bf16")]
+    args.methods = args.methods or [m for m in METHODS
+                                    if m != "ours-compile" and not (on_cuda and m == "ours-bf16")]
     return args
 
 

@@ -4,7 +4,8 @@ Every runner takes ``(slide_path, checkpoint, args)`` and returns a dict: ``seco
 from slide opening or tissue detection to the class map, excluding interpreter start and model
 loading), ``tiles`` and, where the method gives a map in memory, ``labels`` at the model's mpp.
 
-- ``ours``: :func:`biopsy.infer.segment_slide` (``ours-bf16``: bf16 autocast on CPU too);
+- ``ours``: :func:`biopsy.infer.segment_slide` (``ours-bf16``: bf16 autocast on CPU too;
+  ``ours-compile``: ``torch.compile``);
 - ``large``: ours streamed band by band into a pyramidal ``labels.ome.tif`` (the bounded-memory
   path for slides whose class map should not sit in memory);
 - ``parts``: where our time goes, each stage alone over the tiles of the full run;
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 
-def run_ours(slide_path, checkpoint, args, bf16: bool | None = None) -> dict:
+def run_ours(slide_path, checkpoint, args, bf16: bool | None = None, compile: bool = False) -> dict:
     from biopsy.infer import segment_slide
     from biopsy.model import load_checkpoint
     from biopsy.slide import open_slide
@@ -33,7 +34,7 @@ def run_ours(slide_path, checkpoint, args, bf16: bool | None = None) -> dict:
     info.stain_reference = None  # the peers see the slide's own pixels: so does ours here
     started = time.perf_counter()
     class_map = segment_slide(open_slide(slide_path), model, info, batch_size=args.batch_size,
-                              workers=args.workers, device=args.device, bf16=bf16)
+                              workers=args.workers, device=args.device, bf16=bf16, compile=compile)
     return {"seconds": time.perf_counter() - started, "tiles": class_map.tile_count,
             "labels": class_map.labels}
 
@@ -248,6 +249,7 @@ def run_naive(slide_path, checkpoint, args) -> dict:
     return {"seconds": time.perf_counter() - started, "tiles": len(grid), "labels": labels}
 
 
-RUNNERS = {"ours": run_ours, "ours-bf16": lambda *a: run_ours(*a, bf16=True), "large": run_large,
+RUNNERS = {"ours": run_ours, "ours-bf16": lambda *a: run_ours(*a, bf16=True),
+           "ours-compile": lambda *a: run_ours(*a, compile=True), "large": run_large,
            "parts": run_parts, "tiatoolbox": run_tiatoolbox, "monai": run_monai,
            "naive": run_naive}
