@@ -132,6 +132,15 @@ def test_worker_processes_give_the_same_map(noise_slide):
     np.testing.assert_array_equal(in_process.labels, in_workers.labels)
 
 
+def test_compiled_model_gives_the_same_map_on_cpu(noise_slide):
+    """``--compile`` (torch.compile, inductor on the CPU) changes the speed, not the map."""
+    model, info = random_cnn(5), model_info(5, mpp=1.0, patch_px=64)
+    plain = segment_slide(noise_slide, model, info, workers=0, tissue=all_tissue(noise_slide))
+    compiled = segment_slide(noise_slide, model, info, workers=0, tissue=all_tissue(noise_slide),
+                             compile=True)
+    assert (compiled.labels == plain.labels).mean() > 0.999
+
+
 def test_constant_model_gives_a_constant_map(noise_slide):
     info = model_info(4, mpp=1.5, patch_px=48)
     result = segment_slide(noise_slide, constant_model(4, 2), info, workers=0,
