@@ -92,10 +92,10 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     CheckpointError : the model takes another number of channels than the slide has.
     MppError : the slide's pixel size is unknown.
     """
-    grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers, device=device,
-                       output_mpp=output_mpp, overlap=overlap, tissue=tissue,
-                       return_probabilities=return_probabilities, bf16=bf16,
-                       compile=compile, progress=progress)
+    grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers,
+                              device=device, output_mpp=output_mpp, overlap=overlap, tissue=tissue,
+                              return_probabilities=return_probabilities, bf16=bf16,
+                              compile=compile, progress=progress)
     output_mpp = output_mpp or info.input_mpp
     shape_px = output_shape_px(slide, output_mpp)
     labels = np.empty(shape_px, np.uint8)

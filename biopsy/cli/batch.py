@@ -74,11 +74,20 @@ def make_scorer(args: argparse.Namespace, device: str | None) -> ScoreFunction:
     config = load_score_config(args.config)
     if args.from_labels:
         return pipeline.label_map_scorer(config)
+    options, model, info, model_path = load_scoring_model(args, device)
+    return pipeline.slide_scorer(model, info, model_path, config, options)
+
+
+def load_scoring_model(args: argparse.Namespace, device: str | None):
+    """Inference options, model, info and checkpoint path the model options ask for; without a
+    stain reference under --no-stain-normalisation."""
+    from biopsy import pipeline
+
     options = pipeline.inference_options(device, args.batch_size, args.workers)
     model, info, model_path = pipeline.load_model(args.model, options.device)
     if not args.stain_normalisation:
         info.stain_reference = None
-    return pipeline.slide_scorer(model, info, model_path, config, options)
+    return options, model, info, model_path
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from biopsy.cli.batch import add_device_argument, add_model_arguments, add_stain_argument
+from biopsy.cli.batch import (add_device_argument, add_model_arguments, add_stain_argument,
+                              load_scoring_model)
 from biopsy.errors import BiopsyError
 
 
@@ -48,10 +49,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from biopsy import pipeline
 
-        options = pipeline.inference_options(args.device, args.batch_size, args.workers)
-        model, info, model_path = pipeline.load_model(args.model, options.device)
-        if not args.stain_normalisation:
-            info.stain_reference = None
+        options, model, info, model_path = load_scoring_model(args, args.device)
         scores = pipeline.score_slide_file(args.slide, args.out, model, info, model_path, config,
                                            mpp=args.mpp, options=options)
     print(json.dumps(headline(scores)))
