@@ -74,13 +74,13 @@ def make_scorer(args: argparse.Namespace, device: str | None) -> ScoreFunction:
     config = load_score_config(args.config)
     if args.from_labels:
         return pipeline.label_map_scorer(config)
-    options, model, info, model_path = load_scoring_model(args, device)
+    options, model, info, model_path = load_model_from_args(args, device)
     return pipeline.slide_scorer(model, info, model_path, config, options)
 
 
-def load_scoring_model(args: argparse.Namespace, device: str | None):
-    """Inference options, model, info and checkpoint path the model options ask for; without a
-    stain reference under --no-stain-normalisation."""
+def load_model_from_args(args: argparse.Namespace, device: str | None):
+    """Inference options, model, info and checkpoint path that the model options ask for (segment,
+    score, compare, batch); without a stain reference under --no-stain-normalisation."""
     from biopsy import pipeline
 
     options = pipeline.inference_options(device, args.batch_size, args.workers)

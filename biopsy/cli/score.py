@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from biopsy.cli.batch import (add_device_argument, add_model_arguments, add_stain_argument,
-                              load_scoring_model)
+                              load_model_from_args)
 from biopsy.errors import BiopsyError
 
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from biopsy import pipeline
 
-        options, model, info, model_path = load_scoring_model(args, args.device)
+        options, model, info, model_path = load_model_from_args(args, args.device)
         scores = pipeline.score_slide_file(args.slide, args.out, model, info, model_path, config,
                                            mpp=args.mpp, options=options)
     print(json.dumps(headline(scores)))

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from biopsy.cli.batch import add_stain_argument
+from biopsy.cli.batch import add_stain_argument, load_model_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -42,17 +42,12 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from biopsy.infer import segment_slide
-    from biopsy.model import load_checkpoint
-    from biopsy.pipeline import inference_options
     from biopsy.segment_outputs import write_segmentation
     from biopsy.slide import open_slide
 
-    options = inference_options(args.device, args.batch_size, args.workers)
-    args.device, args.workers = options.device, options.workers
     slide = open_slide(args.slide, mpp=args.mpp)
-    model, info = load_checkpoint(args.model, args.device)
-    if not args.stain_normalisation:
-        info.stain_reference = None
+    options, model, info, _ = load_model_from_args(args, args.device)
+    args.device, args.workers = options.device, options.workers
     started = time.perf_counter()
     class_map = segment_slide(slide, model, info, batch_size=args.batch_size,
                               workers=args.workers, device=args.device,
