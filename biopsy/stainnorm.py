@@ -81,8 +81,9 @@ def normalising_shift(amounts: Sequence[float] | None, reference: Sequence[float
     """The shift that brings ``amounts`` to ``reference`` (the identity without tissue)."""
     if amounts is None:
         return StainShift()
-    factors = [float(np.clip(r / a, *FACTOR_LIMITS)) for r, a in zip(reference, amounts)]
-    if factors != [r / a for r, a in zip(reference, amounts)]:
+    ratios = [r / a for r, a in zip(reference, amounts)]
+    factors = [float(np.clip(ratio, *FACTOR_LIMITS)) for ratio in ratios]
+    if factors != ratios:
         log.warning("stain amounts %s are far from the model's %s: factors kept to %s",
                     amounts, list(reference), FACTOR_LIMITS)
     return StainShift(haematoxylin=factors[0], eosin=factors[1])
