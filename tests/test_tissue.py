@@ -19,6 +19,13 @@ MASK_MPP = 8.0
 TISSUE_POLYGON = [(400, 300), (2500, 500), (2700, 1800), (1500, 2200), (600, 1700)]  # level-0 (x, y)
 
 
+def write_slide(path, image: np.ndarray) -> None:
+    """A tiled RGB TIFF at SLIDE_MPP."""
+    pixels_per_cm = 1e4 / SLIDE_MPP
+    tifffile.imwrite(path, image.clip(0, 255).astype(np.uint8), photometric="rgb", tile=(256, 256),
+                     resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+
+
 @pytest.fixture(scope="module")
 def polygon_slide(tmp_path_factory):
     """A 3000 x 2400 px slide at 1 µm/px: stained tissue inside TISSUE_POLYGON on noisy glass, with
@@ -35,9 +42,7 @@ def polygon_slide(tmp_path_factory):
             rr, cc, _ = line_aa(2250 - offset + thickness, 200, 2000 - offset + thickness, 1200)
             image[rr, cc] = colour
     path = tmp_path_factory.mktemp("tissue") / "polygon.tif"
-    pixels_per_cm = 1e4 / SLIDE_MPP
-    tifffile.imwrite(path, image.clip(0, 255).astype(np.uint8), photometric="rgb", tile=(256, 256),
-                     resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+    write_slide(path, image)
     return path
 
 
@@ -57,6 +62,22 @@ def test_polygon_tissue_iou(polygon_slide):
     assert (x0, y0, x1, y1) == pytest.approx((400, 300, 2700, 2200), abs=3 / scale)
 
 
+def test_a_lone_glomerulus_is_tissue_and_a_speck_is_not(tmp_path):
+    """A stained disc 90 µm across alone on the glass (a small glomerulus that came loose) is kept;
+    a 30 µm speck is not."""
+    rng = np.random.default_rng(2)
+    image = rng.normal(238, 4, (800, 800, 3))
+    glomerulus = disk((300, 500), 45)
+    image[glomerulus] = rng.normal((200, 130, 185), 25, (len(glomerulus[0]), 3))
+    image[disk((600, 150), 15)] = (90, 60, 120)
+    write_slide(tmp_path / "lone.tif", image)
+    tissue = detect_tissue(open_slide(tmp_path / "lone.tif"), mpp=MASK_MPP)
+    assert len(tissue.pieces) == 1
+    x0, y0, x1, y1 = tissue.pieces[0].bbox_level0
+    assert (x0, y0, x1, y1) == pytest.approx((455, 255, 545, 345), abs=2 * MASK_MPP)
+    assert tissue.pieces[0].area_mm2 == pytest.approx(np.pi * 45**2 / 1e6, rel=0.2)
+
+
 DARK_TISSUE = [(300, 300), (1200, 300), (1200, 1700), (300, 1700)]  # level-0 (x, y)
 PALE_STROMA = [(1200, 300), (2100, 500), (2000, 1600), (1200, 1700)]  # beside it
 LUMEN_CENTRE, LUMEN_RADIUS = (1000, 750), 120  # (row, col), px: a vessel lumen inside the tissue
@@ -74,9 +95,7 @@ def pale_stroma_slide(tmp_path_factory):
         image[rows, cols] = rng.normal(colour, spread, (len(rows), 3))
     image[disk(LUMEN_CENTRE, LUMEN_RADIUS, shape=(height, width))] = 240
     path = tmp_path_factory.mktemp("tissue") / "pale.tif"
-    pixels_per_cm = 1e4 / SLIDE_MPP
-    tifffile.imwrite(path, image.clip(0, 255).astype(np.uint8), photometric="rgb", tile=(256, 256),
-                     resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+    write_slide(path, image)
     return path
 
 

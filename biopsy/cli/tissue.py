@@ -29,8 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mpp", type=float, help="pixel size in µm/px, overriding the file's")
     parser.add_argument("--tissue-mpp", type=float, default=8.0,
                         help="resolution of the mask in µm/px (default 8)")
-    parser.add_argument("--min-area-um2", type=float, default=20_000.0,
-                        help="smallest tissue piece kept, µm² (default 20000)")
+    parser.add_argument("--min-area-um2", type=float,
+                        help="smallest tissue piece kept, µm² (default 5000: a small glomerulus "
+                             "alone on the glass is kept)")
     parser.set_defaults(func=run)
 
 
@@ -55,10 +56,11 @@ def overlay(image: np.ndarray, tissue: TissueMask) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> int:
     from biopsy.slide import open_slide
-    from biopsy.tissue import detect_tissue
+    from biopsy.tissue import MIN_PIECE_AREA_UM2, detect_tissue
 
+    min_area_um2 = MIN_PIECE_AREA_UM2 if args.min_area_um2 is None else args.min_area_um2
     with open_slide(args.slide, mpp=args.mpp) as slide:
-        tissue = detect_tissue(slide, mpp=args.tissue_mpp, min_area_um2=args.min_area_um2)
+        tissue = detect_tissue(slide, mpp=args.tissue_mpp, min_area_um2=min_area_um2)
         image = display_rgb(slide, slide.thumbnail(args.tissue_mpp))
         summary = {
             "slide": str(slide.path),
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             "mask_png": "tissue_mask.png",
             "tissue_area_mm2": tissue.area_mm2,
             "tissue_fraction": tissue.fraction,
-            "min_area_um2": args.min_area_um2,
+            "min_area_um2": min_area_um2,
             "pieces": [{"label": piece.label, "area_mm2": piece.area_mm2,
                         "bbox_level0": list(piece.bbox_level0)} for piece in tissue.pieces],
         }
