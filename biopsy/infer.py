@@ -190,7 +190,7 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
 def _background_outside_tissue(bands: Iterator[Band], tissue: TissueMask, output_mpp: float,
                                output_shape: tuple[int, int], background: int) -> Iterator[Band]:
     """Set pixels outside the tissue mask, dilated by one mask pixel, to the background."""
-    near_tissue = ndimage.binary_dilation(tissue.mask, structure=np.ones((3, 3), bool))
+    near_tissue = tissue.near().mask
     rows = output_index(output_shape[0], tissue.mpp, output_mpp, near_tissue.shape[0])
     cols = output_index(output_shape[1], tissue.mpp, output_mpp, near_tissue.shape[1])
     top = 0

@@ -3,7 +3,7 @@
 The grid lives at the model's mpp: square tiles of ``patch_px`` every ``step_px`` along each axis,
 the last tile of a row or column moved back so that it ends at the slide's edge (the positions of
 MONAI's ``sliding_window_inference``), so no tile reads past the slide. Tiles come in row-major
-order, which lets the stitcher finish rows as it goes. Only tiles that touch tissue are kept.
+order, which lets the stitcher finish rows as it goes. Only tiles nearest to some tissue are kept.
 """
 
 from __future__ import annotations
@@ -61,7 +61,11 @@ def make_grid(
 
     ``overlap`` is the fraction of a tile shared with its neighbour (step = patch * (1 - overlap)).
     With a ``tissue`` mask (:class:`biopsy.tissue.TissueMask`) and the slide's level-0
-    ``slide_mpp``, only tiles whose footprint touches tissue are kept.
+    ``slide_mpp``, a tile is kept only when the part of the slide that gets model labels (the
+    mask dilated by one pixel, :meth:`~biopsy.tissue.TissueMask.near`) touches the tile's own
+    cell: the pixels it is the nearest tile to, where its Gaussian weight is the largest. Every
+    labelled pixel thus gets its nearest tile, while a tile that would reach tissue only with its
+    low-weight border is not run.
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -72,9 +76,21 @@ def make_grid(
     grid = TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins)
     if tissue is None:
         return grid
-    size_px = (patch_px * mpp / slide_mpp[0], patch_px * mpp / slide_mpp[1])
-    touches = [tissue.tissue_fraction(x, y, size_px) > 0 for x, y in grid.level0_xy(slide_mpp)]
-    return TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins[np.array(touches, bool)])
+    near = tissue.near()
+    scale_x, scale_y = mpp / slide_mpp[0], mpp / slide_mpp[1]  # level-0 px per grid px
+    keep = [near.tissue_fraction(col0 * scale_x, row0 * scale_y,
+                                 ((col1 - col0) * scale_x, (row1 - row0) * scale_y)) > 0
+            for row0, row1 in nearest_cells(rows, patch_px, shape_px[0])
+            for col0, col1 in nearest_cells(cols, patch_px, shape_px[1])]
+    return TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins[np.array(keep, bool)])
+
+
+def nearest_cells(starts: list[int], patch_px: int, size_px: int) -> list[tuple[float, float]]:
+    """Along one axis, the span [from, to) of pixels nearer to each tile's centre than to any
+    other's (the ends of the slide go to the first and last tile)."""
+    centres = [start + patch_px / 2 for start in starts]
+    bounds = [0.0] + [(a + b) / 2 for a, b in zip(centres, centres[1:])] + [float(size_px)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def grid_shape_px(dimensions: tuple[int, int], slide_mpp: tuple[float, float],

@@ -9,6 +9,7 @@ away, gaps closed, pieces smaller than ``min_area_um2`` dropped, holes inside ti
 ``MAX_HOLE_AREA_UM2`` (vessel and tubule lumina) filled.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,11 @@ class TissueMask:
     def fraction(self) -> float:
         """Fraction of the slide's area that is tissue."""
         return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def near(self) -> "TissueMask":
+        """The mask dilated by one pixel: the part of the slide that stitched inference labels
+        (the model draws the tissue border within it). Pieces and labels stay the tissue's."""
+        return dataclasses.replace(self, mask=ndimage.binary_dilation(self.mask, np.ones((3, 3), bool)))
 
     def tissue_fraction(self, x: int, y: int, size_px: tuple[int, int]) -> float:
         """Fraction of tissue in the level-0 rectangle ``(x, y)``, ``size_px = (width, height)``.
