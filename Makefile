@@ -24,7 +24,7 @@ demo: venv
 	$(BIN)/biopsy demo --out demo-output
 
 bench: venv
-	$(BIN)/python benchmarks/segment.py --quick --parts --rss-check
+	$(BIN)/python benchmarks/segment.py --quick --parts --rss-check --repeat 3
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/stability.py
 

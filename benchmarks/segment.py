@@ -17,9 +17,9 @@ a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px; or ``--model``) go throu
 4. ``naive``: every tile (tissue or not) read with OpenSlide ``read_region`` and box-resized,
    batch 1, fp32, NCHW, Gaussian blended into a whole-slide float array.
 
-Each runs in its own process, twice: the table gives wall time (including tissue detection and
-slide loading, excluding interpreter start) and tiles/s from the first run, peak memory from the
-second (PSS summed over the process and its workers, so forked workers' shared pages count once,
+Each runs in its own process, ``--repeat`` times and once more: the table gives the median wall
+time (including tissue detection and slide loading, excluding interpreter start) and tiles/s of
+the timed runs, peak memory from the last run (PSS summed over the process and its workers, so forked workers' shared pages count once,
 sampled every 0.1 s: the sampling itself slows a 2-core machine by up to a third, so it stays out
 of the timed run), agreement with ours and accuracy against
 the truth on tissue pixels, and time relative to ours. ``--parts`` times our stages alone (tissue
@@ -29,7 +29,7 @@ pyramidal ``labels.ome.tif`` out, streamed) on an N x N px slide at 0.5 µm/px t
 the ``--quick`` core slide (~35% of the area tissue), built once per size in the work dir (60,000
 px: ~1 GB, ~1-2 min), and where its time goes.
 
-    python benchmarks/segment.py --quick --parts --rss-check          # 2-core CPU, ~10 minutes
+    python benchmarks/segment.py --quick --parts --rss-check --repeat 3   # 2-core CPU, ~10 minutes
     python benchmarks/segment.py --quick --methods ours --large-px 4000   # CPU, ~3-10 minutes
     python benchmarks/segment.py --device cuda --parts --rss-check --large-px 60000  # GPU machine
 
@@ -55,7 +55,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -144,15 +143,19 @@ def run_child(method: str, python: str, slide: Path, checkpoint: Path, args,
 
 def timed_and_sampled(method: str, python: str, slide: Path, checkpoint: Path, args,
                       labels_out: Path) -> dict:
-    """A method's result from a run without memory sampling, and its peak memory from a second
-    run sampled every 0.1 s."""
-    result = run_child(method, python, slide, checkpoint, args, labels_out)
-    if "error" in result:
-        return result
+    """A method's result with the median wall time of ``args.repeat`` runs without memory
+    sampling, and its peak memory from one more run sampled every 0.1 s."""
+    runs = []
+    for _ in range(args.repeat):
+        runs.append(run_child(method, python, slide, checkpoint, args, labels_out))
+        if "error" in runs[-1]:
+            return runs[-1]
     memory = run_child(method, python, slide, checkpoint, args, labels_out.with_suffix(".mem.npy"),
                        memory_interval_s=0.1)
     labels_out.with_suffix(".mem.npy").unlink(missing_ok=True)
-    return {**result, "peak_mib": memory.get("peak_mib", float("nan"))}
+    seconds = [run["seconds"] for run in runs]
+    return {**runs[0], "seconds": float(np.median(seconds)), "spread_s": max(seconds) - min(seconds),
+            "peak_mib": memory.get("peak_mib", float("nan"))}
 
 
 def tissue_on_grid(slide_path: Path, shape_px: tuple[int, int], mpp: float) -> np.ndarray:
@@ -340,6 +343,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="default: all but ours-compile (ours-bf16 only on CPU, where ours is fp32)")
     parser.add_argument("--tia-python", help="interpreter with tiatoolbox (default: this one)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed runs per method; the table gives the median (default 1)")
     parser.add_argument("--parts", action="store_true", help="also time our parts separately")
     parser.add_argument("--rss-check", action="store_true",
                         help="also run ours on a 4x longer core")

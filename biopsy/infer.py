@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader
