@@ -78,10 +78,11 @@ def make_grid(
         return grid
     near = tissue.near()
     scale_x, scale_y = mpp / slide_mpp[0], mpp / slide_mpp[1]  # level-0 px per grid px
+    row_cells = nearest_cells(rows, patch_px, shape_px[0])
+    col_cells = nearest_cells(cols, patch_px, shape_px[1])
     keep = [near.tissue_fraction(col0 * scale_x, row0 * scale_y,
                                  ((col1 - col0) * scale_x, (row1 - row0) * scale_y)) > 0
-            for row0, row1 in nearest_cells(rows, patch_px, shape_px[0])
-            for col0, col1 in nearest_cells(cols, patch_px, shape_px[1])]
+            for row0, row1 in row_cells for col0, col1 in col_cells]
     return TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins[np.array(keep, bool)])
 
 

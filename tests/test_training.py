@@ -326,17 +326,14 @@ def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path
 
 @pytest.mark.gpu
 def test_cuda_training_with_bf16_workers_and_compile_reduces_the_loss(dataset_root, tmp_path):
-    """The GPU path: bf16 autocast, channels_last, pinned worker batches and torch.compile; its
-    checkpoint serves inference on the CPU."""
+    """The GPU path: bf16 autocast, channels_last, pinned worker batches and torch.compile."""
     settings = config_dict(dataset_root, tmp_path / "run", steps=24, validate_every=24, workers=2,
                            compile=True, precision="auto")
     metrics = fit(config_from_dict(settings, "test"))
     history = losses(tmp_path / "run")
     assert len(history) == 24 and np.mean(history[-4:]) < 0.8 * np.mean(history[:4])
     assert metrics["all"]["glomerulus_count"] == 4
-    model, info = load_checkpoint(tmp_path / "run" / "last.safetensors", "cpu")
-    image = np.asarray(Image.open(sorted((dataset_root / "images").glob("case2-*.png"))[0]).convert("RGB"))
-    assert predict_image(model, info, image, torch.device("cpu")).shape == image.shape[:2]
+    load_checkpoint(tmp_path / "run" / "last.safetensors", "cpu")  # no compile-wrapper key names
 
 
 def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path):
