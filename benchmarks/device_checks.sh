@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one call of the device tool (~10 min on an H100):
+# Every check that needs a CUDA GPU, in one call of the device tool (not yet timed there):
 #   bash benchmarks/device_bundle.sh                 # here, once: build/device-site.tar.xz
 #   run: bash benchmarks/device_checks.sh            # carry build/device-site.tar.xz
 # 1. the GPU tests (inference with bf16, pinned workers and compile; training with bf16,
