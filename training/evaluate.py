@@ -15,6 +15,7 @@ from skimage.measure import label
 from biopsy.classes import GLOMERULAR_CLASSES
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.model import ModelInfo, load_checkpoint
+from biopsy.tiling import axis_starts, nearest_cells
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
 from training.config import Config, EvaluateConfig
 
@@ -50,10 +51,9 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, image: np.ndarray, de
 
 def _tiles(length: int, patch: int) -> list[tuple[int, int, int]]:
     """(start, keep_from, keep_to) of tiles covering ``length`` with step ``patch // 2``."""
-    starts = list(range(0, length - patch, patch // 2)) + [length - patch]
-    centres = [s + patch / 2 for s in starts]
-    bounds = [0] + [int((a + b) // 2) for a, b in zip(centres, centres[1:])] + [length]
-    return [(s, bounds[i], bounds[i + 1]) for i, s in enumerate(starts)]
+    starts = axis_starts(length, patch, patch // 2)
+    return [(start, int(keep_from), int(keep_to))
+            for start, (keep_from, keep_to) in zip(starts, nearest_cells(starts, patch, length))]
 
 
 def count_metrics(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str], mpp: float,
