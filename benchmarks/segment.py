@@ -19,9 +19,9 @@ a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px; or ``--model``) go throu
 
 Each runs in its own process, ``--repeat`` times and once more: the table gives the median wall
 time (including tissue detection and slide loading, excluding interpreter start) and tiles/s of
-the timed runs, peak memory from the last run (PSS summed over the process and its workers, so forked workers' shared pages count once,
-sampled every 0.1 s: the sampling itself slows a 2-core machine by up to a third, so it stays out
-of the timed run), agreement with ours and accuracy against
+the timed runs, peak memory from the last run (PSS summed over the process and its workers, so
+forked workers' shared pages count once, sampled every 0.1 s: the sampling itself slows a 2-core
+machine by up to a third, so it stays out of the timed runs), agreement with ours and accuracy against
 the truth on tissue pixels, and time relative to ours. ``--parts`` times our stages alone (tissue
 detection, tile reading, host-to-device transfer, model on pre-decoded tiles, stitching);
 ``--rss-check`` runs ours on a 4x longer core. ``--large-px N`` times ours end to end (slide in,
