@@ -73,7 +73,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from biopsy.infer import prepare_model
+    from biopsy.infer import prepare_model, tile_probabilities
     from biopsy.model import load_checkpoint
     from biopsy.slide import open_slide
     from biopsy.stitch import BandStitcher
@@ -109,7 +109,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
         _sync(device)
         started = time.perf_counter()
         for _ in range(batches):
-            probabilities = model(inputs).float().softmax(1)
+            probabilities = tile_probabilities(model(inputs), info.patch_size_px)
         _sync(device)
     model_seconds = time.perf_counter() - started
     stitcher = BandStitcher(len(info.class_names), shape_px, info.input_mpp, shape_px,

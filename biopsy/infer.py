@@ -175,7 +175,7 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
             batch = batch.to(device, non_blocking=True)
             with autocast:
                 logits = model(normalise(batch))
-            probabilities = _resize(logits.float(), info.patch_size_px).softmax(dim=1)
+            probabilities = tile_probabilities(logits, info.patch_size_px)
             bands = stitcher.add(probabilities, tiles.origins_px[first : first + len(batch)])
         first += len(batch)
         bar.update(len(batch))
@@ -229,12 +229,17 @@ def prepare_model(model: nn.Module, device: torch.device, compile: bool = False)
     return torch.compile(model) if compile else model
 
 
-def _resize(logits: torch.Tensor, patch_px: int) -> torch.Tensor:
-    """Logits at the tile's size (models with a coarser output stride are upsampled)."""
-    if logits.shape[-2:] == (patch_px, patch_px):
-        return logits
-    return torch.nn.functional.interpolate(logits, size=(patch_px, patch_px), mode="bilinear",
-                                           align_corners=False)
+def tile_probabilities(logits: torch.Tensor, patch_px: int) -> torch.Tensor:
+    """Class probabilities (B, C, patch, patch), float32, contiguous, from a model's logits.
+
+    The logits come channels_last; the softmax over classes runs on a contiguous copy, ~4x
+    faster on CPU than over the interleaved classes (11 classes do not fill a vector), and
+    the stitcher adds contiguous tiles. Models with a coarser output stride are upsampled."""
+    logits = logits.contiguous().float()
+    if logits.shape[-2:] != (patch_px, patch_px):
+        logits = torch.nn.functional.interpolate(logits, size=(patch_px, patch_px),
+                                                 mode="bilinear", align_corners=False)
+    return logits.softmax(dim=1)
 
 
 def _check_channels(slide, info) -> None:
