@@ -210,7 +210,7 @@ def _normaliser(info, device: torch.device):
     scale = 1 / (torch.tensor(info.normalisation["std"], device=device) * 255)
 
     def normalise(batch: torch.Tensor) -> torch.Tensor:
-        return ((batch.float() - mean) * scale).permute(0, 3, 1, 2)
+        return (batch - mean).mul_(scale).permute(0, 3, 1, 2)
 
     return normalise
 

@@ -83,15 +83,14 @@ class BandStitcher:
 
         Tiles must come in row-major order. Returns the bands finished by the tiles' arrival.
         """
-        weighted = probabilities.float().contiguous() * self.weight
         bands = []
-        for (row, col), tile in zip(origins_px.tolist(), weighted):
+        for (row, col), tile in zip(origins_px.tolist(), probabilities.float()):
             if row != self.top:
                 if row < self.top:
                     raise ValueError(f"tiles out of row-major order: row {row} after {self.top}")
                 bands += self._advance(row)
             window = self.sums[:, :, col : col + self.patch_px]
-            window[: self.num_classes] += tile
+            window[: self.num_classes].addcmul_(tile, self.weight)
             window[self.num_classes] += self.weight
         return bands
 
