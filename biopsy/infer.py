@@ -130,31 +130,46 @@ def output_shape_px(slide: Slide, output_mpp: float) -> tuple[int, int]:
 def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_mpp=None,
          overlap=0.5, tissue=None, return_probabilities=False, bf16=None, compile=False,
          progress=False) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
-    _check_channels(slide, info)
     device = torch.device(device)
     output_mpp = output_mpp or info.input_mpp
+    tissue, tiles = tissue_tiles(slide, info, overlap, tissue)
+    if not len(tiles):
+        log.warning("%s: no tissue found; the class map is all background",
+                    slide.path)
+    background = class_index(info.class_names, "background") or 0
+    output_shape = output_shape_px(slide, output_mpp)
+    stitcher = BandStitcher(len(info.class_names), tiles.grid.shape_px, info.input_mpp,
+                            output_shape, output_mpp, info.patch_size_px, background,
+                            return_probabilities, device)
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
+                   workers, device, bf16, progress)
+    return (tiles.grid, tiles.stain,
+            _background_outside_tissue(bands, tissue, output_mpp, output_shape, background))
+
+
+def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
+                 tissue: TissueMask | None = None) -> tuple[TissueMask, TileDataset]:
+    """The slide's tissue (detected when not given) and the tiles the model runs on: those of
+    the grid at the model's mpp and patch size nearest to tissue, stain-normalised to the
+    model's reference when it has one.
+
+    Raises
+    ------
+    CheckpointError, SlideError : the model does not take the slide's channels or bit depth.
+    MppError : the slide's pixel size is unknown.
+    """
+    _check_channels(slide, info)
     if tissue is None:
         tissue = detect_tissue(slide)
     shape_px = grid_shape_px(slide.dimensions, _slide_mpp(slide), info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, overlap, tissue,
                      _slide_mpp(slide))
-    if not len(grid):
-        log.warning("%s: no tissue found; the class map is all background",
-                    slide.path)
-    background = class_index(info.class_names, "background") or 0
-    output_shape = output_shape_px(slide, output_mpp)
-    stitcher = BandStitcher(len(info.class_names), shape_px, info.input_mpp, output_shape,
-                            output_mpp, info.patch_size_px, background, return_probabilities,
-                            device)
-    bf16 = device.type == "cuda" if bf16 is None else bf16
     stain = slide_stain_shift(slide, info.stain_reference, tissue) if len(grid) else None
     if stain is not None:
-        log.info("%s: stain normalised: haematoxylin x%.3f, eosin x%.3f", slide.path, stain.haematoxylin,
-                 stain.eosin)
-    tiles = TileDataset(slide, grid, stain)
-    bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
-                   workers, device, bf16, progress)
-    return grid, stain, _background_outside_tissue(bands, tissue, output_mpp, output_shape, background)
+        log.info("%s: stain normalised: haematoxylin x%.3f, eosin x%.3f", slide.path,
+                 stain.haematoxylin, stain.eosin)
+    return tissue, TileDataset(slide, grid, stain)
 
 
 def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: int,

@@ -112,6 +112,7 @@ class TileDataset(Dataset):
 
     def __init__(self, slide, grid: TileGrid, stain: StainShift | None = None):
         self.slide = copy.copy(slide)
+        self.grid = grid
         self.stain = stain
         self.patch_px = grid.patch_px
         self.mpp = grid.mpp
