@@ -8,7 +8,7 @@ provenance. Nothing is ever unpickled.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from biopsy.errors import CheckpointError
 from biopsy.provenance import file_sha256
 
 CHECKPOINT_FORMAT = "biopsy.checkpoint/1"
+CALIBRATION_PREFIX = "int8_calibration."  # checkpoint tensors of biopsy.quantize, not weights
 # The bundled model (all SCORING.md classes; synthetic PAS, H&E and trichrome slides; recipe in
 # configs/train/synthetic-multistain-polish.yaml).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "default.safetensors"
@@ -164,6 +165,7 @@ class ModelInfo:
     in_channels: int
     normalisation: dict[str, list[float]]  # {"mean": [...], "std": [...]} for inputs in 0..1
     stain_reference: list[float] | None = None  # (haematoxylin, eosin) amounts: biopsy.stainnorm
+    int8_calibration: dict | None = None  # provenance of the stored one: biopsy.quantize
     training_config: dict = field(default_factory=dict)
     validation_metrics: dict = field(default_factory=dict)
     code_version: str = __version__
@@ -216,6 +218,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: ModelInfo,
         if half_precision and tensor.is_floating_point() and tensor.ndim >= 2:
             tensor = tensor.half()
         tensors[name] = tensor
+    _write(path, tensors, replace(info, int8_calibration=None))  # new weights: none fits them
+
+
+def save_int8_calibration(checkpoint: str | Path, out: str | Path,
+                          calibration: dict[str, torch.Tensor], provenance: dict) -> None:
+    """Copy ``checkpoint`` to ``out`` (the same file is fine) with ``calibration`` (tensors named
+    ``int8_calibration.*``: :func:`biopsy.quantize.calibrate`) in place of any it had; the
+    weights are copied as stored, and ``provenance`` goes to ``ModelInfo.int8_calibration``."""
+    checkpoint = Path(checkpoint)
+    info = read_model_info(checkpoint)
+    info.int8_calibration = provenance
+    weights = _open(checkpoint, lambda f: {k: f.get_tensor(k) for k in f.keys()
+                                           if not k.startswith(CALIBRATION_PREFIX)})
+    _write(out, weights | calibration, info)
+
+
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], info: ModelInfo) -> None:
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata={METADATA_KEY: info.to_json()})
         temporary.chmod(0o644)  # safetensors creates it owner-only
@@ -241,13 +260,30 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = build_model(info.architecture, len(info.class_names), info.in_channels, **info.arguments)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot build {info.architecture} {info.arguments} ({error})") from error
-    state = _open(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    state = _open(path, lambda f: {k: f.get_tensor(k) for k in f.keys()
+                                   if not k.startswith(CALIBRATION_PREFIX)})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first_line = str(error).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit {info.architecture} ({first_line})") from error
     return model.to(device).eval(), info
+
+
+def read_int8_calibration(path: str | Path) -> dict[str, torch.Tensor]:
+    """The int8 calibration stored in a checkpoint (:mod:`biopsy.quantize`).
+
+    Raises
+    ------
+    CheckpointError : the checkpoint has none.
+    """
+    path = Path(path)
+    calibration = _open(path, lambda f: {k: f.get_tensor(k) for k in f.keys()
+                                         if k.startswith(CALIBRATION_PREFIX)})
+    if not calibration:
+        raise CheckpointError(f"{path}: no int8 calibration in this checkpoint; add one with "
+                              f"`biopsy calibrate --model {path} --out CKPT SLIDE...`")
+    return calibration
 
 
 def _open(path: Path, read):

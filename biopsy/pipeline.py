@@ -26,9 +26,10 @@ from biopsy.errors import CheckpointError
 from biopsy.infer import segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
-from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint
+from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration
 from biopsy.nuclei import DETECTION_MPP, detect_nuclei, why_not_countable
 from biopsy.provenance import file_sha256, package_versions
+from biopsy.quantize import quantized_model
 from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import ScoreConfig
 from biopsy.slide import open_slide
@@ -41,11 +42,12 @@ INFERENCE_PACKAGES = ("openslide-python", "openslide-bin", "tifffile", "imagecod
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How a slide is segmented: where, and how many tiles at a time."""
+    """How a slide is segmented: where, how many tiles at a time, whether by an int8 model."""
 
     device: str = "cpu"
     batch_size: int = 16
     workers: int = 2
+    int8: bool = False
 
 
 def resolve_device(device: str | None) -> str:
@@ -56,13 +58,21 @@ def resolve_device(device: str | None) -> str:
 
 
 def inference_options(device: str | None = None, batch_size: int = 16,
-                      workers: int | None = None) -> InferenceOptions:
-    """Options with the defaults resolved: the device (:func:`resolve_device`) and the tile-reading
-    workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA, where decoding is)."""
-    device = resolve_device(device)
+                      workers: int | None = None, int8: bool = False) -> InferenceOptions:
+    """Options with the defaults resolved: the device (:func:`resolve_device`; the CPU for int8)
+    and the tile-reading workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA,
+    where decoding is).
+
+    Raises
+    ------
+    CheckpointError : int8 asked for on another device than the CPU.
+    """
+    device = "cpu" if int8 and device is None else resolve_device(device)
+    if int8 and torch.device(device).type != "cpu":
+        raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
     if workers is None:
         workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
-    return InferenceOptions(device, batch_size, workers)
+    return InferenceOptions(device, batch_size, workers, int8)
 
 
 def checkpoint_path(path: str | Path | None) -> Path:
@@ -81,15 +91,20 @@ def checkpoint_path(path: str | Path | None) -> Path:
     return path
 
 
-def load_model(path: str | Path | None, device: str) -> tuple[nn.Module, ModelInfo, Path]:
-    """The model of checkpoint ``path`` (None: the bundled one) on ``device``, its info and path.
+def load_model(path: str | Path | None, device: str,
+               int8: bool = False) -> tuple[nn.Module, ModelInfo, Path]:
+    """The model of checkpoint ``path`` (None: the bundled one) on ``device``, its info and path;
+    with ``int8``, quantized from the checkpoint's calibration (:mod:`biopsy.quantize`).
 
     Raises
     ------
-    CheckpointError : the checkpoint is missing, unreadable or not a biopsy checkpoint.
+    CheckpointError : the checkpoint is missing, unreadable or not a biopsy checkpoint, or has
+        no int8 calibration when ``int8`` asks for one.
     """
     path = checkpoint_path(path)
     model, info = load_checkpoint(path, device)
+    if int8:
+        model = quantized_model(model, info, read_int8_calibration(path))
     return model, info, path
 
 
@@ -130,6 +145,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         "inference": {"device": options.device, "batch_size": options.batch_size,
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
                       "bf16": torch.device(options.device).type == "cuda",
+                      "int8": options.int8,
                       "stain_reference": info.stain_reference,
                       "stain_factors": class_map.stain_factors,
                       "tiles": class_map.tile_count, "seconds": round(seconds, 2),

@@ -222,7 +222,7 @@ def test_scoring_options_turn_stain_normalisation_off(monkeypatch):
     """batch and compare take --no-stain-normalisation: the scorer gets a model without its reference."""
     info = ModelInfo("toy", {}, list(CLASS_NAMES), {}, MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3},
                      stain_reference=[1.5, 0.7])
-    monkeypatch.setattr(pipeline, "load_model", lambda path, device: (None, info, Path("toy")))
+    monkeypatch.setattr(pipeline, "load_model", lambda path, device, int8: (None, info, Path("toy")))
     monkeypatch.setattr(pipeline, "slide_scorer", lambda model, info, *rest: info.stain_reference)
     parser = argparse.ArgumentParser()
     batch_cli.add_scoring_arguments(parser, "slides")

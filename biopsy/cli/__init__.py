@@ -13,7 +13,8 @@ import sys
 from biopsy import __version__
 from biopsy.errors import BiopsyError
 
-COMMAND_MODULES = ["info", "tissue", "score", "batch", "compare", "segment", "synth", "demo", "restain"]
+COMMAND_MODULES = ["info", "tissue", "score", "batch", "compare", "segment", "calibrate", "synth",
+                   "demo", "restain"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, metavar="N",
                         help="tile-reading worker processes per slide (0: read in the main "
                              "process; default 2 on CPU, 8 on CUDA)")
+    add_int8_argument(parser)
+
+
+def add_int8_argument(parser) -> None:
+    parser.add_argument("--int8", action="store_true",
+                        help="run an int8 model on the CPU, from the checkpoint's calibration "
+                             "(biopsy calibrate): ~2.5x faster than float32, a few pixels change")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +90,8 @@ def load_model_from_args(args: argparse.Namespace, device: str | None):
     score, compare, batch); without a stain reference under --no-stain-normalisation."""
     from biopsy import pipeline
 
-    options = pipeline.inference_options(device, args.batch_size, args.workers)
-    model, info, model_path = pipeline.load_model(args.model, options.device)
+    options = pipeline.inference_options(device, args.batch_size, args.workers, args.int8)
+    model, info, model_path = pipeline.load_model(args.model, options.device, args.int8)
     if not args.stain_normalisation:
         info.stain_reference = None
     return options, model, info, model_path

@@ -70,14 +70,14 @@ def run(args: argparse.Namespace) -> int:
         generate_pair(baseline, follow_up, slides)
 
     config = load_score_config()
-    options = pipeline.inference_options(args.device, args.batch_size, args.workers)
+    options = pipeline.inference_options(args.device, args.batch_size, args.workers, args.int8)
     loaded = None
     for slide_dir, name in zip(slide_dirs, ("baseline", "follow_up")):
         slide_path, folder = slide_dir / "slide.svs", args.out / name
-        if _scored(folder, file_sha256(slide_path), model_sha256):
+        if _scored(folder, file_sha256(slide_path), model_sha256, args.int8):
             continue
         if loaded is None:
-            loaded = pipeline.load_model(model_path, options.device)
+            loaded = pipeline.load_model(model_path, options.device, args.int8)
         _step(f"scoring {slide_path} on {options.device}")
         pipeline.score_slide_file(slide_path, folder, *loaded, config, options=options)
         fresh = True
@@ -114,14 +114,16 @@ def _synthesised(slide_dir: Path, profile) -> bool:
     return written == profile.to_dict()
 
 
-def _scored(folder: Path, slide_sha256: str, model_sha256: str) -> bool:
-    """Whether ``folder`` is a complete scored slide of these slide and model bytes."""
+def _scored(folder: Path, slide_sha256: str, model_sha256: str, int8: bool) -> bool:
+    """Whether ``folder`` is a complete scored slide of these slide and model bytes (int8 or
+    not)."""
     summary_path = folder / "summary.json"
     if not summary_path.is_file():
         return False
     provenance = json.loads(summary_path.read_text(encoding="utf-8"))["provenance"]
     return ((provenance.get("model") or {}).get("sha256") == model_sha256
-            and provenance["source"].get("sha256") == slide_sha256)
+            and provenance["source"].get("sha256") == slide_sha256
+            and provenance.get("inference", {}).get("int8", False) == int8)
 
 
 def _step(text: str) -> None:

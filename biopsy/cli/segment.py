@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from biopsy.cli.batch import add_stain_argument, load_model_from_args
+from biopsy.cli.batch import add_int8_argument, add_stain_argument, load_model_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -32,9 +32,11 @@ def add_parser(subparsers) -> None:
                         help="µm/px of the class map (default: the model's input mpp)")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write probabilities.ome.tif (one channel per class)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 autocast (default: on CUDA only; on CPUs with native bf16 "
-                             "--bf16 is ~2x faster, a few border pixels may change)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                           help="bfloat16 autocast (default: on CUDA only; on CPUs with native "
+                                "bf16 --bf16 is ~2x faster, a few border pixels may change)")
+    add_int8_argument(precision)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     add_stain_argument(parser)
     parser.set_defaults(func=run)
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "options": {"batch_size": args.batch_size, "workers": args.workers,
                     "device": str(args.device),
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
+                    "int8": args.int8,
                     "output_mpp": class_map.mpp,
                     "overlap": 0.5,
                     "stain_reference": info.stain_reference,
