@@ -25,6 +25,7 @@ scored folders too, per model hash): delete it when the generator changes.
 
     python benchmarks/scoring.py                                # 10 slides, 3 mm: ~5 min on 2 cores
     python benchmarks/scoring.py --slides 4 --core-length-mm 2  # quick check: ~1.5 min
+    python benchmarks/scoring.py --int8                         # the int8 model (CPU)
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ def ensure_slide(folder: Path, preset: str, stain: str, seed: int, core_length_m
 
 
 class Scorer:
-    """Scores slides with the bundled model, loaded on first use."""
+    """Scores slides with the bundled model (int8 when asked), loaded on first use."""
 
-    def __init__(self, device: str | None):
-        self.options = inference_options(device)
+    def __init__(self, device: str | None, int8: bool = False):
+        self.options = inference_options(device, int8=int8)
         self.config = load_score_config()
         self.model = None
 
@@ -147,7 +148,7 @@ class Scorer:
         """The scored-slide folder ``out_dir``, scoring the slide unless complete there already."""
         if not (out_dir / "summary.json").is_file():
             if self.model is None:
-                self.model = load_model(None, self.options.device)
+                self.model = load_model(None, self.options.device, self.options.int8)
             model, info, model_path = self.model
             score_slide_file(slide_path, out_dir, model, info, model_path, self.config,
                              options=self.options)
@@ -249,14 +250,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="slides and scored folders, complete ones reused (default: a "
                              "temporary folder)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--int8", action="store_true",
+                        help="score with the int8 model on the CPU (biopsy.quantize)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as temporary:
         run(args, args.work_dir or Path(temporary))
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
-    scorer = Scorer(args.device)
-    model_tag = read_model_info(DEFAULT_CHECKPOINT).sha256[:12]
+    scorer = Scorer(args.device, args.int8)
+    model_tag = read_model_info(DEFAULT_CHECKPOINT).sha256[:12] + ("-int8" if args.int8 else "")
     results = []
     for index in range(args.slides):
         preset, stain = PRESETS[index % len(PRESETS)], STAINS[index % len(STAINS)]
