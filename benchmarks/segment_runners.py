@@ -19,6 +19,7 @@ loading), ``tiles`` and, where the method gives a map in memory, ``labels`` at t
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -193,8 +194,10 @@ def run_tiatoolbox(slide_path, checkpoint, args) -> dict:
                             device=args.device, auto_get_mask=True)
     seconds = time.perf_counter() - started
     store = zarr.open(str(next(iter(outputs.values()))), mode="r")
-    return {"seconds": seconds, "tiles": store["coordinates"].shape[0],
-            "labels": np.asarray(store["predictions"]).astype(np.uint8)}
+    result = {"seconds": seconds, "tiles": store["coordinates"].shape[0],
+              "labels": np.asarray(store["predictions"]).astype(np.uint8)}
+    shutil.rmtree(save_dir)
+    return result
 
 
 def run_monai(slide_path, checkpoint, args) -> dict:
