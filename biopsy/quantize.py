@@ -9,6 +9,10 @@ a second without data. Weights are quantized per output channel when the model i
 Backend ``x86`` (oneDNN / fbgemm int8 kernels, using VNNI where the CPU has it). This uses
 PyTorch's FX graph mode quantization (``torch.ao.quantization.quantize_fx``), deprecated
 upstream in favour of torchao but present in every torch release this project admits.
+
+    model, info = load_checkpoint(path)
+    int8 = quantized_model(model, info, read_int8_calibration(path))
+    class_map = segment_slide(slide, int8, info)          # on the CPU
 """
 
 from __future__ import annotations

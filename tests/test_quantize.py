@@ -1,5 +1,6 @@
 """Int8 inference (biopsy.quantize): calibrated once, stored in the checkpoint, close to float32."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -77,6 +78,16 @@ def test_segment_command_runs_int8(calibrated, tmp_path, capsys):
                  str(tmp_path / "out"), "--int8"]) == 0
     assert (tmp_path / "out" / "labels.ome.tif").is_file()
     assert '"int8": true' in (tmp_path / "out" / "segment.json").read_text()
+
+
+def test_score_command_runs_the_bundled_model_in_int8(calibrated, tmp_path):
+    _, other = calibrated
+    assert main(["score", str(other / "slide.svs"), "--out", str(tmp_path / "scored"),
+                 "--int8"]) == 0
+    summary = json.loads((tmp_path / "scored" / "summary.json").read_text())
+    assert summary["provenance"]["inference"]["int8"] is True
+    assert summary["provenance"]["inference"]["device"] == "cpu"
+    assert summary["scores"]["glomeruli"]["count"] == 4
 
 
 @pytest.mark.parametrize("extra, message", [
