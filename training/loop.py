@@ -163,8 +163,8 @@ def model_info(config: Config) -> ModelInfo:
 
 def _load_initial_weights(model: torch.nn.Module, info: ModelInfo, path: Path) -> str:
     """Start from the weights of checkpoint ``path`` (fine-tuning); says how many were taken. It
-    must have the same architecture and arguments; a head for other classes (or a stem for other
-    channels) keeps its fresh initialisation."""
+    must have the same architecture and arguments; a head for other classes (or the same classes
+    in another order) or a stem for other channels keeps its fresh initialisation."""
     start, start_info = load_checkpoint(path)
     if (start_info.architecture, start_info.arguments) != (info.architecture, info.arguments):
         raise CheckpointError(f"{path}: model.init_checkpoint is a {start_info.architecture} "
@@ -172,6 +172,8 @@ def _load_initial_weights(model: torch.nn.Module, info: ModelInfo, path: Path) -
                               f"{info.arguments}; fine-tuning needs the same architecture")
     own = model.state_dict()
     fitting = {k: v.to(own[k].dtype) for k, v in start.state_dict().items() if v.shape == own[k].shape}
+    if start_info.class_names != info.class_names:  # another head, even of the same shape
+        fitting = {k: v for k, v in fitting.items() if not k.startswith("head.")}
     model.load_state_dict(fitting, strict=False)
     return f"fine-tuning from {path}: {len(fitting)} of {len(own)} tensors taken over"
 
