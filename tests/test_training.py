@@ -27,6 +27,7 @@ from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.cases import find_slides, set_stain_shifts, split_by_case
 from training.config import EvaluateConfig, config_from_dict, load_config
 from training.dataset import PatchDataset
+from training.__main__ import main as training_main
 from training.augment import build_augmentation
 from training.evaluate import count_metrics, evaluate_checkpoint, metrics_from_counts, predict_image
 from training.loop import ema_with_warmup, fit, model_info
@@ -302,8 +303,9 @@ def test_tiled_prediction_covers_every_pixel_exactly(dataset_root, tmp_path):
     info = model_info(config)
     info.normalisation = {"mean": [0.5] * 3, "std": [1.0] * 3}
     image = np.random.default_rng(0).integers(0, 256, (150, 203, 3), dtype=np.uint8)
-    prediction = predict_image(_RedIsClassOne(), info, image, torch.device("cpu"), batch_size=3)
-    assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
+    for tta in (False, True):  # mirror images flipped back: the same map
+        prediction = predict_image(_RedIsClassOne(), info, image, torch.device("cpu"), batch_size=3, tta=tta)
+        assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -353,6 +355,12 @@ def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, t
     set_stain_shifts(validation, info.stain_reference)
     assert all(slide.stain_shift.eosin > 1.3 for slide in validation)  # brought back up
     assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    assert training_main(["eval", str(path), "--checkpoint", str(tmp_path / "run" / "last.safetensors"),
+                          "--tta", "--json", str(tmp_path / "tta.json")]) == 0
+    with_tta = json.loads((tmp_path / "tta.json").read_text())
+    assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
@@ -415,13 +423,13 @@ def test_fine_tuning_starts_from_the_checkpoint_and_refuses_another_architecture
     tuned, _ = load_checkpoint(tmp_path / "tuned" / "last.safetensors")
     convolutions = [k for k, v in start.state_dict().items() if v.ndim == 4]
     assert convolutions and all(torch.equal(start.state_dict()[k], tuned.state_dict()[k]) for k in convolutions)
-    data["model"]["classes"] = ["tissue", "tuft"]  # another head: the rest is taken over
-    data["data"]["annotations"]["class_map"] = {"gn": "tuft", "gs": "tuft"}
-    data["output_dir"] = str(tmp_path / "two-classes")
+    data["model"]["classes"] = ["tuft", "tissue", "sclerosis"]  # same shape, another head
+    data["output_dir"] = str(tmp_path / "reordered")
     fit(config_from_dict(data, "test"))
-    two, _ = load_checkpoint(tmp_path / "two-classes" / "last.safetensors")
+    reordered, _ = load_checkpoint(tmp_path / "reordered" / "last.safetensors")
     body = [k for k in convolutions if not k.startswith("head.")]
-    assert all(torch.equal(start.state_dict()[k], two.state_dict()[k]) for k in body)
+    assert all(torch.equal(start.state_dict()[k], reordered.state_dict()[k]) for k in body)
+    assert not torch.equal(start.state_dict()["head.weight"], reordered.state_dict()["head.weight"])
     data["model"]["arguments"] = {"encoder": "resnet34", "decoder_channels": [32, 16, 16, 8, 8]}
     with pytest.raises(CheckpointError, match="init_checkpoint"):
         fit(config_from_dict(data, "test"))
