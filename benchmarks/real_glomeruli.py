@@ -39,10 +39,11 @@ from training.evaluate import match_instances  # noqa: E402
 from skimage.measure import label  # noqa: E402
 
 
-def image_counts(annotated, model, info, score_config, device: str, iou_threshold: float) -> np.ndarray:
+def image_counts(annotated, model, info, score_config, device: str, iou_threshold: float,
+                 tta: bool = False) -> np.ndarray:
     """[TP, FP, FN, GS TP, GS FP, GS FN, |count error|] of one annotated image."""
     slide = annotated.slide()
-    class_map = segment_slide(slide, model, info, device=device, workers=0)
+    class_map = segment_slide(slide, model, info, device=device, workers=0, tta=tta)
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, score_config,
                              level0_mpp=slide.mpp[0])
     height, width = class_map.labels.shape
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="a model with tuft and sclerosis classes")
     parser.add_argument("--config", default=str(REPO / "configs/train/real-glomeruli.yaml"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (mirror images)")
     args = parser.parse_args()
     config = load_config(args.config)
     model, info = load_checkpoint(args.checkpoint, args.device)
@@ -93,12 +95,13 @@ def main() -> None:
     counts, images = defaultdict(lambda: np.zeros(7, int)), defaultdict(int)
     for annotated in slides:
         result = image_counts(annotated, model, info, score_config, args.device,
-                              config.evaluate.iou_threshold)
+                              config.evaluate.iou_threshold, args.tta)
         for key in (annotated.stain, "all"):
             counts[key] += result
             images[key] += 1
     print(f"{args.checkpoint}: {len(slides)} validation images of "
-          f"{len({s.case for s in slides})} cases, {info.input_mpp} µm/px, scoring config nih-2018\n")
+          f"{len({s.case for s in slides})} cases, {info.input_mpp} µm/px, scoring config nih-2018"
+          f"{', test-time augmentation' if args.tta else ''}\n")
     print_table(counts, images)
 
 

@@ -26,6 +26,7 @@ scored folders too, per model hash): delete it when the generator changes.
     python benchmarks/scoring.py                                # 10 slides, 3 mm: ~5 min on 2 cores
     python benchmarks/scoring.py --slides 4 --core-length-mm 2  # quick check: ~1.5 min
     python benchmarks/scoring.py --int8                         # the int8 model (CPU)
+    python benchmarks/scoring.py --tta                          # test-time augmentation (4x the model time)
 """
 
 from __future__ import annotations
@@ -137,10 +138,11 @@ def ensure_slide(folder: Path, preset: str, stain: str, seed: int, core_length_m
 
 
 class Scorer:
-    """Scores slides with the bundled model (int8 when asked), loaded on first use."""
+    """Scores slides with the bundled model (int8, test-time augmentation when asked), loaded on
+    first use."""
 
-    def __init__(self, device: str | None, int8: bool = False):
-        self.options = inference_options(device, int8=int8)
+    def __init__(self, device: str | None, int8: bool = False, tta: bool = False):
+        self.options = inference_options(device, int8=int8, tta=tta)
         self.config = load_score_config()
         self.model = None
 
@@ -252,14 +254,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--int8", action="store_true",
                         help="score with the int8 model on the CPU (biopsy.quantize)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: each tile's mirror images too")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as temporary:
         run(args, args.work_dir or Path(temporary))
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
-    scorer = Scorer(args.device, args.int8)
-    model_tag = read_model_info(DEFAULT_CHECKPOINT).sha256[:12] + ("-int8" if args.int8 else "")
+    scorer = Scorer(args.device, args.int8, args.tta)
+    model_tag = (read_model_info(DEFAULT_CHECKPOINT).sha256[:12] + ("-int8" if args.int8 else "")
+                 + ("-tta" if args.tta else ""))
     results = []
     for index in range(args.slides):
         preset, stain = PRESETS[index % len(PRESETS)], STAINS[index % len(STAINS)]

@@ -3,8 +3,10 @@
 The hot path (../shared/DESIGN.md): tissue tiles only (:mod:`biopsy.tiling`), read at the model's
 mpp by DataLoader worker processes; uint8 batches copied pinned and non-blocking to the device,
 normalised there; the model under ``torch.inference_mode()`` in channels_last memory (bf16
-autocast on CUDA, optional on CPU; optional ``torch.compile``); softmax probabilities Gaussian-blended and finished band by
-band (:mod:`biopsy.stitch`), so memory is bounded by slide width x patch height, not slide area.
+autocast on CUDA, optional on CPU; optional ``torch.compile``); softmax probabilities (optionally
+averaged with those of the tile's mirror images: test-time augmentation) Gaussian-blended and
+finished band by band (:mod:`biopsy.stitch`), so memory is bounded by slide width x patch height,
+not slide area.
 
 Pixels outside the tissue mask dilated by one mask pixel (8 µm by default) get the model's
 ``background`` class (index 0 if it has none): the model decides tissue borders at its own
@@ -38,6 +40,8 @@ from biopsy.tissue import TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
 
+MIRRORS = ((), (3,), (2,), (2, 3))  # flipped (N, C, H, W) dims: the tile, left-right, up-down, both
+
 
 @dataclass(frozen=True)
 class ClassMap:
@@ -63,7 +67,7 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
                   workers: int = 2, device: str | torch.device = "cpu",
                   output_mpp: float | None = None, overlap: float = 0.5,
                   tissue: TissueMask | None = None, return_probabilities: bool = False,
-                  bf16: bool | None = None, compile: bool = False,
+                  bf16: bool | None = None, compile: bool = False, tta: bool = False,
                   progress: bool = False) -> ClassMap:
     """Segment a whole slide with ``model``; the class map in memory.
 
@@ -84,6 +88,8 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     bf16 : run the model under bfloat16 autocast; default on CUDA only (on CPUs with native
         bf16 it is ~2x faster too, at a small cost in agreement with fp32).
     compile : ``torch.compile`` the model first (pays off on long runs on CUDA).
+    tta : test-time augmentation: each tile's probabilities are the mean of those of the tile and
+        its three mirror images (4x the model time; as nnU-Net does by default).
     progress : show a tqdm progress bar over tiles.
 
     Raises
@@ -94,7 +100,7 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers,
                               device=device, output_mpp=output_mpp, overlap=overlap, tissue=tissue,
                               return_probabilities=return_probabilities, bf16=bf16,
-                              compile=compile, progress=progress)
+                              compile=compile, tta=tta, progress=progress)
     output_mpp = output_mpp or info.input_mpp
     shape_px = output_shape_px(slide, output_mpp)
     labels = np.empty(shape_px, np.uint8)
@@ -129,7 +135,7 @@ def output_shape_px(slide: Slide, output_mpp: float) -> tuple[int, int]:
 
 def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_mpp=None,
          overlap=0.5, tissue=None, return_probabilities=False, bf16=None, compile=False,
-         progress=False) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
+         tta=False, progress=False) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
     device = torch.device(device)
     output_mpp = output_mpp or info.input_mpp
     tissue, tiles = tissue_tiles(slide, info, overlap, tissue)
@@ -143,7 +149,7 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
                             return_probabilities, device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
-                   workers, device, bf16, progress)
+                   workers, device, bf16, tta, progress)
     return (tiles.grid, tiles.stain,
             _background_outside_tissue(bands, tissue, output_mpp, output_shape, background))
 
@@ -173,7 +179,8 @@ def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
 
 
 def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: int,
-           workers: int, device: torch.device, bf16: bool, progress: bool) -> Iterator[Band]:
+           workers: int, device: torch.device, bf16: bool, tta: bool,
+           progress: bool) -> Iterator[Band]:
     """Run the tiles in row-major order; yield each band as soon as it is finished.
 
     Inference mode is entered per batch, never across a ``yield``, so that it does not leak into
@@ -187,10 +194,8 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
     first = 0
     for batch in loader:
         with torch.inference_mode():
-            batch = batch.to(device, non_blocking=True)
-            with autocast:
-                logits = model(normalise(batch))
-            probabilities = tile_probabilities(logits, info.patch_size_px)
+            batch = normalise(batch.to(device, non_blocking=True))
+            probabilities = batch_probabilities(model, batch, autocast, info.patch_size_px, tta)
             bands = stitcher.add(probabilities, tiles.origins_px[first : first + len(batch)])
         first += len(batch)
         bar.update(len(batch))
@@ -242,6 +247,21 @@ def prepare_model(model: nn.Module, device: torch.device, compile: bool = False)
         log.debug("BatchNorm not folded (%s)", error)
     model = model.to(device, memory_format=torch.channels_last)
     return torch.compile(model) if compile else model
+
+
+def batch_probabilities(model, batch: torch.Tensor, autocast, patch_px: int,
+                        tta: bool) -> torch.Tensor:
+    """Class probabilities (:func:`tile_probabilities`) of a normalised batch (N, C, H, W), the
+    model run under ``autocast``; with ``tta``, their mean over :data:`MIRRORS` (each mirror
+    image's probabilities flipped back)."""
+    total = None
+    for dims in MIRRORS if tta else ((),):
+        with autocast:
+            logits = model(batch.flip(dims) if dims else batch)
+        probabilities = tile_probabilities(logits, patch_px)
+        probabilities = probabilities.flip(dims) if dims else probabilities
+        total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(MIRRORS)) if tta else total
 
 
 def tile_probabilities(logits: torch.Tensor, patch_px: int) -> torch.Tensor:

@@ -42,12 +42,14 @@ INFERENCE_PACKAGES = ("openslide-python", "openslide-bin", "tifffile", "imagecod
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How a slide is segmented: where, how many tiles at a time, whether by an int8 model."""
+    """How a slide is segmented: where, how many tiles at a time, whether by an int8 model, whether
+    with test-time augmentation (:func:`biopsy.infer.segment_slide`)."""
 
     device: str = "cpu"
     batch_size: int = 16
     workers: int = 2
     int8: bool = False
+    tta: bool = False
 
 
 def resolve_device(device: str | None) -> str:
@@ -58,7 +60,8 @@ def resolve_device(device: str | None) -> str:
 
 
 def inference_options(device: str | None = None, batch_size: int = 16,
-                      workers: int | None = None, int8: bool = False) -> InferenceOptions:
+                      workers: int | None = None, int8: bool = False,
+                      tta: bool = False) -> InferenceOptions:
     """Options with the defaults resolved: the device (:func:`resolve_device`; the CPU for int8)
     and the tile-reading workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA,
     where decoding is).
@@ -72,7 +75,7 @@ def inference_options(device: str | None = None, batch_size: int = 16,
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
     if workers is None:
         workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
-    return InferenceOptions(device, batch_size, workers, int8)
+    return InferenceOptions(device, batch_size, workers, int8, tta)
 
 
 def checkpoint_path(path: str | Path | None) -> Path:
@@ -126,7 +129,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         started = time.perf_counter()
         class_map = segment_slide(slide, model, info, batch_size=options.batch_size,
                                   workers=options.workers, device=options.device,
-                                  overlap=TILE_OVERLAP)
+                                  overlap=TILE_OVERLAP, tta=options.tta)
         seconds = time.perf_counter() - started
         nuclei_xy, nuclei = _find_nuclei(slide)
         level0_mpp = slide.mpp[0]
@@ -145,7 +148,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         "inference": {"device": options.device, "batch_size": options.batch_size,
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
                       "bf16": torch.device(options.device).type == "cuda",
-                      "int8": options.int8,
+                      "int8": options.int8, "tta": options.tta,
                       "stain_reference": info.stain_reference,
                       "stain_factors": class_map.stain_factors,
                       "tiles": class_map.tile_count, "seconds": round(seconds, 2),

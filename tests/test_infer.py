@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from biopsy.errors import CheckpointError
-from biopsy.infer import prepare_model, segment_slide, segment_slide_bands
+from biopsy.infer import batch_probabilities, prepare_model, segment_slide, segment_slide_bands
 from biopsy.model import ModelInfo, build_model
 from biopsy.pyramid import write_pyramid
 from biopsy.slide import open_slide
@@ -181,6 +181,27 @@ def test_positions_on_cuda_with_bf16_pinned_workers_and_compile(position_slide):
                     compile=True)
 
 
+def test_test_time_augmentation_keeps_positions_across_tiles(position_slide):
+    """A 1x1 convolution commutes with mirroring: with every mirror image flipped back, the map
+    is the right one (a tile left mirrored would put the stripes in the wrong order)."""
+    check_positions(position_slide, 1.5, None, workers=0, batch_size=4, tta=True)
+
+
+def test_test_time_augmentation_makes_a_model_mirror_equivariant():
+    """Averaged over the tile and its mirror images, a model's probabilities of a mirrored tile are
+    the mirrored probabilities of the tile, though the model's own are not."""
+    model, autocast = random_cnn(3), torch.autocast("cpu", enabled=False)
+    batch = torch.randn(2, 3, 32, 32)
+    for dims in ((3,), (2,), (2, 3)):
+        mirrored = batch_probabilities(model, batch.flip(dims), autocast, 32, tta=True)
+        expected = batch_probabilities(model, batch, autocast, 32, tta=True).flip(dims)
+        torch.testing.assert_close(mirrored, expected)
+        plain = batch_probabilities(model, batch.flip(dims), autocast, 32, tta=False)
+        assert (plain - batch_probabilities(model, batch, autocast, 32, tta=False).flip(dims)).abs().max() > 0.01
+    single = batch_probabilities(model, batch, autocast, 32, tta=True)
+    torch.testing.assert_close(single.sum(dim=1), torch.ones(2, 32, 32))
+
+
 def check_positions(position_slide, model_mpp: float, output_mpp: float | None, **options):
     info = model_info(8, mpp=model_mpp, patch_px=64, mean=0.0, std=1.0)
     result = segment_slide(position_slide, position_model(), info, output_mpp=output_mpp,
@@ -332,6 +353,23 @@ def test_segment_command_writes_the_folder(tissue_slide, checkpoints, tmp_path):
     near_tissue = probabilities.any(0)
     assert np.all(np.abs(probabilities.sum(0, dtype=int)[near_tissue] - 255) <= 3)
     assert not near_tissue[:60].any()
+
+
+def test_segment_command_with_test_time_augmentation(tissue_slide, checkpoints, tmp_path):
+    import json
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+    from biopsy.model import load_checkpoint
+
+    out = tmp_path / "out"
+    assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
+                 str(out), "--workers", "0", "--tta"]) == 0
+    assert json.loads((out / "segment.json").read_text())["options"]["tta"] is True
+    model, info = load_checkpoint(checkpoints[3])
+    expected = segment_slide(tissue_slide, model, info, workers=0, tta=True).labels
+    np.testing.assert_array_equal(read_label_map(out / "labels.ome.tif").labels, expected)
+    assert (expected != segment_slide(tissue_slide, model, info, workers=0).labels).any()
 
 
 def test_segment_command_applies_the_model_stain_reference_unless_told_not_to(tissue_slide, checkpoints,

@@ -69,6 +69,7 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
     assert provenance["model"]["input_mpp"] == MPP
     inference = provenance["inference"]
     assert (inference["device"], inference["batch_size"], inference["workers"]) == ("cpu", 4, 0)
+    assert inference["tta"] is False and inference["int8"] is False
     assert inference["tiles"] > 0 and inference["packages"]["torch"] == torch.__version__
     assert inference["packages"]["tifffile"] is not None
     assert provenance["config"] == json.loads(json.dumps(load_score_config().as_dict()))
@@ -81,11 +82,12 @@ def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, caps
     slide, checkpoint = slide_and_model
     out = tmp_path / "out"
     assert main(["score", str(slide), "--model", str(checkpoint), "--out", str(out),
-                 "--mpp", str(MPP), "--device", "cpu", "--workers", "0"]) == 0
+                 "--mpp", str(MPP), "--device", "cpu", "--workers", "0", "--tta"]) == 0
     printed = json.loads(capsys.readouterr().out)
     summary = json.loads((out / "summary.json").read_text())
     assert printed["glomeruli"] == summary["scores"]["glomeruli"]["count"]
     assert summary["provenance"]["source"]["mpp_given"] is True
+    assert summary["provenance"]["inference"]["tta"] is True
 
 
 def one_line_error(capsys) -> str:

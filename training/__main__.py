@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="evaluate every annotated slide under ROOT (same layout as data.root) "
                                "instead of the config's validation cases")
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    evaluate.add_argument("--tta", action="store_true",
+                          help="test-time augmentation: average over each tile's mirror images")
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
     synth.add_argument("--root", help="write here instead of data.root (e.g. a held-out test set)")
@@ -61,7 +63,7 @@ def _run(args) -> int:
     elif args.command == "eval":
         from training.evaluate import evaluate_checkpoint
 
-        metrics = evaluate_checkpoint(config, args.checkpoint, args.data)
+        metrics = evaluate_checkpoint(config, args.checkpoint, args.data, args.tta)
         print(format_metrics(metrics))
         if args.json:
             from biopsy.atomic import write_text_atomic

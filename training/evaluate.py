@@ -14,6 +14,7 @@ from skimage.measure import label
 
 from biopsy.classes import GLOMERULAR_CLASSES
 from biopsy.geojson import IGNORE_INDEX
+from biopsy.infer import batch_probabilities
 from biopsy.model import ModelInfo, load_checkpoint
 from biopsy.tiling import axis_starts, nearest_cells
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
@@ -22,12 +23,14 @@ from training.config import Config, EvaluateConfig
 
 @torch.inference_mode()
 def predict_image(model: torch.nn.Module, info: ModelInfo, image: np.ndarray, device: torch.device,
-                  batch_size: int = 8, bf16: bool = False, background: int = 255) -> np.ndarray:
+                  batch_size: int = 8, bf16: bool = False, background: int = 255,
+                  tta: bool = False) -> np.ndarray:
     """Class map (H, W) uint8 of an image (H, W, C) uint8 at the model's mpp.
 
     An image smaller than a patch is padded with ``background`` (255: glass in brightfield).
     Overlapping tiles (step half a patch); each pixel takes the argmax of the tile whose centre is
-    nearest, so it is never predicted from a tile border.
+    nearest, so it is never predicted from a tile border. ``tta``: of the probabilities averaged
+    over the tile's mirror images (:func:`biopsy.infer.batch_probabilities`).
     """
     patch = info.patch_size_px
     height, width = image.shape[:2]
@@ -40,8 +43,8 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, image: np.ndarray, de
     for first in range(0, len(tiles), batch_size):
         chunk = tiles[first:first + batch_size]
         batch = torch.from_numpy(np.stack([padded[r[0]:r[0] + patch, c[0]:c[0] + patch] for r, c in chunk]))
-        with autocast:
-            classes = model(info.normalise(batch.to(device))).argmax(dim=1).to(torch.uint8).cpu().numpy()
+        probabilities = batch_probabilities(model, info.normalise(batch.to(device)), autocast, patch, tta)
+        classes = probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
         for (row, col), tile in zip(chunk, classes):
             (start_r, keep_r0, keep_r1), (start_c, keep_c0, keep_c1) = row, col
             result[keep_r0:keep_r1, keep_c0:keep_c1] = tile[keep_r0 - start_r:keep_r1 - start_r,
@@ -157,8 +160,9 @@ def _ratio(numerator, denominator) -> float | None:
 
 def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
                     settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
-                    bf16: bool = False) -> dict[str, dict[str, float | None]]:
-    """Metrics per stain and over all (key ``all``) of whole slides read at the model's mpp.
+                    bf16: bool = False, tta: bool = False) -> dict[str, dict[str, float | None]]:
+    """Metrics per stain and over all (key ``all``) of whole slides read at the model's mpp
+    (``tta``: with test-time augmentation, :func:`predict_image`).
 
     Under torch.distributed each rank predicts its share of the slides and counts are summed.
     """
@@ -174,7 +178,7 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
         image = slide.read(0, 0, size, info.input_mpp)
         truth = slide.labels.labels(0, 0, size, info.input_mpp)
         prediction = predict_image(model, info, image, device, batch_size, bf16,
-                                   slide.slide().background_value)
+                                   slide.slide().background_value, tta)
         counts[stains.index(slide.stain)] += count_metrics(truth, prediction, info.class_names,
                                                            info.input_mpp, settings)
     model.train(was_training)
@@ -188,9 +192,10 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
     return results
 
 
-def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None
-                        ) -> dict[str, dict[str, float | None]]:
-    """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``."""
+def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None,
+                        tta: bool = False) -> dict[str, dict[str, float | None]]:
+    """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
+    (``tta``: with test-time augmentation)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_checkpoint(checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
@@ -199,4 +204,4 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
         slides = split_by_case(slides, config.data.split)[1]
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
-    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16)
+    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, tta=tta)

@@ -15,11 +15,15 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from biopsy.cli.batch import add_device_argument, add_model_arguments
 from biopsy.cli.compare import format_metric
+
+if TYPE_CHECKING:
+    from biopsy.pipeline import InferenceOptions
 
 BASELINE_PRESET = "active-ln"
 FOLLOW_UP_PRESET = "remission"
@@ -70,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
         generate_pair(baseline, follow_up, slides)
 
     config = load_score_config()
-    options = pipeline.inference_options(args.device, args.batch_size, args.workers, args.int8)
+    options = pipeline.inference_options(args.device, args.batch_size, args.workers, args.int8,
+                                         args.tta)
     loaded = None
     for slide_dir, name in zip(slide_dirs, ("baseline", "follow_up")):
         slide_path, folder = slide_dir / "slide.svs", args.out / name
-        if _scored(folder, file_sha256(slide_path), model_sha256, args.int8):
+        if _scored(folder, file_sha256(slide_path), model_sha256, options):
             continue
         if loaded is None:
             loaded = pipeline.load_model(model_path, options.device, args.int8)
@@ -114,16 +119,18 @@ def _synthesised(slide_dir: Path, profile) -> bool:
     return written == profile.to_dict()
 
 
-def _scored(folder: Path, slide_sha256: str, model_sha256: str, int8: bool) -> bool:
-    """Whether ``folder`` is a complete scored slide of these slide and model bytes (int8 or
-    not)."""
+def _scored(folder: Path, slide_sha256: str, model_sha256: str,
+            options: InferenceOptions) -> bool:
+    """Whether ``folder`` is a complete scored slide of these slide and model bytes, int8 and
+    test-time augmentation as ``options`` say."""
     summary_path = folder / "summary.json"
     if not summary_path.is_file():
         return False
     provenance = json.loads(summary_path.read_text(encoding="utf-8"))["provenance"]
     return ((provenance.get("model") or {}).get("sha256") == model_sha256
             and provenance["source"].get("sha256") == slide_sha256
-            and provenance.get("inference", {}).get("int8", False) == int8)
+            and provenance.get("inference", {}).get("int8", False) == options.int8
+            and provenance.get("inference", {}).get("tta", False) == options.tta)
 
 
 def _step(text: str) -> None:

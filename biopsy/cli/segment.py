@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from biopsy.cli.batch import add_int8_argument, add_stain_argument, load_model_from_args
+from biopsy.cli.batch import (add_int8_argument, add_stain_argument, add_tta_argument,
+                              load_model_from_args)
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +39,7 @@ def add_parser(subparsers) -> None:
                                 "bf16 --bf16 is ~2x faster, a few border pixels may change)")
     add_int8_argument(precision)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    add_tta_argument(parser)
     add_stain_argument(parser)
     parser.set_defaults(func=run)
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                               workers=args.workers, device=args.device,
                               output_mpp=args.output_mpp,
                               return_probabilities=args.probabilities, bf16=args.bf16,
-                              compile=args.compile, progress=args.verbose)
+                              compile=args.compile, tta=args.tta, progress=args.verbose)
     seconds = time.perf_counter() - started
     provenance = {
         "slide": {"path": str(args.slide), "sha256": slide.sha256, "mpp": list(slide.mpp)},
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "options": {"batch_size": args.batch_size, "workers": args.workers,
                     "device": str(args.device),
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
-                    "int8": args.int8,
+                    "int8": args.int8, "tta": args.tta,
                     "output_mpp": class_map.mpp,
                     "overlap": 0.5,
                     "stain_reference": info.stain_reference,
