@@ -25,7 +25,7 @@ from biopsy.restain import StainShift
 from biopsy.stainnorm import stain_amounts
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.cases import find_slides, set_stain_shifts, split_by_case
-from training.config import EvaluateConfig, config_from_dict, load_config
+from training.config import EvaluateConfig, config_from_dict, load_config, with_fold
 from training.dataset import PatchDataset
 from training.__main__ import main as training_main
 from training.augment import build_augmentation
@@ -184,6 +184,27 @@ def test_slides_split_by_case_and_unannotated_images_left_out(dataset_root, tmp_
     config.data.split.validation_fraction = 0.3
     training, validation = split_by_case(slides, config.data.split)
     assert len(validation) == 2 and not {s.case for s in training} & {s.case for s in validation}
+
+
+def test_folds_hold_out_every_case_once(dataset_root, tmp_path):
+    config = config_from_dict(config_dict(dataset_root, tmp_path / "run"), "test")
+    slides = find_slides(config.data, config.model.classes, config.source)
+    held_out = []
+    for fold in range(3):
+        fold_config = with_fold(config, fold, 3)
+        assert fold_config.output_dir == str(tmp_path / "run" / f"fold-{fold}")
+        training, validation = split_by_case(slides, fold_config.data.split)
+        assert len(training) == 4 and not {s.case for s in training} & {s.case for s in validation}
+        held_out += sorted({s.case for s in validation})
+    assert sorted(held_out) == ["case0", "case1", "case2"]
+    with pytest.raises(ConfigError, match="fold 3 of 3"):
+        with_fold(config, 3, 3)
+    with pytest.raises(ConfigError, match="4 folds need at least as many cases"):
+        split_by_case(slides, with_fold(config, 0, 4).data.split)
+    data = config_dict(dataset_root, tmp_path)
+    data["data"]["split"]["folds"] = 2
+    with pytest.raises(ConfigError, match="exclude each other"):
+        config_from_dict(data, "test")
 
 
 def test_patches_are_reproducible_and_labels_follow_the_polygons(dataset_root, tmp_path):
@@ -361,6 +382,21 @@ def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, t
                           "--tta", "--json", str(tmp_path / "tta.json")]) == 0
     with_tta = json.loads((tmp_path / "tta.json").read_text())
     assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
+
+
+def test_cross_validation_trains_each_fold_and_pools_their_counts(dataset_root, tmp_path, capsys):
+    data = config_dict(dataset_root, tmp_path / "cv", steps=2, validate_every=2)
+    path = tmp_path / "cv.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert training_main(["eval", str(path), "--folds", "3"]) == 2
+    assert "fold 0 is not trained" in capsys.readouterr().err
+    for fold in range(3):
+        assert training_main(["fit", str(path), "--folds", "3", "--fold", str(fold)]) == 0
+        _, info = load_checkpoint(tmp_path / "cv" / f"fold-{fold}" / "best.safetensors")
+        assert info.validation_metrics["metrics"]["all"]["glomerulus_count"] == 4  # one case
+    assert training_main(["eval", str(path), "--folds", "3", "--json", str(tmp_path / "cv.json")]) == 0
+    pooled = json.loads((tmp_path / "cv.json").read_text())
+    assert pooled["all"]["glomerulus_count"] == 12 and pooled["PAS"]["glomerulus_count"] == 6
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):

@@ -18,9 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state.pt")
     fit.add_argument("--stop-at", type=int, metavar="STEP",
                      help="stop after STEP (resumable; the schedule still spans train.steps)")
+    fit.add_argument("--folds", type=int, metavar="N",
+                     help="k-fold cross-validation by case: train fold --fold of N into "
+                          "OUTPUT_DIR/fold-K, instead of the config's split")
+    fit.add_argument("--fold", type=int, default=0, metavar="K", help="with --folds: 0 .. N-1")
     evaluate = commands.add_parser("eval", help="per-class Dice and detection F1 of a checkpoint")
     evaluate.add_argument("config")
-    evaluate.add_argument("--checkpoint", required=True)
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint")
+    source.add_argument("--folds", type=int, metavar="N",
+                        help="cross-validation: every case judged by the best checkpoint of the "
+                             "fold that held it out (fit --folds N), counts pooled over folds")
     evaluate.add_argument("--data", metavar="ROOT",
                           help="evaluate every annotated slide under ROOT (same layout as data.root) "
                                "instead of the config's validation cases")
@@ -37,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("out")
     export.add_argument("--half", action="store_true", help="store convolution weights as float16")
     args = parser.parse_args(argv)
+    if args.command == "eval" and args.folds is not None and args.data is not None:
+        parser.error("--data and --folds exclude each other")
     try:
         return _run(args)
     except BiopsyError as error:
@@ -55,15 +65,21 @@ def _run(args) -> int:
 
     config = load_config(args.config)
     if args.command == "fit":
+        from training.config import with_fold
         from training.loop import fit
 
+        if args.folds is not None:
+            config = with_fold(config, args.fold, args.folds)
         metrics = fit(config, resume=args.resume, stop_at=args.stop_at)
         if metrics is not None:
             print(format_metrics(metrics))
     elif args.command == "eval":
-        from training.evaluate import evaluate_checkpoint
+        from training.evaluate import evaluate_checkpoint, evaluate_folds
 
-        metrics = evaluate_checkpoint(config, args.checkpoint, args.data, args.tta)
+        if args.folds is not None:
+            metrics = evaluate_folds(config, args.folds, args.tta)
+        else:
+            metrics = evaluate_checkpoint(config, args.checkpoint, args.data, args.tta)
         print(format_metrics(metrics))
         if args.json:
             from biopsy.atomic import write_text_atomic

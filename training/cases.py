@@ -131,10 +131,17 @@ def _stain(pattern: str | None, text: str) -> str:
 
 def split_by_case(slides: list[AnnotatedSlide], split: SplitConfig
                   ) -> tuple[list[AnnotatedSlide], list[AnnotatedSlide]]:
-    """(training, validation) slides; all slides of a case land on the same side."""
+    """(training, validation) slides; all slides of a case land on the same side. The validation
+    cases are those listed, else one fold of a k-fold split, else a fraction of the cases."""
     cases = sorted({s.case for s in slides})
     if split.validation_cases is not None:
         validation = set(split.validation_cases)
+    elif split.folds is not None:
+        if split.folds > len(cases):
+            raise ConfigError(f"{split.folds} folds need at least as many cases; the slides have "
+                              f"{len(cases)}")
+        order = np.random.default_rng(split.seed).permutation(len(cases))
+        validation = {cases[i] for i in order[split.fold::split.folds]}
     else:
         count = min(len(cases) - 1, max(1, math.ceil(split.validation_fraction * len(cases))))
         order = np.random.default_rng(split.seed).permutation(len(cases))

@@ -42,6 +42,8 @@ class SplitConfig:
     validation_fraction: float = 0.2
     seed: int = 0
     validation_cases: list[str] | None = None  # explicit list; overrides the fraction
+    folds: int | None = None  # k-fold cross-validation: the cases validated are fold ``fold`` of
+    fold: int = 0             # ``folds`` (in an order shuffled by ``seed``); overrides the fraction
 
 
 @dataclass
@@ -230,6 +232,32 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
+def with_fold(config: Config, fold: int, folds: int) -> Config:
+    """``config`` for fold ``fold`` of a ``folds``-fold cross-validation by case: that split, and
+    ``output_dir/fold-<fold>``.
+
+    Raises
+    ------
+    ConfigError : ``fold`` is not one of ``0 .. folds - 1``, or ``folds`` < 2.
+    """
+    split = SplitConfig(seed=config.data.split.seed, folds=folds, fold=fold)
+    _check_split(split, config.source)
+    data = dataclasses.replace(config.data, split=split)
+    return dataclasses.replace(config, data=data, output_dir=f"{config.output_dir}/fold-{fold}")
+
+
+def _check_split(split: SplitConfig, source: str) -> None:
+    if split.folds is not None:
+        if split.validation_cases is not None:
+            raise ConfigError(f"{source}: data.split.folds and data.split.validation_cases exclude "
+                              "each other")
+        if split.folds < 2 or not 0 <= split.fold < split.folds:
+            raise ConfigError(f"{source}: data.split needs folds >= 2 and 0 <= fold < folds, got "
+                              f"fold {split.fold} of {split.folds}")
+    elif not 0 < split.validation_fraction < 1 and split.validation_cases is None:
+        raise ConfigError(f"{source}: data.split.validation_fraction must lie in (0, 1)")
+
+
 def _check(config: Config, source: str) -> None:
     """Checks that span several keys."""
     model = config.model
@@ -250,8 +278,7 @@ def _check(config: Config, source: str) -> None:
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
         raise ConfigError(f"{source}: sampling.mpp_scale must be [low, high] with 0 < low <= high, "
                           f"got {scale}")
-    if not 0 < config.data.split.validation_fraction < 1 and config.data.split.validation_cases is None:
-        raise ConfigError(f"{source}: data.split.validation_fraction must lie in (0, 1)")
+    _check_split(config.data.split, source)
     if config.train.steps < 1 or config.train.batch_size < 1:
         raise ConfigError(f"{source}: train.steps and train.batch_size must be positive")
     unknown = sorted(set(config.sampling.object_classes or []) - set(model.classes))

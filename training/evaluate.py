@@ -15,10 +15,11 @@ from skimage.measure import label
 from biopsy.classes import GLOMERULAR_CLASSES
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.infer import batch_probabilities
+from biopsy.errors import CheckpointError
 from biopsy.model import ModelInfo, load_checkpoint
 from biopsy.tiling import axis_starts, nearest_cells
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
-from training.config import Config, EvaluateConfig
+from training.config import Config, EvaluateConfig, with_fold
 
 
 @torch.inference_mode()
@@ -169,26 +170,43 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
     stains = sorted({s.stain for s in slides})
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    counts = np.zeros((len(stains), 3 * len(info.class_names) + 9), np.int64)
+    own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16, tta)
+    zeros = np.zeros(3 * len(info.class_names) + 9, np.int64)
+    counts = {s: own.get(s, zeros) for s in stains}
+    if world > 1:
+        total = torch.from_numpy(np.stack(list(counts.values()))).to(device)
+        dist.all_reduce(total)
+        counts = dict(zip(stains, total.cpu().numpy()))
+    return metrics_by_stain(counts, info.class_names)
+
+
+def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
+                 settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
+                 bf16: bool = False, tta: bool = False) -> dict[str, np.ndarray]:
+    """Summed :func:`count_metrics` of whole slides read at the model's mpp, per stain."""
+    counts: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
-    for slide in slides[rank::world]:
+    for slide in slides:
         size = (round(slide.dimensions[0] * slide.mpp / info.input_mpp),
                 round(slide.dimensions[1] * slide.mpp / info.input_mpp))
         image = slide.read(0, 0, size, info.input_mpp)
         truth = slide.labels.labels(0, 0, size, info.input_mpp)
         prediction = predict_image(model, info, image, device, batch_size, bf16,
                                    slide.slide().background_value, tta)
-        counts[stains.index(slide.stain)] += count_metrics(truth, prediction, info.class_names,
-                                                           info.input_mpp, settings)
+        counts[slide.stain] = counts.get(slide.stain, 0) + count_metrics(
+            truth, prediction, info.class_names, info.input_mpp, settings)
     model.train(was_training)
-    if world > 1:
-        total = torch.from_numpy(counts).to(device)
-        dist.all_reduce(total)
-        counts = total.cpu().numpy()
-    results = {"all": metrics_from_counts(counts.sum(axis=0), info.class_names)}
-    if len(stains) > 1:
-        results.update({s: metrics_from_counts(counts[k], info.class_names) for k, s in enumerate(stains)})
+    return counts
+
+
+def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]
+                     ) -> dict[str, dict[str, float | None]]:
+    """Metrics over all stains (key ``all``) and, where there are several, per stain."""
+    total = sum(counts.values(), np.zeros(3 * len(class_names) + 9, np.int64))
+    results = {"all": metrics_from_counts(total, class_names)}
+    if len(counts) > 1:
+        results.update({s: metrics_from_counts(counts[s], class_names) for s in sorted(counts)})
     return results
 
 
@@ -196,12 +214,41 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
                         tta: bool = False) -> dict[str, dict[str, float | None]]:
     """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
     (``tta``: with test-time augmentation)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_checkpoint(checkpoint, device)
-    model = model.to(memory_format=torch.channels_last)
+    model, info, device = _load(checkpoint)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
         slides = split_by_case(slides, config.data.split)[1]
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
     return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, tta=tta)
+
+
+def evaluate_folds(config: Config, folds: int, tta: bool = False) -> dict[str, dict[str, float | None]]:
+    """Cross-validation metrics: each case judged by the best checkpoint of the fold that held it
+    out (``output_dir/fold-<k>/best.safetensors``, from ``fit --folds``), counts pooled over folds.
+
+    Raises
+    ------
+    CheckpointError : a fold has not been trained.
+    """
+    counts: dict[str, np.ndarray] = {}
+    for fold in range(folds):
+        fold_config = with_fold(config, fold, folds)
+        checkpoint = Path(fold_config.output_dir) / "best.safetensors"
+        if not checkpoint.is_file():
+            raise CheckpointError(f"{checkpoint}: fold {fold} is not trained; run `python -m training "
+                                  f"fit {config.source} --folds {folds} --fold {fold}`")
+        model, info, device = _load(checkpoint)
+        slides = split_by_case(find_slides(config.data, info.class_names, config.source),
+                               fold_config.data.split)[1]
+        set_stain_shifts(slides, info.stain_reference)
+        for stain, count in slide_counts(model, info, slides, config.evaluate, device,
+                                         bf16=config.train.bf16(device.type), tta=tta).items():
+            counts[stain] = counts.get(stain, 0) + count
+    return metrics_by_stain(counts, info.class_names)
+
+
+def _load(checkpoint: str | Path) -> tuple[torch.nn.Module, ModelInfo, torch.device]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_checkpoint(checkpoint, device)
+    return model.to(memory_format=torch.channels_last), info, device
