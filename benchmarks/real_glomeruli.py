@@ -11,6 +11,7 @@ absolute error of the glomerulus count per image.
 
     python -m training fit configs/train/real-glomeruli.yaml         # a GPU: ~10 min
     python benchmarks/real_glomeruli.py --checkpoint runs/real-glomeruli/best.safetensors
+    python benchmarks/real_glomeruli.py --folds 4    # every case, by its fold's model (fit --folds 4)
 
 The data's licence is unstated: the weights trained on it stay out of the repository.
 """
@@ -34,7 +35,7 @@ from biopsy.model import load_checkpoint  # noqa: E402
 from biopsy.scorefolder import score_class_map  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from training.cases import find_slides, split_by_case  # noqa: E402
-from training.config import load_config  # noqa: E402
+from training.config import load_config, with_fold  # noqa: E402
 from training.evaluate import match_instances  # noqa: E402
 from skimage.measure import label  # noqa: E402
 
@@ -83,24 +84,34 @@ def print_table(counts: dict[str, np.ndarray], images: dict[str, int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a model with tuft and sclerosis classes")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a model with tuft and sclerosis classes")
+    source.add_argument("--folds", type=int, metavar="N",
+                        help="cross-validation: each fold's OUTPUT_DIR/fold-K/best.safetensors on "
+                             "the cases it held out (python -m training fit CONFIG --folds N)")
     parser.add_argument("--config", default=str(REPO / "configs/train/real-glomeruli.yaml"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (mirror images)")
     args = parser.parse_args()
     config = load_config(args.config)
-    model, info = load_checkpoint(args.checkpoint, args.device)
-    slides = split_by_case(find_slides(config.data, info.class_names, config.source), config.data.split)[1]
+    runs = ([(args.checkpoint, config)] if args.folds is None else
+            [(f"{with_fold(config, k, args.folds).output_dir}/best.safetensors",
+              with_fold(config, k, args.folds)) for k in range(args.folds)])
     score_config = load_score_config()
-    counts, images = defaultdict(lambda: np.zeros(7, int)), defaultdict(int)
-    for annotated in slides:
-        result = image_counts(annotated, model, info, score_config, args.device,
-                              config.evaluate.iou_threshold, args.tta)
-        for key in (annotated.stain, "all"):
-            counts[key] += result
-            images[key] += 1
-    print(f"{args.checkpoint}: {len(slides)} validation images of "
-          f"{len({s.case for s in slides})} cases, {info.input_mpp} µm/px, scoring config nih-2018"
+    counts, images, cases = defaultdict(lambda: np.zeros(7, int)), defaultdict(int), set()
+    for checkpoint, run_config in runs:
+        model, info = load_checkpoint(checkpoint, args.device)
+        slides = split_by_case(find_slides(config.data, info.class_names, config.source),
+                               run_config.data.split)[1]
+        cases |= {s.case for s in slides}
+        for annotated in slides:
+            result = image_counts(annotated, model, info, score_config, args.device,
+                                  config.evaluate.iou_threshold, args.tta)
+            for key in (annotated.stain, "all"):
+                counts[key] += result
+                images[key] += 1
+    print(f"{args.checkpoint or f'{args.folds}-fold cross-validation'}: {images['all']} validation "
+          f"images of {len(cases)} cases, {info.input_mpp} µm/px, scoring config nih-2018"
           f"{', test-time augmentation' if args.tta else ''}\n")
     print_table(counts, images)
 
