@@ -390,6 +390,9 @@ def test_cross_validation_trains_each_fold_and_pools_their_counts(dataset_root, 
     path.write_text(yaml.safe_dump(data))
     assert training_main(["eval", str(path), "--folds", "3"]) == 2
     assert "fold 0 is not trained" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        training_main(["fit", str(path), "--fold", "1"])  # without --folds
+    assert "--folds and --fold go together" in capsys.readouterr().err
     for fold in range(3):
         assert training_main(["fit", str(path), "--folds", "3", "--fold", str(fold)]) == 0
         _, info = load_checkpoint(tmp_path / "cv" / f"fold-{fold}" / "best.safetensors")

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--folds", type=int, metavar="N",
                      help="k-fold cross-validation by case: train fold --fold of N into "
                           "OUTPUT_DIR/fold-K, instead of the config's split")
-    fit.add_argument("--fold", type=int, default=0, metavar="K", help="with --folds: 0 .. N-1")
+    fit.add_argument("--fold", type=int, metavar="K", help="with --folds: 0 .. N-1")
     evaluate = commands.add_parser("eval", help="per-class Dice and detection F1 of a checkpoint")
     evaluate.add_argument("config")
     source = evaluate.add_mutually_exclusive_group(required=True)
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "eval" and args.folds is not None and args.data is not None:
         parser.error("--data and --folds exclude each other")
+    if args.command == "fit" and (args.folds is None) != (args.fold is None):
+        parser.error("--folds and --fold go together")
     try:
         return _run(args)
     except BiopsyError as error:
