@@ -35,8 +35,8 @@ from biopsy.model import load_checkpoint  # noqa: E402
 from biopsy.scorefolder import score_class_map  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from training.cases import find_slides, split_by_case  # noqa: E402
-from training.config import load_config, with_fold  # noqa: E402
-from training.evaluate import match_instances  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.evaluate import fold_model, match_instances  # noqa: E402
 from skimage.measure import label  # noqa: E402
 
 
@@ -87,22 +87,24 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a model with tuft and sclerosis classes")
     source.add_argument("--folds", type=int, metavar="N",
-                        help="cross-validation: each fold's OUTPUT_DIR/fold-K/best.safetensors on "
+                        help="cross-validation: each fold's OUTPUT_DIR/fold-K/last.safetensors on "
                              "the cases it held out (python -m training fit CONFIG --folds N)")
     parser.add_argument("--config", default=str(REPO / "configs/train/real-glomeruli.yaml"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (mirror images)")
     args = parser.parse_args()
+    if args.folds is not None and args.folds < 2:
+        parser.error("--folds needs at least 2")
     config = load_config(args.config)
-    runs = ([(args.checkpoint, config)] if args.folds is None else
-            [(f"{with_fold(config, k, args.folds).output_dir}/best.safetensors",
-              with_fold(config, k, args.folds)) for k in range(args.folds)])
     score_config = load_score_config()
     counts, images, cases = defaultdict(lambda: np.zeros(7, int)), defaultdict(int), set()
-    for checkpoint, run_config in runs:
-        model, info = load_checkpoint(checkpoint, args.device)
-        slides = split_by_case(find_slides(config.data, info.class_names, config.source),
-                               run_config.data.split)[1]
+    for fold in range(args.folds or 1):
+        if args.folds is None:
+            model, info = load_checkpoint(args.checkpoint, args.device)
+            slides = split_by_case(find_slides(config.data, info.class_names, config.source),
+                                   config.data.split)[1]
+        else:
+            model, info, slides = fold_model(config, fold, args.folds, args.device)
         cases |= {s.case for s in slides}
         for annotated in slides:
             result = image_counts(annotated, model, info, score_config, args.device,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from biopsy import compare, pipeline
+from biopsy import compare, infer, pipeline
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
 from biopsy.cli import compare as compare_cli
 from biopsy.cli import main
@@ -78,9 +78,12 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
     assert label_map.class_names == tuple(CLASS_NAMES) and label_map.mpp == MPP
 
 
-def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys):
+def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys, monkeypatch):
     slide, checkpoint = slide_and_model
     out = tmp_path / "out"
+    tta_flags = []
+    run_batch = infer.batch_probabilities
+    monkeypatch.setattr(infer, "batch_probabilities", lambda *args: tta_flags.append(args[-1]) or run_batch(*args))
     assert main(["score", str(slide), "--model", str(checkpoint), "--out", str(out),
                  "--mpp", str(MPP), "--device", "cpu", "--workers", "0", "--tta"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -88,6 +91,7 @@ def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, caps
     assert printed["glomeruli"] == summary["scores"]["glomeruli"]["count"]
     assert summary["provenance"]["source"]["mpp_given"] is True
     assert summary["provenance"]["inference"]["tta"] is True
+    assert tta_flags and all(tta_flags)  # the model ran with test-time augmentation
 
 
 def one_line_error(capsys) -> str:

@@ -27,6 +27,7 @@ from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.cases import find_slides, set_stain_shifts, split_by_case
 from training.config import EvaluateConfig, config_from_dict, load_config, with_fold
 from training.dataset import PatchDataset
+from training import evaluate as evaluation
 from training.__main__ import main as training_main
 from training.augment import build_augmentation
 from training.evaluate import count_metrics, evaluate_checkpoint, metrics_from_counts, predict_image
@@ -359,7 +360,7 @@ def test_cuda_training_with_bf16_workers_and_compile_reduces_the_loss(dataset_ro
     load_checkpoint(tmp_path / "run" / "last.safetensors", "cpu")  # no compile-wrapper key names
 
 
-def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path):
+def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path, monkeypatch):
     root = tmp_path / "data"
     shutil.copytree(dataset_root, root)
     for path in (root / "images").glob("case2-*.png"):  # the validation case, paler in eosin
@@ -378,8 +379,13 @@ def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, t
     assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
+    tta_flags = []
+    run_batch = evaluation.batch_probabilities
+    monkeypatch.setattr(evaluation, "batch_probabilities",
+                        lambda *args: tta_flags.append(args[-1]) or run_batch(*args))
     assert training_main(["eval", str(path), "--checkpoint", str(tmp_path / "run" / "last.safetensors"),
                           "--tta", "--json", str(tmp_path / "tta.json")]) == 0
+    assert tta_flags and all(tta_flags)
     with_tta = json.loads((tmp_path / "tta.json").read_text())
     assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
 
@@ -400,6 +406,9 @@ def test_cross_validation_trains_each_fold_and_pools_their_counts(dataset_root, 
     assert training_main(["eval", str(path), "--folds", "3", "--json", str(tmp_path / "cv.json")]) == 0
     pooled = json.loads((tmp_path / "cv.json").read_text())
     assert pooled["all"]["glomerulus_count"] == 12 and pooled["PAS"]["glomerulus_count"] == 6
+    capsys.readouterr()
+    assert training_main(["eval", str(path), "--folds", "2"]) == 2  # fold-0 of 3 held out one case
+    assert "holding out other cases than fold 0 of 2" in capsys.readouterr().err
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint")
     source.add_argument("--folds", type=int, metavar="N",
-                        help="cross-validation: every case judged by the best checkpoint of the "
+                        help="cross-validation: every case judged by the last checkpoint of the "
                              "fold that held it out (fit --folds N), counts pooled over folds")
     evaluate.add_argument("--data", metavar="ROOT",
                           help="evaluate every annotated slide under ROOT (same layout as data.root) "

@@ -42,8 +42,10 @@ class SplitConfig:
     validation_fraction: float = 0.2
     seed: int = 0
     validation_cases: list[str] | None = None  # explicit list; overrides the fraction
-    folds: int | None = None  # k-fold cross-validation: the cases validated are fold ``fold`` of
-    fold: int = 0             # ``folds`` (in an order shuffled by ``seed``); overrides the fraction
+    # k-fold cross-validation: the cases validated are fold ``fold`` of ``folds`` (in an order
+    # shuffled by ``seed``). Set by ``fit --folds N --fold K``, which also trains into output_dir/fold-K.
+    folds: int | None = None
+    fold: int = 0
 
 
 @dataclass
@@ -254,6 +256,8 @@ def _check_split(split: SplitConfig, source: str) -> None:
         if split.folds < 2 or not 0 <= split.fold < split.folds:
             raise ConfigError(f"{source}: data.split needs folds >= 2 and 0 <= fold < folds, got "
                               f"fold {split.fold} of {split.folds}")
+    elif split.fold != 0:
+        raise ConfigError(f"{source}: data.split.fold needs data.split.folds")
     elif not 0 < split.validation_fraction < 1 and split.validation_cases is None:
         raise ConfigError(f"{source}: data.split.validation_fraction must lie in (0, 1)")
 

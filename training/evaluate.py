@@ -15,7 +15,7 @@ from skimage.measure import label
 from biopsy.classes import GLOMERULAR_CLASSES
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.infer import batch_probabilities
-from biopsy.errors import CheckpointError
+from biopsy.errors import CheckpointError, ConfigError
 from biopsy.model import ModelInfo, load_checkpoint
 from biopsy.tiling import axis_starts, nearest_cells
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
@@ -173,7 +173,7 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
     own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16, tta)
     zeros = np.zeros(3 * len(info.class_names) + 9, np.int64)
     counts = {s: own.get(s, zeros) for s in stains}
-    if world > 1:
+    if world > 1 and counts:
         total = torch.from_numpy(np.stack(list(counts.values()))).to(device)
         dist.all_reduce(total)
         counts = dict(zip(stains, total.cpu().numpy()))
@@ -214,7 +214,8 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
                         tta: bool = False) -> dict[str, dict[str, float | None]]:
     """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
     (``tta``: with test-time augmentation)."""
-    model, info, device = _load(checkpoint)
+    device = _default_device()
+    model, info = _load(checkpoint, device)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
         slides = split_by_case(slides, config.data.split)[1]
@@ -224,31 +225,56 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
 
 
 def evaluate_folds(config: Config, folds: int, tta: bool = False) -> dict[str, dict[str, float | None]]:
-    """Cross-validation metrics: each case judged by the best checkpoint of the fold that held it
-    out (``output_dir/fold-<k>/best.safetensors``, from ``fit --folds``), counts pooled over folds.
+    """Cross-validation metrics: each case judged by the model of the fold that held it out
+    (:func:`fold_model`), counts pooled over the folds.
 
     Raises
     ------
-    CheckpointError : a fold has not been trained.
+    ConfigError : fewer than two folds.
+    CheckpointError : a fold is not trained, or was trained on another split.
     """
+    if folds < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}")
     counts: dict[str, np.ndarray] = {}
+    device = _default_device()
     for fold in range(folds):
-        fold_config = with_fold(config, fold, folds)
-        checkpoint = Path(fold_config.output_dir) / "best.safetensors"
-        if not checkpoint.is_file():
-            raise CheckpointError(f"{checkpoint}: fold {fold} is not trained; run `python -m training "
-                                  f"fit {config.source} --folds {folds} --fold {fold}`")
-        model, info, device = _load(checkpoint)
-        slides = split_by_case(find_slides(config.data, info.class_names, config.source),
-                               fold_config.data.split)[1]
-        set_stain_shifts(slides, info.stain_reference)
+        model, info, slides = fold_model(config, fold, folds, device)
         for stain, count in slide_counts(model, info, slides, config.evaluate, device,
                                          bf16=config.train.bf16(device.type), tta=tta).items():
             counts[stain] = counts.get(stain, 0) + count
     return metrics_by_stain(counts, info.class_names)
 
 
-def _load(checkpoint: str | Path) -> tuple[torch.nn.Module, ModelInfo, torch.device]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def fold_model(config: Config, fold: int, folds: int, device: str | torch.device
+               ) -> tuple[torch.nn.Module, ModelInfo, list[AnnotatedSlide]]:
+    """Fold ``fold`` of a ``folds``-fold cross-validation trained by ``fit --folds``: the model of
+    its ``last.safetensors`` (not the best, which was chosen on the very cases the fold holds out),
+    on ``device``, its info and the held-out slides, stain-normalised as the model asks.
+
+    Raises
+    ------
+    CheckpointError : the fold is not trained, or it held out other cases (another number of
+        folds or ``data.split.seed``).
+    """
+    fold_config = with_fold(config, fold, folds)
+    checkpoint = Path(fold_config.output_dir) / "last.safetensors"
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: fold {fold} is not trained; run `python -m training "
+                              f"fit {config.source} --folds {folds} --fold {fold}`")
+    model, info = _load(checkpoint, device)
+    slides = split_by_case(find_slides(config.data, info.class_names, config.source),
+                           fold_config.data.split)[1]
+    if (info.validation_metrics or {}).get("validation_cases") != sorted({s.case for s in slides}):
+        raise CheckpointError(f"{checkpoint}: trained holding out other cases than fold {fold} of "
+                              f"{folds} (another number of folds or data.split.seed?)")
+    set_stain_shifts(slides, info.stain_reference)
+    return model, info, slides
+
+
+def _load(checkpoint: str | Path, device: str | torch.device) -> tuple[torch.nn.Module, ModelInfo]:
     model, info = load_checkpoint(checkpoint, device)
-    return model.to(memory_format=torch.channels_last), info, device
+    return model.to(memory_format=torch.channels_last), info
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
