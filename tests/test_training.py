@@ -1,9 +1,8 @@
-"""Training pipeline: configs, annotations, patch sampling, loop (resume, DDP), evaluation."""
+"""Training pipeline: configs, annotations, patch sampling, loop (resume, DDP, fine-tuning)."""
 
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,75 +14,23 @@ import torch
 import yaml
 from PIL import Image
 from shapely.geometry import box
-from skimage.draw import disk
 
 from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint
-from biopsy.restain import StainShift
-from biopsy.stainnorm import stain_amounts
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
-from training.cases import find_slides, set_stain_shifts, split_by_case
-from training.config import EvaluateConfig, config_from_dict, load_config, with_fold
+from training.cases import find_slides, split_by_case
+from training.config import config_from_dict, load_config
 from training.dataset import PatchDataset
-from training import evaluate as evaluation
-from training.__main__ import main as training_main
 from training.augment import build_augmentation
-from training.evaluate import count_metrics, evaluate_checkpoint, metrics_from_counts, predict_image
-from training.loop import ema_with_warmup, fit, model_info
+from training.evaluate import evaluate_checkpoint
+from training.loop import ema_with_warmup, fit
 from training.losses import DiceCrossEntropyLoss, soft_dice
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE_PX = 160  # test images, 1 µm/px
-
-
-def make_dataset(root: Path, cases: int = 3, seed: int = 0) -> None:
-    """Images of pink discs (glomeruli; the second of each image sclerotic, dark) on pale tissue,
-    two stains per case, and their COCO polygons."""
-    rng = np.random.default_rng(seed)
-    images, annotations = [], []
-    (root / "images").mkdir(parents=True)
-    for case in range(cases):
-        for stain in ("PAS", "PASM"):
-            image = np.full((SIZE_PX, SIZE_PX, 3), (235, 220, 225), np.uint8)
-            image_id = len(images)
-            for k, (row, col) in enumerate([(45, 50), (110, 105)]):
-                row, col, radius = row + rng.integers(-8, 9), col + rng.integers(-8, 9), rng.integers(22, 30)
-                image[disk((row, col), radius, shape=image.shape[:2])] = (120, 40, 110) if k else (220, 120, 180)
-                angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-                polygon = np.column_stack([col + 0.5 + radius * np.cos(angles), row + 0.5 + radius * np.sin(angles)])
-                annotations.append({"id": len(annotations), "image_id": image_id, "category_id": k,
-                                    "segmentation": [polygon.ravel().round(1).tolist()]})
-            image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
-            name = f"case{case}-{stain}.png"
-            Image.fromarray(image).save(root / "images" / name)
-            images.append({"id": image_id, "file_name": f"images/{name}", "width": SIZE_PX, "height": SIZE_PX})
-    images.append({"id": len(images), "file_name": "images/unannotated.png", "width": 4, "height": 4})
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images" / "unannotated.png")
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": 0, "name": "gn"}, {"id": 1, "name": "gs"}]}
-    (root / "coco.json").write_text(json.dumps(coco))
-
-
-def config_dict(root: Path, output: Path, **train) -> dict:
-    return {
-        "seed": 1,
-        "output_dir": str(output),
-        "data": {"root": str(root), "slides": "images/*.png", "slide_mpp": 1.0,
-                 "annotations": {"format": "coco", "path": "coco.json",
-                                 "class_map": {"gn": "tuft", "gs": "sclerosis"}},
-                 "unannotated": "tissue", "case_pattern": r"(case\d+)-", "stain_pattern": r"-(PASM|PAS)\.",
-                 "split": {"validation_cases": ["case2"]}},
-        "model": {"classes": ["tissue", "tuft", "sclerosis"],
-                  "arguments": {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]},
-                  "patch_size_px": 64},
-        "augment": [{"transform": "D4"}, {"transform": "HEStain", "p": 0.5}],
-        "optim": {"lr": 3e-3, "warmup_steps": 0},
-        "train": {"steps": 6, "batch_size": 4, "workers": 0, "log_every": 1, "validate_every": 100,
-                  "save_every": 100, **train},
-        "evaluate": {"min_glomerulus_area_um2": 300},
-    }
+sys.path.insert(0, str(Path(__file__).parent))
+from glomeruli_dataset import config_dict, make_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -187,27 +134,6 @@ def test_slides_split_by_case_and_unannotated_images_left_out(dataset_root, tmp_
     assert len(validation) == 2 and not {s.case for s in training} & {s.case for s in validation}
 
 
-def test_folds_hold_out_every_case_once(dataset_root, tmp_path):
-    config = config_from_dict(config_dict(dataset_root, tmp_path / "run"), "test")
-    slides = find_slides(config.data, config.model.classes, config.source)
-    held_out = []
-    for fold in range(3):
-        fold_config = with_fold(config, fold, 3)
-        assert fold_config.output_dir == str(tmp_path / "run" / f"fold-{fold}")
-        training, validation = split_by_case(slides, fold_config.data.split)
-        assert len(training) == 4 and not {s.case for s in training} & {s.case for s in validation}
-        held_out += sorted({s.case for s in validation})
-    assert sorted(held_out) == ["case0", "case1", "case2"]
-    with pytest.raises(ConfigError, match="fold 3 of 3"):
-        with_fold(config, 3, 3)
-    with pytest.raises(ConfigError, match="4 folds need at least as many cases"):
-        split_by_case(slides, with_fold(config, 0, 4).data.split)
-    data = config_dict(dataset_root, tmp_path)
-    data["data"]["split"]["folds"] = 2
-    with pytest.raises(ConfigError, match="exclude each other"):
-        config_from_dict(data, "test")
-
-
 def test_patches_are_reproducible_and_labels_follow_the_polygons(dataset_root, tmp_path):
     config = config_from_dict(config_dict(dataset_root, tmp_path), "test")
     slides = find_slides(config.data, config.model.classes, config.source)
@@ -289,47 +215,6 @@ def test_loss_ignores_unlabelled_pixels():
     assert soft_dice(logits, target, 255).min() > 0.99
 
 
-def test_metrics_against_hand_made_masks():
-    names = ["tissue", "tuft", "sclerosis"]
-    truth = np.zeros((100, 100), np.uint8)
-    truth[10:30, 10:30] = 1  # glomerulus A, found exactly
-    truth[60:90, 60:90] = 2  # glomerulus B (sclerotic), found only in part
-    truth[0:5, 0:5] = 255  # unlabelled
-    prediction = np.zeros_like(truth)
-    prediction[10:30, 10:30] = 1
-    prediction[60:70, 60:90] = 2  # IoU 1/3 with B: a miss and a false positive
-    prediction[40:50, 0:10] = 1  # false positive
-    prediction[0:5, 0:5] = 1  # inside the unlabelled area: not counted
-    settings = EvaluateConfig(min_glomerulus_area_um2=50)
-    metrics = metrics_from_counts(count_metrics(truth, prediction, names, 1.0, settings), names)
-    assert metrics["dice_tuft"] == pytest.approx(2 * 400 / (500 + 400))
-    assert metrics["dice_sclerosis"] == pytest.approx(2 * 300 / (300 + 900))
-    assert metrics["glomerulus_dice"] == pytest.approx(2 * 700 / (800 + 1300))
-    assert (metrics["glomerulus_precision"], metrics["glomerulus_recall"]) == (pytest.approx(1 / 3), 0.5)
-    assert metrics["glomerulus_f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))
-    assert metrics["global_sclerosis_f1"] == 0.0 and metrics["global_sclerosis_count"] == 1
-    prediction[60:90, 60:90] = 2
-    metrics = metrics_from_counts(count_metrics(truth, prediction, names, 1.0, settings), names)
-    assert metrics["global_sclerosis_f1"] == 1.0 and metrics["glomerulus_f1"] == pytest.approx(0.8)
-
-
-class _RedIsClassOne(torch.nn.Module):
-    """Logits from pixel values, so the exact expected class map is known."""
-
-    def forward(self, x):
-        return torch.cat([-x[:, :1], x[:, :1]], dim=1)
-
-
-def test_tiled_prediction_covers_every_pixel_exactly(dataset_root, tmp_path):
-    config = config_from_dict(config_dict(dataset_root, tmp_path), "test")
-    info = model_info(config)
-    info.normalisation = {"mean": [0.5] * 3, "std": [1.0] * 3}
-    image = np.random.default_rng(0).integers(0, 256, (150, 203, 3), dtype=np.uint8)
-    for tta in (False, True):  # mirror images flipped back: the same map
-        prediction = predict_image(_RedIsClassOne(), info, image, torch.device("cpu"), batch_size=3, tta=tta)
-        assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path):
@@ -358,57 +243,6 @@ def test_cuda_training_with_bf16_workers_and_compile_reduces_the_loss(dataset_ro
     assert len(history) == 24 and np.mean(history[-4:]) < 0.8 * np.mean(history[:4])
     assert metrics["all"]["glomerulus_count"] == 4
     load_checkpoint(tmp_path / "run" / "last.safetensors", "cpu")  # no compile-wrapper key names
-
-
-def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    shutil.copytree(dataset_root, root)
-    for path in (root / "images").glob("case2-*.png"):  # the validation case, paler in eosin
-        image = np.asarray(Image.open(path).convert("RGB"))
-        Image.fromarray(StainShift(eosin=0.6).apply(image)).save(path)
-    settings = config_dict(root, tmp_path / "run", steps=2, validate_every=2)
-    settings["model"]["stain_normalisation"] = True
-    config = config_from_dict(settings, "test")
-    metrics = fit(config)
-    _, info = load_checkpoint(tmp_path / "run" / "last.safetensors")
-    training, validation = split_by_case(find_slides(config.data, info.class_names, "test"), config.data.split)
-    expected = np.mean([stain_amounts(slide.slide()) for slide in training], axis=0)
-    assert info.stain_reference == pytest.approx(expected)
-    set_stain_shifts(validation, info.stain_reference)
-    assert all(slide.stain_shift.eosin > 1.3 for slide in validation)  # brought back up
-    assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    tta_flags = []
-    run_batch = evaluation.batch_probabilities
-    monkeypatch.setattr(evaluation, "batch_probabilities",
-                        lambda *args: tta_flags.append(args[-1]) or run_batch(*args))
-    assert training_main(["eval", str(path), "--checkpoint", str(tmp_path / "run" / "last.safetensors"),
-                          "--tta", "--json", str(tmp_path / "tta.json")]) == 0
-    assert tta_flags and all(tta_flags)
-    with_tta = json.loads((tmp_path / "tta.json").read_text())
-    assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
-
-
-def test_cross_validation_trains_each_fold_and_pools_their_counts(dataset_root, tmp_path, capsys):
-    data = config_dict(dataset_root, tmp_path / "cv", steps=2, validate_every=2)
-    path = tmp_path / "cv.yaml"
-    path.write_text(yaml.safe_dump(data))
-    assert training_main(["eval", str(path), "--folds", "3"]) == 2
-    assert "fold 0 is not trained" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        training_main(["fit", str(path), "--fold", "1"])  # without --folds
-    assert "--folds and --fold go together" in capsys.readouterr().err
-    for fold in range(3):
-        assert training_main(["fit", str(path), "--folds", "3", "--fold", str(fold)]) == 0
-        _, info = load_checkpoint(tmp_path / "cv" / f"fold-{fold}" / "best.safetensors")
-        assert info.validation_metrics["metrics"]["all"]["glomerulus_count"] == 4  # one case
-    assert training_main(["eval", str(path), "--folds", "3", "--json", str(tmp_path / "cv.json")]) == 0
-    pooled = json.loads((tmp_path / "cv.json").read_text())
-    assert pooled["all"]["glomerulus_count"] == 12 and pooled["PAS"]["glomerulus_count"] == 6
-    capsys.readouterr()
-    assert training_main(["eval", str(path), "--folds", "2"]) == 2  # fold-0 of 3 held out one case
-    assert "holding out other cases than fold 0 of 2" in capsys.readouterr().err
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
