@@ -44,3 +44,13 @@ def dicom_path(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def real_glomeruli(shared_data) -> Path:
     return shared_data / "real-glomeruli"
+
+
+@pytest.fixture(scope="session")
+def dataset_root(tmp_path_factory) -> Path:
+    """A tiny annotated glomeruli dataset (tests/glomeruli_dataset.py: 3 cases x 2 stains)."""
+    from glomeruli_dataset import make_dataset
+
+    root = tmp_path_factory.mktemp("glomeruli")
+    make_dataset(root)
+    return root

@@ -19,6 +19,7 @@ from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint
+from glomeruli_dataset import config_dict
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.cases import find_slides, split_by_case
 from training.config import config_from_dict, load_config
@@ -29,15 +30,6 @@ from training.loop import ema_with_warmup, fit
 from training.losses import DiceCrossEntropyLoss, soft_dice
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from glomeruli_dataset import config_dict, make_dataset  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def dataset_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("glomeruli")
-    make_dataset(root)
-    return root
 
 
 def losses(output: Path) -> list[float]:

@@ -3,8 +3,6 @@ test-time augmentation in evaluation, k-fold cross-validation by case."""
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import yaml
 from PIL import Image
 
 from biopsy.errors import ConfigError
+from glomeruli_dataset import config_dict
 from biopsy.model import load_checkpoint
 from biopsy.restain import StainShift
 from biopsy.stainnorm import stain_amounts
@@ -22,16 +21,6 @@ from training.cases import find_slides, set_stain_shifts, split_by_case
 from training.config import EvaluateConfig, config_from_dict, with_fold
 from training.evaluate import count_metrics, evaluate_checkpoint, metrics_from_counts, predict_image
 from training.loop import fit, model_info
-
-sys.path.insert(0, str(Path(__file__).parent))
-from glomeruli_dataset import config_dict, make_dataset  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def dataset_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("glomeruli")
-    make_dataset(root)
-    return root
 
 
 def test_folds_hold_out_every_case_once(dataset_root, tmp_path):

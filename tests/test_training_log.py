@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from test_training import config_dict, make_dataset
+from glomeruli_dataset import config_dict, make_dataset
 from training.config import config_from_dict
 from training.loop import _CsvLog, fit
 
