@@ -82,6 +82,18 @@ def print_table(counts: dict[str, np.ndarray], images: dict[str, int]) -> None:
               f"{count_error / images[stain]:.2f} |")
 
 
+def models_and_slides(args, config):
+    """(model, info, validation slides): the checkpoint's on the config's split, or each fold's on
+    the cases it held out."""
+    if args.folds is None:
+        model, info = load_checkpoint(args.checkpoint, args.device)
+        yield model, info, split_by_case(find_slides(config.data, info.class_names, config.source),
+                                         config.data.split)[1]
+    else:
+        for fold in range(args.folds):
+            yield fold_model(config, fold, args.folds, args.device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -98,13 +110,7 @@ def main() -> None:
     config = load_config(args.config)
     score_config = load_score_config()
     counts, images, cases = defaultdict(lambda: np.zeros(7, int)), defaultdict(int), set()
-    for fold in range(args.folds or 1):
-        if args.folds is None:
-            model, info = load_checkpoint(args.checkpoint, args.device)
-            slides = split_by_case(find_slides(config.data, info.class_names, config.source),
-                                   config.data.split)[1]
-        else:
-            model, info, slides = fold_model(config, fold, args.folds, args.device)
+    for model, info, slides in models_and_slides(args, config):
         cases |= {s.case for s in slides}
         for annotated in slides:
             result = image_counts(annotated, model, info, score_config, args.device,

@@ -14,8 +14,8 @@ from skimage.measure import label
 
 from biopsy.classes import GLOMERULAR_CLASSES
 from biopsy.geojson import IGNORE_INDEX
-from biopsy.infer import batch_probabilities
 from biopsy.errors import CheckpointError, ConfigError
+from biopsy.infer import batch_probabilities
 from biopsy.model import ModelInfo, load_checkpoint
 from biopsy.tiling import axis_starts, nearest_cells
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
@@ -171,8 +171,7 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16, tta)
-    zeros = np.zeros(3 * len(info.class_names) + 9, np.int64)
-    counts = {s: own.get(s, zeros) for s in stains}
+    counts = {s: own.get(s, _no_counts(info.class_names)) for s in stains}
     if world > 1 and counts:
         total = torch.from_numpy(np.stack(list(counts.values()))).to(device)
         dist.all_reduce(total)
@@ -203,7 +202,7 @@ def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[Annotated
 def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]
                      ) -> dict[str, dict[str, float | None]]:
     """Metrics over all stains (key ``all``) and, where there are several, per stain."""
-    total = sum(counts.values(), np.zeros(3 * len(class_names) + 9, np.int64))
+    total = sum(counts.values(), _no_counts(class_names))
     results = {"all": metrics_from_counts(total, class_names)}
     if len(counts) > 1:
         results.update({s: metrics_from_counts(counts[s], class_names) for s in sorted(counts)})
@@ -269,6 +268,11 @@ def fold_model(config: Config, fold: int, folds: int, device: str | torch.device
                               f"{folds} (another number of folds or data.split.seed?)")
     set_stain_shifts(slides, info.stain_reference)
     return model, info, slides
+
+
+def _no_counts(class_names: Sequence[str]) -> np.ndarray:
+    """Zero counts in :func:`count_metrics`'s layout."""
+    return np.zeros(3 * len(class_names) + 9, np.int64)
 
 
 def _load(checkpoint: str | Path, device: str | torch.device) -> tuple[torch.nn.Module, ModelInfo]:
