@@ -127,10 +127,11 @@ def _scored(folder: Path, slide_sha256: str, model_sha256: str,
     if not summary_path.is_file():
         return False
     provenance = json.loads(summary_path.read_text(encoding="utf-8"))["provenance"]
+    inference = provenance.get("inference", {})
     return ((provenance.get("model") or {}).get("sha256") == model_sha256
             and provenance["source"].get("sha256") == slide_sha256
-            and provenance.get("inference", {}).get("int8", False) == options.int8
-            and provenance.get("inference", {}).get("tta", False) == options.tta)
+            and inference.get("int8", False) == options.int8
+            and inference.get("tta", False) == options.tta)
 
 
 def _step(text: str) -> None:
