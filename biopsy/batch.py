@@ -11,7 +11,10 @@ Layout of the output folder ``OUT``::
 
 A slide folder is scored in a ``.partial-`` folder and renamed into place only once its
 ``summary.json`` exists, so a folder under its final name is always complete: a rerun (or a rank
-that restarts after a crash) skips it and scores the rest. Under ``torchrun`` the manifest is
+that restarts after a crash) skips it and scores the rest. A folder is skipped only when its
+provenance records the scorer's recipe (model, int8, test-time augmentation, stain reference,
+given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one scored another way is
+removed and scored again, so the cohort never mixes recipes. Under ``torchrun`` the manifest is
 sharded by rank (``entries[rank::world_size]``); rank 0 writes the cohort outputs after a barrier.
 """
 
@@ -22,10 +25,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -45,8 +48,14 @@ COHORT_COLUMNS = ("stain", "follow_up_number", "name", "label", "family", "unit"
                   "patients_improved", "patients_unchanged", "patients_worsened")
 STATUS_COLUMNS = ("row", "patient_id", "timepoint", "stain", "slide", "folder", "status", "error")
 
-# Scores one slide into an (empty) folder, writing summary.json last.
-ScoreFunction = Callable[[ManifestEntry, Path], None]
+
+class Scorer(Protocol):
+    """Scores one slide into an (empty) folder, writing summary.json last; its provenance's
+    ``recipe_sha256`` is ``recipe(entry)``."""
+
+    def __call__(self, entry: ManifestEntry, out_dir: Path) -> None: ...
+
+    def recipe(self, entry: ManifestEntry) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -103,11 +112,21 @@ def is_complete(folder: Path) -> bool:
     return (folder / SUMMARY_FILE).is_file()
 
 
-def score_once(entry: ManifestEntry, out_dir: Path, score: ScoreFunction) -> None:
-    """Score one slide into its folder unless that folder is already complete."""
+def recorded_recipe(folder: Path) -> str | None:
+    """The ``recipe_sha256`` a complete folder's provenance records (None: none, incomplete, or
+    a summary.json that is not a scored slide's)."""
+    if not is_complete(folder):
+        return None
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+        return summary["provenance"]["recipe_sha256"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> None:
+    """Score one slide into a ``.partial-`` folder, renamed to its final name once whole."""
     folder = slide_folder(out_dir, entry)
-    if is_complete(folder):
-        return
     partial = folder.with_name(f".partial-{folder.name}")
     shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while scoring this slide
     partial.mkdir(parents=True)
@@ -122,13 +141,18 @@ def score_once(entry: ManifestEntry, out_dir: Path, score: ScoreFunction) -> Non
     os.rename(partial, folder)
 
 
-def score_shard(entries: list[ManifestEntry], out_dir: Path, score: ScoreFunction,
+def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
                 rank: int = 0, progress: bool = True) -> list[SlideStatus]:
     """Score this rank's slides one by one; a failure is recorded and the next slide goes on."""
     statuses = {e.row: SlideStatus(e, slide_folder(out_dir, e), "pending") for e in entries}
     for entry in entries:
-        if is_complete(statuses[entry.row].folder):
-            statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "done")
+        folder = statuses[entry.row].folder
+        if recorded_recipe(folder) == score.recipe(entry):
+            statuses[entry.row] = SlideStatus(entry, folder, "done")
+        elif is_complete(folder):
+            log.warning("%s was scored another way (model, int8, tta, stain reference, mpp or "
+                        "scoring config): removed, to be scored again", folder)
+            shutil.rmtree(folder)
     already_done = sum(s.status == "done" for s in statuses.values())
     status_file = Path(out_dir) / "status" / f"rank-{rank}.csv"
     write_status(status_file, list(statuses.values()))
@@ -140,7 +164,7 @@ def score_shard(entries: list[ManifestEntry], out_dir: Path, score: ScoreFunctio
             continue
         started = time.perf_counter()
         try:
-            score_once(entry, out_dir, score)
+            score_into_folder(entry, out_dir, score)
             statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "done")
             log.info("scored %s in %.1f s", entry.slide, time.perf_counter() - started)
         except Exception as error:  # a failing slide must not stop the cohort
@@ -181,7 +205,7 @@ def wait_for_all_ranks(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def run_batch(manifest_path: str | Path, out_dir: str | Path, score: ScoreFunction,
+def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,
               context: DistributedContext = DistributedContext(), progress: bool = True) -> int:
     """Score this rank's share of the manifest; rank 0 then writes status.csv and the cohort.
 

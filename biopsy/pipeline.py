@@ -7,8 +7,9 @@ interstitial inflammation; a label map alone has none), score
 the class map (:func:`biopsy.scorefolder.score_class_map`) and write the folder
 (:func:`biopsy.scorefolder.write_score_folder`). ``summary.json`` records where the numbers come
 from: the slide (path, SHA-256, mpp), the model (path, SHA-256, classes, input mpp), how
-inference ran (device, options, package versions) and, added by the folder writer, the resolved
-scoring config.
+inference ran (device, options, package versions), the fingerprint of all that decides the scores
+beyond the slide's pixels (``recipe_sha256``, :func:`slide_recipe`) and, added by the folder
+writer, the resolved scoring config.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from biopsy.batch import ScoreFunction
 from biopsy.errors import CheckpointError
 from biopsy.infer import segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration
 from biopsy.nuclei import DETECTION_MPP, detect_nuclei, why_not_countable
-from biopsy.provenance import file_sha256, package_versions
+from biopsy.provenance import file_sha256, package_versions, recipe_sha256
 from biopsy.quantize import quantized_model
 from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import ScoreConfig
@@ -155,6 +155,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                       "packages": {"torch": torch.__version__, "cuda": torch.version.cuda}
                       | package_versions(INFERENCE_PACKAGES)},
         "nuclei": nuclei,
+        "recipe_sha256": slide_recipe(info, config, options, mpp),
     }
     write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
                        provenance, instances=scored.instances, config=config,
@@ -182,28 +183,56 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
     provenance = {"source": {"kind": "label_map", "path": str(Path(labels_path).resolve()),
                              "sha256": file_sha256(labels_path), "mpp": label_map.mpp},
                   "model": None,
-                  "nuclei": {"counted": False, "reason": "a label map has no slide pixels"}}
+                  "nuclei": {"counted": False, "reason": "a label map has no slide pixels"},
+                  "recipe_sha256": label_map_recipe(config)}
     write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
                        provenance, instances=scored.instances, config=config)
     return scored.scores
 
 
-def slide_scorer(model: nn.Module, info: ModelInfo, model_path: str | Path, config: ScoreConfig,
-                 options: InferenceOptions = InferenceOptions()) -> ScoreFunction:
-    """Score function for manifests of slides; the manifest's ``mpp``, when given, overrides the
-    slide's metadata."""
+def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions,
+                 mpp: float | None) -> str:
+    """Fingerprint (:func:`biopsy.provenance.recipe_sha256`) of what decides a slide's scores
+    beyond its pixels: the model's bytes, int8, test-time augmentation, the stain reference, the
+    pixel size given in place of the slide's and the scoring config. Device, batch size and
+    workers change no score and are left out."""
+    return recipe_sha256({"model_sha256": info.sha256, "int8": options.int8, "tta": options.tta,
+                          "stain_reference": info.stain_reference, "mpp_given": mpp,
+                          "config": config.as_dict()})
 
-    def score(entry: ManifestEntry, out_dir: Path) -> None:
-        score_slide_file(entry.slide, out_dir, model, info, model_path, config, mpp=entry.mpp,
-                         options=options)
 
-    return score
+def label_map_recipe(config: ScoreConfig) -> str:
+    """Fingerprint of what decides a label map's scores beyond its pixels: the scoring config."""
+    return recipe_sha256({"config": config.as_dict()})
 
 
-def label_map_scorer(config: ScoreConfig) -> ScoreFunction:
-    """Score function for manifests of label maps (as ``biopsy score --from-labels``)."""
+@dataclass(frozen=True, eq=False)
+class SlideScorer:
+    """Batch score function (:class:`biopsy.batch.Scorer`) for manifests of slides; the
+    manifest's ``mpp``, when given, overrides the slide's metadata."""
 
-    def score(entry: ManifestEntry, out_dir: Path) -> None:
-        score_label_map_file(entry.slide, out_dir, config)
+    model: nn.Module
+    info: ModelInfo
+    model_path: str | Path
+    config: ScoreConfig
+    options: InferenceOptions = InferenceOptions()
 
-    return score
+    def __call__(self, entry: ManifestEntry, out_dir: Path) -> None:
+        score_slide_file(entry.slide, out_dir, self.model, self.info, self.model_path, self.config,
+                         mpp=entry.mpp, options=self.options)
+
+    def recipe(self, entry: ManifestEntry) -> str:
+        return slide_recipe(self.info, self.config, self.options, entry.mpp)
+
+
+@dataclass(frozen=True)
+class LabelMapScorer:
+    """Batch score function for manifests of label maps (as ``biopsy score --from-labels``)."""
+
+    config: ScoreConfig
+
+    def __call__(self, entry: ManifestEntry, out_dir: Path) -> None:
+        score_label_map_file(entry.slide, out_dir, self.config)
+
+    def recipe(self, entry: ManifestEntry) -> str:
+        return label_map_recipe(self.config)

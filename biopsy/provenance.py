@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.metadata
+import json
 from pathlib import Path
 
 
@@ -23,3 +24,9 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def recipe_sha256(recipe: dict) -> str:
+    """Hex SHA-256 of a JSON-ready dict, independent of key order: a fingerprint of how an
+    output was made, recorded in its provenance so that a rerun can tell whether it may reuse it."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()

@@ -12,9 +12,10 @@ import numpy as np
 
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
 from biopsy.labelmap import LabelMap, read_label_map, write_label_map
+from biopsy.pipeline import LabelMapScorer
 from biopsy.provenance import file_sha256
 from biopsy.scorefolder import score_class_map, write_score_folder
-from biopsy.scoring import load_score_config
+from biopsy.scoring import ScoreConfig, load_score_config
 
 MPP = 2.0
 RADIUS_PX = 40
@@ -90,20 +91,25 @@ def scored_folder(tmp_path: Path, name: str, lesions: list[str], **cortex) -> Pa
     return score_label_map_file(labels_path, tmp_path / name)
 
 
-def counting_scorer(marker_dir: Path, delay_s: float = 0.0):
-    """A batch score function over label-map "slides" that leaves a marker file when each call
-    starts and another when it has finished, so tests can count scorings across processes."""
-    marker_dir = Path(marker_dir)
-    marker_dir.mkdir(parents=True, exist_ok=True)
+class CountingScorer:
+    """A batch scorer of label-map "slides" (:class:`biopsy.pipeline.LabelMapScorer`) that leaves
+    a marker file when each call starts and another when it has finished, so tests can count
+    scorings across processes."""
 
-    def score(entry, out_dir: Path) -> None:
+    def __init__(self, marker_dir: Path, delay_s: float = 0.0, config: ScoreConfig | None = None):
+        self.marker_dir, self.delay_s = Path(marker_dir), delay_s
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        self.scorer = LabelMapScorer(config or load_score_config())
+
+    def __call__(self, entry, out_dir: Path) -> None:
         tag = f"{entry.folder_name}.{os.getpid()}.{time.monotonic_ns()}.rank{os.environ.get('RANK', 0)}"
-        (marker_dir / f"started.{tag}").touch()
-        time.sleep(delay_s)
-        score_label_map_file(entry.slide, out_dir)
-        (marker_dir / f"completed.{tag}").touch()
+        (self.marker_dir / f"started.{tag}").touch()
+        time.sleep(self.delay_s)
+        self.scorer(entry, out_dir)
+        (self.marker_dir / f"completed.{tag}").touch()
 
-    return score
+    def recipe(self, entry) -> str:
+        return self.scorer.recipe(entry)
 
 
 def marker_counts(marker_dir: Path, kind: str) -> dict[str, int]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from biopsy import pipeline
 from biopsy.batch import run_batch
 from biopsy.cli import batch as batch_cli
-from biopsy.errors import ManifestError
+from biopsy.errors import ManifestError, SlideError
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
 from biopsy.labelmap import colourise, read_label_map
 from biopsy.manifest import read_manifest
@@ -25,7 +26,7 @@ from biopsy.pyramid import write_pyramid
 from biopsy.scoring import load_score_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_scored import (MPP, counting_scorer, marker_counts, paint_label_map,  # noqa: E402
+from synthetic_scored import (MPP, CountingScorer, marker_counts, paint_label_map,  # noqa: E402
                               write_cohort_manifest, write_label_map_file)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,25 +98,74 @@ def test_malformed_manifest_is_refused_before_scoring(tmp_path):
 
 def test_rerun_skips_complete_folders_and_rescores_incomplete_ones(cohort, tmp_path):
     out, markers = tmp_path / "out", tmp_path / "markers"
-    assert run_batch(cohort, out, counting_scorer(markers), progress=False) == 0
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
     assert marker_counts(markers, "completed") == {f"P{n}_{t}_p{n}-{t}": 1
                                                    for n in (1, 2, 3) for t in ("pre", "post")}
     reference = tmp_path / "reference"
     shutil.copytree(out, reference)
     # A folder without summary.json (e.g. copied in half) is not complete: it is scored again.
     (out / "slides" / "P2_post_p2-post" / "summary.json").unlink()
-    assert run_batch(cohort, out, counting_scorer(markers), progress=False) == 0
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
     counts = marker_counts(markers, "completed")
     assert counts.pop("P2_post_p2-post") == 2 and set(counts.values()) == {1}
     assert_same_outputs(out, reference)
 
 
+class FailingScorer(CountingScorer):
+    """Fails on the slide of one folder name, as on an unreadable slide."""
+
+    def __init__(self, marker_dir: Path, failing_folder: str):
+        super().__init__(marker_dir)
+        self.failing_folder = failing_folder
+
+    def __call__(self, entry, out_dir: Path) -> None:
+        if entry.folder_name == self.failing_folder:
+            raise SlideError(f"{entry.slide}: unreadable")
+        super().__call__(entry, out_dir)
+
+
+def test_rerun_with_another_recipe_scores_again_and_never_mixes_recipes(cohort, tmp_path):
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
+    assert set(marker_counts(markers, "completed").values()) == {1}  # same recipe: reused
+    other = replace(load_score_config(), name="other thresholds")
+    assert run_batch(cohort, out, CountingScorer(markers, config=other), progress=False) == 0
+    assert set(marker_counts(markers, "completed").values()) == {2}  # another config: scored again
+    summaries = [json.loads(p.read_text()) for p in (out / "slides").glob("*/summary.json")]
+    assert len(summaries) == 6
+    assert {s["provenance"]["config"]["name"] for s in summaries} == {"other thresholds"}
+
+    # Back to the first recipe, but one slide fails: its folder of the other recipe is gone, so
+    # its patient is not compared rather than compared across recipes.
+    assert run_batch(cohort, out, FailingScorer(markers, "P2_post_p2-post"), progress=False) == 1
+    assert not (out / "slides" / "P2_post_p2-post").exists()
+    cohort_json = json.loads((out / "cohort.json").read_text())
+    statuses = {c["patient_id"]: c["status"] for c in cohort_json["comparisons"]}
+    assert statuses == {"P1": "compared", "P2": "not compared: row(s) 5 not scored", "P3": "compared"}
+
+
+def test_slide_recipe_follows_what_changes_scores():
+    info = ModelInfo("toy", {}, list(CLASS_NAMES), {}, MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3},
+                     sha256="a" * 64, stain_reference=[1.5, 0.7])
+    config, options = load_score_config(), pipeline.InferenceOptions("cpu", 16, 2)
+    recipe = pipeline.slide_recipe(info, config, options, None)
+    assert recipe == pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cuda", 4, 8), None)
+    changed = [pipeline.slide_recipe(replace(info, sha256="b" * 64), config, options, None),
+               pipeline.slide_recipe(replace(info, stain_reference=None), config, options, None),
+               pipeline.slide_recipe(info, replace(config, name="x"), options, None),
+               pipeline.slide_recipe(info, config, replace(options, int8=True), None),
+               pipeline.slide_recipe(info, config, replace(options, tta=True), None),
+               pipeline.slide_recipe(info, config, options, 0.25)]
+    assert len({recipe, *changed}) == 7
+
+
 KILLABLE_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
-from synthetic_scored import counting_scorer
+from synthetic_scored import CountingScorer
 from biopsy.batch import run_batch
-run_batch({manifest!r}, {out!r}, counting_scorer({markers!r}, delay_s=0.4), progress=False)
+run_batch({manifest!r}, {out!r}, CountingScorer({markers!r}, delay_s=0.4), progress=False)
 """
 
 
@@ -136,23 +186,23 @@ def test_kill_9_halfway_then_rerun_scores_each_slide_once(cohort, tmp_path):
     assert len(finals) < 6 and not (out / "cohort.json").exists()
     interrupted = marker_counts(markers, "completed")
 
-    assert run_batch(cohort, out, counting_scorer(markers), progress=False) == 0
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
     completed, started = marker_counts(markers, "completed"), marker_counts(markers, "started")
     assert len(completed) == 6 and set(completed.values()) == {1}
     assert sum(started.values()) <= 6 + 1  # at most the slide in flight at the kill was begun twice
     assert all(completed[name] == 1 for name in interrupted)
 
     uninterrupted = tmp_path / "uninterrupted"
-    assert run_batch(cohort, uninterrupted, counting_scorer(tmp_path / "m2"), progress=False) == 0
+    assert run_batch(cohort, uninterrupted, CountingScorer(tmp_path / "m2"), progress=False) == 0
     assert_same_outputs(out, uninterrupted)
 
 
 TORCHRUN_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
-from synthetic_scored import counting_scorer
+from synthetic_scored import CountingScorer
 from biopsy.batch import distributed_context, run_batch
-sys.exit(1 if run_batch({manifest!r}, {out!r}, counting_scorer({markers!r}),
+sys.exit(1 if run_batch({manifest!r}, {out!r}, CountingScorer({markers!r}),
                         distributed_context(), progress=False) else 0)
 """
 
@@ -173,7 +223,7 @@ def test_torchrun_shards_the_manifest_and_rank_0_writes_the_cohort(cohort, tmp_p
     assert ranks == {"rank0", "rank1"}
     assert [r["status"] for r in status_rows(out)] == ["done"] * 6
     reference = tmp_path / "reference"
-    assert run_batch(cohort, reference, counting_scorer(tmp_path / "m2"), progress=False) == 0
+    assert run_batch(cohort, reference, CountingScorer(tmp_path / "m2"), progress=False) == 0
     assert_same_outputs(out, reference)
 
 
@@ -200,17 +250,19 @@ def test_slides_are_segmented_then_scored_like_their_label_maps(tmp_path):
     manifest.write_text("patient_id,timepoint,slide\nP1,pre,pre.tif\nP1,post,pre.ome.tif\n")
     info = ModelInfo("toy", {}, list(CLASS_NAMES), {n: list(c) for n, c in CLASS_COLOURS.items()},
                      MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3})
-    scorer = pipeline.slide_scorer(colour_lookup_model(colours), info, Path("toy.safetensors"),
+    scorer = pipeline.SlideScorer(colour_lookup_model(colours), info, Path("toy.safetensors"),
                                    load_score_config(), pipeline.InferenceOptions("cpu", 4, 0))
     entries = read_manifest(manifest)
     from_slide, from_labels = tmp_path / "from_slide", tmp_path / "from_labels"
     scorer(entries[0], from_slide)
-    pipeline.label_map_scorer(load_score_config())(entries[1], from_labels)
+    pipeline.LabelMapScorer(load_score_config())(entries[1], from_labels)
     assert ((from_slide / "glomeruli.csv").read_text() == (from_labels / "glomeruli.csv").read_text())
     slide_summary, labels_summary = (json.loads((f / "summary.json").read_text())
                                      for f in (from_slide, from_labels))
     assert slide_summary["provenance"]["source"]["kind"] == "slide"
     assert slide_summary["provenance"]["model"]["path"] == "toy.safetensors"
+    assert slide_summary["provenance"]["recipe_sha256"] == scorer.recipe(entries[0])
+    assert labels_summary["provenance"]["recipe_sha256"] == pipeline.label_map_recipe(load_score_config())
     scores = slide_summary["scores"]
     expected = labels_summary["scores"]
     assert scores["glomeruli"] == expected["glomeruli"]
@@ -223,7 +275,7 @@ def test_scoring_options_turn_stain_normalisation_off(monkeypatch):
     info = ModelInfo("toy", {}, list(CLASS_NAMES), {}, MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3},
                      stain_reference=[1.5, 0.7])
     monkeypatch.setattr(pipeline, "load_model", lambda path, device, int8: (None, info, Path("toy")))
-    monkeypatch.setattr(pipeline, "slide_scorer", lambda model, info, *rest: info.stain_reference)
+    monkeypatch.setattr(pipeline, "SlideScorer", lambda model, info, *rest: info.stain_reference)
     parser = argparse.ArgumentParser()
     batch_cli.add_scoring_arguments(parser, "slides")
     assert batch_cli.make_scorer(parser.parse_args([]), "cpu") == [1.5, 0.7]

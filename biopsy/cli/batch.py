@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from biopsy.batch import ScoreFunction
+    from biopsy.batch import Scorer
 
 
 def add_parser(subparsers) -> None:
@@ -80,16 +80,16 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     add_stain_argument(parser)
 
 
-def make_scorer(args: argparse.Namespace, device: str | None) -> ScoreFunction:
+def make_scorer(args: argparse.Namespace, device: str | None) -> Scorer:
     """The score function the options ask for; a model is loaded once, onto ``device``."""
     from biopsy import pipeline
     from biopsy.scoring import load_score_config
 
     config = load_score_config(args.config)
     if args.from_labels:
-        return pipeline.label_map_scorer(config)
+        return pipeline.LabelMapScorer(config)
     options, model, info, model_path = load_model_from_args(args, device)
-    return pipeline.slide_scorer(model, info, model_path, config, options)
+    return pipeline.SlideScorer(model, info, model_path, config, options)
 
 
 def load_model_from_args(args: argparse.Namespace, device: str | None):

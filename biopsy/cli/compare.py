@@ -12,7 +12,7 @@ from biopsy.cli.batch import add_device_argument, add_scoring_arguments, make_sc
 from biopsy.errors import BiopsyError
 
 if TYPE_CHECKING:
-    from biopsy.batch import ScoreFunction
+    from biopsy.batch import Scorer
     from biopsy.scorefolder import ScoredSlide
 
 BOOTSTRAP_REPLICATES = 2000  # biopsy.compare's defaults, repeated so that --help needs no numpy
@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
 
 
 def scored_input(path: Path, folder: Path, args: argparse.Namespace,
-                 scorer: Callable[[], ScoreFunction]) -> ScoredSlide:
+                 scorer: Callable[[], Scorer]) -> ScoredSlide:
     """A scored-slide folder as given, or the slide (label map) ``path`` scored into ``folder``."""
     from biopsy.manifest import ManifestEntry
     from biopsy.scorefolder import read_score_folder
