@@ -5,7 +5,8 @@ OUT/{baseline,follow_up}/        the scored slides (``biopsy score``)
 OUT/report.html, comparison.*    the comparison (``biopsy compare``)
 
 Each step is skipped when its outputs are complete and were made from the same inputs (the same
-profiles; the same slide and model bytes), so a rerun only redoes what changed.
+profiles; the same slide bytes, scored the same way: model bytes, int8, tta, config), so a rerun
+only redoes what changed.
 """
 
 from __future__ import annotations
@@ -15,15 +16,11 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from biopsy.cli.batch import add_device_argument, add_model_arguments
 from biopsy.cli.compare import format_metric
-
-if TYPE_CHECKING:
-    from biopsy.pipeline import InferenceOptions
 
 BASELINE_PRESET = "active-ln"
 FOLLOW_UP_PRESET = "remission"
@@ -55,6 +52,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from biopsy import compare, pipeline
+    from biopsy.model import read_model_info
     from biopsy.provenance import file_sha256
     from biopsy.scorefolder import read_score_folder
     from biopsy.scoring import load_score_config
@@ -62,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model_path = pipeline.checkpoint_path(args.model)
-    model_sha256 = file_sha256(model_path)
     shared = {"core_length_mm": args.core_length_mm, "glomeruli": args.glomeruli}
     baseline = load_profile(None, BASELINE_PRESET, **shared, seed=args.seed)
     follow_up = replace(load_profile(None, FOLLOW_UP_PRESET, **shared), seed=args.seed + 1)
@@ -76,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     config = load_score_config()
     options = pipeline.inference_options(args.device, args.batch_size, args.workers, args.int8,
                                          args.tta)
+    recipe = pipeline.slide_recipe(read_model_info(model_path), config, options, mpp=None)
     loaded = None
     for slide_dir, name in zip(slide_dirs, ("baseline", "follow_up")):
         slide_path, folder = slide_dir / "slide.svs", args.out / name
-        if _scored(folder, file_sha256(slide_path), model_sha256, options):
+        if _scored(folder, file_sha256(slide_path), recipe):
             continue
         if loaded is None:
             loaded = pipeline.load_model(model_path, options.device, args.int8)
@@ -119,19 +117,15 @@ def _synthesised(slide_dir: Path, profile) -> bool:
     return written == profile.to_dict()
 
 
-def _scored(folder: Path, slide_sha256: str, model_sha256: str,
-            options: InferenceOptions) -> bool:
-    """Whether ``folder`` is a complete scored slide of these slide and model bytes, int8 and
-    test-time augmentation as ``options`` say."""
+def _scored(folder: Path, slide_sha256: str, recipe: str) -> bool:
+    """Whether ``folder`` is a complete scored slide of these slide bytes, scored by ``recipe``
+    (:func:`biopsy.pipeline.slide_recipe`: the same model bytes, options and config)."""
     summary_path = folder / "summary.json"
     if not summary_path.is_file():
         return False
     provenance = json.loads(summary_path.read_text(encoding="utf-8"))["provenance"]
-    inference = provenance.get("inference", {})
-    return ((provenance.get("model") or {}).get("sha256") == model_sha256
-            and provenance["source"].get("sha256") == slide_sha256
-            and inference.get("int8", False) == options.int8
-            and inference.get("tta", False) == options.tta)
+    return (provenance["source"].get("sha256") == slide_sha256
+            and provenance.get("recipe_sha256") == recipe)
 
 
 def _step(text: str) -> None:
