@@ -113,7 +113,7 @@ def test_outline_ignores_holes():
     assert g.cellular_crescent_capsule_coverage == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.parametrize("radii_px", [(100, 100), (60, 110)])
+@pytest.mark.parametrize("radii_px", [(100, 100), (60, 110), (45, 100)])
 def test_two_touching_discs_are_two_glomeruli(radii_px):
     shape, (r1, r2) = (300, 500), radii_px
     centres = (150, 30 + r1), (150, 30 + 2 * r1 + r2 - 4)  # overlapping by 4 px
@@ -124,6 +124,15 @@ def test_two_touching_discs_are_two_glomeruli(radii_px):
     assert instances.max() == 2 and instances[centres[0]] != instances[centres[1]]
     areas = np.bincount(instances.ravel())[1:]
     assert areas == pytest.approx([math.pi * r1**2, math.pi * r2**2], rel=0.03)
+
+
+def test_a_lobulated_glomerulus_stays_one():
+    """Two lobes of radius 60 µm whose waist is 20 µm shallower than their centres: one glomerulus
+    with a ragged outline, as models draw them on real slides, not two (a 15 µm depth split it)."""
+    shape = (300, 400)
+    labels = np.full(shape, I["tissue"], np.uint8)
+    labels[disc(shape, (150, 120), 60) | disc(shape, (150, 204), 60)] = I["tuft"]
+    assert find_glomeruli(labels, CLASS_NAMES, 1.0).max() == 1
 
 
 def test_a_glomerulus_with_a_crescent_bulge_stays_one():
