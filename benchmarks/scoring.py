@@ -21,7 +21,8 @@ compared with their ``truth.json``:
 
 One table: a row per slide, then the cohort row with the issue's targets beside it. Slides are
 made in a temporary folder, or in ``--work-dir``, where complete slides are reused on a rerun (and
-scored folders too, per model hash): delete it when the generator changes.
+scored folders too, per recipe: model, options and scoring config,
+:func:`biopsy.pipeline.slide_recipe`): delete it when the generator changes.
 
     python benchmarks/scoring.py                                # 10 slides, 3 mm: ~5 min on 2 cores
     python benchmarks/scoring.py --slides 4 --core-length-mm 2  # quick check: ~1.5 min
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from biopsy.model import DEFAULT_CHECKPOINT, read_model_info  # noqa: E402
-from biopsy.pipeline import inference_options, load_model, score_slide_file  # noqa: E402
+from biopsy.pipeline import inference_options, load_model, score_slide_file, slide_recipe  # noqa: E402
 from biopsy.scorefolder import read_score_folder  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from biopsy.synth import generate_slide, load_profile  # noqa: E402
@@ -263,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     scorer = Scorer(args.device, args.int8, args.tta)
-    model_tag = (read_model_info(DEFAULT_CHECKPOINT).sha256[:12] + ("-int8" if args.int8 else "")
-                 + ("-tta" if args.tta else ""))
+    recipe = slide_recipe(read_model_info(DEFAULT_CHECKPOINT), scorer.config, scorer.options, None)
     results = []
     for index in range(args.slides):
         preset, stain = PRESETS[index % len(PRESETS)], STAINS[index % len(STAINS)]
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
         folder = work_dir / f"{name}-{args.core_length_mm:g}mm"
         truth = ensure_slide(folder / "synth", preset, stain, seed, args.core_length_mm)
         scored = scorer.ensure_scored(folder / "synth" / truth["slide"]["file"],
-                                      folder / f"scored-{model_tag}")
+                                      folder / f"scored-{recipe[:12]}")
         results.append(compare(name, truth, scored))
         print(f"scored {name}", file=sys.stderr, flush=True)
     print_table(results)

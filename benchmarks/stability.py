@@ -15,8 +15,8 @@ training) are scored with the bundled model (or ``--model``) as they are and as 
 
 One table: a row per slide and variant, original -> copy, ``*`` marking a change. The summary
 checks the target on the stain-shifted copies. Slides, copies and scored folders complete in
-``--work-dir`` are reused; scored folders are kept per model (SHA-256), so a new bundled model
-is scored afresh.
+``--work-dir`` are reused; scored folders are kept per recipe (model SHA-256, options, scoring
+config: :func:`biopsy.pipeline.slide_recipe`), so a new bundled model or config is scored afresh.
 
     python benchmarks/stability.py             # 6 slides of 3 mm (adequate cores), 4 scorings each
     python benchmarks/stability.py --quick     # 3 slides of 1.5 mm (one per stain): 5 CPU-minutes
@@ -37,7 +37,7 @@ from scipy.optimize import linear_sum_assignment
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from biopsy.pipeline import inference_options, load_model, score_slide_file  # noqa: E402
+from biopsy.pipeline import inference_options, load_model, score_slide_file, slide_recipe  # noqa: E402
 from biopsy.restain import StainShift, restain_slide, rotated_xy  # noqa: E402
 from biopsy.scorefolder import ScoredSlide, read_score_folder  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
@@ -113,7 +113,7 @@ def calls_changed(original: Scores, copy: Scores, quarter_turns: int) -> tuple[i
 
 
 class Scorer:
-    """Scores slides with a model (None: the bundled one) into folders kept per model."""
+    """Scores slides with a model (None: the bundled one) into folders kept per recipe."""
 
     def __init__(self, model_path: Path | None, device: str | None):
         self.options = inference_options(device)
@@ -123,6 +123,11 @@ class Scorer:
     @property
     def model_id(self) -> str:
         return self.info.sha256[:12]
+
+    @property
+    def recipe_id(self) -> str:
+        """Names the cache of scored folders: model, options and scoring config."""
+        return slide_recipe(self.info, self.config, self.options, None)[:12]
 
     def scores(self, slide_path: Path, out_dir: Path) -> Scores:
         if not (out_dir / "summary.json").is_file():
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.work_dir / f"{name}-{core_length_mm:g}mm"
         truth = ensure_slide(folder / "synth", preset, stain, seed, core_length_mm)
         slide_path = folder / "synth" / truth["slide"]["file"]
-        scored = folder / f"scored-{scorer.model_id}"
+        scored = folder / f"scored-{scorer.recipe_id}"
         original = scorer.scores(slide_path, scored / "original")
         for variant, (quarter_turns, shift) in VARIANTS.items():
             copy_path = folder / f"{variant}.svs"

@@ -12,10 +12,11 @@ Layout of the output folder ``OUT``::
 A slide folder is scored in a ``.partial-`` folder and renamed into place only once its
 ``summary.json`` exists, so a folder under its final name is always complete: a rerun (or a rank
 that restarts after a crash) skips it and scores the rest. A folder is skipped only when its
-provenance records the scorer's recipe (model, int8, test-time augmentation, stain reference,
-given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one scored another way is
-removed and scored again, so the cohort never mixes recipes. Under ``torchrun`` the manifest is
-sharded by rank (``entries[rank::world_size]``); rank 0 writes the cohort outputs after a barrier.
+provenance records the scorer's recipe (model, int8, bf16, test-time augmentation, stain
+reference, given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one scored another
+way is scored again, its folder removed when its turn comes, so the cohort never mixes recipes.
+Under ``torchrun`` the manifest is sharded by rank (``entries[rank::world_size]``); rank 0 writes
+the cohort outputs after a barrier.
 """
 
 import csv
@@ -120,13 +121,18 @@ def recorded_recipe(folder: Path) -> str | None:
     try:
         summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
         return summary["provenance"]["recipe_sha256"]
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> None:
-    """Score one slide into a ``.partial-`` folder, renamed to its final name once whole."""
+    """Score one slide into a ``.partial-`` folder, renamed to its final name once whole.
+
+    What is under the final name (incomplete, or scored another way) is removed first, so that a
+    slide that fails leaves no folder of another recipe for the comparisons to use.
+    """
     folder = slide_folder(out_dir, entry)
+    shutil.rmtree(folder, ignore_errors=True)
     partial = folder.with_name(f".partial-{folder.name}")
     shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while scoring this slide
     partial.mkdir(parents=True)
@@ -137,7 +143,6 @@ def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> Non
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder under the final name
     os.rename(partial, folder)
 
 
@@ -149,10 +154,6 @@ def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
         folder = statuses[entry.row].folder
         if recorded_recipe(folder) == score.recipe(entry):
             statuses[entry.row] = SlideStatus(entry, folder, "done")
-        elif is_complete(folder):
-            log.warning("%s was scored another way (model, int8, tta, stain reference, mpp or "
-                        "scoring config): removed, to be scored again", folder)
-            shutil.rmtree(folder)
     already_done = sum(s.status == "done" for s in statuses.values())
     status_file = Path(out_dir) / "status" / f"rank-{rank}.csv"
     write_status(status_file, list(statuses.values()))
@@ -163,6 +164,9 @@ def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
         if statuses[entry.row].status == "done":
             continue
         started = time.perf_counter()
+        if is_complete(statuses[entry.row].folder):
+            log.warning("%s was scored another way (model, int8, bf16, tta, stain reference, mpp "
+                        "or scoring config): scoring it again", statuses[entry.row].folder)
         try:
             score_into_folder(entry, out_dir, score)
             statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "done")

@@ -147,7 +147,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                   "patch_size_px": info.patch_size_px, "code_version": info.code_version},
         "inference": {"device": options.device, "batch_size": options.batch_size,
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
-                      "bf16": torch.device(options.device).type == "cuda",
+                      "bf16": _bf16(options.device),
                       "int8": options.int8, "tta": options.tta,
                       "stain_reference": info.stain_reference,
                       "stain_factors": class_map.stain_factors,
@@ -161,6 +161,11 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                        provenance, instances=scored.instances, config=config,
                        level0_mpp=level0_mpp)
     return scored.scores
+
+
+def _bf16(device: str) -> bool:
+    """Whether :func:`biopsy.infer.segment_slide` runs the model in bfloat16 on ``device``."""
+    return torch.device(device).type == "cuda"
 
 
 def _find_nuclei(slide) -> tuple:
@@ -193,10 +198,11 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
 def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions,
                  mpp: float | None) -> str:
     """Fingerprint (:func:`biopsy.provenance.recipe_sha256`) of what decides a slide's scores
-    beyond its pixels: the model's bytes, int8, test-time augmentation, the stain reference, the
-    pixel size given in place of the slide's and the scoring config. Device, batch size and
-    workers change no score and are left out."""
-    return recipe_sha256({"model_sha256": info.sha256, "int8": options.int8, "tta": options.tta,
+    beyond its pixels: the model's bytes, int8, bf16 (on CUDA), test-time augmentation, the stain
+    reference, the pixel size given in place of the slide's and the scoring config. Batch size,
+    workers and which GPU change no score and are left out."""
+    return recipe_sha256({"model_sha256": info.sha256, "int8": options.int8,
+                          "bf16": _bf16(options.device), "tta": options.tta,
                           "stain_reference": info.stain_reference, "mpp_given": mpp,
                           "config": config.as_dict()})
 

@@ -150,14 +150,17 @@ def test_slide_recipe_follows_what_changes_scores():
                      sha256="a" * 64, stain_reference=[1.5, 0.7])
     config, options = load_score_config(), pipeline.InferenceOptions("cpu", 16, 2)
     recipe = pipeline.slide_recipe(info, config, options, None)
-    assert recipe == pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cuda", 4, 8), None)
-    changed = [pipeline.slide_recipe(replace(info, sha256="b" * 64), config, options, None),
+    assert recipe == pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cpu", 4, 8), None)
+    on_gpu = pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cuda", 16, 2), None)
+    assert on_gpu == pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cuda:1", 4, 8), None)
+    changed = [on_gpu,  # bf16
+               pipeline.slide_recipe(replace(info, sha256="b" * 64), config, options, None),
                pipeline.slide_recipe(replace(info, stain_reference=None), config, options, None),
                pipeline.slide_recipe(info, replace(config, name="x"), options, None),
                pipeline.slide_recipe(info, config, replace(options, int8=True), None),
                pipeline.slide_recipe(info, config, replace(options, tta=True), None),
                pipeline.slide_recipe(info, config, options, 0.25)]
-    assert len({recipe, *changed}) == 7
+    assert len({recipe, *changed}) == 8
 
 
 KILLABLE_RUN = """

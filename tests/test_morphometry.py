@@ -127,7 +127,7 @@ def test_two_touching_discs_are_two_glomeruli(radii_px):
 
 
 def test_a_lobulated_glomerulus_stays_one():
-    """Two lobes of radius 60 µm whose waist is 20 µm shallower than their centres: one glomerulus
+    """Two lobes of radius 60 µm whose waist is ~17 µm shallower than their centres: one glomerulus
     with a ragged outline, as models draw them on real slides, not two (a 15 µm depth split it)."""
     shape = (300, 400)
     labels = np.full(shape, I["tissue"], np.uint8)

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "batch", help="score every slide of a manifest once, compare and summarise the cohort",
         description="Score every slide of MANIFEST.csv (columns patient_id, timepoint, slide; "
-                    "optional stain, mpp) into OUT/slides/, skipping slides already scored, then "
+                    "optional stain, mpp) into OUT/slides/, skipping slides already scored the same "
+                    "way (same model file, options and scoring config), then "
                     "compare each patient's baseline with each follow-up (OUT/comparisons/) and "
                     "write cohort.csv, cohort.json and cohort.html. Failures are listed in "
                     "OUT/status.csv and give exit status 1.")
