@@ -129,7 +129,8 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         started = time.perf_counter()
         class_map = segment_slide(slide, model, info, batch_size=options.batch_size,
                                   workers=options.workers, device=options.device,
-                                  overlap=TILE_OVERLAP, tta=options.tta)
+                                  overlap=TILE_OVERLAP, bf16=_bf16(options.device),
+                                  tta=options.tta)
         seconds = time.perf_counter() - started
         nuclei_xy, nuclei = _find_nuclei(slide)
         level0_mpp = slide.mpp[0]
@@ -164,7 +165,8 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
 
 
 def _bf16(device: str) -> bool:
-    """Whether :func:`biopsy.infer.segment_slide` runs the model in bfloat16 on ``device``."""
+    """Whether slides are segmented in bfloat16 on ``device``: on CUDA (recorded, and part of
+    the recipe, since it moves a few border pixels)."""
     return torch.device(device).type == "cuda"
 
 

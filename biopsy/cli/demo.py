@@ -5,7 +5,7 @@ OUT/{baseline,follow_up}/        the scored slides (``biopsy score``)
 OUT/report.html, comparison.*    the comparison (``biopsy compare``)
 
 Each step is skipped when its outputs are complete and were made from the same inputs (the same
-profiles; the same slide bytes, scored the same way: model bytes, int8, tta, config), so a rerun
+profiles; the same slide bytes, scored the same way: model bytes, options, config), so a rerun
 only redoes what changed.
 """
 
