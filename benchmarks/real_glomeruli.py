@@ -12,6 +12,7 @@ absolute error of the glomerulus count per image.
     python -m training fit configs/train/real-glomeruli.yaml         # a GPU: ~10 min
     python benchmarks/real_glomeruli.py --checkpoint runs/real-glomeruli/best.safetensors
     python benchmarks/real_glomeruli.py --folds 4    # every case, by its fold's model (fit --folds 4)
+    python benchmarks/real_glomeruli.py --folds 4 --tta --scales 1 1.41   # test-time augmentation
 
 The data's licence is unstated: the weights trained on it stay out of the repository.
 """
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from biopsy.classes import GLOMERULAR_CLASSES  # noqa: E402
+from biopsy.cli.batch import add_tta_arguments  # noqa: E402
 from biopsy.infer import segment_slide  # noqa: E402
 from biopsy.model import load_checkpoint  # noqa: E402
 from biopsy.scorefolder import score_class_map  # noqa: E402
@@ -41,10 +43,10 @@ from skimage.measure import label  # noqa: E402
 
 
 def image_counts(annotated, model, info, score_config, device: str, iou_threshold: float,
-                 tta: bool = False) -> np.ndarray:
+                 tta: bool = False, scales: tuple[float, ...] = (1.0,)) -> np.ndarray:
     """[TP, FP, FN, GS TP, GS FP, GS FN, |count error|] of one annotated image."""
     slide = annotated.slide()
-    class_map = segment_slide(slide, model, info, device=device, workers=0, tta=tta)
+    class_map = segment_slide(slide, model, info, device=device, workers=0, tta=tta, scales=scales)
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, score_config,
                              level0_mpp=slide.mpp[0])
     height, width = class_map.labels.shape
@@ -103,7 +105,7 @@ def main() -> None:
                              "the cases it held out (python -m training fit CONFIG --folds N)")
     parser.add_argument("--config", default=str(REPO / "configs/train/real-glomeruli.yaml"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation (mirror images)")
+    add_tta_arguments(parser)
     args = parser.parse_args()
     if args.folds is not None and args.folds < 2:
         parser.error("--folds needs at least 2")
@@ -114,13 +116,13 @@ def main() -> None:
         cases |= {s.case for s in slides}
         for annotated in slides:
             result = image_counts(annotated, model, info, score_config, args.device,
-                                  config.evaluate.iou_threshold, args.tta)
+                                  config.evaluate.iou_threshold, args.tta, tuple(args.scales))
             for key in (annotated.stain, "all"):
                 counts[key] += result
                 images[key] += 1
     print(f"{args.checkpoint or f'{args.folds}-fold cross-validation'}: {images['all']} validation "
           f"images of {len(cases)} cases, {info.input_mpp} µm/px, scoring config nih-2018"
-          f"{', test-time augmentation' if args.tta else ''}\n")
+          f"{', mirror images' if args.tta else ''}, reading scales {args.scales}\n")
     print_table(counts, images)
 
 

@@ -28,6 +28,7 @@ scored folders too, per recipe: model, options and scoring config,
     python benchmarks/scoring.py --slides 4 --core-length-mm 2  # quick check: ~1.5 min
     python benchmarks/scoring.py --int8                         # the int8 model (CPU)
     python benchmarks/scoring.py --tta                          # test-time augmentation (4x the model time)
+    python benchmarks/scoring.py --scales 1 1.41                # two reading scales (2x model time)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from scipy.stats import pearsonr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from biopsy.cli.batch import add_tta_arguments  # noqa: E402
 from biopsy.model import DEFAULT_CHECKPOINT, read_model_info  # noqa: E402
 from biopsy.pipeline import inference_options, load_model, score_slide_file, slide_recipe  # noqa: E402
 from biopsy.scorefolder import read_score_folder  # noqa: E402
@@ -142,8 +144,9 @@ class Scorer:
     """Scores slides with the bundled model (int8, test-time augmentation when asked), loaded on
     first use."""
 
-    def __init__(self, device: str | None, int8: bool = False, tta: bool = False):
-        self.options = inference_options(device, int8=int8, tta=tta)
+    def __init__(self, device: str | None, int8: bool = False, tta: bool = False,
+                 scales: tuple[float, ...] = (1.0,)):
+        self.options = inference_options(device, int8=int8, tta=tta, scales=scales)
         self.config = load_score_config()
         self.model = None
 
@@ -255,15 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--int8", action="store_true",
                         help="score with the int8 model on the CPU (biopsy.quantize)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: each tile's mirror images too")
+    add_tta_arguments(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as temporary:
         run(args, args.work_dir or Path(temporary))
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
-    scorer = Scorer(args.device, args.int8, args.tta)
+    scorer = Scorer(args.device, args.int8, args.tta, tuple(args.scales))
     recipe = slide_recipe(read_model_info(DEFAULT_CHECKPOINT), scorer.config, scorer.options, None)
     results = []
     for index in range(args.slides):

@@ -107,7 +107,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     batches = -(-len(grid) // args.batch_size)
     started = time.perf_counter()
     for _ in range(batches):
-        tiles = sample.to(device, non_blocking=True)
+        tiles = sample[:, 0].to(device, non_blocking=True)
     _sync(device)
     transfer_seconds = time.perf_counter() - started
     model = prepare_model(model, device)  # as segment_slide runs it: BatchNorm folded, channels_last

@@ -4,9 +4,9 @@ The hot path (../shared/DESIGN.md): tissue tiles only (:mod:`biopsy.tiling`), re
 mpp by DataLoader worker processes; uint8 batches copied pinned and non-blocking to the device,
 normalised there; the model under ``torch.inference_mode()`` in channels_last memory (bf16
 autocast on CUDA, optional on CPU; optional ``torch.compile``); softmax probabilities (optionally
-averaged with those of the tile's mirror images: test-time augmentation) Gaussian-blended and
-finished band by band (:mod:`biopsy.stitch`), so memory is bounded by slide width x patch height,
-not slide area.
+averaged over test-time augmentations: the tile's mirror images, and wider views of it read at
+coarser scales) Gaussian-blended and finished band by band (:mod:`biopsy.stitch`), so memory is
+bounded by slide width x patch height, not slide area.
 
 Pixels outside the tissue mask dilated by one mask pixel (8 µm by default) get the model's
 ``background`` class (index 0 if it has none): the model decides tissue borders at its own
@@ -17,6 +17,7 @@ outermost tiles where predictions are poor, is never left to it.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.functional import affine_grid, grid_sample
 from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -68,7 +70,7 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
                   output_mpp: float | None = None, overlap: float = 0.5,
                   tissue: TissueMask | None = None, return_probabilities: bool = False,
                   bf16: bool | None = None, compile: bool = False, tta: bool = False,
-                  progress: bool = False) -> ClassMap:
+                  scales: tuple[float, ...] = (1.0,), progress: bool = False) -> ClassMap:
     """Segment a whole slide with ``model``; the class map in memory.
 
     Parameters
@@ -90,17 +92,23 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     compile : ``torch.compile`` the model first (pays off on long runs on CUDA).
     tta : test-time augmentation: each tile's probabilities are the mean of those of the tile and
         its three mirror images (4x the model time; as nnU-Net does by default).
+    scales : reading scales, multiples of ``info.input_mpp`` (each >= 1): each tile's
+        probabilities are the mean over these views of it, the view at scale s being the square
+        of s x the tile's side centred on it, read at s x the model's mpp, whose predictions for
+        the tile's own area are resampled to the tile (multi-scale test-time augmentation: more
+        context, glomeruli seen smaller; the model time times the number of scales).
     progress : show a tqdm progress bar over tiles.
 
     Raises
     ------
     CheckpointError : the model takes another number of channels than the slide has.
     MppError : the slide's pixel size is unknown.
+    ValueError : a scale under 1.
     """
     grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers,
                               device=device, output_mpp=output_mpp, overlap=overlap, tissue=tissue,
                               return_probabilities=return_probabilities, bf16=bf16,
-                              compile=compile, tta=tta, progress=progress)
+                              compile=compile, tta=tta, scales=scales, progress=progress)
     output_mpp = output_mpp or info.input_mpp
     shape_px = output_shape_px(slide, output_mpp)
     labels = np.empty(shape_px, np.uint8)
@@ -135,10 +143,11 @@ def output_shape_px(slide: Slide, output_mpp: float) -> tuple[int, int]:
 
 def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_mpp=None,
          overlap=0.5, tissue=None, return_probabilities=False, bf16=None, compile=False,
-         tta=False, progress=False) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
+         tta=False, scales=(1.0,), progress=False
+         ) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
     device = torch.device(device)
     output_mpp = output_mpp or info.input_mpp
-    tissue, tiles = tissue_tiles(slide, info, overlap, tissue)
+    tissue, tiles = tissue_tiles(slide, info, overlap, tissue, scales)
     if not len(tiles):
         log.warning("%s: no tissue found; the class map is all background",
                     slide.path)
@@ -155,16 +164,20 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
 
 
 def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
-                 tissue: TissueMask | None = None) -> tuple[TissueMask, TileDataset]:
+                 tissue: TissueMask | None = None, scales: tuple[float, ...] = (1.0,)
+                 ) -> tuple[TissueMask, TileDataset]:
     """The slide's tissue (detected when not given) and the tiles the model runs on: those of
-    the grid at the model's mpp and patch size nearest to tissue, stain-normalised to the
-    model's reference when it has one.
+    the grid at the model's mpp and patch size nearest to tissue, read at ``scales``
+    (:class:`~biopsy.tiling.TileDataset`), stain-normalised to the model's reference when it
+    has one.
 
     Raises
     ------
     CheckpointError, SlideError : the model does not take the slide's channels or bit depth.
     MppError : the slide's pixel size is unknown.
+    ValueError : a scale under 1.
     """
+    check_scales(scales)
     _check_channels(slide, info)
     if tissue is None:
         tissue = detect_tissue(slide)
@@ -175,7 +188,7 @@ def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
     if stain is not None:
         log.info("%s: stain normalised: haematoxylin x%.3f, eosin x%.3f", slide.path,
                  stain.haematoxylin, stain.eosin)
-    return tissue, TileDataset(slide, grid, stain)
+    return tissue, TileDataset(slide, grid, stain, scales)
 
 
 def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: int,
@@ -194,8 +207,10 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
     first = 0
     for batch in loader:
         with torch.inference_mode():
-            batch = normalise(batch.to(device, non_blocking=True))
-            probabilities = batch_probabilities(model, batch, autocast, info.patch_size_px, tta)
+            batch = batch.to(device, non_blocking=True)
+            views = [normalise(batch[:, view]) for view in range(batch.shape[1])]
+            probabilities = batch_probabilities(model, views, tiles.scales, autocast,
+                                                info.patch_size_px, tta)
             bands = stitcher.add(probabilities, tiles.origins_px[first : first + len(batch)])
         first += len(batch)
         bar.update(len(batch))
@@ -249,19 +264,40 @@ def prepare_model(model: nn.Module, device: torch.device, compile: bool = False)
     return torch.compile(model) if compile else model
 
 
-def batch_probabilities(model, batch: torch.Tensor, autocast, patch_px: int,
-                        tta: bool) -> torch.Tensor:
-    """Class probabilities (:func:`tile_probabilities`) of a normalised batch (N, C, H, W), the
-    model run under ``autocast``; with ``tta``, their mean over :data:`MIRRORS` (each mirror
-    image's probabilities flipped back)."""
+def batch_probabilities(model, views: list[torch.Tensor], scales: tuple[float, ...], autocast,
+                        patch_px: int, tta: bool) -> torch.Tensor:
+    """Class probabilities (:func:`tile_probabilities`) of a batch of tiles, the mean over its
+    ``views``: normalised batches (N, C, H, W), one per scale in ``scales`` (the batch read at
+    that scale: :class:`~biopsy.tiling.TileDataset`), the model run under ``autocast``. With
+    ``tta``, each view's probabilities are the mean over :data:`MIRRORS` (each mirror image's
+    probabilities flipped back). A view at scale s > 1 contributes the centre 1/s of its
+    probabilities, where the tile lies, resampled bilinearly to the tile's pixels."""
     total = None
-    for dims in MIRRORS if tta else ((),):
-        with autocast:
-            logits = model(batch.flip(dims) if dims else batch)
-        probabilities = tile_probabilities(logits, patch_px)
-        probabilities = probabilities.flip(dims) if dims else probabilities
-        total = probabilities if total is None else total.add_(probabilities)
-    return total.div_(len(MIRRORS)) if tta else total
+    for view, scale in zip(views, scales, strict=True):
+        for dims in MIRRORS if tta else ((),):
+            with autocast:
+                logits = model(view.flip(dims) if dims else view)
+            probabilities = tile_probabilities(logits, patch_px)
+            probabilities = probabilities.flip(dims) if dims else probabilities
+            if scale != 1:
+                probabilities = _centre(probabilities, scale)
+            total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(scales) * (len(MIRRORS) if tta else 1))
+
+
+def _centre(probabilities: torch.Tensor, scale: float) -> torch.Tensor:
+    """The centre 1/``scale`` of (N, C, H, W) ``probabilities``, resampled bilinearly to (H, W)."""
+    zoom = torch.tensor([[1 / scale, 0, 0], [0, 1 / scale, 0]], dtype=probabilities.dtype,
+                        device=probabilities.device).expand(len(probabilities), 2, 3)
+    points = affine_grid(zoom, list(probabilities.shape), align_corners=False)
+    return grid_sample(probabilities, points, mode="bilinear", align_corners=False)
+
+
+def check_scales(scales: tuple[float, ...]) -> None:
+    """Raise ValueError unless ``scales`` is a non-empty list of finite numbers >= 1."""
+    if not scales or not all(math.isfinite(s) and s >= 1 for s in scales):
+        raise ValueError(f"reading scales must be numbers >= 1 (multiples of the model's mpp), "
+                         f"got {list(scales)}")
 
 
 def tile_probabilities(logits: torch.Tensor, patch_px: int) -> torch.Tensor:

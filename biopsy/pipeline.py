@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from biopsy.errors import CheckpointError
-from biopsy.infer import segment_slide
+from biopsy.infer import check_scales, segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration
@@ -43,13 +43,15 @@ INFERENCE_PACKAGES = ("openslide-python", "openslide-bin", "tifffile", "imagecod
 @dataclass(frozen=True)
 class InferenceOptions:
     """How a slide is segmented: where, how many tiles at a time, whether by an int8 model, whether
-    with test-time augmentation (:func:`biopsy.infer.segment_slide`)."""
+    with test-time augmentation by mirror images (``tta``) and reading scales (``scales``)
+    (:func:`biopsy.infer.segment_slide`)."""
 
     device: str = "cpu"
     batch_size: int = 16
     workers: int = 2
     int8: bool = False
     tta: bool = False
+    scales: tuple[float, ...] = (1.0,)
 
 
 def resolve_device(device: str | None) -> str:
@@ -60,8 +62,8 @@ def resolve_device(device: str | None) -> str:
 
 
 def inference_options(device: str | None = None, batch_size: int = 16,
-                      workers: int | None = None, int8: bool = False,
-                      tta: bool = False) -> InferenceOptions:
+                      workers: int | None = None, int8: bool = False, tta: bool = False,
+                      scales: tuple[float, ...] = (1.0,)) -> InferenceOptions:
     """Options with the defaults resolved: the device (:func:`resolve_device`; the CPU for int8)
     and the tile-reading workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA,
     where decoding is).
@@ -69,13 +71,15 @@ def inference_options(device: str | None = None, batch_size: int = 16,
     Raises
     ------
     CheckpointError : int8 asked for on another device than the CPU.
+    ValueError : a reading scale under 1.
     """
+    check_scales(scales)
     device = "cpu" if int8 and device is None else resolve_device(device)
     if int8 and torch.device(device).type != "cpu":
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
     if workers is None:
         workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
-    return InferenceOptions(device, batch_size, workers, int8, tta)
+    return InferenceOptions(device, batch_size, workers, int8, tta, tuple(scales))
 
 
 def checkpoint_path(path: str | Path | None) -> Path:
@@ -130,7 +134,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         class_map = segment_slide(slide, model, info, batch_size=options.batch_size,
                                   workers=options.workers, device=options.device,
                                   overlap=TILE_OVERLAP, bf16=_bf16(options.device),
-                                  tta=options.tta)
+                                  tta=options.tta, scales=options.scales)
         seconds = time.perf_counter() - started
         nuclei_xy, nuclei = _find_nuclei(slide)
         level0_mpp = slide.mpp[0]
@@ -150,6 +154,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
                       "bf16": _bf16(options.device),
                       "int8": options.int8, "tta": options.tta,
+                      "scales": list(options.scales),
                       "stain_reference": info.stain_reference,
                       "stain_factors": class_map.stain_factors,
                       "tiles": class_map.tile_count, "seconds": round(seconds, 2),
@@ -200,13 +205,13 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
 def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions,
                  mpp: float | None) -> str:
     """Fingerprint (:func:`biopsy.provenance.recipe_sha256`) of what decides a slide's scores
-    beyond its pixels: the model's bytes, int8, bf16 (on CUDA), test-time augmentation, the stain
-    reference, the pixel size given in place of the slide's and the scoring config. Batch size,
-    workers and which GPU change no score and are left out."""
+    beyond its pixels: the model's bytes, int8, bf16 (on CUDA), test-time augmentation (mirror
+    images, reading scales), the stain reference, the pixel size given in place of the slide's
+    and the scoring config. Batch size, workers and which GPU change no score and are left out."""
     return recipe_sha256({"model_sha256": info.sha256, "int8": options.int8,
                           "bf16": _bf16(options.device), "tta": options.tta,
-                          "stain_reference": info.stain_reference, "mpp_given": mpp,
-                          "config": config.as_dict()})
+                          "scales": list(options.scales), "stain_reference": info.stain_reference,
+                          "mpp_given": mpp, "config": config.as_dict()})
 
 
 def label_map_recipe(config: ScoreConfig) -> str:

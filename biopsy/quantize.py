@@ -52,7 +52,7 @@ def calibrate(model: nn.Module, info: ModelInfo, slides: list[Slide], tiles_per_
                 continue
             picks = np.unique(np.linspace(0, len(tiles) - 1, tiles_per_slide).round().astype(int))
             for first in range(0, len(picks), batch_size):
-                batch = torch.stack([tiles[int(i)] for i in picks[first : first + batch_size]])
+                batch = torch.stack([tiles[int(i)][0] for i in picks[first : first + batch_size]])
                 observed(info.normalise(batch).contiguous())
                 tile_count += len(batch)
     if not tile_count:

@@ -36,10 +36,12 @@ class TileGrid:
     def __len__(self) -> int:
         return len(self.origins_px)
 
-    def level0_xy(self, slide_mpp: tuple[float, float]) -> np.ndarray:
-        """(n, 2) float level-0 (x, y) of each tile's top-left corner."""
-        scale = np.array([self.mpp / slide_mpp[0], self.mpp / slide_mpp[1]])
-        return self.origins_px[:, ::-1] * scale
+    def level0_xy(self, slide_mpp: tuple[float, float], scale: float = 1.0) -> np.ndarray:
+        """(n, 2) float level-0 (x, y) of the top-left corner of each tile's window at ``scale``:
+        the square of ``patch_px * scale`` px at the grid's mpp centred on the tile (at scale 1,
+        the tile itself)."""
+        level0_per_px = np.array([self.mpp / slide_mpp[0], self.mpp / slide_mpp[1]])
+        return (self.origins_px[:, ::-1] + self.patch_px * (1 - scale) / 2) * level0_per_px
 
 
 def axis_starts(size_px: int, patch_px: int, step_px: int) -> list[int]:
@@ -103,28 +105,34 @@ def grid_shape_px(dimensions: tuple[int, int], slide_mpp: tuple[float, float],
 
 
 class TileDataset(Dataset):
-    """The grid's tiles as uint8 (patch, patch, C) tensors, read from the slide at the grid's mpp
-    (with ``stain`` applied: :mod:`biopsy.stainnorm`).
+    """The grid's tiles as uint8 (scales, patch, patch, C) tensors: for each of ``scales``, the
+    tile's window at that scale (:meth:`TileGrid.level0_xy`) read from the slide at the grid's mpp
+    times the scale, so every view has ``patch`` px (with ``stain`` applied:
+    :mod:`biopsy.stainnorm`). Past the slide's edge a view holds the slide's background.
 
     Holds a fresh copy of the slide (file not yet open), so that each DataLoader worker opens its
     own handle after the fork instead of sharing the parent's file offset.
     """
 
-    def __init__(self, slide, grid: TileGrid, stain: StainShift | None = None):
+    def __init__(self, slide, grid: TileGrid, stain: StainShift | None = None,
+                 scales: tuple[float, ...] = (1.0,)):
         self.slide = copy.copy(slide)
         self.grid = grid
         self.stain = stain
+        self.scales = tuple(scales)
         self.patch_px = grid.patch_px
-        self.mpp = grid.mpp
-        self.level0_xy = grid.level0_xy(slide.mpp)
+        self.level0_xy = [grid.level0_xy(slide.mpp, scale) for scale in self.scales]
         self.origins_px = grid.origins_px
 
     def __len__(self) -> int:
-        return len(self.level0_xy)
+        return len(self.origins_px)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        x, y = self.level0_xy[index]
-        tile = self.slide.read(float(x), float(y), (self.patch_px, self.patch_px), self.mpp)
-        if self.stain is not None:
-            tile = self.stain.apply(tile)
-        return torch.from_numpy(np.ascontiguousarray(tile))
+        return torch.from_numpy(np.stack([self._read(xy[index], scale)
+                                          for xy, scale in zip(self.level0_xy, self.scales)]))
+
+    def _read(self, level0_xy: np.ndarray, scale: float) -> np.ndarray:
+        x, y = level0_xy
+        tile = self.slide.read(float(x), float(y), (self.patch_px, self.patch_px),
+                               self.grid.mpp * scale)
+        return tile if self.stain is None else self.stain.apply(tile)

@@ -193,13 +193,59 @@ def test_test_time_augmentation_makes_a_model_mirror_equivariant():
     model, autocast = random_cnn(3), torch.autocast("cpu", enabled=False)
     batch = torch.randn(2, 3, 32, 32)
     for dims in ((3,), (2,), (2, 3)):
-        mirrored = batch_probabilities(model, batch.flip(dims), autocast, 32, tta=True)
-        expected = batch_probabilities(model, batch, autocast, 32, tta=True).flip(dims)
+        mirrored = batch_probabilities(model, [batch.flip(dims)], (1.0,), autocast, 32, tta=True)
+        expected = batch_probabilities(model, [batch], (1.0,), autocast, 32, tta=True).flip(dims)
         torch.testing.assert_close(mirrored, expected)
-        plain = batch_probabilities(model, batch.flip(dims), autocast, 32, tta=False)
-        assert (plain - batch_probabilities(model, batch, autocast, 32, tta=False).flip(dims)).abs().max() > 0.01
-    single = batch_probabilities(model, batch, autocast, 32, tta=True)
+        plain = batch_probabilities(model, [batch.flip(dims)], (1.0,), autocast, 32, tta=False)
+        unmirrored = batch_probabilities(model, [batch], (1.0,), autocast, 32, tta=False)
+        assert (plain - unmirrored.flip(dims)).abs().max() > 0.01
+    single = batch_probabilities(model, [batch], (1.0,), autocast, 32, tta=True)
     torch.testing.assert_close(single.sum(dim=1), torch.ones(2, 32, 32))
+
+
+class RampModel(nn.Module):
+    """Logits whose class-0 probability is ``(i + 0.5) / n`` at pixel ``i`` of ``n`` along ``axis``
+    (-1: columns, -2: rows), whatever the input: the probability says where in the view it is."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x):
+        n = x.shape[self.axis]
+        ramp = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        ramp = ramp.view(1, 1, 1, n) if self.axis == -1 else ramp.view(1, 1, n, 1)
+        ramp = ramp.expand(len(x), 1, *x.shape[-2:])
+        return torch.cat([ramp.log(), (1 - ramp).log()], dim=1)
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_a_wider_views_centre_falls_on_the_tile(axis):
+    """The view at scale s is the square of s tiles' side centred on the tile: the tile's pixel i
+    (centre i + 0.5 px from its edge) lies at n/2 + (i + 0.5 - n/2) / s in the view's pixels, so
+    the view's probabilities resampled onto the tile are the ramp at those positions (exact:
+    bilinear interpolation of a linear ramp), and views average."""
+    n, autocast = 32, torch.autocast("cpu", enabled=False)
+    batch, centres = torch.zeros(2, 3, n, n), torch.arange(n, dtype=torch.float32) + 0.5
+    for scales in [(2.0,), (1.41,), (1.0, 3.0)]:
+        probabilities = batch_probabilities(RampModel(axis), [batch] * len(scales), scales,
+                                            autocast, n, tta=False)[:, 0]
+        expected = sum(n / 2 + (centres - n / 2) / scale for scale in scales) / len(scales) / n
+        expected = expected.view(1, n) if axis == -1 else expected.view(n, 1)
+        torch.testing.assert_close(probabilities, expected.expand(2, n, n))
+
+
+def test_reading_scales_keep_positions_across_tiles(position_slide):
+    """Views read at 1.5x and 2x the model's mpp, wider and centred on each tile, put the stripes
+    where they are (more blurred: a view's pixel spans up to 2x the model's)."""
+    check_positions(position_slide, 1.5, None, workers=0, batch_size=4, scales=(1.0, 1.5))
+    check_positions(position_slide, 1.0, None, workers=0, batch_size=4, scales=(2.0,), tta=True)
+
+
+def test_a_reading_scale_under_one_is_refused(noise_slide):
+    model, info = random_cnn(5), model_info(5, mpp=1.0, patch_px=64)
+    with pytest.raises(ValueError, match="scales must be numbers >= 1"):
+        segment_slide(noise_slide, model, info, workers=0, scales=(1.0, 0.5))
 
 
 def check_positions(position_slide, model_mpp: float, output_mpp: float | None, **options):
@@ -209,21 +255,27 @@ def check_positions(position_slide, model_mpp: float, output_mpp: float | None, 
     output_scale = result.mpp / 0.5  # level-0 px per output px
     height, width = round(1000 / output_scale), round(1280 / output_scale)
     assert result.labels.shape == (height, width)
-    stripe_x, clear_x = stripes(width, 1280, output_scale, model_mpp / 0.5, period=4)
-    stripe_y, clear_y = stripes(height, 1000, output_scale, model_mpp / 0.5, period=2)
+    # a view at scale s > 1 blends each pixel with its neighbours of s model pixels either side
+    widest = max(options.get("scales", (1.0,)))
+    blur = 0 if widest == 1 else widest * model_mpp / 0.5
+    stripe_x, clear_x = stripes(width, 1280, output_scale, model_mpp / 0.5, 4, blur)
+    stripe_y, clear_y = stripes(height, 1000, output_scale, model_mpp / 0.5, 2, blur)
     clear = clear_y[:, None] & clear_x[None, :]
-    assert clear.mean() > 0.85
+    assert clear.mean() > (0.85 if blur == 0 else 0.3)
     expected = stripe_x[None, :] + 4 * stripe_y[:, None]
     np.testing.assert_array_equal(result.labels[clear], expected[clear])
 
 
-def stripes(n_out: int, size: int, output_scale: float, model_scale: float, period: int):
-    """Stripe index under each output pixel, and whether the model's pixel beneath it lies
-    within one stripe (not straddling a border, where colours blend, or the slide's edge)."""
+def stripes(n_out: int, size: int, output_scale: float, model_scale: float, period: int,
+            blur: float = 0):
+    """Stripe index under each output pixel, and whether the model's pixel beneath it, widened
+    by ``blur`` level-0 px either side, lies within one stripe (not straddling a border, where
+    colours blend, or the slide's edge)."""
     model_pixel = np.floor((np.arange(n_out) + 0.5) * output_scale / model_scale)
-    start, end = model_pixel * model_scale, (model_pixel + 1) * model_scale
+    start, end = model_pixel * model_scale - blur, (model_pixel + 1) * model_scale + blur
     first, last = start // STRIPE_PX, np.ceil(end / STRIPE_PX) - 1
-    return first % period, (first == last) & (end <= size)
+    stripe = (model_pixel * model_scale // STRIPE_PX) % period
+    return stripe, (first == last) & (start >= 0) & (end <= size)
 
 
 def test_only_tissue_tiles_are_read_and_glass_is_background(position_slide, monkeypatch):

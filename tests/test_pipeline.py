@@ -81,17 +81,21 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
 def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys, monkeypatch):
     slide, checkpoint = slide_and_model
     out = tmp_path / "out"
-    tta_flags = []
+    augmentations = []  # (scales, tta) of each batch
     run_batch = infer.batch_probabilities
-    monkeypatch.setattr(infer, "batch_probabilities", lambda *args: tta_flags.append(args[-1]) or run_batch(*args))
+    monkeypatch.setattr(infer, "batch_probabilities",
+                        lambda *args: augmentations.append((args[2], args[-1])) or run_batch(*args))
     assert main(["score", str(slide), "--model", str(checkpoint), "--out", str(out),
-                 "--mpp", str(MPP), "--device", "cpu", "--workers", "0", "--tta"]) == 0
+                 "--mpp", str(MPP), "--device", "cpu", "--workers", "0", "--tta",
+                 "--scales", "1", "1.5"]) == 0
     printed = json.loads(capsys.readouterr().out)
     summary = json.loads((out / "summary.json").read_text())
     assert printed["glomeruli"] == summary["scores"]["glomeruli"]["count"]
     assert summary["provenance"]["source"]["mpp_given"] is True
     assert summary["provenance"]["inference"]["tta"] is True
-    assert tta_flags and all(tta_flags)  # the model ran with test-time augmentation
+    assert summary["provenance"]["inference"]["scales"] == [1.0, 1.5]
+    # the model ran with test-time augmentation: mirror images, two reading scales
+    assert augmentations and set(augmentations) == {((1.0, 1.5), True)}
 
 
 def one_line_error(capsys) -> str:
@@ -115,6 +119,17 @@ def test_missing_model_file_is_a_one_line_error(slide_and_model, tmp_path, capsy
     missing = tmp_path / "nowhere.safetensors"
     assert main(["score", str(slide), "--model", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert str(missing) in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("scale", ["0.5", "inf", "x"])
+def test_a_reading_scale_under_one_is_a_usage_error(slide_and_model, tmp_path, capsys, scale):
+    slide, checkpoint = slide_and_model
+    with pytest.raises(SystemExit) as exit_status:
+        main(["score", str(slide), "--model", str(checkpoint), "--out", str(tmp_path / "out"),
+              "--scales", "1", scale])
+    assert exit_status.value.code == 2
+    assert f"--scales: {scale!r} is not a number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_of_other_channels_is_a_one_line_error(slide_and_model, tmp_path, capsys):

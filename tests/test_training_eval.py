@@ -14,7 +14,9 @@ from biopsy.errors import ConfigError
 from glomeruli_dataset import config_dict
 from biopsy.model import load_checkpoint
 from biopsy.restain import StainShift
+from biopsy.slide import open_slide
 from biopsy.stainnorm import stain_amounts
+from biopsy.tiling import TileDataset, make_grid
 from training import evaluate as evaluation
 from training.__main__ import main as training_main
 from training.cases import find_slides, set_stain_shifts, split_by_case
@@ -80,9 +82,15 @@ def test_tiled_prediction_covers_every_pixel_exactly(dataset_root, tmp_path):
     info = model_info(config)
     info.normalisation = {"mean": [0.5] * 3, "std": [1.0] * 3}
     image = np.random.default_rng(0).integers(0, 256, (150, 203, 3), dtype=np.uint8)
-    for tta in (False, True):  # mirror images flipped back: the same map
-        prediction = predict_image(_RedIsClassOne(), info, image, torch.device("cpu"), batch_size=3, tta=tta)
-        assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
+    Image.fromarray(image).save(tmp_path / "noise.png")
+    slide = open_slide(tmp_path / "noise.png", mpp=info.input_mpp)
+    for patch_px in (64, 256):  # tiles overlapping, and one tile larger than the image
+        info.patch_size_px = patch_px
+        tiles = TileDataset(slide, make_grid((150, 203), info.input_mpp, patch_px))
+        for tta in (False, True):  # mirror images flipped back: the same map
+            prediction = predict_image(_RedIsClassOne(), info, tiles, torch.device("cpu"),
+                                       batch_size=3, tta=tta)
+            assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
 
 
 def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path, monkeypatch):
@@ -104,13 +112,13 @@ def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, t
     assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
-    tta_flags = []
+    augmentations = []  # (scales, tta) of each batch
     run_batch = evaluation.batch_probabilities
     monkeypatch.setattr(evaluation, "batch_probabilities",
-                        lambda *args: tta_flags.append(args[-1]) or run_batch(*args))
+                        lambda *args: augmentations.append((args[2], args[-1])) or run_batch(*args))
     assert training_main(["eval", str(path), "--checkpoint", str(tmp_path / "run" / "last.safetensors"),
-                          "--tta", "--json", str(tmp_path / "tta.json")]) == 0
-    assert tta_flags and all(tta_flags)
+                          "--tta", "--scales", "1", "1.41", "--json", str(tmp_path / "tta.json")]) == 0
+    assert augmentations and set(augmentations) == {((1.0, 1.41), True)}
     with_tta = json.loads((tmp_path / "tta.json").read_text())
     assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from biopsy.cli.batch import add_tta_arguments
 from biopsy.errors import BiopsyError
 
 
@@ -33,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="evaluate every annotated slide under ROOT (same layout as data.root) "
                                "instead of the config's validation cases")
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-    evaluate.add_argument("--tta", action="store_true",
-                          help="test-time augmentation: average over each tile's mirror images")
+    add_tta_arguments(evaluate)
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
     synth.add_argument("--root", help="write here instead of data.root (e.g. a held-out test set)")
@@ -79,9 +79,10 @@ def _run(args) -> int:
         from training.evaluate import evaluate_checkpoint, evaluate_folds
 
         if args.folds is not None:
-            metrics = evaluate_folds(config, args.folds, args.tta)
+            metrics = evaluate_folds(config, args.folds, args.tta, tuple(args.scales))
         else:
-            metrics = evaluate_checkpoint(config, args.checkpoint, args.data, args.tta)
+            metrics = evaluate_checkpoint(config, args.checkpoint, args.data, args.tta,
+                                          tuple(args.scales))
         print(format_metrics(metrics))
         if args.json:
             from biopsy.atomic import write_text_atomic

@@ -17,47 +17,53 @@ from biopsy.geojson import IGNORE_INDEX
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.infer import batch_probabilities
 from biopsy.model import ModelInfo, load_checkpoint
-from biopsy.tiling import axis_starts, nearest_cells
+from biopsy.tiling import TileDataset, axis_starts, grid_shape_px, make_grid, nearest_cells
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
 from training.config import Config, EvaluateConfig, with_fold
 
 
 @torch.inference_mode()
-def predict_image(model: torch.nn.Module, info: ModelInfo, image: np.ndarray, device: torch.device,
-                  batch_size: int = 8, bf16: bool = False, background: int = 255,
-                  tta: bool = False) -> np.ndarray:
-    """Class map (H, W) uint8 of an image (H, W, C) uint8 at the model's mpp.
+def predict_image(model: torch.nn.Module, info: ModelInfo, tiles: TileDataset, device: torch.device,
+                  batch_size: int = 8, bf16: bool = False, tta: bool = False) -> np.ndarray:
+    """Class map (H, W) uint8 at the model's mpp of the area of a full grid of ``tiles``
+    (:func:`image_tiles`; ``tiles.grid.shape_px``).
 
-    An image smaller than a patch is padded with ``background`` (255: glass in brightfield).
-    Overlapping tiles (step half a patch); each pixel takes the argmax of the tile whose centre is
-    nearest, so it is never predicted from a tile border. ``tta``: of the probabilities averaged
-    over the tile's mirror images (:func:`biopsy.infer.batch_probabilities`).
+    Each pixel takes the argmax of the tile whose centre is nearest, so it is never predicted from
+    a tile border; a tile's probabilities are averaged over its views at ``tiles.scales`` and, with
+    ``tta``, over mirror images, as in inference (:func:`biopsy.infer.batch_probabilities`).
     """
-    patch = info.patch_size_px
-    height, width = image.shape[:2]
-    padded = np.full((max(height, patch), max(width, patch), image.shape[2]), background, np.uint8)
-    padded[:height, :width] = image
-    rows, cols = _tiles(padded.shape[0], patch), _tiles(padded.shape[1], patch)
-    result = np.zeros(padded.shape[:2], np.uint8)
-    tiles = [(r, c) for r in rows for c in cols]
+    grid = tiles.grid
+    patch = grid.patch_px
+    height, width = grid.shape_px
+    row_cells, col_cells = _cells(height, patch, grid.step_px), _cells(width, patch, grid.step_px)
+    result = np.zeros((height, width), np.uint8)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     for first in range(0, len(tiles), batch_size):
-        chunk = tiles[first:first + batch_size]
-        batch = torch.from_numpy(np.stack([padded[r[0]:r[0] + patch, c[0]:c[0] + patch] for r, c in chunk]))
-        probabilities = batch_probabilities(model, info.normalise(batch.to(device)), autocast, patch, tta)
+        chunk = range(first, min(first + batch_size, len(tiles)))
+        batch = torch.stack([tiles[i] for i in chunk]).to(device)
+        views = [info.normalise(batch[:, view]) for view in range(batch.shape[1])]
+        probabilities = batch_probabilities(model, views, tiles.scales, autocast, patch, tta)
         classes = probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
-        for (row, col), tile in zip(chunk, classes):
-            (start_r, keep_r0, keep_r1), (start_c, keep_c0, keep_c1) = row, col
-            result[keep_r0:keep_r1, keep_c0:keep_c1] = tile[keep_r0 - start_r:keep_r1 - start_r,
-                                                            keep_c0 - start_c:keep_c1 - start_c]
-    return result[:height, :width]
+        for (top, left), tile in zip(grid.origins_px[chunk], classes):
+            (row0, row1), (col0, col1) = row_cells[top], col_cells[left]
+            result[row0:row1, col0:col1] = tile[row0 - top:row1 - top, col0 - left:col1 - left]
+    return result
 
 
-def _tiles(length: int, patch: int) -> list[tuple[int, int, int]]:
-    """(start, keep_from, keep_to) of tiles covering ``length`` with step ``patch // 2``."""
-    starts = axis_starts(length, patch, patch // 2)
-    return [(start, int(keep_from), int(keep_to))
-            for start, (keep_from, keep_to) in zip(starts, nearest_cells(starts, patch, length))]
+def image_tiles(slide: AnnotatedSlide, info: ModelInfo, scales: tuple[float, ...] = (1.0,)
+                ) -> TileDataset:
+    """Every tile of a slide at the model's mpp and patch size, step half a patch, read at
+    ``scales`` as inference reads them (stain-normalised where the slide says so)."""
+    shape_px = grid_shape_px(slide.dimensions, (slide.mpp, slide.mpp), info.input_mpp)
+    grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, overlap=0.5)
+    return TileDataset(slide.slide(), grid, slide.stain_shift, scales)
+
+
+def _cells(length: int, patch: int, step: int) -> dict[int, tuple[int, int]]:
+    """Along one axis, each tile start -> the [from, to) of pixels nearest to that tile's centre."""
+    starts = axis_starts(length, patch, step)
+    return {start: (int(keep_from), int(keep_to))
+            for start, (keep_from, keep_to) in zip(starts, nearest_cells(starts, patch, length))}
 
 
 def count_metrics(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str], mpp: float,
@@ -161,16 +167,18 @@ def _ratio(numerator, denominator) -> float | None:
 
 def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
                     settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
-                    bf16: bool = False, tta: bool = False) -> dict[str, dict[str, float | None]]:
+                    bf16: bool = False, tta: bool = False, scales: tuple[float, ...] = (1.0,)
+                    ) -> dict[str, dict[str, float | None]]:
     """Metrics per stain and over all (key ``all``) of whole slides read at the model's mpp
-    (``tta``: with test-time augmentation, :func:`predict_image`).
+    (``tta``, ``scales``: test-time augmentation, :func:`predict_image`).
 
     Under torch.distributed each rank predicts its share of the slides and counts are summed.
     """
     stains = sorted({s.stain for s in slides})
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16, tta)
+    own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16, tta,
+                       scales)
     counts = {s: own.get(s, _no_counts(info.class_names)) for s in stains}
     if world > 1 and counts:
         total = torch.from_numpy(np.stack(list(counts.values()))).to(device)
@@ -181,18 +189,18 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
 
 def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
                  settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
-                 bf16: bool = False, tta: bool = False) -> dict[str, np.ndarray]:
-    """Summed :func:`count_metrics` of whole slides read at the model's mpp, per stain."""
+                 bf16: bool = False, tta: bool = False, scales: tuple[float, ...] = (1.0,)
+                 ) -> dict[str, np.ndarray]:
+    """Summed :func:`count_metrics` of whole slides predicted at the model's mpp
+    (:func:`predict_image`), per stain."""
     counts: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
     for slide in slides:
-        size = (round(slide.dimensions[0] * slide.mpp / info.input_mpp),
-                round(slide.dimensions[1] * slide.mpp / info.input_mpp))
-        image = slide.read(0, 0, size, info.input_mpp)
-        truth = slide.labels.labels(0, 0, size, info.input_mpp)
-        prediction = predict_image(model, info, image, device, batch_size, bf16,
-                                   slide.slide().background_value, tta)
+        tiles = image_tiles(slide, info, scales)
+        height, width = tiles.grid.shape_px
+        truth = slide.labels.labels(0, 0, (width, height), info.input_mpp)
+        prediction = predict_image(model, info, tiles, device, batch_size, bf16, tta)
         counts[slide.stain] = counts.get(slide.stain, 0) + count_metrics(
             truth, prediction, info.class_names, info.input_mpp, settings)
     model.train(was_training)
@@ -210,9 +218,10 @@ def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]
 
 
 def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None,
-                        tta: bool = False) -> dict[str, dict[str, float | None]]:
+                        tta: bool = False, scales: tuple[float, ...] = (1.0,)
+                        ) -> dict[str, dict[str, float | None]]:
     """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
-    (``tta``: with test-time augmentation)."""
+    (``tta``, ``scales``: test-time augmentation, :func:`predict_image`)."""
     device = _default_device()
     model, info = _load(checkpoint, device)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
@@ -220,10 +229,12 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
         slides = split_by_case(slides, config.data.split)[1]
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
-    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, tta=tta)
+    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, tta=tta,
+                           scales=scales)
 
 
-def evaluate_folds(config: Config, folds: int, tta: bool = False) -> dict[str, dict[str, float | None]]:
+def evaluate_folds(config: Config, folds: int, tta: bool = False, scales: tuple[float, ...] = (1.0,)
+                   ) -> dict[str, dict[str, float | None]]:
     """Cross-validation metrics: each case judged by the model of the fold that held it out
     (:func:`fold_model`), counts pooled over the folds.
 
@@ -239,7 +250,8 @@ def evaluate_folds(config: Config, folds: int, tta: bool = False) -> dict[str, d
     for fold in range(folds):
         model, info, slides = fold_model(config, fold, folds, device)
         for stain, count in slide_counts(model, info, slides, config.evaluate, device,
-                                         bf16=config.train.bf16(device.type), tta=tta).items():
+                                         bf16=config.train.bf16(device.type), tta=tta,
+                                         scales=scales).items():
             counts[stain] = counts.get(stain, 0) + count
     return metrics_by_stain(counts, info.class_names)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,13 +44,31 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tile-reading worker processes per slide (0: read in the main "
                              "process; default 2 on CPU, 8 on CUDA)")
     add_int8_argument(parser)
-    add_tta_argument(parser)
+    add_tta_arguments(parser)
 
 
-def add_tta_argument(parser) -> None:
+def add_tta_arguments(parser) -> None:
+    """--tta (mirror images) and --scales (reading scales): test-time augmentation."""
     parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average each tile's probabilities with those "
-                             "of its three mirror images (4x the model time, slightly more accurate)")
+                        help="test-time augmentation: average each tile's probabilities with "
+                             "those of its three mirror images (4x the model time, slightly more "
+                             "accurate)")
+    parser.add_argument("--scales", type=reading_scale, nargs="+", default=[1.0], metavar="S",
+                        help="multi-scale test-time augmentation: average each tile's "
+                             "probabilities over views of it read at S times the model's mpp, "
+                             "each S >= 1 (a wider view, seen smaller); e.g. --scales 1 1.41 "
+                             "(2x the model time). Default: 1")
+
+
+def reading_scale(text: str) -> float:
+    """A reading scale from the command line: a number >= 1."""
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = 0.0
+    if not 1 <= scale < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 1")
+    return scale
 
 
 def add_int8_argument(parser) -> None:
@@ -98,7 +117,8 @@ def load_model_from_args(args: argparse.Namespace, device: str | None):
     score, compare, batch); without a stain reference under --no-stain-normalisation."""
     from biopsy import pipeline
 
-    options = pipeline.inference_options(device, args.batch_size, args.workers, args.int8, args.tta)
+    options = pipeline.inference_options(device, args.batch_size, args.workers, args.int8, args.tta,
+                                         tuple(args.scales))
     model, info, model_path = pipeline.load_model(args.model, options.device, args.int8)
     if not args.stain_normalisation:
         info.stain_reference = None

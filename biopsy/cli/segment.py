@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from biopsy.cli.batch import (add_int8_argument, add_stain_argument, add_tta_argument,
+from biopsy.cli.batch import (add_int8_argument, add_stain_argument, add_tta_arguments,
                               load_model_from_args)
 
 
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
                                 "bf16 --bf16 is ~2x faster, a few border pixels may change)")
     add_int8_argument(precision)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    add_tta_argument(parser)
+    add_tta_arguments(parser)
     add_stain_argument(parser)
     parser.set_defaults(func=run)
 
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                               workers=args.workers, device=args.device,
                               output_mpp=args.output_mpp,
                               return_probabilities=args.probabilities, bf16=args.bf16,
-                              compile=args.compile, tta=args.tta, progress=args.verbose)
+                              compile=args.compile, tta=args.tta, scales=tuple(args.scales),
+                              progress=args.verbose)
     seconds = time.perf_counter() - started
     provenance = {
         "slide": {"path": str(args.slide), "sha256": slide.sha256, "mpp": list(slide.mpp)},
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         "options": {"batch_size": args.batch_size, "workers": args.workers,
                     "device": str(args.device),
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
-                    "int8": args.int8, "tta": args.tta,
+                    "int8": args.int8, "tta": args.tta, "scales": args.scales,
                     "output_mpp": class_map.mpp,
                     "overlap": 0.5,
                     "stain_reference": info.stain_reference,
