@@ -54,6 +54,7 @@ def test_bundled_configs_load():
     (lambda d: d["optim"].update(optimizer="adam"), "optim.optimizer must be one of"),
     (lambda d: d["data"]["annotations"]["class_map"].update(gs="crescent"), "'crescent'.*not in model.classes"),
     (lambda d: d.update(sampling={"mpp_scale": [2.0, 0.5]}), r"sampling.mpp_scale must be \[low, high\]"),
+    (lambda d: d.update(evaluate={"scales": [1.0, 0.5]}), r"evaluate.scales must be reading scales >= 1"),
     (lambda d: d.update(augment=[{"transform": "Rotate180"}]), r"augment\[0\].*albumentations transform"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "sigma": 3}]), "GaussNoise has no argument 'sigma'"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "std_range": "x"}]), "invalid arguments"),

@@ -93,7 +93,7 @@ def test_tiled_prediction_covers_every_pixel_exactly(dataset_root, tmp_path):
             assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
 
 
-def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, tmp_path, monkeypatch):
+def test_evaluation_normalises_stains_and_augments_as_configured(dataset_root, tmp_path, monkeypatch):
     root = tmp_path / "data"
     shutil.copytree(dataset_root, root)
     for path in (root / "images").glob("case2-*.png"):  # the validation case, paler in eosin
@@ -101,8 +101,14 @@ def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, t
         Image.fromarray(StainShift(eosin=0.6).apply(image)).save(path)
     settings = config_dict(root, tmp_path / "run", steps=2, validate_every=2)
     settings["model"]["stain_normalisation"] = True
+    settings["evaluate"] = {"scales": [1.0, 1.5]}  # validation reads two scales
     config = config_from_dict(settings, "test")
+    augmentations = []  # (scales, tta) of each batch
+    run_batch = evaluation.batch_probabilities
+    monkeypatch.setattr(evaluation, "batch_probabilities",
+                        lambda *args: augmentations.append((args[2], args[-1])) or run_batch(*args))
     metrics = fit(config)
+    assert augmentations and set(augmentations) == {((1.0, 1.5), False)}
     _, info = load_checkpoint(tmp_path / "run" / "last.safetensors")
     training, validation = split_by_case(find_slides(config.data, info.class_names, "test"), config.data.split)
     expected = np.mean([stain_amounts(slide.slide()) for slide in training], axis=0)
@@ -112,13 +118,14 @@ def test_stain_normalisation_is_stored_and_applied_in_evaluation(dataset_root, t
     assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
-    augmentations = []  # (scales, tta) of each batch
-    run_batch = evaluation.batch_probabilities
-    monkeypatch.setattr(evaluation, "batch_probabilities",
-                        lambda *args: augmentations.append((args[2], args[-1])) or run_batch(*args))
-    assert training_main(["eval", str(path), "--checkpoint", str(tmp_path / "run" / "last.safetensors"),
-                          "--tta", "--scales", "1", "1.41", "--json", str(tmp_path / "tta.json")]) == 0
-    assert augmentations and set(augmentations) == {((1.0, 1.41), True)}
+    augmentations.clear()
+    checkpoint = str(tmp_path / "run" / "last.safetensors")
+    assert training_main(["eval", str(path), "--checkpoint", checkpoint, "--tta"]) == 0
+    assert set(augmentations) == {((1.0, 1.5), True)}  # the config's scales, and mirror images
+    augmentations.clear()
+    assert training_main(["eval", str(path), "--checkpoint", checkpoint, "--scales", "1", "1.41",
+                          "--json", str(tmp_path / "tta.json")]) == 0
+    assert set(augmentations) == {((1.0, 1.41), False)}  # the command line's scales
     with_tta = json.loads((tmp_path / "tta.json").read_text())
     assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
 

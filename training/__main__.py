@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="evaluate every annotated slide under ROOT (same layout as data.root) "
                                "instead of the config's validation cases")
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-    add_tta_arguments(evaluate)
+    add_tta_arguments(evaluate, config_key="the config's evaluate.tta / evaluate.scales")
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
     synth.add_argument("--root", help="write here instead of data.root (e.g. a held-out test set)")
@@ -78,11 +78,11 @@ def _run(args) -> int:
     elif args.command == "eval":
         from training.evaluate import evaluate_checkpoint, evaluate_folds
 
+        config = with_tta(config, args.tta, args.scales)
         if args.folds is not None:
-            metrics = evaluate_folds(config, args.folds, args.tta, tuple(args.scales))
+            metrics = evaluate_folds(config, args.folds)
         else:
-            metrics = evaluate_checkpoint(config, args.checkpoint, args.data, args.tta,
-                                          tuple(args.scales))
+            metrics = evaluate_checkpoint(config, args.checkpoint, args.data)
         print(format_metrics(metrics))
         if args.json:
             from biopsy.atomic import write_text_atomic
@@ -94,6 +94,16 @@ def _run(args) -> int:
         folders = generate_training_set(config, args.root, args.first_seed, args.slides)
         print(f"{len(folders)} synthetic slides in {folders[0].parent}")
     return 0
+
+
+def with_tta(config, tta: bool, scales: list[float] | None):
+    """``config`` with its evaluation's test-time augmentation turned on by ``tta`` and its
+    reading scales replaced by ``scales`` when given."""
+    from dataclasses import replace
+
+    evaluate = replace(config.evaluate, tta=config.evaluate.tta or tta,
+                       scales=scales or config.evaluate.scales)
+    return replace(config, evaluate=evaluate)
 
 
 def format_metrics(metrics: dict[str, dict]) -> str:

@@ -130,6 +130,8 @@ class EvaluateConfig:
     iou_threshold: float = 0.5
     min_glomerulus_area_um2: float = 2000.0  # smaller predicted pieces are not glomeruli
     global_sclerosis_fraction: float = 0.5  # sclerosis share that makes a glomerulus global
+    tta: bool = False  # predict as `biopsy ... --tta` does: averaged over mirror images
+    scales: list[float] = field(default_factory=lambda: [1.0])  # as `biopsy ... --scales`
 
 
 @dataclass
@@ -291,4 +293,7 @@ def _check(config: Config, source: str) -> None:
     unknown = sorted(set(config.loss.class_weights) - set(model.classes))
     if unknown:
         raise ConfigError(f"{source}: loss.class_weights names '{unknown[0]}', not in model.classes")
+    if not config.evaluate.scales or min(config.evaluate.scales) < 1:
+        raise ConfigError(f"{source}: evaluate.scales must be reading scales >= 1, got "
+                          f"{config.evaluate.scales}")
     build_augmentation(config.augment, source)

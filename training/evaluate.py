@@ -167,18 +167,16 @@ def _ratio(numerator, denominator) -> float | None:
 
 def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
                     settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
-                    bf16: bool = False, tta: bool = False, scales: tuple[float, ...] = (1.0,)
-                    ) -> dict[str, dict[str, float | None]]:
-    """Metrics per stain and over all (key ``all``) of whole slides read at the model's mpp
-    (``tta``, ``scales``: test-time augmentation, :func:`predict_image`).
+                    bf16: bool = False) -> dict[str, dict[str, float | None]]:
+    """Metrics per stain and over all (key ``all``) of whole slides read at the model's mpp, with
+    the test-time augmentation ``settings`` ask for (:func:`slide_counts`).
 
     Under torch.distributed each rank predicts its share of the slides and counts are summed.
     """
     stains = sorted({s.stain for s in slides})
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16, tta,
-                       scales)
+    own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16)
     counts = {s: own.get(s, _no_counts(info.class_names)) for s in stains}
     if world > 1 and counts:
         total = torch.from_numpy(np.stack(list(counts.values()))).to(device)
@@ -189,18 +187,18 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
 
 def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
                  settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
-                 bf16: bool = False, tta: bool = False, scales: tuple[float, ...] = (1.0,)
-                 ) -> dict[str, np.ndarray]:
+                 bf16: bool = False) -> dict[str, np.ndarray]:
     """Summed :func:`count_metrics` of whole slides predicted at the model's mpp
-    (:func:`predict_image`), per stain."""
+    (:func:`predict_image`, with the mirror images and reading scales of ``settings.tta`` and
+    ``settings.scales``), per stain."""
     counts: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
     for slide in slides:
-        tiles = image_tiles(slide, info, scales)
+        tiles = image_tiles(slide, info, tuple(settings.scales))
         height, width = tiles.grid.shape_px
         truth = slide.labels.labels(0, 0, (width, height), info.input_mpp)
-        prediction = predict_image(model, info, tiles, device, batch_size, bf16, tta)
+        prediction = predict_image(model, info, tiles, device, batch_size, bf16, settings.tta)
         counts[slide.stain] = counts.get(slide.stain, 0) + count_metrics(
             truth, prediction, info.class_names, info.input_mpp, settings)
     model.train(was_training)
@@ -217,11 +215,10 @@ def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]
     return results
 
 
-def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None,
-                        tta: bool = False, scales: tuple[float, ...] = (1.0,)
+def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None
                         ) -> dict[str, dict[str, float | None]]:
     """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
-    (``tta``, ``scales``: test-time augmentation, :func:`predict_image`)."""
+    (as ``config.evaluate`` says)."""
     device = _default_device()
     model, info = _load(checkpoint, device)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
@@ -229,12 +226,10 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
         slides = split_by_case(slides, config.data.split)[1]
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
-    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, tta=tta,
-                           scales=scales)
+    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16)
 
 
-def evaluate_folds(config: Config, folds: int, tta: bool = False, scales: tuple[float, ...] = (1.0,)
-                   ) -> dict[str, dict[str, float | None]]:
+def evaluate_folds(config: Config, folds: int) -> dict[str, dict[str, float | None]]:
     """Cross-validation metrics: each case judged by the model of the fold that held it out
     (:func:`fold_model`), counts pooled over the folds.
 
@@ -250,8 +245,7 @@ def evaluate_folds(config: Config, folds: int, tta: bool = False, scales: tuple[
     for fold in range(folds):
         model, info, slides = fold_model(config, fold, folds, device)
         for stain, count in slide_counts(model, info, slides, config.evaluate, device,
-                                         bf16=config.train.bf16(device.type), tta=tta,
-                                         scales=scales).items():
+                                         bf16=config.train.bf16(device.type)).items():
             counts[stain] = counts.get(stain, 0) + count
     return metrics_by_stain(counts, info.class_names)
 

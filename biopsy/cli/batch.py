@@ -47,17 +47,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_tta_arguments(parser)
 
 
-def add_tta_arguments(parser) -> None:
-    """--tta (mirror images) and --scales (reading scales): test-time augmentation."""
+def add_tta_arguments(parser, config_key: str | None = None) -> None:
+    """--tta (mirror images) and --scales (reading scales): test-time augmentation. With
+    ``config_key``, both default to that key of a config (--scales to None here)."""
+    default = f" Default: as {config_key} says." if config_key else ""
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average each tile's probabilities with "
                              "those of its three mirror images (4x the model time, slightly more "
-                             "accurate)")
-    parser.add_argument("--scales", type=reading_scale, nargs="+", default=[1.0], metavar="S",
+                             "accurate)." + default)
+    parser.add_argument("--scales", type=reading_scale, nargs="+", metavar="S",
+                        default=None if config_key else [1.0],
                         help="multi-scale test-time augmentation: average each tile's "
                              "probabilities over views of it read at S times the model's mpp, "
                              "each S >= 1 (a wider view, seen smaller); e.g. --scales 1 1.41 "
-                             "(2x the model time). Default: 1")
+                             "(2x the model time)." + (default or " Default: 1."))
 
 
 def reading_scale(text: str) -> float:
