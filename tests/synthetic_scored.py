@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
-from biopsy.labelmap import LabelMap, read_label_map, write_label_map
-from biopsy.pipeline import LabelMapScorer
-from biopsy.provenance import file_sha256
-from biopsy.scorefolder import score_class_map, write_score_folder
+from biopsy.labelmap import write_label_map
+from biopsy.pipeline import LabelMapScorer, score_label_map_file
 from biopsy.scoring import ScoreConfig, load_score_config
 
 MPP = 2.0
@@ -75,20 +73,12 @@ def write_label_map_file(path: Path, labels: np.ndarray) -> Path:
     return path
 
 
-def score_label_map_file(labels_path: Path, out_dir: Path) -> Path:
-    """Score a label-map file into a scored-slide folder, as ``biopsy score --from-labels``."""
-    config = load_score_config()
-    label_map: LabelMap = read_label_map(labels_path)
-    scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config)
-    provenance = {"source": {"kind": "label_map", "path": str(labels_path),
-                             "sha256": file_sha256(labels_path)}, "model": None}
-    return write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles,
-                              scored.scores, provenance, instances=scored.instances, config=config)
-
-
 def scored_folder(tmp_path: Path, name: str, lesions: list[str], **cortex) -> Path:
+    """The scored-slide folder ``tmp_path/name`` of a painted label map, as ``biopsy score
+    --from-labels`` writes it."""
     labels_path = write_label_map_file(tmp_path / f"{name}.ome.tif", paint_label_map(lesions, **cortex))
-    return score_label_map_file(labels_path, tmp_path / name)
+    score_label_map_file(labels_path, tmp_path / name, load_score_config())
+    return tmp_path / name
 
 
 class CountingScorer:

@@ -179,6 +179,8 @@ def test_positions_are_right_across_tiles_and_pyramid_levels(position_slide, mod
 def test_positions_on_cuda_with_bf16_pinned_workers_and_compile(position_slide):
     check_positions(position_slide, 1.5, None, workers=2, batch_size=16, device="cuda",
                     compile=True)
+    check_positions(position_slide, 1.5, None, workers=2, batch_size=16, device="cuda",
+                    scales=(1.0, 1.5), tta=True)
 
 
 def test_test_time_augmentation_keeps_positions_across_tiles(position_slide):

@@ -12,11 +12,12 @@ from PIL import Image
 from biopsy.batch import slide_folder, write_cohort_outputs
 from biopsy.compare import write_comparison
 from biopsy.manifest import read_manifest
+from biopsy.pipeline import score_label_map_file
 from biopsy.scorefolder import read_score_folder
+from biopsy.scoring import load_score_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_scored import (paint_label_map, score_label_map_file, scored_folder,  # noqa: E402
-                              write_label_map_file)
+from synthetic_scored import paint_label_map, scored_folder, write_label_map_file  # noqa: E402
 
 EVIL = '<script>alert("x")</script>'
 
@@ -102,7 +103,7 @@ def test_cohort_html_escapes_patient_ids(tmp_path):
     entries = read_manifest(tmp_path / "manifest.csv")
     out = tmp_path / "out"
     for entry in entries:
-        score_label_map_file(entry.slide, slide_folder(out, entry))
+        score_label_map_file(entry.slide, slide_folder(out, entry), load_score_config())
     write_cohort_outputs(entries, out)
     text = (out / "cohort.html").read_text()
     assert EVIL not in text and "P&2" not in text and "P&amp;2" in text
