@@ -4,8 +4,8 @@ The hot path (../shared/DESIGN.md): tissue tiles only (:mod:`biopsy.tiling`), re
 mpp by DataLoader worker processes; uint8 batches copied pinned and non-blocking to the device,
 normalised there; the model under ``torch.inference_mode()`` in channels_last memory (bf16
 autocast on CUDA, optional on CPU; optional ``torch.compile``); softmax probabilities (optionally
-averaged over test-time augmentations: the tile's mirror images, and wider views of it read at
-coarser scales) Gaussian-blended and finished band by band (:mod:`biopsy.stitch`), so memory is
+averaged over test-time augmentations: the tile's mirror images, and views of it read at other
+scales) Gaussian-blended and finished band by band (:mod:`biopsy.stitch`), so memory is
 bounded by slide width x patch height, not slide area.
 
 Pixels outside the tissue mask dilated by one mask pixel (8 µm by default) get the model's
@@ -92,18 +92,19 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     compile : ``torch.compile`` the model first (pays off on long runs on CUDA).
     tta : test-time augmentation: each tile's probabilities are the mean of those of the tile and
         its three mirror images (4x the model time; as nnU-Net does by default).
-    scales : reading scales, multiples of ``info.input_mpp`` (each >= 1): each tile's
+    scales : reading scales, multiples of ``info.input_mpp`` (at least one >= 1): each tile's
         probabilities are the mean over these views of it, the view at scale s being the square
-        of s x the tile's side centred on it, read at s x the model's mpp, whose predictions for
-        the tile's own area are resampled to the tile (multi-scale test-time augmentation: more
-        context, glomeruli seen smaller; the model time times the number of scales).
+        of s x the tile's side centred on it, read at s x the model's mpp, its predictions
+        resampled onto the tile's pixels (multi-scale test-time augmentation: s > 1 gives more
+        context, objects seen smaller; s < 1 a closer look at the tile's centre, which only
+        there joins the mean; the model time times the number of scales).
     progress : show a tqdm progress bar over tiles.
 
     Raises
     ------
     CheckpointError : the model takes another number of channels than the slide has.
     MppError : the slide's pixel size is unknown.
-    ValueError : a scale under 1.
+    ValueError : a scale not positive, or none >= 1.
     """
     grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers,
                               device=device, output_mpp=output_mpp, overlap=overlap, tissue=tissue,
@@ -175,7 +176,7 @@ def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
     ------
     CheckpointError, SlideError : the model does not take the slide's channels or bit depth.
     MppError : the slide's pixel size is unknown.
-    ValueError : a scale under 1.
+    ValueError : a scale not positive, or none >= 1.
     """
     check_scales(scales)
     _check_channels(slide, info)
@@ -270,23 +271,29 @@ def batch_probabilities(model, views: list[torch.Tensor], scales: tuple[float, .
     ``views``: normalised batches (N, C, H, W), one per scale in ``scales`` (the batch read at
     that scale: :class:`~biopsy.tiling.TileDataset`), the model run under ``autocast``. With
     ``tta``, each view's probabilities are the mean over :data:`MIRRORS` (each mirror image's
-    probabilities flipped back). A view at scale s > 1 contributes the centre 1/s of its
-    probabilities, where the tile lies, resampled bilinearly to the tile's pixels."""
-    total = None
+    probabilities flipped back). A view at scale s != 1 is resampled bilinearly onto the tile's
+    pixels: for s > 1 its centre 1/s, where the tile lies; for s < 1 it covers the tile's centre
+    s only, and each pixel's mean is over the views that cover it."""
+    mirrors = MIRRORS if tta else ((),)
+    total, coverage = None, 0
     for view, scale in zip(views, scales, strict=True):
-        for dims in MIRRORS if tta else ((),):
+        for dims in mirrors:
             with autocast:
                 logits = model(view.flip(dims) if dims else view)
             probabilities = tile_probabilities(logits, patch_px)
             probabilities = probabilities.flip(dims) if dims else probabilities
             if scale != 1:
-                probabilities = _centre(probabilities, scale)
+                probabilities = _onto_tile(probabilities, scale)
             total = probabilities if total is None else total.add_(probabilities)
-    return total.div_(len(scales) * (len(MIRRORS) if tta else 1))
+        covered = 1 if scale >= 1 else _onto_tile(total.new_ones(1, 1, patch_px, patch_px), scale)
+        coverage = coverage + covered * len(mirrors)
+    return total.div_(coverage)
 
 
-def _centre(probabilities: torch.Tensor, scale: float) -> torch.Tensor:
-    """The centre 1/``scale`` of (N, C, H, W) ``probabilities``, resampled bilinearly to (H, W)."""
+def _onto_tile(probabilities: torch.Tensor, scale: float) -> torch.Tensor:
+    """(N, C, H, W) ``probabilities`` of a view at ``scale`` (centred on the tile, ``scale`` times
+    its side) resampled bilinearly onto the tile's (H, W) pixels; 0 where the view does not
+    reach (the border of a view at scale < 1)."""
     zoom = torch.tensor([[1 / scale, 0, 0], [0, 1 / scale, 0]], dtype=probabilities.dtype,
                         device=probabilities.device).expand(len(probabilities), 2, 3)
     points = affine_grid(zoom, list(probabilities.shape), align_corners=False)
@@ -294,10 +301,11 @@ def _centre(probabilities: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def check_scales(scales: tuple[float, ...]) -> None:
-    """Raise ValueError unless ``scales`` is a non-empty list of finite numbers >= 1."""
-    if not scales or not all(math.isfinite(s) and s >= 1 for s in scales):
-        raise ValueError(f"reading scales must be numbers >= 1 (multiples of the model's mpp), "
-                         f"got {list(scales)}")
+    """Raise ValueError unless ``scales`` are finite positive numbers, at least one >= 1 (so
+    that some view covers the whole tile)."""
+    if not scales or not all(math.isfinite(s) and s > 0 for s in scales) or max(scales) < 1:
+        raise ValueError(f"reading scales must be positive multiples of the model's mpp, at least "
+                         f"one >= 1; got {list(scales)}")
 
 
 def tile_probabilities(logits: torch.Tensor, patch_px: int) -> torch.Tensor:

@@ -71,7 +71,7 @@ def inference_options(device: str | None = None, batch_size: int = 16,
     Raises
     ------
     CheckpointError : int8 asked for on another device than the CPU.
-    ValueError : a reading scale under 1.
+    ValueError : a reading scale not positive, or none >= 1.
     """
     check_scales(scales)
     device = "cpu" if int8 and device is None else resolve_device(device)

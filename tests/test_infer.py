@@ -226,28 +226,35 @@ def test_a_wider_views_centre_falls_on_the_tile(axis):
     """The view at scale s is the square of s tiles' side centred on the tile: the tile's pixel i
     (centre i + 0.5 px from its edge) lies at n/2 + (i + 0.5 - n/2) / s in the view's pixels, so
     the view's probabilities resampled onto the tile are the ramp at those positions (exact:
-    bilinear interpolation of a linear ramp), and views average."""
+    bilinear interpolation of a linear ramp), and views average where they cover the tile."""
     n, autocast = 32, torch.autocast("cpu", enabled=False)
     batch, centres = torch.zeros(2, 3, n, n), torch.arange(n, dtype=torch.float32) + 0.5
-    for scales in [(2.0,), (1.41,), (1.0, 3.0)]:
+    for scales in [(2.0,), (1.41,), (1.0, 3.0), (0.5, 1.0, 2.0)]:
         probabilities = batch_probabilities(RampModel(axis), [batch] * len(scales), scales,
                                             autocast, n, tta=False)[:, 0]
-        expected = sum(n / 2 + (centres - n / 2) / scale for scale in scales) / len(scales) / n
-        expected = expected.view(1, n) if axis == -1 else expected.view(n, 1)
+        ramps = [n / 2 + (centres - n / 2) / scale for scale in scales]
+        ramps = [r.view(1, n) if axis == -1 else r.view(n, 1) for r in ramps]
+        # a view at 0.5 covers the tile's rows and columns 8 to 23 whole, and no others
+        inside = [((centres > n / 2 - n * s / 2) & (centres < n / 2 + n * s / 2)).float()
+                  for s in scales]
+        covered = [row[:, None] * row[None, :] for row in inside]
+        expected = sum(r * c for r, c in zip(ramps, covered)) / sum(covered) / n
         torch.testing.assert_close(probabilities, expected.expand(2, n, n))
 
 
 def test_reading_scales_keep_positions_across_tiles(position_slide):
-    """Views read at 1.5x and 2x the model's mpp, wider and centred on each tile, put the stripes
-    where they are (more blurred: a view's pixel spans up to 2x the model's)."""
+    """Views read at 0.7x to 2x the model's mpp, centred on each tile, put the stripes where they
+    are (more blurred: a view's pixel spans up to 2x the model's)."""
     check_positions(position_slide, 1.5, None, workers=0, batch_size=4, scales=(1.0, 1.5))
     check_positions(position_slide, 1.0, None, workers=0, batch_size=4, scales=(2.0,), tta=True)
+    check_positions(position_slide, 1.5, None, workers=0, batch_size=4, scales=(0.7, 1.0))
 
 
-def test_a_reading_scale_under_one_is_refused(noise_slide):
+@pytest.mark.parametrize("scales", [(0.5,), (1.0, 0.0), (1.0, float("nan"))])
+def test_reading_scales_that_leave_the_tile_uncovered_are_refused(noise_slide, scales):
     model, info = random_cnn(5), model_info(5, mpp=1.0, patch_px=64)
-    with pytest.raises(ValueError, match="scales must be numbers >= 1"):
-        segment_slide(noise_slide, model, info, workers=0, scales=(1.0, 0.5))
+    with pytest.raises(ValueError, match="positive multiples .* at least one >= 1"):
+        segment_slide(noise_slide, model, info, workers=0, scales=scales)
 
 
 def check_positions(position_slide, model_mpp: float, output_mpp: float | None, **options):
@@ -257,9 +264,9 @@ def check_positions(position_slide, model_mpp: float, output_mpp: float | None, 
     output_scale = result.mpp / 0.5  # level-0 px per output px
     height, width = round(1000 / output_scale), round(1280 / output_scale)
     assert result.labels.shape == (height, width)
-    # a view at scale s > 1 blends each pixel with its neighbours of s model pixels either side
-    widest = max(options.get("scales", (1.0,)))
-    blur = 0 if widest == 1 else widest * model_mpp / 0.5
+    # a view at scale s != 1 blends each pixel with its neighbours up to s model pixels away
+    scales = options.get("scales", (1.0,))
+    blur = 0 if set(scales) == {1.0} else max(scales) * model_mpp / 0.5
     stripe_x, clear_x = stripes(width, 1280, output_scale, model_mpp / 0.5, 4, blur)
     stripe_y, clear_y = stripes(height, 1000, output_scale, model_mpp / 0.5, 2, blur)
     clear = clear_y[:, None] & clear_x[None, :]

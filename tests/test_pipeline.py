@@ -121,14 +121,19 @@ def test_missing_model_file_is_a_one_line_error(slide_and_model, tmp_path, capsy
     assert str(missing) in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("scale", ["0.5", "inf", "x"])
-def test_a_reading_scale_under_one_is_a_usage_error(slide_and_model, tmp_path, capsys, scale):
+@pytest.mark.parametrize("scales, message", [
+    (["1", "0"], "--scales: '0' is not a positive number"),
+    (["1", "inf"], "--scales: 'inf' is not a positive number"),
+    (["x"], "--scales: 'x' is not a positive number"),
+    (["0.5", "0.7"], "--scales: one scale at least must be >= 1, got [0.5, 0.7]"),
+])
+def test_bad_reading_scales_are_a_usage_error(slide_and_model, tmp_path, capsys, scales, message):
     slide, checkpoint = slide_and_model
     with pytest.raises(SystemExit) as exit_status:
         main(["score", str(slide), "--model", str(checkpoint), "--out", str(tmp_path / "out"),
-              "--scales", "1", scale])
+              "--scales", *scales])
     assert exit_status.value.code == 2
-    assert f"--scales: {scale!r} is not a number >= 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

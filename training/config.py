@@ -293,7 +293,8 @@ def _check(config: Config, source: str) -> None:
     unknown = sorted(set(config.loss.class_weights) - set(model.classes))
     if unknown:
         raise ConfigError(f"{source}: loss.class_weights names '{unknown[0]}', not in model.classes")
-    if not config.evaluate.scales or min(config.evaluate.scales) < 1:
-        raise ConfigError(f"{source}: evaluate.scales must be reading scales >= 1, got "
-                          f"{config.evaluate.scales}")
+    scales = config.evaluate.scales
+    if not scales or min(scales) <= 0 or max(scales) < 1:
+        raise ConfigError(f"{source}: evaluate.scales must be positive reading scales, one at "
+                          f"least >= 1; got {scales}")
     build_augmentation(config.augment, source)

@@ -56,22 +56,32 @@ def add_tta_arguments(parser, config_key: str | None = None) -> None:
                              "those of its three mirror images (4x the model time, slightly more "
                              "accurate)." + default)
     parser.add_argument("--scales", type=reading_scale, nargs="+", metavar="S",
-                        default=None if config_key else [1.0],
+                        action=ReadingScales, default=None if config_key else [1.0],
                         help="multi-scale test-time augmentation: average each tile's "
-                             "probabilities over views of it read at S times the model's mpp, "
-                             "each S >= 1 (a wider view, seen smaller); e.g. --scales 1 1.41 "
+                             "probabilities over views of it read at S times the model's mpp and "
+                             "centred on it, S > 0, one at least >= 1 (S > 1: a wider view, seen "
+                             "smaller; S < 1: a closer look at the centre); e.g. --scales 1 1.41 "
                              "(2x the model time)." + (default or " Default: 1."))
 
 
 def reading_scale(text: str) -> float:
-    """A reading scale from the command line: a number >= 1."""
+    """A reading scale from the command line: a positive number."""
     try:
         scale = float(text)
     except ValueError:
         scale = 0.0
-    if not 1 <= scale < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 1")
+    if not 0 < scale < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return scale
+
+
+class ReadingScales(argparse.Action):
+    """--scales: refused unless one scale at least is >= 1 (a view that covers the whole tile)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if max(values) < 1:
+            parser.error(f"{option_string}: one scale at least must be >= 1, got {values}")
+        setattr(namespace, self.dest, values)
 
 
 def add_int8_argument(parser) -> None:
