@@ -165,8 +165,9 @@ def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
             continue
         started = time.perf_counter()
         if is_complete(statuses[entry.row].folder):
-            log.warning("%s was scored another way (model, int8, bf16, tta, stain reference, mpp "
-                        "or scoring config): scoring it again", statuses[entry.row].folder)
+            log.warning("%s was scored another way (model, int8, bf16, tta, scales, stain "
+                        "reference, mpp or scoring config): scoring it again",
+                        statuses[entry.row].folder)
         try:
             score_into_folder(entry, out_dir, score)
             statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "done")

@@ -277,14 +277,16 @@ def batch_probabilities(model, views: list[torch.Tensor], scales: tuple[float, .
     mirrors = MIRRORS if tta else ((),)
     total, coverage = None, 0
     for view, scale in zip(views, scales, strict=True):
+        view_total = None
         for dims in mirrors:
             with autocast:
                 logits = model(view.flip(dims) if dims else view)
             probabilities = tile_probabilities(logits, patch_px)
             probabilities = probabilities.flip(dims) if dims else probabilities
-            if scale != 1:
-                probabilities = _onto_tile(probabilities, scale)
-            total = probabilities if total is None else total.add_(probabilities)
+            view_total = probabilities if view_total is None else view_total.add_(probabilities)
+        if scale != 1:  # resampling is linear: once for the sum over mirror images
+            view_total = _onto_tile(view_total, scale)
+        total = view_total if total is None else total.add_(view_total)
         covered = 1 if scale >= 1 else _onto_tile(total.new_ones(1, 1, patch_px, patch_px), scale)
         coverage = coverage + covered * len(mirrors)
     return total.div_(coverage)
@@ -294,8 +296,9 @@ def _onto_tile(probabilities: torch.Tensor, scale: float) -> torch.Tensor:
     """(N, C, H, W) ``probabilities`` of a view at ``scale`` (centred on the tile, ``scale`` times
     its side) resampled bilinearly onto the tile's (H, W) pixels; 0 where the view does not
     reach (the border of a view at scale < 1)."""
-    zoom = torch.tensor([[1 / scale, 0, 0], [0, 1 / scale, 0]], dtype=probabilities.dtype,
-                        device=probabilities.device).expand(len(probabilities), 2, 3)
+    # made on the device: a tensor copied from the host would wait for the device to finish
+    zoom = torch.eye(2, 3, dtype=probabilities.dtype, device=probabilities.device) / scale
+    zoom = zoom.expand(len(probabilities), 2, 3)
     points = affine_grid(zoom, list(probabilities.shape), align_corners=False)
     return grid_sample(probabilities, points, mode="bilinear", align_corners=False)
 

@@ -79,7 +79,7 @@ def inference_options(device: str | None = None, batch_size: int = 16,
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
     if workers is None:
         workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
-    return InferenceOptions(device, batch_size, workers, int8, tta, tuple(scales))
+    return InferenceOptions(device, batch_size, workers, int8, tta, tuple(map(float, scales)))
 
 
 def checkpoint_path(path: str | Path | None) -> Path:
@@ -207,11 +207,14 @@ def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions
     """Fingerprint (:func:`biopsy.provenance.recipe_sha256`) of what decides a slide's scores
     beyond its pixels: the model's bytes, int8, bf16 (on CUDA), test-time augmentation (mirror
     images, reading scales), the stain reference, the pixel size given in place of the slide's
-    and the scoring config. Batch size, workers and which GPU change no score and are left out."""
+    and the scoring config. Batch size, workers and which GPU change no score and are left out.
+    Reading scales count only when other than the one scale, so that folders scored before they
+    existed still match."""
+    scales = {} if options.scales == (1.0,) else {"scales": list(options.scales)}
     return recipe_sha256({"model_sha256": info.sha256, "int8": options.int8,
-                          "bf16": _bf16(options.device), "tta": options.tta,
-                          "scales": list(options.scales), "stain_reference": info.stain_reference,
-                          "mpp_given": mpp, "config": config.as_dict()})
+                          "bf16": _bf16(options.device), "tta": options.tta, **scales,
+                          "stain_reference": info.stain_reference, "mpp_given": mpp,
+                          "config": config.as_dict()})
 
 
 def label_map_recipe(config: ScoreConfig) -> str:

@@ -22,6 +22,7 @@ from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
 from biopsy.labelmap import colourise, read_label_map
 from biopsy.manifest import read_manifest
 from biopsy.model import ModelInfo
+from biopsy.provenance import recipe_sha256
 from biopsy.pyramid import write_pyramid
 from biopsy.scoring import load_score_config
 
@@ -151,6 +152,11 @@ def test_slide_recipe_follows_what_changes_scores():
     config, options = load_score_config(), pipeline.InferenceOptions("cpu", 16, 2)
     recipe = pipeline.slide_recipe(info, config, options, None)
     assert recipe == pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cpu", 4, 8), None)
+    # the one scale, however written, keeps the recipe of folders scored before scales existed
+    one_scale = pipeline.inference_options("cpu", scales=(1,))
+    assert recipe == pipeline.slide_recipe(info, config, one_scale, None) == recipe_sha256(
+        {"model_sha256": "a" * 64, "int8": False, "bf16": False, "tta": False,
+         "stain_reference": [1.5, 0.7], "mpp_given": None, "config": config.as_dict()})
     on_gpu = pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cuda", 16, 2), None)
     assert on_gpu == pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cuda:1", 4, 8), None)
     changed = [on_gpu,  # bf16

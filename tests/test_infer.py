@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from biopsy.errors import CheckpointError
-from biopsy.infer import batch_probabilities, prepare_model, segment_slide, segment_slide_bands
+from biopsy.infer import (_onto_tile, batch_probabilities, prepare_model, segment_slide,
+                          segment_slide_bands)
 from biopsy.model import ModelInfo, build_model
 from biopsy.pyramid import write_pyramid
 from biopsy.slide import open_slide
 from biopsy.stitch import BandStitcher
+from biopsy.tiling import TileDataset, make_grid
 from biopsy.tissue import TissueMask
 
 STRIPE_PX = 40  # level-0 width of the position-encoding stripes
@@ -240,6 +242,41 @@ def test_a_wider_views_centre_falls_on_the_tile(axis):
         covered = [row[:, None] * row[None, :] for row in inside]
         expected = sum(r * c for r, c in zip(ramps, covered)) / sum(covered) / n
         torch.testing.assert_close(probabilities, expected.expand(2, n, n))
+
+
+@pytest.fixture(scope="module")
+def ramp_slide(tmp_path_factory):
+    """Red rises with x, green with y: 0.2 grey levels per level-0 pixel of 0.4 µm. One level
+    only, and reads at 2.5, 5, 3.5 and 1.8 level-0 pixels per pixel below: reading rounds the
+    area mean, which is unbiased unless the mean can fall on a half (2x from an integer pixel, or
+    a pyramid level made so), and the test measures biases of a tenth of a grey level."""
+    ramp = np.round(np.arange(1280) * 255 / 1279).astype(np.uint8)
+    image = np.zeros((1280, 1280, 3), np.uint8)
+    image[..., 0], image[..., 1] = ramp[None, :], ramp[:, None]
+    path = tmp_path_factory.mktemp("ramp") / "ramp.tif"
+    write_pyramid(path, [image], image.shape[:2], 0.4, style="generic", compression="zlib",
+                  min_level_px=4096)
+    return open_slide(path)
+
+
+def test_each_view_is_read_centred_on_its_tile(ramp_slide):
+    """Views read at other scales (TileDataset at TileGrid.level0_xy) and resampled onto the tile
+    as batch_probabilities does give the tile's own ramps back. A view off by d model pixels
+    would bias the mean difference by d / 2 grey levels; 0.05 allows a tenth of a pixel."""
+    scales = (1.0, 2.0, 1.41, 0.71)
+    grid = make_grid((512, 512), 1.0, 64)  # 1 µm/px: 2.5 level-0 px per pixel
+    tiles = TileDataset(ramp_slide, grid, scales=scales)
+    inside = [i for i, (row, col) in enumerate(grid.origins_px)  # wider views within the slide
+              if 32 <= min(row, col) and max(row, col) <= 512 - 64 - 32]
+    for scale_index, scale in enumerate(scales[1:], 1):
+        differences = []
+        covered = _onto_tile(torch.ones(1, 1, 64, 64), scale)[0, 0] > 0.999
+        for index in inside:
+            views = tiles[index].permute(0, 3, 1, 2).float()  # (scales, C, 64, 64)
+            on_tile = _onto_tile(views[scale_index : scale_index + 1, :2], scale)[0]
+            differences.append((on_tile - views[0, :2])[:, covered])
+        bias = torch.cat(differences, dim=1).mean(dim=1)
+        assert bias.abs().max() < 0.05, (scale, bias)
 
 
 def test_reading_scales_keep_positions_across_tiles(position_slide):

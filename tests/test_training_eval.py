@@ -101,14 +101,14 @@ def test_evaluation_normalises_stains_and_augments_as_configured(dataset_root, t
         Image.fromarray(StainShift(eosin=0.6).apply(image)).save(path)
     settings = config_dict(root, tmp_path / "run", steps=2, validate_every=2)
     settings["model"]["stain_normalisation"] = True
-    settings["evaluate"] = {"scales": [1.0, 1.5]}  # validation reads two scales
+    settings["evaluate"] = {"scales": [1.0, 1.5], "tta": True}  # validation as scoring will
     config = config_from_dict(settings, "test")
     augmentations = []  # (scales, tta) of each batch
     run_batch = evaluation.batch_probabilities
     monkeypatch.setattr(evaluation, "batch_probabilities",
                         lambda *args: augmentations.append((args[2], args[-1])) or run_batch(*args))
     metrics = fit(config)
-    assert augmentations and set(augmentations) == {((1.0, 1.5), False)}
+    assert augmentations and set(augmentations) == {((1.0, 1.5), True)}
     _, info = load_checkpoint(tmp_path / "run" / "last.safetensors")
     training, validation = split_by_case(find_slides(config.data, info.class_names, "test"), config.data.split)
     expected = np.mean([stain_amounts(slide.slide()) for slide in training], axis=0)
@@ -120,12 +120,12 @@ def test_evaluation_normalises_stains_and_augments_as_configured(dataset_root, t
     path.write_text(yaml.safe_dump(settings))
     augmentations.clear()
     checkpoint = str(tmp_path / "run" / "last.safetensors")
-    assert training_main(["eval", str(path), "--checkpoint", checkpoint, "--tta"]) == 0
-    assert set(augmentations) == {((1.0, 1.5), True)}  # the config's scales, and mirror images
+    assert training_main(["eval", str(path), "--checkpoint", checkpoint, "--no-tta"]) == 0
+    assert set(augmentations) == {((1.0, 1.5), False)}  # the config's scales, no mirror images
     augmentations.clear()
     assert training_main(["eval", str(path), "--checkpoint", checkpoint, "--scales", "1", "1.41",
                           "--json", str(tmp_path / "tta.json")]) == 0
-    assert set(augmentations) == {((1.0, 1.41), False)}  # the command line's scales
+    assert set(augmentations) == {((1.0, 1.41), True)}  # the command line's scales, the config's tta
     with_tta = json.loads((tmp_path / "tta.json").read_text())
     assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
 

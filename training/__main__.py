@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="evaluate every annotated slide under ROOT (same layout as data.root) "
                                "instead of the config's validation cases")
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-    add_tta_arguments(evaluate, config_key="the config's evaluate.tta / evaluate.scales")
+    add_tta_arguments(evaluate, config_key="the config's evaluate")
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
     synth.add_argument("--root", help="write here instead of data.root (e.g. a held-out test set)")
@@ -78,7 +78,7 @@ def _run(args) -> int:
     elif args.command == "eval":
         from training.evaluate import evaluate_checkpoint, evaluate_folds
 
-        config = with_tta(config, args.tta, args.scales)
+        config = with_test_time_augmentation(config, args.tta, args.scales)
         if args.folds is not None:
             metrics = evaluate_folds(config, args.folds)
         else:
@@ -96,12 +96,12 @@ def _run(args) -> int:
     return 0
 
 
-def with_tta(config, tta: bool, scales: list[float] | None):
-    """``config`` with its evaluation's test-time augmentation turned on by ``tta`` and its
-    reading scales replaced by ``scales`` when given."""
+def with_test_time_augmentation(config, tta: bool | None, scales: list[float] | None):
+    """``config`` with its evaluation's mirror images (``tta``) and reading scales replaced by
+    those given (None: the config's own)."""
     from dataclasses import replace
 
-    evaluate = replace(config.evaluate, tta=config.evaluate.tta or tta,
+    evaluate = replace(config.evaluate, tta=config.evaluate.tta if tta is None else tta,
                        scales=scales or config.evaluate.scales)
     return replace(config, evaluate=evaluate)
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 
 from biopsy.errors import ConfigError
+from biopsy.infer import check_scales
 from biopsy.resources import read_yaml_mapping
 from training.augment import build_augmentation
 
@@ -293,8 +294,8 @@ def _check(config: Config, source: str) -> None:
     unknown = sorted(set(config.loss.class_weights) - set(model.classes))
     if unknown:
         raise ConfigError(f"{source}: loss.class_weights names '{unknown[0]}', not in model.classes")
-    scales = config.evaluate.scales
-    if not scales or min(scales) <= 0 or max(scales) < 1:
-        raise ConfigError(f"{source}: evaluate.scales must be positive reading scales, one at "
-                          f"least >= 1; got {scales}")
+    try:
+        check_scales(tuple(config.evaluate.scales))
+    except ValueError as error:
+        raise ConfigError(f"{source}: evaluate.scales: {error}") from None
     build_augmentation(config.augment, source)

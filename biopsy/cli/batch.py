@@ -49,19 +49,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_tta_arguments(parser, config_key: str | None = None) -> None:
     """--tta (mirror images) and --scales (reading scales): test-time augmentation. With
-    ``config_key``, both default to that key of a config (--scales to None here)."""
-    default = f" Default: as {config_key} says." if config_key else ""
-    parser.add_argument("--tta", action="store_true",
+    ``config_key``, both default to None, standing for ``config_key``'s ``tta`` and ``scales``
+    (--tta is then --tta / --no-tta)."""
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction if config_key else
+                        "store_true",
                         help="test-time augmentation: average each tile's probabilities with "
                              "those of its three mirror images (4x the model time, slightly more "
-                             "accurate)." + default)
+                             "accurate)." + (f" Default: as {config_key}.tta says." if config_key
+                                             else ""))
     parser.add_argument("--scales", type=reading_scale, nargs="+", metavar="S",
                         action=ReadingScales, default=None if config_key else [1.0],
                         help="multi-scale test-time augmentation: average each tile's "
                              "probabilities over views of it read at S times the model's mpp and "
                              "centred on it, S > 0, one at least >= 1 (S > 1: a wider view, seen "
                              "smaller; S < 1: a closer look at the centre); e.g. --scales 1 1.41 "
-                             "(2x the model time)." + (default or " Default: 1."))
+                             "(2x the model time; put it after the positional arguments)." +
+                             (f" Default: as {config_key}.scales says." if config_key
+                              else " Default: 1."))
 
 
 def reading_scale(text: str) -> float:
