@@ -5,7 +5,8 @@ outlines of every glomerulus, ``gs`` = globally sclerotic) goes through the prod
 :func:`biopsy.infer.segment_slide` (Gaussian-blended tiles) and
 :func:`biopsy.scorefolder.score_class_map` (watershed-split instances, lesion calls from
 ``configs/score/nih-2018.yaml``). Predicted glomeruli are matched one-to-one to the outlines by
-IoU >= 0.5; the table gives, per stain and over all, detection precision / recall / F1, the
+IoU >= 0.5 (outlines under ``evaluate.min_glomerulus_area_um2`` left out, as ``training eval``
+does: one degenerate 4 µm² polygon); the table gives, per stain and over all, detection precision / recall / F1, the
 global-sclerosis F1 (a hit is a matched pair where both are globally sclerotic) and the mean
 absolute error of the glomerulus count per image.
 
@@ -38,13 +39,13 @@ from biopsy.scorefolder import score_class_map  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from training.cases import find_slides, split_by_case  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.evaluate import fold_model, match_instances  # noqa: E402
-from skimage.measure import label  # noqa: E402
+from training.evaluate import fold_model, label_instances, match_instances  # noqa: E402
 
 
-def image_counts(annotated, model, info, score_config, device: str, iou_threshold: float,
+def image_counts(annotated, model, info, score_config, device: str, settings,
                  tta: bool = False, scales: tuple[float, ...] = (1.0,)) -> np.ndarray:
-    """[TP, FP, FN, GS TP, GS FP, GS FN, |count error|] of one annotated image."""
+    """[TP, FP, FN, GS TP, GS FP, GS FN, |count error|] of one annotated image; outlines smaller
+    than ``settings.min_glomerulus_area_um2`` are left out, as ``training eval`` leaves them."""
     slide = annotated.slide()
     class_map = segment_slide(slide, model, info, device=device, workers=0, tta=tta, scales=scales)
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, score_config,
@@ -52,12 +53,13 @@ def image_counts(annotated, model, info, score_config, device: str, iou_threshol
     height, width = class_map.labels.shape
     truth = annotated.labels.labels(0, 0, (width, height), class_map.mpp)
     glomerular = [i for i, name in enumerate(info.class_names) if name in GLOMERULAR_CLASSES]
-    truth_instances = label(np.isin(truth, glomerular), connectivity=2)
+    min_area_px = settings.min_glomerulus_area_um2 / class_map.mpp**2
+    truth_instances = label_instances(np.isin(truth, glomerular), min_area_px)
     sclerosis = info.class_names.index("sclerosis")
     truth_sclerotic = {i for i in range(1, truth_instances.max() + 1)
                        if (truth[truth_instances == i] == sclerosis).mean() >= 0.5}
     predicted_sclerotic = {g.glomerulus_id for g in scored.glomeruli if "global_sclerosis" in g.lesions}
-    matches = match_instances(truth_instances, scored.instances, iou_threshold)
+    matches = match_instances(truth_instances, scored.instances, settings.iou_threshold)
     hits = len(matches)
     sclerotic_hits = sum(1 for t, p in matches if t in truth_sclerotic and p in predicted_sclerotic)
     n_truth, n_predicted = int(truth_instances.max()), len(scored.glomeruli)
@@ -116,7 +118,7 @@ def main() -> None:
         cases |= {s.case for s in slides}
         for annotated in slides:
             result = image_counts(annotated, model, info, score_config, args.device,
-                                  config.evaluate.iou_threshold, args.tta, tuple(args.scales))
+                                  config.evaluate, args.tta, tuple(args.scales))
             for key in (annotated.stain, "all"):
                 counts[key] += result
                 images[key] += 1

@@ -90,8 +90,8 @@ def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, se
     """[TP, FP, FN] for glomeruli, then for globally sclerotic glomeruli (IoU >= threshold)."""
     min_area_px = settings.min_glomerulus_area_um2 / mpp**2
     sclerosis = list(class_names).index("sclerosis") if "sclerosis" in class_names else None
-    truth_objects = _instances(np.isin(truth, glomerular), min_area_px)
-    predicted = _instances(np.isin(prediction, glomerular), min_area_px, inside=valid)
+    truth_objects = label_instances(np.isin(truth, glomerular), min_area_px)
+    predicted = label_instances(np.isin(prediction, glomerular), min_area_px, inside=valid)
     truth_sclerotic = _sclerotic(truth_objects, truth, sclerosis, settings.global_sclerosis_fraction)
     predicted_sclerotic = _sclerotic(predicted, prediction, sclerosis, settings.global_sclerosis_fraction)
     matches = match_instances(truth_objects, predicted, settings.iou_threshold)
@@ -102,7 +102,7 @@ def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, se
             sclerotic_hits, len(predicted_sclerotic) - sclerotic_hits, len(truth_sclerotic) - sclerotic_hits]
 
 
-def _instances(mask: np.ndarray, min_area_px: float, inside: np.ndarray | None = None) -> np.ndarray:
+def label_instances(mask: np.ndarray, min_area_px: float, inside: np.ndarray | None = None) -> np.ndarray:
     """Instance labels 1..n of the connected regions of ``mask`` at least ``min_area_px`` large
     (and, given ``inside``, mostly within it)."""
     instances = label(mask, connectivity=2)
