@@ -6,9 +6,9 @@ outlines of every glomerulus, ``gs`` = globally sclerotic) goes through the prod
 :func:`biopsy.scorefolder.score_class_map` (watershed-split instances, lesion calls from
 ``configs/score/nih-2018.yaml``). Predicted glomeruli are matched one-to-one to the outlines by
 IoU >= 0.5 (outlines under ``evaluate.min_glomerulus_area_um2`` left out, as ``training eval``
-does: one degenerate 4 µm² polygon); the table gives, per stain and over all, detection precision / recall / F1, the
-global-sclerosis F1 (a hit is a matched pair where both are globally sclerotic) and the mean
-absolute error of the glomerulus count per image.
+does: one degenerate 4 µm² polygon); the table gives, per stain and over all, detection
+precision / recall / F1, the global-sclerosis F1 (a hit is a matched pair where both are
+globally sclerotic) and the mean absolute error of the glomerulus count per image.
 
     python -m training fit configs/train/real-glomeruli.yaml         # a GPU: ~10 min
     python benchmarks/real_glomeruli.py --checkpoint runs/real-glomeruli/best.safetensors

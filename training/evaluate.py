@@ -102,7 +102,8 @@ def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, se
             sclerotic_hits, len(predicted_sclerotic) - sclerotic_hits, len(truth_sclerotic) - sclerotic_hits]
 
 
-def label_instances(mask: np.ndarray, min_area_px: float, inside: np.ndarray | None = None) -> np.ndarray:
+def label_instances(mask: np.ndarray, min_area_px: float,
+                    inside: np.ndarray | None = None) -> np.ndarray:
     """Instance labels 1..n of the connected regions of ``mask`` at least ``min_area_px`` large
     (and, given ``inside``, mostly within it)."""
     instances = label(mask, connectivity=2)
