@@ -15,6 +15,8 @@ that restarts after a crash) skips it and scores the rest. A folder is skipped o
 provenance records the scorer's recipe (model, int8, bf16, test-time augmentation, stain
 reference, given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one scored another
 way is scored again, its folder removed when its turn comes, so the cohort never mixes recipes.
+So is a folder whose slide file has changed since (a slide scanned again under the same name):
+unchanged size and time say it has not without reading it, else its SHA-256 is compared.
 Under ``torchrun`` the manifest is sharded by rank (``entries[rank::world_size]``); rank 0 writes
 the cohort outputs after a barrier.
 """
@@ -38,6 +40,7 @@ from biopsy.cohort import cohort_statistics, render_cohort
 from biopsy.compare import write_comparison
 from biopsy.errors import BiopsyError
 from biopsy.manifest import ManifestEntry, Pairing, pair_timepoints, read_manifest
+from biopsy.provenance import is_same_file
 from biopsy.scorefolder import read_score_folder
 
 log = logging.getLogger(__name__)
@@ -113,16 +116,24 @@ def is_complete(folder: Path) -> bool:
     return (folder / SUMMARY_FILE).is_file()
 
 
-def recorded_recipe(folder: Path) -> str | None:
-    """The ``recipe_sha256`` a complete folder's provenance records (None: none, incomplete, or
-    a summary.json that is not a scored slide's)."""
+def why_score(folder: Path, entry: ManifestEntry, recipe: str) -> str | None:
+    """Why ``entry``'s folder must be scored (again), or None when it may be kept: it is whole,
+    of ``recipe``, and made from the bytes the manifest's slide file holds now."""
     if not is_complete(folder):
-        return None
+        return "not scored"
     try:
-        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
-        return summary["provenance"]["recipe_sha256"]
+        provenance = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))["provenance"]
+        recorded, source = provenance["recipe_sha256"], provenance["source"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return "summary.json is not a scored slide's"
+    if recorded != recipe:
+        return ("scored another way (model, int8, bf16, tta, scales, stain reference, mpp or "
+                "scoring config)")
+    try:
+        same = is_same_file(source, entry.slide)
+    except OSError as error:
+        return f"cannot check it against {entry.slide} ({error})"
+    return None if same else f"scored from another version of {entry.slide}"
 
 
 def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> None:
@@ -150,9 +161,11 @@ def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
                 rank: int = 0, progress: bool = True) -> list[SlideStatus]:
     """Score this rank's slides one by one; a failure is recorded and the next slide goes on."""
     statuses = {e.row: SlideStatus(e, slide_folder(out_dir, e), "pending") for e in entries}
+    reasons = {}
     for entry in entries:
         folder = statuses[entry.row].folder
-        if recorded_recipe(folder) == score.recipe(entry):
+        reasons[entry.row] = why_score(folder, entry, score.recipe(entry))
+        if reasons[entry.row] is None:
             statuses[entry.row] = SlideStatus(entry, folder, "done")
     already_done = sum(s.status == "done" for s in statuses.values())
     status_file = Path(out_dir) / "status" / f"rank-{rank}.csv"
@@ -164,10 +177,9 @@ def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
         if statuses[entry.row].status == "done":
             continue
         started = time.perf_counter()
-        if is_complete(statuses[entry.row].folder):
-            log.warning("%s was scored another way (model, int8, bf16, tta, scales, stain "
-                        "reference, mpp or scoring config): scoring it again",
-                        statuses[entry.row].folder)
+        if reasons[entry.row] != "not scored":
+            log.warning("%s: %s; scoring it again", statuses[entry.row].folder,
+                        reasons[entry.row])
         try:
             score_into_folder(entry, out_dir, score)
             statuses[entry.row] = SlideStatus(entry, statuses[entry.row].folder, "done")

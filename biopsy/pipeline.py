@@ -6,10 +6,10 @@ its nuclei (:func:`biopsy.nuclei.detect_nuclei`, for endocapillary hypercellular
 interstitial inflammation; a label map alone has none), score
 the class map (:func:`biopsy.scorefolder.score_class_map`) and write the folder
 (:func:`biopsy.scorefolder.write_score_folder`). ``summary.json`` records where the numbers come
-from: the slide (path, SHA-256, mpp), the model (path, SHA-256, classes, input mpp), how
-inference ran (device, options, package versions), the fingerprint of all that decides the scores
-beyond the slide's pixels (``recipe_sha256``, :func:`slide_recipe`) and, added by the folder
-writer, the resolved scoring config.
+from: the slide (path, size, modification time, SHA-256, mpp), the model (path, SHA-256, classes,
+input mpp), how inference ran (device, options, package versions), the fingerprint of all that
+decides the scores beyond the slide's pixels (``recipe_sha256``, :func:`slide_recipe`) and, added
+by the folder writer, the resolved scoring config.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration
 from biopsy.nuclei import DETECTION_MPP, detect_nuclei, why_not_countable
-from biopsy.provenance import file_sha256, package_versions, recipe_sha256
+from biopsy.provenance import file_identity, file_sha256, package_versions, recipe_sha256
 from biopsy.quantize import quantized_model
 from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import ScoreConfig
@@ -138,7 +138,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         seconds = time.perf_counter() - started
         nuclei_xy, nuclei = _find_nuclei(slide)
         level0_mpp = slide.mpp[0]
-        source = {"kind": "slide", "path": str(Path(slide_path).resolve()), "sha256": slide.sha256,
+        source = {"kind": "slide", **file_identity(slide_path), "sha256": slide.sha256,
                   "mpp": list(slide.mpp), "mpp_given": mpp is not None}
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, config,
                              level0_mpp=level0_mpp, nuclei_xy=nuclei_xy)
@@ -192,7 +192,7 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
     """Score an existing class map (``.ome.tif`` written by biopsy) into ``out_dir``; its scores."""
     label_map = read_label_map(labels_path)
     scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config)
-    provenance = {"source": {"kind": "label_map", "path": str(Path(labels_path).resolve()),
+    provenance = {"source": {"kind": "label_map", **file_identity(labels_path),
                              "sha256": file_sha256(labels_path), "mpp": label_map.mpp},
                   "model": None,
                   "nuclei": {"counted": False, "reason": "a label map has no slide pixels"},

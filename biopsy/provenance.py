@@ -15,6 +15,26 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def file_identity(path: str | Path) -> dict:
+    """What tells cheaply that a file is unchanged: its resolved path, size and modification
+    time."""
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size_bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns}
+
+
+def is_same_file(source: dict, path: str | Path) -> bool:
+    """Whether ``path`` holds the bytes that an output's ``source`` provenance (``path``,
+    ``size_bytes``, ``mtime_ns``, ``sha256``) was made from: when path, size and time all match,
+    without reading it; otherwise by SHA-256, so a moved or copied file still matches."""
+    identity = file_identity(path)
+    if all(source.get(key) == value for key, value in identity.items()):
+        return True
+    if source.get("size_bytes", identity["size_bytes"]) != identity["size_bytes"]:
+        return False
+    return source.get("sha256") == file_sha256(path)
+
+
 def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
     """Installed version of each distribution (None where it is not installed)."""
     versions = {}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from biopsy import pipeline
+from biopsy import pipeline, provenance
 from biopsy.batch import run_batch
 from biopsy.cli import batch as batch_cli
 from biopsy.errors import ManifestError, SlideError
@@ -22,7 +22,6 @@ from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
 from biopsy.labelmap import colourise, read_label_map
 from biopsy.manifest import read_manifest
 from biopsy.model import ModelInfo
-from biopsy.provenance import recipe_sha256
 from biopsy.pyramid import write_pyramid
 from biopsy.scoring import load_score_config
 
@@ -146,6 +145,47 @@ def test_rerun_with_another_recipe_scores_again_and_never_mixes_recipes(cohort, 
     assert statuses == {"P1": "compared", "P2": "not compared: row(s) 5 not scored", "P3": "compared"}
 
 
+def test_rerun_scores_again_a_slide_file_that_changed(tmp_path, monkeypatch, caplog):
+    manifest = write_cohort_manifest(tmp_path / "cohort", patients=2)
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    assert run_batch(manifest, out, CountingScorer(markers), progress=False) == 0
+    # Unchanged files are known by path, size and time, without reading them again.
+    monkeypatch.setattr(provenance, "file_sha256", None)
+    assert run_batch(manifest, out, CountingScorer(markers), progress=False) == 0
+    assert set(marker_counts(markers, "completed").values()) == {1}
+    monkeypatch.undo()
+    # The same bytes with a new time (a copy, a restore) are recognised by their hash.
+    os.utime(manifest.parent / "p1-pre.ome.tif", ns=(0, 0))
+    # A slide scanned again under the same name is scored again, from its new bytes.
+    rescanned = manifest.parent / "p2-post.ome.tif"
+    shutil.copyfile(manifest.parent / "p1-pre.ome.tif", rescanned)
+    with caplog.at_level("WARNING"):
+        assert run_batch(manifest, out, CountingScorer(markers), progress=False) == 0
+    counts = marker_counts(markers, "completed")
+    assert counts.pop("P2_post_p2-post") == 2 and set(counts.values()) == {1}
+    assert f"scored from another version of {rescanned}" in caplog.text
+    summary = json.loads((out / "slides" / "P2_post_p2-post" / "summary.json").read_text())
+    assert summary["provenance"]["source"]["sha256"] == provenance.file_sha256(rescanned)
+    assert summary["scores"] == json.loads(
+        (out / "slides" / "P1_pre_p1-pre" / "summary.json").read_text())["scores"]
+
+
+def test_a_file_is_the_same_by_path_size_and_time_or_else_by_its_bytes(tmp_path):
+    path = tmp_path / "slide.tif"
+    path.write_bytes(b"abcd")
+    source = provenance.file_identity(path) | {"sha256": provenance.file_sha256(path)}
+    assert provenance.is_same_file(source, path)
+    moved = path.rename(tmp_path / "moved.tif")
+    assert provenance.is_same_file(source, moved)
+    moved.write_bytes(b"abce")  # same size, new bytes, new time
+    os.utime(moved, ns=(1, 1))
+    assert not provenance.is_same_file(source, moved)
+    moved.write_bytes(b"abcde")
+    assert not provenance.is_same_file(source, moved)
+    # A folder scored before sizes and times were recorded is judged by its hash alone.
+    assert provenance.is_same_file({"sha256": provenance.file_sha256(moved)}, moved)
+
+
 def test_slide_recipe_follows_what_changes_scores():
     info = ModelInfo("toy", {}, list(CLASS_NAMES), {}, MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3},
                      sha256="a" * 64, stain_reference=[1.5, 0.7])
@@ -154,7 +194,8 @@ def test_slide_recipe_follows_what_changes_scores():
     assert recipe == pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cpu", 4, 8), None)
     # the one scale, however written, keeps the recipe of folders scored before scales existed
     one_scale = pipeline.inference_options("cpu", scales=(1,))
-    assert recipe == pipeline.slide_recipe(info, config, one_scale, None) == recipe_sha256(
+    assert recipe == pipeline.slide_recipe(info, config, one_scale, None)
+    assert recipe == provenance.recipe_sha256(
         {"model_sha256": "a" * 64, "int8": False, "bf16": False, "tta": False,
          "stain_reference": [1.5, 0.7], "mpp_given": None, "config": config.as_dict()})
     on_gpu = pipeline.slide_recipe(info, config, pipeline.InferenceOptions("cuda", 16, 2), None)

@@ -62,6 +62,8 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
     assert summary["scores"] == scores
     provenance = summary["provenance"]
     assert provenance["source"] == {"kind": "slide", "path": str(slide), "sha256": sha256(slide),
+                                    "size_bytes": slide.stat().st_size,
+                                    "mtime_ns": slide.stat().st_mtime_ns,
                                     "mpp": [MPP, MPP], "mpp_given": False}
     assert provenance["model"]["sha256"] == sha256(checkpoint)
     assert provenance["model"]["path"] == str(checkpoint)
