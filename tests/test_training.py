@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint
-from glomeruli_dataset import config_dict
+from glomeruli_dataset import SIZE_PX, config_dict
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.cases import find_slides, split_by_case
 from training.config import config_from_dict, load_config
@@ -53,6 +54,9 @@ def test_bundled_configs_load():
     (lambda d: d["optim"].update(lr="fast"), "optim.lr must be float"),
     (lambda d: d["optim"].update(optimizer="adam"), "optim.optimizer must be one of"),
     (lambda d: d["data"]["annotations"]["class_map"].update(gs="crescent"), "'crescent'.*not in model.classes"),
+    (lambda d: d["data"].update(case_pattern="(case"), "data.case_pattern is not a regular expression"),
+    (lambda d: d["data"].update(slide_mpp_by_path={"[": 0.25}), r"slide_mpp_by_path\['\['\] is not a regular"),
+    (lambda d: d["data"].update(slide_mpp_by_path={"x": -1}), r"slide_mpp_by_path\['x'\] must be a pixel size"),
     (lambda d: d.update(sampling={"mpp_scale": [2.0, 0.5]}), r"sampling.mpp_scale must be \[low, high\]"),
     (lambda d: d.update(evaluate={"scales": [0.9, 0.5]}), r"evaluate.scales: .* at least one >= 1"),
     (lambda d: d.update(evaluate={"scales": [1.0, float("nan")]}), r"evaluate.scales: .*positive"),
@@ -126,6 +130,24 @@ def test_slides_split_by_case_and_unannotated_images_left_out(dataset_root, tmp_
     config.data.split.validation_fraction = 0.3
     training, validation = split_by_case(slides, config.data.split)
     assert len(validation) == 2 and not {s.case for s in training} & {s.case for s in validation}
+
+
+def test_pixel_size_by_file_name_sets_each_slide_mpp_and_its_labels(dataset_root, tmp_path):
+    """The first slide_mpp_by_path pattern that matches gives the slide's µm/px; the rest keep
+    slide_mpp. A slide of half the µm/px has objects half as wide at the model's mpp."""
+    data = config_dict(dataset_root, tmp_path)
+    data["data"]["slide_mpp_by_path"] = {r"case0-PASM": 0.5, "PASM": 0.25}
+    config = config_from_dict(data, "test")
+    slides = {s.path.name: s for s in find_slides(config.data, config.model.classes, config.source)}
+    assert {name: s.mpp for name, s in slides.items()} == {
+        "case0-PAS.png": 1.0, "case0-PASM.png": 0.5, "case1-PAS.png": 1.0, "case1-PASM.png": 0.25,
+        "case2-PAS.png": 1.0, "case2-PASM.png": 0.25}
+    assert pickle.loads(pickle.dumps(slides["case0-PASM.png"])).slide().mpp == (0.5, 0.5)  # workers
+    fine = slides["case0-PASM.png"].labels.labels(0, 0, (SIZE_PX, SIZE_PX), 0.5)
+    coarse = slides["case0-PASM.png"].labels.labels(0, 0, (SIZE_PX // 2, SIZE_PX // 2), 1.0)
+    assert coarse.shape == (SIZE_PX // 2, SIZE_PX // 2)
+    for class_index in (1, 2):
+        assert (coarse == class_index).sum() == pytest.approx((fine == class_index).sum() / 4, rel=0.1)
 
 
 def test_patches_are_reproducible_and_labels_follow_the_polygons(dataset_root, tmp_path):

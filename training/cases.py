@@ -80,7 +80,8 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
     found = []
     for path in paths:
         relative = path.relative_to(root).as_posix()
-        slide = open_slide(path, mpp=data.slide_mpp)
+        mpp_override = _mpp_override(data, relative)
+        slide = open_slide(path, mpp=mpp_override)
         mpp, dimensions = slide.mpp[0], slide.dimensions
         slide.close()
         labels = _labels(data, root, path, relative, coco, class_names, mpp)
@@ -88,7 +89,7 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
             continue
         found.append(AnnotatedSlide(path, _match(data.case_pattern, relative, "data.case_pattern", source),
                                     _stain(data.stain_pattern, relative), mpp, dimensions, labels,
-                                    data.slide_mpp))
+                                    mpp_override))
     if not found:
         raise ConfigError(f"{source}: none of the {len(paths)} slides under {root} has annotations")
     return found
@@ -111,6 +112,15 @@ def _labels(data: DataConfig, root: Path, path: Path, relative: str, coco, class
         return None
     return PolygonLabels(polygons or [], class_names, annotations.class_map, data.unannotated, mpp,
                          f"{annotation_path} ({path.name})")
+
+
+def _mpp_override(data: DataConfig, relative: str) -> float | None:
+    """The µm/px ``data`` gives the slide at ``relative``: its first matching slide_mpp_by_path
+    pattern, else slide_mpp (None: the slide's own)."""
+    for pattern, mpp in data.slide_mpp_by_path.items():
+        if re.search(pattern, relative):
+            return mpp
+    return data.slide_mpp
 
 
 def _stem(path: Path) -> str:

@@ -6,6 +6,7 @@ against the current directory (run from the repository root).
 """
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ class DataConfig:
     case_pattern: str  # regex on the slide path relative to root; group 1 is the case id
     stain_pattern: str | None = None  # regex; group 1 is the stain, else "all"
     slide_mpp: float | None = None  # overrides the slides' own pixel size
+    # regex on the slide path relative to root -> its µm/px; the first that matches wins over
+    # slide_mpp (e.g. the objective in the file name of camera snapshots)
+    slide_mpp_by_path: dict[str, float] = field(default_factory=dict)
     unannotated: str = IGNORE  # class of pixels outside annotations (polygon formats)
     require_annotations: bool = True  # skip slides with no annotation (they are not negatives)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -251,6 +255,20 @@ def with_fold(config: Config, fold: int, folds: int) -> Config:
     return dataclasses.replace(config, data=data, output_dir=f"{config.output_dir}/fold-{fold}")
 
 
+def _check_data_patterns(data: DataConfig, source: str) -> None:
+    patterns = {"data.case_pattern": data.case_pattern, "data.stain_pattern": data.stain_pattern}
+    patterns.update({f"data.slide_mpp_by_path[{p!r}]": p for p in data.slide_mpp_by_path})
+    for key, pattern in patterns.items():
+        try:
+            re.compile(pattern or "")
+        except re.error as error:
+            raise ConfigError(f"{source}: {key} is not a regular expression: {error}") from None
+    for pattern, mpp in data.slide_mpp_by_path.items():
+        if not 0 < mpp < 1000:
+            raise ConfigError(f"{source}: data.slide_mpp_by_path[{pattern!r}] must be a pixel size "
+                              f"in µm (0 < mpp < 1000), got {mpp}")
+
+
 def _check_split(split: SplitConfig, source: str) -> None:
     if split.folds is not None:
         if split.validation_cases is not None:
@@ -286,6 +304,7 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: sampling.mpp_scale must be [low, high] with 0 < low <= high, "
                           f"got {scale}")
     _check_split(config.data.split, source)
+    _check_data_patterns(config.data, source)
     if config.train.steps < 1 or config.train.batch_size < 1:
         raise ConfigError(f"{source}: train.steps and train.batch_size must be positive")
     unknown = sorted(set(config.sampling.object_classes or []) - set(model.classes))
