@@ -57,6 +57,7 @@ def test_bundled_configs_load():
     (lambda d: d["data"].update(case_pattern="(case"), "data.case_pattern is not a regular expression"),
     (lambda d: d["data"].update(slide_mpp_by_path={"[": 0.25}), r"slide_mpp_by_path\['\['\] is not a regular"),
     (lambda d: d["data"].update(slide_mpp_by_path={"x": -1}), r"slide_mpp_by_path\['x'\] must be a pixel size"),
+    (lambda d: d["data"].update(slide_mpp=0), r"data.slide_mpp must be a pixel size"),
     (lambda d: d.update(sampling={"mpp_scale": [2.0, 0.5]}), r"sampling.mpp_scale must be \[low, high\]"),
     (lambda d: d.update(evaluate={"scales": [0.9, 0.5]}), r"evaluate.scales: .* at least one >= 1"),
     (lambda d: d.update(evaluate={"scales": [1.0, float("nan")]}), r"evaluate.scales: .*positive"),

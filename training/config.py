@@ -263,10 +263,11 @@ def _check_data_patterns(data: DataConfig, source: str) -> None:
             re.compile(pattern or "")
         except re.error as error:
             raise ConfigError(f"{source}: {key} is not a regular expression: {error}") from None
-    for pattern, mpp in data.slide_mpp_by_path.items():
-        if not 0 < mpp < 1000:
-            raise ConfigError(f"{source}: data.slide_mpp_by_path[{pattern!r}] must be a pixel size "
-                              f"in µm (0 < mpp < 1000), got {mpp}")
+    sizes = {"data.slide_mpp": data.slide_mpp}
+    sizes.update({f"data.slide_mpp_by_path[{p!r}]": mpp for p, mpp in data.slide_mpp_by_path.items()})
+    for key, mpp in sizes.items():
+        if mpp is not None and not 0 < mpp < 1000:
+            raise ConfigError(f"{source}: {key} must be a pixel size in µm (0 < mpp < 1000), got {mpp}")
 
 
 def _check_split(split: SplitConfig, source: str) -> None:
