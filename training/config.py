@@ -255,7 +255,8 @@ def with_fold(config: Config, fold: int, folds: int) -> Config:
     return dataclasses.replace(config, data=data, output_dir=f"{config.output_dir}/fold-{fold}")
 
 
-def _check_data_patterns(data: DataConfig, source: str) -> None:
+def _check_data(data: DataConfig, source: str) -> None:
+    """The data section's regular expressions compile and its pixel sizes are plausible."""
     patterns = {"data.case_pattern": data.case_pattern, "data.stain_pattern": data.stain_pattern}
     patterns.update({f"data.slide_mpp_by_path[{p!r}]": p for p in data.slide_mpp_by_path})
     for key, pattern in patterns.items():
@@ -305,7 +306,7 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: sampling.mpp_scale must be [low, high] with 0 < low <= high, "
                           f"got {scale}")
     _check_split(config.data.split, source)
-    _check_data_patterns(config.data, source)
+    _check_data(config.data, source)
     if config.train.steps < 1 or config.train.batch_size < 1:
         raise ConfigError(f"{source}: train.steps and train.batch_size must be positive")
     unknown = sorted(set(config.sampling.object_classes or []) - set(model.classes))
