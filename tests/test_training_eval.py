@@ -1,6 +1,7 @@
 """Training evaluation: metrics against hand-made masks, tiled prediction, stain normalisation and
 test-time augmentation in evaluation, k-fold cross-validation by case."""
 
+import csv
 import json
 import shutil
 
@@ -21,7 +22,8 @@ from training import evaluate as evaluation
 from training.__main__ import main as training_main
 from training.cases import find_slides, set_stain_shifts, split_by_case
 from training.config import EvaluateConfig, config_from_dict, with_fold
-from training.evaluate import count_metrics, evaluate_checkpoint, metrics_from_counts, predict_image
+from training.evaluate import (count_metrics, evaluate_checkpoint, metrics_from_counts, object_rows,
+                               predict_image)
 from training.loop import fit, model_info
 
 
@@ -68,6 +70,29 @@ def test_metrics_against_hand_made_masks():
     prediction[60:90, 60:90] = 2
     metrics = metrics_from_counts(count_metrics(truth, prediction, names, 1.0, settings), names)
     assert metrics["global_sclerosis_f1"] == 1.0 and metrics["glomerulus_f1"] == pytest.approx(0.8)
+
+
+def test_object_rows_say_what_each_miss_is():
+    names = ["tissue", "tuft", "sclerosis"]
+    truth = np.zeros((100, 100), np.uint8)
+    truth[10:30, 10:30] = 1  # found exactly
+    truth[10:30, 50:70] = truth[10:30, 72:92] = 1  # two touching glomeruli, found as one
+    truth[60:90, 60:90] = 2  # globally sclerotic, found in part
+    prediction = np.zeros_like(truth)
+    prediction[10:30, 10:30] = prediction[10:30, 50:92] = 1
+    prediction[40:50, 0:10] = 1  # on no glomerulus
+    prediction[60:70, 60:90] = 2
+    rows = object_rows(truth, prediction, names, 2.0, EvaluateConfig(min_glomerulus_area_um2=50))
+    merged = 400 / 840
+    expected = [("truth", 1, 1600, False, True, 1.0, 1600), ("truth", 2, 1600, False, False, merged, 3360),
+                ("truth", 3, 1600, False, False, merged, 3360), ("truth", 4, 3600, True, False, 1 / 3, 1200),
+                ("predicted", 1, 1600, False, True, 1.0, 1600),
+                ("predicted", 2, 3360, False, False, merged, 1600),
+                ("predicted", 3, 400, False, False, 0.0, None),
+                ("predicted", 4, 1200, True, False, 1 / 3, 3600)]
+    assert [tuple(row.values()) for row in rows] == [
+        (side, i, area, sclerotic, matched, pytest.approx(iou, abs=5e-4), partner)
+        for side, i, area, sclerotic, matched, iou, partner in expected]
 
 
 class _RedIsClassOne(torch.nn.Module):
@@ -124,10 +149,21 @@ def test_evaluation_normalises_stains_and_augments_as_configured(dataset_root, t
     assert set(augmentations) == {((1.0, 1.5), False)}  # the config's scales, no mirror images
     augmentations.clear()
     assert training_main(["eval", str(path), "--checkpoint", checkpoint, "--scales", "1", "1.41",
-                          "--json", str(tmp_path / "tta.json")]) == 0
+                          "--json", str(tmp_path / "tta.json"), "--objects", str(tmp_path / "o.csv")]) == 0
     assert set(augmentations) == {((1.0, 1.41), True)}  # the command line's scales, the config's tta
     with_tta = json.loads((tmp_path / "tta.json").read_text())
     assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
+    with open(tmp_path / "o.csv", newline="") as file:
+        objects = list(csv.DictReader(file))
+    truth = [row for row in objects if row["side"] == "truth"]
+    assert {row["image"] for row in objects} <= {str(s.path) for s in validation}
+    assert len(truth) == with_tta["all"]["glomerulus_count"]
+    predicted = [row for row in objects if row["side"] == "predicted"]
+    hits = sum(row["matched"] == "True" for row in predicted)
+    assert hits == sum(row["matched"] == "True" for row in truth)
+    assert with_tta["all"]["glomerulus_recall"] == pytest.approx(hits / len(truth))
+    assert with_tta["all"]["glomerulus_precision"] == (pytest.approx(hits / len(predicted))
+                                                       if predicted else None)
 
 
 def test_cross_validation_trains_each_fold_and_pools_their_counts(dataset_root, tmp_path, capsys):

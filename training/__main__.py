@@ -4,11 +4,16 @@ Errors the user can cause are printed on one line and exit with status 2.
 """
 
 import argparse
+import csv
+import io
 import json
 import sys
 
 from biopsy.cli.batch import add_tta_arguments
 from biopsy.errors import BiopsyError
+
+OBJECT_COLUMNS = ["image", "case", "stain", "side", "id", "area_um2", "globally_sclerotic", "matched",
+                  "best_iou", "partner_area_um2"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="evaluate every annotated slide under ROOT (same layout as data.root) "
                                "instead of the config's validation cases")
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    evaluate.add_argument("--objects", metavar="CSV",
+                          help="also write one row per true and per predicted glomerulus: image, "
+                               "area, matched or not, best IoU and the area of that counterpart")
     add_tta_arguments(evaluate, config_key="the config's evaluate")
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
@@ -78,16 +86,19 @@ def _run(args) -> int:
     elif args.command == "eval":
         from training.evaluate import evaluate_checkpoint, evaluate_folds
 
+        from biopsy.atomic import write_text_atomic
+
         config = with_test_time_augmentation(config, args.tta, args.scales)
+        objects: list[dict] = []
         if args.folds is not None:
-            metrics = evaluate_folds(config, args.folds)
+            metrics = evaluate_folds(config, args.folds, objects)
         else:
-            metrics = evaluate_checkpoint(config, args.checkpoint, args.data)
+            metrics = evaluate_checkpoint(config, args.checkpoint, args.data, objects)
         print(format_metrics(metrics))
         if args.json:
-            from biopsy.atomic import write_text_atomic
-
             write_text_atomic(args.json, json.dumps(metrics, indent=2))
+        if args.objects:
+            write_text_atomic(args.objects, objects_csv(objects))
     else:
         from training.synthetic import generate_training_set
 
@@ -104,6 +115,15 @@ def with_test_time_augmentation(config, tta: bool | None, scales: list[float] | 
     evaluate = replace(config.evaluate, tta=config.evaluate.tta if tta is None else tta,
                        scales=scales or config.evaluate.scales)
     return replace(config, evaluate=evaluate)
+
+
+def objects_csv(rows: list[dict]) -> str:
+    """The rows of :func:`training.evaluate.object_rows` (with image, case, stain) as CSV text."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, OBJECT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def format_metrics(metrics: dict[str, dict]) -> str:

@@ -88,18 +88,52 @@ def count_metrics(truth: np.ndarray, prediction: np.ndarray, class_names: Sequen
 
 def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, settings) -> list[int]:
     """[TP, FP, FN] for glomeruli, then for globally sclerotic glomeruli (IoU >= threshold)."""
-    min_area_px = settings.min_glomerulus_area_um2 / mpp**2
-    sclerosis = list(class_names).index("sclerosis") if "sclerosis" in class_names else None
-    truth_objects = label_instances(np.isin(truth, glomerular), min_area_px)
-    predicted = label_instances(np.isin(prediction, glomerular), min_area_px, inside=valid)
-    truth_sclerotic = _sclerotic(truth_objects, truth, sclerosis, settings.global_sclerosis_fraction)
-    predicted_sclerotic = _sclerotic(predicted, prediction, sclerosis, settings.global_sclerosis_fraction)
+    truth_objects, predicted, truth_sclerotic, predicted_sclerotic = _glomeruli(
+        truth, prediction, class_names, glomerular, valid, mpp, settings)
     matches = match_instances(truth_objects, predicted, settings.iou_threshold)
     n_truth, n_predicted = truth_objects.max(), predicted.max()
     hits = len(matches)
     sclerotic_hits = sum(1 for t, p in matches if t in truth_sclerotic and p in predicted_sclerotic)
     return [hits, n_predicted - hits, n_truth - hits,
             sclerotic_hits, len(predicted_sclerotic) - sclerotic_hits, len(truth_sclerotic) - sclerotic_hits]
+
+
+def _glomeruli(truth, prediction, class_names, glomerular, valid, mpp, settings):
+    """Instance labels of the true and predicted glomeruli, and the ids of the globally sclerotic."""
+    min_area_px = settings.min_glomerulus_area_um2 / mpp**2
+    sclerosis = list(class_names).index("sclerosis") if "sclerosis" in class_names else None
+    truth_objects = label_instances(np.isin(truth, glomerular), min_area_px)
+    predicted = label_instances(np.isin(prediction, glomerular), min_area_px, inside=valid)
+    return (truth_objects, predicted,
+            _sclerotic(truth_objects, truth, sclerosis, settings.global_sclerosis_fraction),
+            _sclerotic(predicted, prediction, sclerosis, settings.global_sclerosis_fraction))
+
+
+def object_rows(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str], mpp: float,
+                settings: EvaluateConfig) -> list[dict]:
+    """One row per true and per predicted glomerulus of an image, as :func:`count_metrics` counts
+    them: its area, whether it is globally sclerotic and matched (a hit; else a miss or a false
+    positive), its best IoU with a glomerulus of the other side and that one's area (much larger:
+    touching glomeruli taken as one; smaller: found in part)."""
+    glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
+    truth_objects, predicted, truth_sclerotic, predicted_sclerotic = _glomeruli(
+        truth, prediction, class_names, glomerular, truth != IGNORE_INDEX, mpp, settings)
+    matches = match_instances(truth_objects, predicted, settings.iou_threshold)
+    pairs, iou = _overlaps(truth_objects, predicted)
+    sides = (("truth", truth_objects, predicted, truth_sclerotic, {t for t, _ in matches}),
+             ("predicted", predicted, truth_objects, predicted_sclerotic, {p for _, p in matches}))
+    rows = []
+    for side, (name, instances, others, sclerotic, hits) in enumerate(sides):
+        areas, other_areas = np.bincount(instances.ravel()), np.bincount(others.ravel())
+        for index in range(1, instances.max() + 1):
+            mine = pairs[side] == index
+            best = int(np.argmax(np.where(mine, iou, -1.0))) if mine.any() else None
+            rows.append({"side": name, "id": index, "area_um2": round(float(areas[index] * mpp**2)),
+                         "globally_sclerotic": index in sclerotic, "matched": index in hits,
+                         "best_iou": 0.0 if best is None else round(float(iou[best]), 3),
+                         "partner_area_um2": None if best is None else
+                         round(float(other_areas[pairs[1 - side, best]] * mpp**2))})
+    return rows
 
 
 def label_instances(mask: np.ndarray, min_area_px: float,
@@ -127,10 +161,7 @@ def _sclerotic(instances: np.ndarray, labels: np.ndarray, sclerosis: int | None,
 
 def match_instances(truth: np.ndarray, predicted: np.ndarray, iou_threshold: float) -> list[tuple[int, int]]:
     """Greedy one-to-one matching of instances by IoU, best first."""
-    both = (truth > 0) & (predicted > 0)
-    pairs, overlap = np.unique(np.stack([truth[both], predicted[both]]), axis=1, return_counts=True)
-    truth_areas, predicted_areas = np.bincount(truth.ravel()), np.bincount(predicted.ravel())
-    iou = overlap / (truth_areas[pairs[0]] + predicted_areas[pairs[1]] - overlap)
+    pairs, iou = _overlaps(truth, predicted)
     matches, used_truth, used_predicted = [], set(), set()
     for k in np.argsort(-iou, kind="stable"):
         t, p = int(pairs[0, k]), int(pairs[1, k])
@@ -139,6 +170,14 @@ def match_instances(truth: np.ndarray, predicted: np.ndarray, iou_threshold: flo
             used_truth.add(t)
             used_predicted.add(p)
     return matches
+
+
+def _overlaps(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (truth, predicted) instance pairs that overlap, as a (2, n) array, and their IoU."""
+    both = (truth > 0) & (predicted > 0)
+    pairs, overlap = np.unique(np.stack([truth[both], predicted[both]]), axis=1, return_counts=True)
+    truth_areas, predicted_areas = np.bincount(truth.ravel()), np.bincount(predicted.ravel())
+    return pairs, overlap / (truth_areas[pairs[0]] + predicted_areas[pairs[1]] - overlap)
 
 
 def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[str, float | None]:
@@ -168,16 +207,18 @@ def _ratio(numerator, denominator) -> float | None:
 
 def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
                     settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
-                    bf16: bool = False) -> dict[str, dict[str, float | None]]:
+                    bf16: bool = False, objects: list[dict] | None = None
+                    ) -> dict[str, dict[str, float | None]]:
     """Metrics per stain and over all (key ``all``) of whole slides read at the model's mpp, with
     the test-time augmentation ``settings`` ask for (:func:`slide_counts`).
 
-    Under torch.distributed each rank predicts its share of the slides and counts are summed.
+    Under torch.distributed each rank predicts its share of the slides and counts are summed
+    (``objects`` gets this rank's rows only).
     """
     stains = sorted({s.stain for s in slides})
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16)
+    own = slide_counts(model, info, slides[rank::world], settings, device, batch_size, bf16, objects)
     counts = {s: own.get(s, _no_counts(info.class_names)) for s in stains}
     if world > 1 and counts:
         total = torch.from_numpy(np.stack(list(counts.values()))).to(device)
@@ -188,10 +229,11 @@ def evaluate_slides(model: torch.nn.Module, info: ModelInfo, slides: list[Annota
 
 def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[AnnotatedSlide],
                  settings: EvaluateConfig, device: torch.device, batch_size: int = 8,
-                 bf16: bool = False) -> dict[str, np.ndarray]:
+                 bf16: bool = False, objects: list[dict] | None = None) -> dict[str, np.ndarray]:
     """Summed :func:`count_metrics` of whole slides predicted at the model's mpp
     (:func:`predict_image`, with the mirror images and reading scales of ``settings.tta`` and
-    ``settings.scales``), per stain."""
+    ``settings.scales``), per stain; each glomerulus's :func:`object_rows` row, with its image,
+    case and stain, is appended to ``objects`` when given."""
     counts: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
@@ -202,6 +244,10 @@ def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[Annotated
         prediction = predict_image(model, info, tiles, device, batch_size, bf16, settings.tta)
         counts[slide.stain] = counts.get(slide.stain, 0) + count_metrics(
             truth, prediction, info.class_names, info.input_mpp, settings)
+        if objects is not None:
+            where = {"image": str(slide.path), "case": slide.case, "stain": slide.stain}
+            objects += [where | row for row in object_rows(truth, prediction, info.class_names,
+                                                            info.input_mpp, settings)]
     model.train(was_training)
     return counts
 
@@ -216,10 +262,10 @@ def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]
     return results
 
 
-def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None
-                        ) -> dict[str, dict[str, float | None]]:
+def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None,
+                        objects: list[dict] | None = None) -> dict[str, dict[str, float | None]]:
     """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
-    (as ``config.evaluate`` says)."""
+    (as ``config.evaluate`` says); a row per glomerulus appended to ``objects`` when given."""
     device = _default_device()
     model, info = _load(checkpoint, device)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
@@ -227,12 +273,14 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
         slides = split_by_case(slides, config.data.split)[1]
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
-    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16)
+    return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, objects=objects)
 
 
-def evaluate_folds(config: Config, folds: int) -> dict[str, dict[str, float | None]]:
+def evaluate_folds(config: Config, folds: int, objects: list[dict] | None = None
+                   ) -> dict[str, dict[str, float | None]]:
     """Cross-validation metrics: each case judged by the model of the fold that held it out
-    (:func:`fold_model`), counts pooled over the folds.
+    (:func:`fold_model`), counts pooled over the folds; a row per glomerulus appended to
+    ``objects`` when given.
 
     Raises
     ------
@@ -246,7 +294,7 @@ def evaluate_folds(config: Config, folds: int) -> dict[str, dict[str, float | No
     for fold in range(folds):
         model, info, slides = fold_model(config, fold, folds, device)
         for stain, count in slide_counts(model, info, slides, config.evaluate, device,
-                                         bf16=config.train.bf16(device.type)).items():
+                                         bf16=config.train.bf16(device.type), objects=objects).items():
             counts[stain] = counts.get(stain, 0) + count
     return metrics_by_stain(counts, info.class_names)
 
