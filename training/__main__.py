@@ -84,9 +84,8 @@ def _run(args) -> int:
         if metrics is not None:
             print(format_metrics(metrics))
     elif args.command == "eval":
-        from training.evaluate import evaluate_checkpoint, evaluate_folds
-
         from biopsy.atomic import write_text_atomic
+        from training.evaluate import evaluate_checkpoint, evaluate_folds
 
         config = with_test_time_augmentation(config, args.tta, args.scales)
         objects: list[dict] = []
