@@ -114,7 +114,8 @@ def object_rows(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence
     """One row per true and per predicted glomerulus of an image, as :func:`count_metrics` counts
     them: its area, whether it is globally sclerotic and matched (a hit; else a miss or a false
     positive), its best IoU with a glomerulus of the other side and that one's area (much larger:
-    touching glomeruli taken as one; smaller: found in part)."""
+    touching glomeruli taken as one, or a prediction spilling past the outline; smaller: found in
+    part)."""
     glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
     truth_objects, predicted, truth_sclerotic, predicted_sclerotic = _glomeruli(
         truth, prediction, class_names, glomerular, truth != IGNORE_INDEX, mpp, settings)
