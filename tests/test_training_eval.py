@@ -84,8 +84,10 @@ def test_object_rows_say_what_each_miss_is():
     prediction[60:70, 60:90] = 2
     rows = object_rows(truth, prediction, names, 2.0, EvaluateConfig(min_glomerulus_area_um2=50))
     merged = 400 / 840
-    expected = [("truth", 1, 1600, False, True, 1.0, 1600), ("truth", 2, 1600, False, False, merged, 3360),
-                ("truth", 3, 1600, False, False, merged, 3360), ("truth", 4, 3600, True, False, 1 / 3, 1200),
+    expected = [("truth", 1, 1600, False, True, 1.0, 1600),
+                ("truth", 2, 1600, False, False, merged, 3360),
+                ("truth", 3, 1600, False, False, merged, 3360),
+                ("truth", 4, 3600, True, False, 1 / 3, 1200),
                 ("predicted", 1, 1600, False, True, 1.0, 1600),
                 ("predicted", 2, 3360, False, False, merged, 1600),
                 ("predicted", 3, 400, False, False, 0.0, None),
@@ -149,7 +151,8 @@ def test_evaluation_normalises_stains_and_augments_as_configured(dataset_root, t
     assert set(augmentations) == {((1.0, 1.5), False)}  # the config's scales, no mirror images
     augmentations.clear()
     assert training_main(["eval", str(path), "--checkpoint", checkpoint, "--scales", "1", "1.41",
-                          "--json", str(tmp_path / "tta.json"), "--objects", str(tmp_path / "o.csv")]) == 0
+                          "--json", str(tmp_path / "tta.json"),
+                          "--objects", str(tmp_path / "o.csv")]) == 0
     assert set(augmentations) == {((1.0, 1.41), True)}  # the command line's scales, the config's tta
     with_tta = json.loads((tmp_path / "tta.json").read_text())
     assert with_tta["all"]["glomerulus_count"] == metrics["all"]["glomerulus_count"]
