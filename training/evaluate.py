@@ -82,14 +82,14 @@ def count_metrics(truth: np.ndarray, prediction: np.ndarray, class_names: Sequen
     glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
     t, p = np.isin(truth, glomerular), np.isin(prediction, glomerular) & valid
     counts += [(t & p).sum(), p.sum(), t.sum()]
-    counts += _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, settings)
+    counts += _detection_counts(truth, prediction, class_names, valid, mpp, settings)
     return np.array(counts, np.int64)
 
 
-def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, settings) -> list[int]:
+def _detection_counts(truth, prediction, class_names, valid, mpp, settings) -> list[int]:
     """[TP, FP, FN] for glomeruli, then for globally sclerotic glomeruli (IoU >= threshold)."""
     truth_objects, predicted, truth_sclerotic, predicted_sclerotic = _glomeruli(
-        truth, prediction, class_names, glomerular, valid, mpp, settings)
+        truth, prediction, class_names, valid, mpp, settings)
     matches = match_instances(truth_objects, predicted, settings.iou_threshold)
     n_truth, n_predicted = truth_objects.max(), predicted.max()
     hits = len(matches)
@@ -98,8 +98,9 @@ def _detection_counts(truth, prediction, class_names, glomerular, valid, mpp, se
             sclerotic_hits, len(predicted_sclerotic) - sclerotic_hits, len(truth_sclerotic) - sclerotic_hits]
 
 
-def _glomeruli(truth, prediction, class_names, glomerular, valid, mpp, settings):
+def _glomeruli(truth, prediction, class_names, valid, mpp, settings):
     """Instance labels of the true and predicted glomeruli, and the ids of the globally sclerotic."""
+    glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
     min_area_px = settings.min_glomerulus_area_um2 / mpp**2
     sclerosis = list(class_names).index("sclerosis") if "sclerosis" in class_names else None
     truth_objects = label_instances(np.isin(truth, glomerular), min_area_px)
@@ -116,9 +117,8 @@ def object_rows(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence
     positive), its best IoU with a glomerulus of the other side and that one's area (much larger:
     touching glomeruli taken as one, or a prediction spilling past the outline; smaller: found in
     part)."""
-    glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
     truth_objects, predicted, truth_sclerotic, predicted_sclerotic = _glomeruli(
-        truth, prediction, class_names, glomerular, truth != IGNORE_INDEX, mpp, settings)
+        truth, prediction, class_names, truth != IGNORE_INDEX, mpp, settings)
     matches = match_instances(truth_objects, predicted, settings.iou_threshold)
     pairs, iou = _overlaps(truth_objects, predicted)
     sides = (("truth", truth_objects, predicted, truth_sclerotic, {t for t, _ in matches}),
