@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse
 
 from biopsy.errors import MppError, SlideError
-from biopsy.provenance import file_sha256
+from biopsy.provenance import slide_sha256
 from biopsy.slide_readers import BRIGHTFIELD_CHANNELS, open_reader
 
 __all__ = ["BRIGHTFIELD_CHANNELS", "Level", "Slide", "open_slide"]
@@ -101,9 +101,10 @@ class Slide:
 
     @property
     def sha256(self) -> str:
-        """SHA-256 of the file's bytes (computed once, streamed)."""
+        """SHA-256 of the slide's bytes, all its files' for a MIRAX slide (computed once,
+        streamed; :func:`biopsy.provenance.slide_sha256`)."""
         if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
+            self._sha256 = slide_sha256(self.path)
         return self._sha256
 
     def close(self) -> None:

@@ -186,6 +186,28 @@ def test_a_file_is_the_same_by_path_size_and_time_or_else_by_its_bytes(tmp_path)
     assert provenance.is_same_file({"sha256": provenance.file_sha256(moved)}, moved)
 
 
+def test_a_mirax_slide_is_known_by_its_data_files_not_its_index_alone(tmp_path):
+    """A MIRAX slide's pixels are in the folder beside its small .mrxs index: new data under the
+    same index is another slide; a slide moved whole (index and folder renamed) is the same."""
+    index, folder = tmp_path / "slide.mrxs", tmp_path / "slide"
+    index.write_bytes(b"[GENERAL]\n")
+    folder.mkdir()
+    (folder / "Slidedat.ini").write_bytes(b"[GENERAL]\nSLIDE_ID=1\n")
+    (folder / "Data0000.dat").write_bytes(b"pixels of slide 1")
+    assert provenance.slide_files(index) == [index, folder / "Data0000.dat", folder / "Slidedat.ini"]
+    source = provenance.file_identity(index) | {"sha256": provenance.slide_sha256(index)}
+    assert source["size_bytes"] == 10 + 21 + 17
+    assert source["sha256"] != provenance.file_sha256(index)
+    index.rename(tmp_path / "moved.mrxs")
+    folder = folder.rename(tmp_path / "moved")
+    assert provenance.is_same_file(source, tmp_path / "moved.mrxs")
+    (folder / "Data0000.dat").write_bytes(b"pixels of slide 2")  # same index, same size
+    assert not provenance.is_same_file(source, tmp_path / "moved.mrxs")
+    # a one-file slide's hash is its file's, as recorded before slides of several files counted
+    assert provenance.slide_sha256(folder / "Slidedat.ini") == provenance.file_sha256(
+        folder / "Slidedat.ini")
+
+
 def test_slide_recipe_follows_what_changes_scores():
     info = ModelInfo("toy", {}, list(CLASS_NAMES), {}, MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3},
                      sha256="a" * 64, stain_reference=[1.5, 0.7])
