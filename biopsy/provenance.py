@@ -27,9 +27,9 @@ def slide_files(path: str | Path) -> list[Path]:
 
 
 def slide_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a slide: its file's (:func:`file_sha256`), or for a slide of several files
-    (:func:`slide_files`) that of the lines "<name> <file SHA-256>" of its data files after the
-    index's, names relative to their folder so that a slide renamed whole keeps its hash."""
+    """Hex SHA-256 of a slide: its file's (:func:`file_sha256`); for a slide of several files
+    (:func:`slide_files`), that of a text of lines: the index's SHA-256, then "<name> <SHA-256>"
+    for each data file, named within its folder so that a slide renamed whole keeps its hash."""
     index, *data = slide_files(path)
     if not data:
         return file_sha256(index)
