@@ -14,6 +14,7 @@ globally sclerotic) and the mean absolute error of the glomerulus count per imag
     python benchmarks/real_glomeruli.py --checkpoint runs/real-glomeruli/best.safetensors
     python benchmarks/real_glomeruli.py --folds 4    # every case, by its fold's model (fit --folds 4)
     python benchmarks/real_glomeruli.py --folds 4 --tta --scales 1 1.41   # test-time augmentation
+    python benchmarks/real_glomeruli.py --folds 4 --glomerulus-threshold 0.7   # decision sweep
 
 The data's licence is unstated: the weights trained on it stay out of the repository.
 """
@@ -34,11 +35,12 @@ sys.path.insert(0, str(REPO))
 from biopsy.classes import GLOMERULAR_CLASSES  # noqa: E402
 from biopsy.cli.batch import add_tta_arguments  # noqa: E402
 from biopsy.infer import segment_slide  # noqa: E402
-from biopsy.model import load_checkpoint  # noqa: E402
+from biopsy.model import load_checkpoint, with_glomerulus_threshold  # noqa: E402
 from biopsy.scorefolder import score_class_map  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from training.cases import find_slides, split_by_case  # noqa: E402
 from training.config import load_config  # noqa: E402
+from training.__main__ import add_glomerulus_threshold_argument  # noqa: E402
 from training.evaluate import fold_model, label_instances, match_instances  # noqa: E402
 
 
@@ -91,11 +93,13 @@ def models_and_slides(args, config):
     the cases it held out."""
     if args.folds is None:
         model, info = load_checkpoint(args.checkpoint, args.device)
+        if args.glomerulus_threshold is not None:
+            info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
         yield model, info, split_by_case(find_slides(config.data, info.class_names, config.source),
                                          config.data.split)[1]
     else:
         for fold in range(args.folds):
-            yield fold_model(config, fold, args.folds, args.device)
+            yield fold_model(config, fold, args.folds, args.device, args.glomerulus_threshold)
 
 
 def main() -> None:
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs/train/real-glomeruli.yaml"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_tta_arguments(parser)
+    add_glomerulus_threshold_argument(parser, "instead of the checkpoints'")
     args = parser.parse_args()
     if args.folds is not None and args.folds < 2:
         parser.error("--folds needs at least 2")
@@ -124,7 +129,8 @@ def main() -> None:
                 images[key] += 1
     print(f"{args.checkpoint or f'{args.folds}-fold cross-validation'}: {images['all']} validation "
           f"images of {len(cases)} cases, {info.input_mpp} µm/px, scoring config nih-2018"
-          f"{', mirror images' if args.tta else ''}, reading scales {args.scales}\n")
+          f"{', mirror images' if args.tta else ''}, reading scales {args.scales}, "
+          f"glomerulus threshold {info.glomerulus_threshold or 'none (argmax)'}\n")
     print_table(counts, images)
 
 

@@ -121,9 +121,9 @@ def run_parts(slide_path, checkpoint, args) -> dict:
             probabilities = tile_probabilities(model(inputs), info.patch_size_px)
         _sync(device)
     model_seconds = time.perf_counter() - started
-    stitcher = BandStitcher(len(info.class_names), shape_px, info.input_mpp, shape_px,
-                            info.input_mpp,
-                            info.patch_size_px, 0, device=device)
+    stitcher = BandStitcher(info.class_names, shape_px, info.input_mpp, shape_px, info.input_mpp,
+                            info.patch_size_px, 0, device=device,
+                            glomerulus_threshold=info.glomerulus_threshold)
     started = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(grid), args.batch_size):

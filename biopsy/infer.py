@@ -154,9 +154,9 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
                     slide.path)
     background = class_index(info.class_names, "background") or 0
     output_shape = output_shape_px(slide, output_mpp)
-    stitcher = BandStitcher(len(info.class_names), tiles.grid.shape_px, info.input_mpp,
+    stitcher = BandStitcher(info.class_names, tiles.grid.shape_px, info.input_mpp,
                             output_shape, output_mpp, info.patch_size_px, background,
-                            return_probabilities, device)
+                            return_probabilities, device, info.glomerulus_threshold)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
                    workers, device, bf16, tta, progress)

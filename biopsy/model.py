@@ -20,6 +20,7 @@ from torchvision.models import resnet
 
 from biopsy import __version__
 from biopsy.atomic import atomic_path
+from biopsy.decision import check_glomerulus_threshold
 from biopsy.errors import CheckpointError
 from biopsy.provenance import file_sha256
 
@@ -165,6 +166,7 @@ class ModelInfo:
     in_channels: int
     normalisation: dict[str, list[float]]  # {"mean": [...], "std": [...]} for inputs in 0..1
     stain_reference: list[float] | None = None  # (haematoxylin, eosin) amounts: biopsy.stainnorm
+    glomerulus_threshold: float | None = None  # decide glomerulus first: biopsy.decision
     int8_calibration: dict | None = None  # provenance of the stored one: biopsy.quantize
     training_config: dict = field(default_factory=dict)
     validation_metrics: dict = field(default_factory=dict)
@@ -201,6 +203,21 @@ class ModelInfo:
         mean = torch.tensor(self.normalisation["mean"], device=batch.device) * 255
         scale = 1 / (torch.tensor(self.normalisation["std"], device=batch.device) * 255)
         return ((batch.float() - mean) * scale).permute(0, 3, 1, 2)
+
+
+def with_glomerulus_threshold(info: ModelInfo, threshold: float, source: str | Path) -> ModelInfo:
+    """``info`` deciding glomerulus first at ``threshold`` (:mod:`biopsy.decision`).
+
+    Raises
+    ------
+    CheckpointError : the threshold is not in (0, 1), or the model's classes leave nothing to
+        decide (``source`` names the checkpoint).
+    """
+    try:
+        check_glomerulus_threshold(threshold, info.class_names)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    return replace(info, glomerulus_threshold=threshold)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: ModelInfo,

@@ -108,6 +108,22 @@ def test_constant_model_gives_a_constant_map(noise_slide):
     assert np.all(result.labels == 2)
 
 
+@pytest.mark.parametrize("threshold, expected", [(None, 0), (0.5, 1), (0.7, 0)])
+def test_the_stitched_map_decides_glomerulus_first_where_the_model_says(noise_slide, threshold,
+                                                                         expected):
+    """Probabilities tissue 0.4, tuft 0.3, sclerosis 0.3 everywhere: the argmax is tissue, but
+    the glomerular classes together hold 0.6."""
+    info = model_info(3, mpp=1.5, patch_px=48)
+    info.class_names, info.glomerulus_threshold = ["tissue", "tuft", "sclerosis"], threshold
+    model = nn.Conv2d(3, 3, 1)
+    nn.init.zeros_(model.weight)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([0.4, 0.3, 0.3]).log())
+    result = segment_slide(noise_slide, model.eval(), info, workers=0,
+                           tissue=all_tissue(noise_slide))
+    assert np.all(result.labels == expected)
+
+
 @pytest.mark.parametrize("model_mpp, output_mpp", [(1.0, None), (1.5, None), (1.0, 2.5)])
 def test_positions_are_right_across_tiles_and_pyramid_levels(position_slide, model_mpp, output_mpp):
     """Model mpp 1.0 reads pyramid level 1 as is, 1.5 resamples it; 2.5 is a coarser output."""
@@ -167,7 +183,7 @@ def test_stitcher_finishes_rows_as_tiles_arrive_in_bounded_memory():
     """On a tall grid the buffer holds one patch of rows; rows come back as soon as no tile
     can touch them, and the blend of constant tiles is exact."""
     patch, step, height, width = 32, 16, 400, 80
-    stitcher = BandStitcher(3, (height, width), 1.0, (height, width), 1.0, patch, 0)
+    stitcher = BandStitcher(["a", "b", "c"], (height, width), 1.0, (height, width), 1.0, patch, 0)
     done = 0
     for row in list(range(0, height - patch, step)) + [height - patch]:
         probabilities = torch.zeros(4, 3, patch, patch)

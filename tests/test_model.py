@@ -69,7 +69,7 @@ def test_local_encoder_weights_are_loaded(tmp_path):
 
 
 def test_checkpoint_round_trip_keeps_outputs_and_metadata(tmp_path):
-    info = _info()
+    info = _info(glomerulus_threshold=0.7)
     model = _model(info)
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, model, info)

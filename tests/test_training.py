@@ -19,7 +19,7 @@ from shapely.geometry import box
 from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
-from biopsy.model import load_checkpoint
+from biopsy.model import load_checkpoint, read_model_info
 from glomeruli_dataset import SIZE_PX, config_dict
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.cases import find_slides, split_by_case
@@ -27,6 +27,7 @@ from training.config import config_from_dict, load_config
 from training.dataset import PatchDataset
 from training.augment import build_augmentation
 from training.evaluate import evaluate_checkpoint
+from training.__main__ import main as training_main
 from training.loop import ema_with_warmup, fit
 from training.losses import DiceCrossEntropyLoss, soft_dice
 
@@ -61,6 +62,8 @@ def test_bundled_configs_load():
     (lambda d: d.update(sampling={"mpp_scale": [2.0, 0.5]}), r"sampling.mpp_scale must be \[low, high\]"),
     (lambda d: d.update(evaluate={"scales": [0.9, 0.5]}), r"evaluate.scales: .* at least one >= 1"),
     (lambda d: d.update(evaluate={"scales": [1.0, float("nan")]}), r"evaluate.scales: .*positive"),
+    (lambda d: d["model"].update(glomerulus_threshold=1.5),
+     r"model.glomerulus_threshold: .*probability in \(0, 1\)"),
     (lambda d: d.update(augment=[{"transform": "Rotate180"}]), r"augment\[0\].*albumentations transform"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "sigma": 3}]), "GaussNoise has no argument 'sigma'"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "std_range": "x"}]), "invalid arguments"),
@@ -235,12 +238,14 @@ def test_loss_ignores_unlabelled_pixels():
 # --- the loop --------------------------------------------------------------------------------
 
 def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path):
-    config = config_from_dict(config_dict(dataset_root, tmp_path / "run", steps=24, validate_every=24), "test")
+    settings = config_dict(dataset_root, tmp_path / "run", steps=24, validate_every=24)
+    settings["model"]["glomerulus_threshold"] = 0.6
+    config = config_from_dict(settings, "test")
     metrics = fit(config)
     history = losses(tmp_path / "run")
     assert len(history) == 24 and np.mean(history[-4:]) < 0.8 * np.mean(history[:4])
     model, info = load_checkpoint(tmp_path / "run" / "last.safetensors")
-    assert info.class_names == ["tissue", "tuft", "sclerosis"]
+    assert info.class_names == ["tissue", "tuft", "sclerosis"] and info.glomerulus_threshold == 0.6
     assert info.validation_metrics["metrics"] == metrics
     assert info.validation_metrics["validation_cases"] == ["case2"]
     assert set(metrics) == {"all", "PAS", "PASM"} and metrics["all"]["glomerulus_count"] == 4
@@ -248,6 +253,12 @@ def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path
     assert evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors") == metrics
     everything = evaluate_checkpoint(config, tmp_path / "run" / "last.safetensors", data_root=dataset_root)
     assert everything["all"]["glomerulus_count"] == 12  # --data: every annotated image
+    # A glomerulus threshold chosen with eval, then stored in a copy with export, decides alike.
+    last, marked = tmp_path / "run" / "last.safetensors", tmp_path / "marked.safetensors"
+    assert training_main(["export", str(last), str(marked), "--glomerulus-threshold", "0.7"]) == 0
+    assert read_model_info(marked).glomerulus_threshold == 0.7
+    assert evaluate_checkpoint(config, marked) == evaluate_checkpoint(config, last,
+                                                                      glomerulus_threshold=0.7)
 
 
 @pytest.mark.gpu

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="also write one row per true and per predicted glomerulus: image, "
                                "area, matched or not, best IoU and the area of that counterpart")
     add_tta_arguments(evaluate, config_key="the config's evaluate")
+    add_glomerulus_threshold_argument(evaluate, "instead of the checkpoint's (a sweep)")
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
     synth.add_argument("--root", help="write here instead of data.root (e.g. a held-out test set)")
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("checkpoint")
     export.add_argument("out")
     export.add_argument("--half", action="store_true", help="store convolution weights as float16")
+    add_glomerulus_threshold_argument(export, "stored in the copy (chosen with eval)")
     args = parser.parse_args(argv)
     if args.command == "eval" and args.folds is not None and args.data is not None:
         parser.error("--data and --folds exclude each other")
@@ -66,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command == "export":
-        from biopsy.model import load_checkpoint, save_checkpoint
+        from biopsy.model import load_checkpoint, save_checkpoint, with_glomerulus_threshold
 
         model, info = load_checkpoint(args.checkpoint)
+        if args.glomerulus_threshold is not None:
+            info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
         save_checkpoint(args.out, model, info, half_precision=args.half)
         return 0
     from training.config import load_config
@@ -90,9 +94,10 @@ def _run(args) -> int:
         config = with_test_time_augmentation(config, args.tta, args.scales)
         objects: list[dict] = []
         if args.folds is not None:
-            metrics = evaluate_folds(config, args.folds, objects)
+            metrics = evaluate_folds(config, args.folds, objects, args.glomerulus_threshold)
         else:
-            metrics = evaluate_checkpoint(config, args.checkpoint, args.data, objects)
+            metrics = evaluate_checkpoint(config, args.checkpoint, args.data, objects,
+                                          args.glomerulus_threshold)
         print(format_metrics(metrics))
         if args.json:
             write_text_atomic(args.json, json.dumps(metrics, indent=2))
@@ -104,6 +109,24 @@ def _run(args) -> int:
         folders = generate_training_set(config, args.root, args.first_seed, args.slides)
         print(f"{len(folders)} synthetic slides in {folders[0].parent}")
     return 0
+
+
+def add_glomerulus_threshold_argument(parser, what: str) -> None:
+    """--glomerulus-threshold T: decide glomerulus first (biopsy.decision), ``what`` says how."""
+    parser.add_argument("--glomerulus-threshold", type=probability, metavar="T",
+                        help="a pixel is glomerular when its glomerular classes hold more than T "
+                             f"of its probability, 0 < T < 1; {what}")
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1) from the command line."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
 
 
 def with_test_time_augmentation(config, tta: bool | None, scales: list[float] | None):

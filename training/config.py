@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 
+from biopsy.decision import check_glomerulus_threshold
 from biopsy.errors import ConfigError
 from biopsy.infer import check_scales
 from biopsy.resources import read_yaml_mapping
@@ -80,6 +81,9 @@ class ModelConfig:
     normalisation_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     stain_normalisation: bool = False  # scale every slide's stain amounts to the training mean (biopsy.stainnorm)
     class_colours: dict[str, list[int]] = field(default_factory=dict)  # default: biopsy.classes
+    # Decide glomerulus first: glomerular when the glomerular classes hold more than this share of
+    # a pixel's probability (biopsy.decision); null: the most probable class. Stored in checkpoints.
+    glomerulus_threshold: float | None = None
 
 
 @dataclass
@@ -315,6 +319,11 @@ def _check(config: Config, source: str) -> None:
     unknown = sorted(set(config.loss.class_weights) - set(model.classes))
     if unknown:
         raise ConfigError(f"{source}: loss.class_weights names '{unknown[0]}', not in model.classes")
+    if model.glomerulus_threshold is not None:
+        try:
+            check_glomerulus_threshold(model.glomerulus_threshold, model.classes)
+        except ValueError as error:
+            raise ConfigError(f"{source}: model.glomerulus_threshold: {error}") from None
     try:
         check_scales(tuple(config.evaluate.scales))
     except ValueError as error:

@@ -13,10 +13,11 @@ import torch.distributed as dist
 from skimage.measure import label
 
 from biopsy.classes import GLOMERULAR_CLASSES
+from biopsy.decision import decide_classes
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.infer import batch_probabilities
-from biopsy.model import ModelInfo, load_checkpoint
+from biopsy.model import ModelInfo, load_checkpoint, with_glomerulus_threshold
 from biopsy.tiling import TileDataset, axis_starts, grid_shape_px, make_grid, nearest_cells
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
 from training.config import Config, EvaluateConfig, with_fold
@@ -28,8 +29,8 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, tiles: TileDataset, d
     """Class map (H, W) uint8 at the model's mpp of the area of a full grid of ``tiles``
     (:func:`image_tiles`; ``tiles.grid.shape_px``).
 
-    Each pixel takes the argmax of the tile whose centre is nearest, so it is never predicted from
-    a tile border; a tile's probabilities are averaged over its views at ``tiles.scales`` and, with
+    Each pixel takes the class (:func:`biopsy.decision.decide_classes`) of the tile whose centre
+    is nearest, so it is never predicted from a tile border; a tile's probabilities are averaged over its views at ``tiles.scales`` and, with
     ``tta``, over mirror images, as in inference (:func:`biopsy.infer.batch_probabilities`).
     """
     grid = tiles.grid
@@ -43,7 +44,8 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, tiles: TileDataset, d
         batch = torch.stack([tiles[i] for i in chunk]).to(device)
         views = [info.normalise(batch[:, view]) for view in range(batch.shape[1])]
         probabilities = batch_probabilities(model, views, tiles.scales, autocast, patch, tta)
-        classes = probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        classes = decide_classes(probabilities, info.class_names, info.glomerulus_threshold,
+                                 dim=1).to(torch.uint8).cpu().numpy()
         for (top, left), tile in zip(grid.origins_px[chunk], classes):
             (row0, row1), (col0, col1) = row_cells[top], col_cells[left]
             result[row0:row1, col0:col1] = tile[row0 - top:row1 - top, col0 - left:col1 - left]
@@ -264,11 +266,13 @@ def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]
 
 
 def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None,
-                        objects: list[dict] | None = None) -> dict[str, dict[str, float | None]]:
+                        objects: list[dict] | None = None, glomerulus_threshold: float | None = None
+                        ) -> dict[str, dict[str, float | None]]:
     """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
-    (as ``config.evaluate`` says); a row per glomerulus appended to ``objects`` when given."""
+    (as ``config.evaluate`` says); a row per glomerulus appended to ``objects`` when given.
+    ``glomerulus_threshold`` replaces the checkpoint's (:mod:`biopsy.decision`)."""
     device = _default_device()
-    model, info = _load(checkpoint, device)
+    model, info = _load(checkpoint, device, glomerulus_threshold)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
         slides = split_by_case(slides, config.data.split)[1]
@@ -277,11 +281,12 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
     return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, objects=objects)
 
 
-def evaluate_folds(config: Config, folds: int, objects: list[dict] | None = None
+def evaluate_folds(config: Config, folds: int, objects: list[dict] | None = None,
+                   glomerulus_threshold: float | None = None
                    ) -> dict[str, dict[str, float | None]]:
     """Cross-validation metrics: each case judged by the model of the fold that held it out
     (:func:`fold_model`), counts pooled over the folds; a row per glomerulus appended to
-    ``objects`` when given.
+    ``objects`` when given. ``glomerulus_threshold`` replaces the checkpoints'.
 
     Raises
     ------
@@ -293,18 +298,20 @@ def evaluate_folds(config: Config, folds: int, objects: list[dict] | None = None
     counts: dict[str, np.ndarray] = {}
     device = _default_device()
     for fold in range(folds):
-        model, info, slides = fold_model(config, fold, folds, device)
+        model, info, slides = fold_model(config, fold, folds, device, glomerulus_threshold)
         for stain, count in slide_counts(model, info, slides, config.evaluate, device,
                                          bf16=config.train.bf16(device.type), objects=objects).items():
             counts[stain] = counts.get(stain, 0) + count
     return metrics_by_stain(counts, info.class_names)
 
 
-def fold_model(config: Config, fold: int, folds: int, device: str | torch.device
+def fold_model(config: Config, fold: int, folds: int, device: str | torch.device,
+               glomerulus_threshold: float | None = None
                ) -> tuple[torch.nn.Module, ModelInfo, list[AnnotatedSlide]]:
     """Fold ``fold`` of a ``folds``-fold cross-validation trained by ``fit --folds``: the model of
     its ``last.safetensors`` (not the best, which was chosen on the very cases the fold holds out),
-    on ``device``, its info and the held-out slides, stain-normalised as the model asks.
+    on ``device``, its info (with ``glomerulus_threshold`` in place of its own, when given) and
+    the held-out slides, stain-normalised as the model asks.
 
     Raises
     ------
@@ -316,7 +323,7 @@ def fold_model(config: Config, fold: int, folds: int, device: str | torch.device
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: fold {fold} is not trained; run `python -m training "
                               f"fit {config.source} --folds {folds} --fold {fold}`")
-    model, info = _load(checkpoint, device)
+    model, info = _load(checkpoint, device, glomerulus_threshold)
     slides = split_by_case(find_slides(config.data, info.class_names, config.source),
                            fold_config.data.split)[1]
     if (info.validation_metrics or {}).get("validation_cases") != sorted({s.case for s in slides}):
@@ -331,8 +338,11 @@ def _no_counts(class_names: Sequence[str]) -> np.ndarray:
     return np.zeros(3 * len(class_names) + 9, np.int64)
 
 
-def _load(checkpoint: str | Path, device: str | torch.device) -> tuple[torch.nn.Module, ModelInfo]:
+def _load(checkpoint: str | Path, device: str | torch.device,
+          glomerulus_threshold: float | None = None) -> tuple[torch.nn.Module, ModelInfo]:
     model, info = load_checkpoint(checkpoint, device)
+    if glomerulus_threshold is not None:
+        info = with_glomerulus_threshold(info, glomerulus_threshold, checkpoint)
     return model.to(memory_format=torch.channels_last), info
 
 

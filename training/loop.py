@@ -156,6 +156,7 @@ def model_info(config: Config) -> ModelInfo:
                      class_names=list(model.classes), class_colours=colours,
                      input_mpp=model.input_mpp, patch_size_px=model.patch_size_px,
                      in_channels=model.in_channels,
+                     glomerulus_threshold=model.glomerulus_threshold,
                      normalisation={"mean": list(model.normalisation_mean),
                                     "std": list(model.normalisation_std)},
                      training_config=config.to_dict())

@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     provenance = {
         "slide": {"path": str(args.slide), "sha256": slide.sha256, "mpp": list(slide.mpp)},
         "model": {"path": str(args.model), "sha256": info.sha256, "input_mpp": info.input_mpp,
-                  "patch_size_px": info.patch_size_px},
+                  "patch_size_px": info.patch_size_px,
+                  "glomerulus_threshold": info.glomerulus_threshold},
         "options": {"batch_size": args.batch_size, "workers": args.workers,
                     "device": str(args.device),
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
