@@ -1,5 +1,6 @@
 """What an output records about where it came from: file hashes and package versions."""
 
+import configparser
 import hashlib
 import importlib.metadata
 import json
@@ -15,15 +16,41 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Keys of a Hamamatsu VMS / VMU index that name its data files ("ImageFile(x,y)" for the rest of
+# a mosaic of JPEGs), as OpenSlide's hamamatsu reader takes them.
+HAMAMATSU_FILE_KEYS = ("ImageFile", "MapFile", "OptimisationFile", "MacroImage")
+
+
 def slide_files(path: str | Path) -> list[Path]:
-    """The files that hold a slide: the file itself and, for a MIRAX slide (``.mrxs``), the files
-    of the folder of the same name beside it, which hold its pixels (the ``.mrxs`` is a small
-    index)."""
+    """The files that hold a slide: the file itself and, where it is a small index to others,
+    the files that hold its pixels: for MIRAX (``.mrxs``) the files of the folder of the same
+    name beside it, for Hamamatsu VMS / VMU (``.vms``, ``.vmu``) those its keys name."""
     path = Path(path)
-    folder = path.with_suffix("")
-    if path.suffix.lower() != ".mrxs" or not folder.is_dir():
-        return [path]
-    return [path] + sorted(p for p in folder.iterdir() if p.is_file())
+    suffix = path.suffix.lower()
+    if suffix == ".mrxs":
+        return [path] + _mirax_files(path)
+    if suffix in (".vms", ".vmu"):
+        return [path] + _hamamatsu_files(path)
+    return [path]
+
+
+def _mirax_files(index: Path) -> list[Path]:
+    folder = index.with_suffix("")
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def _hamamatsu_files(index: Path) -> list[Path]:
+    """The existing files named, relative to the index's folder, under :data:`HAMAMATSU_FILE_KEYS`
+    (none where the index is not a readable key file: opening the slide reports that)."""
+    keys = configparser.ConfigParser(interpolation=None, strict=False)
+    keys.optionxform = str  # keys are case-sensitive
+    try:
+        keys.read(index, encoding="utf-8-sig")
+    except (configparser.Error, UnicodeDecodeError, OSError):
+        return []
+    named = {index.parent / value for section in keys.sections()
+             for key, value in keys.items(section) if key.split("(")[0] in HAMAMATSU_FILE_KEYS}
+    return sorted(p for p in named if p.is_file())
 
 
 def slide_sha256(path: str | Path) -> str:

@@ -101,7 +101,7 @@ class Slide:
 
     @property
     def sha256(self) -> str:
-        """SHA-256 of the slide's bytes, all its files' for a MIRAX slide (computed once,
+        """SHA-256 of the slide's bytes, all its files' for a MIRAX or VMS slide (computed once,
         streamed; :func:`biopsy.provenance.slide_sha256`)."""
         if self._sha256 is None:
             self._sha256 = slide_sha256(self.path)

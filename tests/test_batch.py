@@ -208,6 +208,29 @@ def test_a_mirax_slide_is_known_by_its_data_files_not_its_index_alone(tmp_path):
         folder / "Slidedat.ini")
 
 
+def test_a_hamamatsu_vms_slide_is_known_by_the_files_its_index_names(tmp_path):
+    """A VMS index names the JPEGs (a mosaic: "ImageFile(x,y)"), map and optimisation files
+    beside it; they are the slide, other files of the folder are not."""
+    index = tmp_path / "slide.vms"
+    index.write_text("[Virtual Microscope Specimen]\nNoJpegColumns=2\nImageFile=slide.jpg\n"
+                     "ImageFile(1,0)=slide_x1.jpg\nMapFile=slide_map.jpg\n"
+                     "OptimisationFile=slide.opt\nMacroImage=slide_macro.jpg\n")
+    for name in ("slide.jpg", "slide_x1.jpg", "slide_map.jpg", "slide.opt", "notes.txt"):
+        (tmp_path / name).write_bytes(b"bytes of " + name.encode())
+    assert provenance.slide_files(index) == [index] + [
+        tmp_path / n for n in ("slide.jpg", "slide.opt", "slide_map.jpg", "slide_x1.jpg")]
+    source = provenance.file_identity(index) | {"sha256": provenance.slide_sha256(index)}
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in provenance.slide_files(index):
+        path.rename(moved / path.name)
+    assert provenance.is_same_file(source, moved / "slide.vms")
+    (moved / "slide_x1.jpg").write_bytes(b"bytes of slide_x2.jpg")  # same size, new pixels
+    assert not provenance.is_same_file(source, moved / "slide.vms")
+    (tmp_path / "broken.vmu").write_bytes(b"\xff\xfe not a key file")
+    assert provenance.slide_files(tmp_path / "broken.vmu") == [tmp_path / "broken.vmu"]
+
+
 def test_slide_recipe_follows_what_changes_scores():
     info = ModelInfo("toy", {}, list(CLASS_NAMES), {}, MPP, 128, 3, {"mean": [0.0] * 3, "std": [1.0] * 3},
                      sha256="a" * 64, stain_reference=[1.5, 0.7])
