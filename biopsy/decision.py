@@ -36,6 +36,7 @@ def decide_classes(scores: torch.Tensor, class_names: Sequence[str],
     """
     if glomerulus_threshold is None:
         return scores.max(dim).indices  # as argmax, ~4x faster on CPU over dim 0
+    scores = scores.float()  # bf16 would round the shares at the threshold
     shape = [1] * scores.ndim
     shape[dim] = len(class_names)
     glomerular = torch.tensor([name in GLOMERULAR_CLASSES for name in class_names],

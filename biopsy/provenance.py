@@ -41,16 +41,27 @@ def _mirax_files(index: Path) -> list[Path]:
 
 def _hamamatsu_files(index: Path) -> list[Path]:
     """The existing files named, relative to the index's folder, under :data:`HAMAMATSU_FILE_KEYS`
-    (none where the index is not a readable key file: opening the slide reports that)."""
+    (none where the index is not a key file: opening the slide reports that). Lines are read
+    as a key file reader reads them: indented or not, those that are not "key=value" skipped."""
     keys = configparser.ConfigParser(interpolation=None, strict=False)
     keys.optionxform = str  # keys are case-sensitive
     try:
-        keys.read(index, encoding="utf-8-sig")
-    except (configparser.Error, UnicodeDecodeError, OSError):
+        text = index.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        keys.read_string("\n".join(line.strip() for line in text.splitlines()))
+    except configparser.ParsingError:
+        pass  # raised after reading every line: the good ones are in
+    except (configparser.Error, OSError):
         return []
     named = {index.parent / value for section in keys.sections()
              for key, value in keys.items(section) if key.split("(")[0] in HAMAMATSU_FILE_KEYS}
-    return sorted(p for p in named if p.is_file())
+    return sorted(p for p in named if _is_file(p))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long, a folder not readable
+        return False
 
 
 def slide_sha256(path: str | Path) -> str:

@@ -212,9 +212,10 @@ def test_a_hamamatsu_vms_slide_is_known_by_the_files_its_index_names(tmp_path):
     """A VMS index names the JPEGs (a mosaic: "ImageFile(x,y)"), map and optimisation files
     beside it; they are the slide, other files of the folder are not."""
     index = tmp_path / "slide.vms"
-    index.write_text("[Virtual Microscope Specimen]\nNoJpegColumns=2\nImageFile=slide.jpg\n"
-                     "ImageFile(1,0)=slide_x1.jpg\nMapFile=slide_map.jpg\n"
-                     "OptimisationFile=slide.opt\nMacroImage=slide_macro.jpg\n")
+    index.write_bytes(b"[Virtual Microscope Specimen]\nNoJpegColumns=2\nImageFile=slide.jpg\n"
+                      b"  ImageFile(1,0)=slide_x1.jpg\nnot a key\nMapFile=slide_map.jpg\n"
+                      b"Comment=\xe9chantillon\nOptimisationFile=slide.opt\n"
+                      b"MacroImage=" + b"m" * 300 + b".jpg\n")  # indented, bad lines, Latin-1
     for name in ("slide.jpg", "slide_x1.jpg", "slide_map.jpg", "slide.opt", "notes.txt"):
         (tmp_path / name).write_bytes(b"bytes of " + name.encode())
     assert provenance.slide_files(index) == [index] + [

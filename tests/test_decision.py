@@ -33,6 +33,8 @@ def _pixel_by_pixel(probabilities: np.ndarray, names, threshold: float) -> np.nd
 def test_without_a_threshold_each_pixel_takes_its_most_probable_class():
     probabilities = _probabilities((2, len(NAMES), 7, 9))
     assert torch.equal(decide_classes(probabilities, NAMES, dim=1), probabilities.argmax(dim=1))
+    tied = torch.tensor([0.1, 0.3, 0.3, 0.1, 0.1, 0.1]).view(6, 1)
+    assert decide_classes(tied, NAMES).item() == 1  # the first of equal maxima, as argmax
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])

@@ -120,6 +120,24 @@ def test_tiled_prediction_covers_every_pixel_exactly(dataset_root, tmp_path):
             assert np.array_equal(prediction, (image[..., 0] > 127.5).astype(np.uint8))
 
 
+@pytest.mark.parametrize("threshold, expected", [(None, 0), (0.5, 1), (0.7, 0)])
+def test_tiled_prediction_decides_glomerulus_first_where_the_model_says(dataset_root, tmp_path,
+                                                                        threshold, expected):
+    """Probabilities tissue 0.4, tuft 0.3, sclerosis 0.3 everywhere: tissue by the argmax, tuft
+    when glomerular classes decide first at 0.5 (they hold 0.6), tissue again at 0.7."""
+    info = model_info(config_from_dict(config_dict(dataset_root, tmp_path), "test"))
+    info.glomerulus_threshold = threshold
+    model = torch.nn.Conv2d(3, 3, 1)
+    torch.nn.init.zeros_(model.weight)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([0.4, 0.3, 0.3]).log())
+    Image.fromarray(np.full((100, 90, 3), 200, np.uint8)).save(tmp_path / "flat.png")
+    slide = open_slide(tmp_path / "flat.png", mpp=info.input_mpp)
+    tiles = TileDataset(slide, make_grid((100, 90), info.input_mpp, info.patch_size_px))
+    prediction = predict_image(model.eval(), info, tiles, torch.device("cpu"))
+    assert prediction.shape == (100, 90) and np.all(prediction == expected)
+
+
 def test_evaluation_normalises_stains_and_augments_as_configured(dataset_root, tmp_path, monkeypatch):
     root = tmp_path / "data"
     shutil.copytree(dataset_root, root)
