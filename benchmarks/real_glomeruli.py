@@ -93,8 +93,7 @@ def models_and_slides(args, config):
     the cases it held out."""
     if args.folds is None:
         model, info = load_checkpoint(args.checkpoint, args.device)
-        if args.glomerulus_threshold is not None:
-            info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
+        info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
         yield model, info, split_by_case(find_slides(config.data, info.class_names, config.source),
                                          config.data.split)[1]
     else:

@@ -205,14 +205,18 @@ class ModelInfo:
         return ((batch.float() - mean) * scale).permute(0, 3, 1, 2)
 
 
-def with_glomerulus_threshold(info: ModelInfo, threshold: float, source: str | Path) -> ModelInfo:
-    """``info`` deciding glomerulus first at ``threshold`` (:mod:`biopsy.decision`).
+def with_glomerulus_threshold(info: ModelInfo, threshold: float | None, source: str | Path
+                              ) -> ModelInfo:
+    """``info`` deciding glomerulus first at ``threshold`` (:mod:`biopsy.decision`); ``info``
+    itself when ``threshold`` is None.
 
     Raises
     ------
     CheckpointError : the threshold is not in (0, 1), or the model's classes leave nothing to
         decide (``source`` names the checkpoint).
     """
+    if threshold is None:
+        return info
     try:
         check_glomerulus_threshold(threshold, info.class_names)
     except ValueError as error:

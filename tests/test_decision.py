@@ -75,3 +75,4 @@ def test_a_model_without_glomerular_classes_takes_no_threshold():
     info.class_names = ["tissue", "tuft", "sclerosis"]
     assert with_glomerulus_threshold(info, 0.7, "toy.safetensors").glomerulus_threshold == 0.7
     assert info.glomerulus_threshold is None  # a copy
+    assert with_glomerulus_threshold(info, None, "toy.safetensors") is info  # none given

@@ -71,8 +71,7 @@ def _run(args) -> int:
         from biopsy.model import load_checkpoint, save_checkpoint, with_glomerulus_threshold
 
         model, info = load_checkpoint(args.checkpoint)
-        if args.glomerulus_threshold is not None:
-            info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
+        info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
         save_checkpoint(args.out, model, info, half_precision=args.half)
         return 0
     from training.config import load_config

@@ -341,8 +341,7 @@ def _no_counts(class_names: Sequence[str]) -> np.ndarray:
 def _load(checkpoint: str | Path, device: str | torch.device,
           glomerulus_threshold: float | None = None) -> tuple[torch.nn.Module, ModelInfo]:
     model, info = load_checkpoint(checkpoint, device)
-    if glomerulus_threshold is not None:
-        info = with_glomerulus_threshold(info, glomerulus_threshold, checkpoint)
+    info = with_glomerulus_threshold(info, glomerulus_threshold, checkpoint)
     return model.to(memory_format=torch.channels_last), info
 
 
