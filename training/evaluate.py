@@ -30,8 +30,9 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, tiles: TileDataset, d
     (:func:`image_tiles`; ``tiles.grid.shape_px``).
 
     Each pixel takes the class (:func:`biopsy.decision.decide_classes`) of the tile whose centre
-    is nearest, so it is never predicted from a tile border; a tile's probabilities are averaged over its views at ``tiles.scales`` and, with
-    ``tta``, over mirror images, as in inference (:func:`biopsy.infer.batch_probabilities`).
+    is nearest, so it is never predicted from a tile border; a tile's probabilities are averaged
+    over its views at ``tiles.scales`` and, with ``tta``, over mirror images, as in inference
+    (:func:`biopsy.infer.batch_probabilities`).
     """
     grid = tiles.grid
     patch = grid.patch_px
