@@ -8,13 +8,15 @@ outlines of every glomerulus, ``gs`` = globally sclerotic) goes through the prod
 IoU >= 0.5 (outlines under ``evaluate.min_glomerulus_area_um2`` left out, as ``training eval``
 does: one degenerate 4 µm² polygon); the table gives, per stain and over all, detection
 precision / recall / F1, the global-sclerosis F1 (a hit is a matched pair where both are
-globally sclerotic) and the mean absolute error of the glomerulus count per image.
+globally sclerotic) and the mean absolute error of the glomerulus count per image. Mirror images,
+reading scales and the pixel-size search are the config's ``evaluate`` ones unless given.
 
     python -m training fit configs/train/real-glomeruli.yaml         # a GPU: ~10 min
     python benchmarks/real_glomeruli.py --checkpoint runs/real-glomeruli/best.safetensors
     python benchmarks/real_glomeruli.py --folds 4    # every case, by its fold's model (fit --folds 4)
     python benchmarks/real_glomeruli.py --folds 4 --tta --scales 1 1.41   # test-time augmentation
     python benchmarks/real_glomeruli.py --folds 4 --glomerulus-threshold 0.7   # decision sweep
+    python benchmarks/real_glomeruli.py --folds 4 --mpp-search 1   # each image at its given size
 
 The data's licence is unstated: the weights trained on it stay out of the repository.
 """
@@ -33,23 +35,31 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from biopsy.classes import GLOMERULAR_CLASSES  # noqa: E402
-from biopsy.cli.batch import add_tta_arguments  # noqa: E402
+from biopsy.cli.batch import add_test_time_arguments  # noqa: E402
 from biopsy.infer import segment_slide  # noqa: E402
 from biopsy.model import load_checkpoint, with_glomerulus_threshold  # noqa: E402
+from biopsy.mppsearch import most_confident_mpp  # noqa: E402
 from biopsy.scorefolder import score_class_map  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from training.cases import find_slides, split_by_case  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.__main__ import add_glomerulus_threshold_argument  # noqa: E402
+from training.__main__ import (add_glomerulus_threshold_argument,  # noqa: E402
+                               with_test_time_options)
 from training.evaluate import fold_model, label_instances, match_instances  # noqa: E402
 
 
-def image_counts(annotated, model, info, score_config, device: str, settings,
-                 tta: bool = False, scales: tuple[float, ...] = (1.0,)) -> np.ndarray:
-    """[TP, FP, FN, GS TP, GS FP, GS FN, |count error|] of one annotated image; outlines smaller
-    than ``settings.min_glomerulus_area_um2`` are left out, as ``training eval`` leaves them."""
+def image_counts(annotated, model, info, score_config, device: str, settings) -> np.ndarray:
+    """[TP, FP, FN, GS TP, GS FP, GS FN, |count error|] of one annotated image, segmented with
+    the mirror images, reading scales and pixel-size search of ``settings`` (a training config's
+    ``evaluate``); outlines smaller than ``settings.min_glomerulus_area_um2`` are left out, as
+    ``training eval`` leaves them."""
+    if settings.mpp_search:
+        choice = most_confident_mpp(annotated.slide(), model, info, tuple(settings.mpp_search),
+                                    device=device)
+        annotated = annotated.with_mpp_scaled(choice.factor)
     slide = annotated.slide()
-    class_map = segment_slide(slide, model, info, device=device, workers=0, tta=tta, scales=scales)
+    class_map = segment_slide(slide, model, info, device=device, workers=0, tta=settings.tta,
+                              scales=tuple(settings.scales))
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, score_config,
                              level0_mpp=slide.mpp[0])
     height, width = class_map.labels.shape
@@ -110,25 +120,27 @@ def main() -> None:
                              "the cases it held out (python -m training fit CONFIG --folds N)")
     parser.add_argument("--config", default=str(REPO / "configs/train/real-glomeruli.yaml"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_tta_arguments(parser)
+    add_test_time_arguments(parser, config_key="the config's evaluate")
     add_glomerulus_threshold_argument(parser, "instead of the checkpoints'")
     args = parser.parse_args()
     if args.folds is not None and args.folds < 2:
         parser.error("--folds needs at least 2")
-    config = load_config(args.config)
+    config = with_test_time_options(load_config(args.config), args.tta, args.scales,
+                                    args.mpp_search)
+    settings = config.evaluate
     score_config = load_score_config()
     counts, images, cases = defaultdict(lambda: np.zeros(7, int)), defaultdict(int), set()
     for model, info, slides in models_and_slides(args, config):
         cases |= {s.case for s in slides}
         for annotated in slides:
-            result = image_counts(annotated, model, info, score_config, args.device,
-                                  config.evaluate, args.tta, tuple(args.scales))
+            result = image_counts(annotated, model, info, score_config, args.device, settings)
             for key in (annotated.stain, "all"):
                 counts[key] += result
                 images[key] += 1
     print(f"{args.checkpoint or f'{args.folds}-fold cross-validation'}: {images['all']} validation "
           f"images of {len(cases)} cases, {info.input_mpp} µm/px, scoring config nih-2018"
-          f"{', mirror images' if args.tta else ''}, reading scales {args.scales}, "
+          f"{', mirror images' if settings.tta else ''}, reading scales {settings.scales}, "
+          f"{f'pixel size searched x {settings.mpp_search}, ' if settings.mpp_search else ''}"
           f"glomerulus threshold {info.glomerulus_threshold or 'none (argmax)'}\n")
     print_table(counts, images)
 

@@ -47,7 +47,7 @@ from scipy.stats import pearsonr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from biopsy.cli.batch import add_tta_arguments  # noqa: E402
+from biopsy.cli.batch import add_test_time_arguments  # noqa: E402
 from biopsy.model import DEFAULT_CHECKPOINT, read_model_info  # noqa: E402
 from biopsy.pipeline import inference_options, load_model, score_slide_file, slide_recipe  # noqa: E402
 from biopsy.scorefolder import read_score_folder  # noqa: E402
@@ -145,8 +145,9 @@ class Scorer:
     first use."""
 
     def __init__(self, device: str | None, int8: bool = False, tta: bool = False,
-                 scales: tuple[float, ...] = (1.0,)):
-        self.options = inference_options(device, int8=int8, tta=tta, scales=scales)
+                 scales: tuple[float, ...] = (1.0,), mpp_search: list[float] | None = None):
+        self.options = inference_options(device, int8=int8, tta=tta, scales=scales,
+                                         mpp_search=mpp_search)
         self.config = load_score_config()
         self.model = None
 
@@ -258,14 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--int8", action="store_true",
                         help="score with the int8 model on the CPU (biopsy.quantize)")
-    add_tta_arguments(parser)
+    add_test_time_arguments(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as temporary:
         run(args, args.work_dir or Path(temporary))
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
-    scorer = Scorer(args.device, args.int8, args.tta, tuple(args.scales))
+    scorer = Scorer(args.device, args.int8, args.tta, tuple(args.scales), args.mpp_search)
     recipe = slide_recipe(read_model_info(DEFAULT_CHECKPOINT), scorer.config, scorer.options, None)
     results = []
     for index in range(args.slides):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from biopsy.infer import check_scales, segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration
+from biopsy.mppsearch import check_factors, most_confident_mpp
 from biopsy.nuclei import DETECTION_MPP, detect_nuclei, why_not_countable
 from biopsy.provenance import file_identity, file_sha256, package_versions, recipe_sha256
 from biopsy.quantize import quantized_model
@@ -44,7 +46,8 @@ INFERENCE_PACKAGES = ("openslide-python", "openslide-bin", "tifffile", "imagecod
 class InferenceOptions:
     """How a slide is segmented: where, how many tiles at a time, whether by an int8 model, whether
     with test-time augmentation by mirror images (``tta``) and reading scales (``scales``)
-    (:func:`biopsy.infer.segment_slide`)."""
+    (:func:`biopsy.infer.segment_slide`), and at its pixel size times which of the factors
+    ``mpp_search`` (None: the slide's own; :mod:`biopsy.mppsearch`)."""
 
     device: str = "cpu"
     batch_size: int = 16
@@ -52,6 +55,7 @@ class InferenceOptions:
     int8: bool = False
     tta: bool = False
     scales: tuple[float, ...] = (1.0,)
+    mpp_search: tuple[float, ...] | None = None
 
 
 def resolve_device(device: str | None) -> str:
@@ -63,7 +67,8 @@ def resolve_device(device: str | None) -> str:
 
 def inference_options(device: str | None = None, batch_size: int = 16,
                       workers: int | None = None, int8: bool = False, tta: bool = False,
-                      scales: tuple[float, ...] = (1.0,)) -> InferenceOptions:
+                      scales: tuple[float, ...] = (1.0,),
+                      mpp_search: Sequence[float] | None = None) -> InferenceOptions:
     """Options with the defaults resolved: the device (:func:`resolve_device`; the CPU for int8)
     and the tile-reading workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA,
     where decoding is).
@@ -71,15 +76,19 @@ def inference_options(device: str | None = None, batch_size: int = 16,
     Raises
     ------
     CheckpointError : int8 asked for on another device than the CPU.
-    ValueError : a reading scale not positive, or none >= 1.
+    ValueError : a reading scale not positive, or none >= 1; a search factor not positive.
     """
     check_scales(scales)
+    if mpp_search is not None:
+        check_factors(tuple(mpp_search))
+        mpp_search = tuple(map(float, mpp_search))
     device = "cpu" if int8 and device is None else resolve_device(device)
     if int8 and torch.device(device).type != "cpu":
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
     if workers is None:
         workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
-    return InferenceOptions(device, batch_size, workers, int8, tta, tuple(map(float, scales)))
+    return InferenceOptions(device, batch_size, workers, int8, tta, tuple(map(float, scales)),
+                            mpp_search)
 
 
 def checkpoint_path(path: str | Path | None) -> Path:
@@ -131,6 +140,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     """
     with open_slide(slide_path, mpp=mpp) as slide:
         started = time.perf_counter()
+        searched = search_mpp(slide, model, info, options)
         class_map = segment_slide(slide, model, info, batch_size=options.batch_size,
                                   workers=options.workers, device=options.device,
                                   overlap=TILE_OVERLAP, bf16=_bf16(options.device),
@@ -156,6 +166,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                       "bf16": _bf16(options.device),
                       "int8": options.int8, "tta": options.tta,
                       "scales": list(options.scales),
+                      **searched,
                       "stain_reference": info.stain_reference,
                       "stain_factors": class_map.stain_factors,
                       "tiles": class_map.tile_count, "seconds": round(seconds, 2),
@@ -168,6 +179,19 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                        provenance, instances=scored.instances, config=config,
                        level0_mpp=level0_mpp)
     return scored.scores
+
+
+def search_mpp(slide, model: nn.Module, info: ModelInfo, options: InferenceOptions) -> dict:
+    """Under ``options.mpp_search``, set ``slide.mpp`` to the pixel size the model reads most
+    surely (:func:`biopsy.mppsearch.most_confident_mpp`); its record for the provenance."""
+    if options.mpp_search is None:
+        return {}
+    choice = most_confident_mpp(slide, model.eval(), info, options.mpp_search,
+                                device=options.device, batch_size=options.batch_size,
+                                bf16=_bf16(options.device))
+    slide.mpp = choice.mpp
+    return {"mpp_search": {"factors": list(options.mpp_search), "factor": choice.factor,
+                           "confidence": [choice.confidence[f] for f in options.mpp_search]}}
 
 
 def _bf16(device: str) -> bool:
@@ -207,13 +231,14 @@ def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions
                  mpp: float | None) -> str:
     """Fingerprint (:func:`biopsy.provenance.recipe_sha256`) of what decides a slide's scores
     beyond its pixels: the model's bytes, int8, bf16 (on CUDA), test-time augmentation (mirror
-    images, reading scales), the stain reference, the pixel size given in place of the slide's
-    and the scoring config. Batch size, workers and which GPU change no score and are left out.
-    Reading scales count only when other than the one scale, so that folders scored before they
-    existed still match."""
+    images, reading scales), the pixel-size search factors, the stain reference, the pixel size
+    given in place of the slide's and the scoring config. Batch size, workers and which GPU change
+    no score and are left out. Reading scales and search factors count only when other than the
+    one scale and none, so that folders scored before they existed still match."""
     scales = {} if options.scales == (1.0,) else {"scales": list(options.scales)}
+    search = {} if options.mpp_search is None else {"mpp_search": list(options.mpp_search)}
     return recipe_sha256({"model_sha256": info.sha256, "int8": options.int8,
-                          "bf16": _bf16(options.device), "tta": options.tta, **scales,
+                          "bf16": _bf16(options.device), "tta": options.tta, **scales, **search,
                           "stain_reference": info.stain_reference, "mpp_given": mpp,
                           "config": config.as_dict()})
 

@@ -11,6 +11,7 @@ places a level's pixels at level-0 location / downsample and interpolates the fr
 with a non-integer downsample its regions can be off by up to 0.5 / downsample level pixels.)
 """
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ class Slide:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    def with_mpp_scaled(self, factor: float) -> "Slide":
+        """A copy of the slide (its own file handle, opened on first read) whose pixel size is
+        ``factor`` times this one's (:mod:`biopsy.mppsearch`)."""
+        scaled = copy.copy(self)
+        scaled.mpp = (self.mpp[0] * factor, self.mpp[1] * factor)
+        return scaled
 
     @property
     def sha256(self) -> str:

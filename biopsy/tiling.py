@@ -96,6 +96,14 @@ def nearest_cells(starts: list[int], patch_px: int, size_px: int) -> list[tuple[
     return list(zip(bounds, bounds[1:]))
 
 
+def cell_spans(size_px: int, patch_px: int, step_px: int) -> dict[int, tuple[int, int]]:
+    """Along one axis of a grid, each tile start -> the [from, to) of pixels nearest to that
+    tile's centre (:func:`nearest_cells`)."""
+    starts = axis_starts(size_px, patch_px, step_px)
+    return {start: (int(keep_from), int(keep_to))
+            for start, (keep_from, keep_to) in zip(starts, nearest_cells(starts, patch_px, size_px))}
+
+
 def grid_shape_px(dimensions: tuple[int, int], slide_mpp: tuple[float, float],
                   mpp: float) -> tuple[int, int]:
     """(height, width) at ``mpp`` of a slide of level-0 ``dimensions`` (width, height)."""

@@ -253,8 +253,9 @@ def test_slide_recipe_follows_what_changes_scores():
                pipeline.slide_recipe(info, config, replace(options, int8=True), None),
                pipeline.slide_recipe(info, config, replace(options, tta=True), None),
                pipeline.slide_recipe(info, config, replace(options, scales=(1.0, 1.41)), None),
+               pipeline.slide_recipe(info, config, replace(options, mpp_search=(1.0, 1.41)), None),
                pipeline.slide_recipe(info, config, options, 0.25)]
-    assert len({recipe, *changed}) == 9
+    assert len({recipe, *changed}) == 10
 
 
 KILLABLE_RUN = """

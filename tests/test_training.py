@@ -62,6 +62,7 @@ def test_bundled_configs_load():
     (lambda d: d.update(sampling={"mpp_scale": [2.0, 0.5]}), r"sampling.mpp_scale must be \[low, high\]"),
     (lambda d: d.update(evaluate={"scales": [0.9, 0.5]}), r"evaluate.scales: .* at least one >= 1"),
     (lambda d: d.update(evaluate={"scales": [1.0, float("nan")]}), r"evaluate.scales: .*positive"),
+    (lambda d: d.update(evaluate={"mpp_search": [1.0, 0]}), r"evaluate.mpp_search: .*positive"),
     (lambda d: d["model"].update(glomerulus_threshold=1.5),
      r"model.glomerulus_threshold: .*probability in \(0, 1\)"),
     (lambda d: d.update(augment=[{"transform": "Rotate180"}]), r"augment\[0\].*albumentations transform"),

@@ -4,6 +4,7 @@ test-time augmentation in evaluation, k-fold cross-validation by case."""
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -185,6 +186,45 @@ def test_evaluation_normalises_stains_and_augments_as_configured(dataset_root, t
     assert with_tta["all"]["glomerulus_recall"] == pytest.approx(hits / len(truth))
     assert with_tta["all"]["glomerulus_precision"] == (pytest.approx(hits / len(predicted))
                                                        if predicted else None)
+
+
+def test_a_slide_taken_at_another_pixel_size_keeps_its_outlines_in_place(dataset_root, tmp_path):
+    config = config_from_dict(config_dict(dataset_root, tmp_path), "test")
+    slide = find_slides(config.data, config.model.classes, "test")[0]
+    scaled = slide.with_mpp_scaled(1.5)
+    assert scaled.mpp == scaled.labels.level0_mpp == scaled.slide().mpp[0] == 1.5 * slide.mpp
+    assert slide.labels.level0_mpp == slide.mpp  # the original is left as it was
+    width, height = slide.dimensions
+    truth = slide.labels.labels(0, 0, (width, height), slide.mpp)
+    # read at 1.5x the µm/px of the scaled slide: level-0 pixel for level-0 pixel
+    np.testing.assert_array_equal(scaled.labels.labels(0, 0, (width, height), scaled.mpp), truth)
+
+
+def test_evaluation_reads_each_slide_at_the_searched_pixel_size(dataset_root, tmp_path, monkeypatch):
+    settings = config_dict(dataset_root, tmp_path / "run", steps=2)
+    config = config_from_dict(settings, "test")
+    fit(config)
+    checkpoint = tmp_path / "run" / "last.safetensors"
+    model, info = load_checkpoint(checkpoint)
+    slides = split_by_case(find_slides(config.data, info.class_names, "test"), config.data.split)[1]
+    cpu = torch.device("cpu")
+    searched = evaluation.slide_counts(model, info, slides, replace(config.evaluate, mpp_search=[1.5]),
+                                       cpu)
+    scaled = evaluation.slide_counts(model, info, [s.with_mpp_scaled(1.5) for s in slides],
+                                     config.evaluate, cpu)
+    plain = evaluation.slide_counts(model, info, slides, config.evaluate, cpu)
+    assert searched.keys() == scaled.keys() == plain.keys()
+    assert all(np.array_equal(searched[s], scaled[s]) for s in searched)
+    assert not all(np.array_equal(searched[s], plain[s]) for s in searched)
+    factors = []  # what each search was given
+    search = evaluation.most_confident_mpp
+    monkeypatch.setattr(evaluation, "most_confident_mpp",
+                        lambda *args, **kwargs: factors.append(args[3]) or search(*args, **kwargs))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    assert training_main(["eval", str(path), "--checkpoint", str(checkpoint),
+                          "--mpp-search", "0.71", "1", "1.41"]) == 0
+    assert factors == [(0.71, 1.0, 1.41)] * len(slides)
 
 
 def test_cross_validation_trains_each_fold_and_pools_their_counts(dataset_root, tmp_path, capsys):

@@ -9,7 +9,7 @@ import io
 import json
 import sys
 
-from biopsy.cli.batch import add_tta_arguments
+from biopsy.cli.batch import add_test_time_arguments
 from biopsy.errors import BiopsyError
 
 OBJECT_COLUMNS = ["image", "case", "stain", "side", "id", "area_um2", "globally_sclerotic", "matched",
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--objects", metavar="CSV",
                           help="also write one row per true and per predicted glomerulus: image, "
                                "area, matched or not, best IoU and the area of that counterpart")
-    add_tta_arguments(evaluate, config_key="the config's evaluate")
+    add_test_time_arguments(evaluate, config_key="the config's evaluate")
     add_glomerulus_threshold_argument(evaluate, "instead of the checkpoint's (a sweep)")
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
@@ -90,7 +90,7 @@ def _run(args) -> int:
         from biopsy.atomic import write_text_atomic
         from training.evaluate import evaluate_checkpoint, evaluate_folds
 
-        config = with_test_time_augmentation(config, args.tta, args.scales)
+        config = with_test_time_options(config, args.tta, args.scales, args.mpp_search)
         objects: list[dict] = []
         if args.folds is not None:
             metrics = evaluate_folds(config, args.folds, objects, args.glomerulus_threshold)
@@ -128,13 +128,15 @@ def probability(text: str) -> float:
     return value
 
 
-def with_test_time_augmentation(config, tta: bool | None, scales: list[float] | None):
-    """``config`` with its evaluation's mirror images (``tta``) and reading scales replaced by
-    those given (None: the config's own)."""
+def with_test_time_options(config, tta: bool | None, scales: list[float] | None,
+                           mpp_search: list[float] | None):
+    """``config`` with its evaluation's mirror images (``tta``), reading scales and pixel-size
+    search factors replaced by those given (None: the config's own)."""
     from dataclasses import replace
 
     evaluate = replace(config.evaluate, tta=config.evaluate.tta if tta is None else tta,
-                       scales=scales or config.evaluate.scales)
+                       scales=scales or config.evaluate.scales,
+                       mpp_search=mpp_search or config.evaluate.mpp_search)
     return replace(config, evaluate=evaluate)
 
 

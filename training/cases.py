@@ -1,8 +1,9 @@
 """The annotated slides of a data config, and their split into training and validation by case."""
 
+import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,14 @@ class AnnotatedSlide:
         """The slide's pixels (:meth:`biopsy.slide.Slide.read`), stain-normalised when set."""
         image = self.slide().read(left, top, size, mpp)
         return image if self.stain_shift is None else self.stain_shift.apply(image)
+
+    def with_mpp_scaled(self, factor: float) -> "AnnotatedSlide":
+        """A copy whose pixel size (the slide's and its labels') is ``factor`` times this one's
+        (:mod:`biopsy.mppsearch`)."""
+        labels = copy.copy(self.labels)
+        labels.level0_mpp = self.mpp * factor
+        return replace(self, mpp=self.mpp * factor, mpp_override=self.mpp * factor, labels=labels,
+                       _slide=None)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None}

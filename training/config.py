@@ -17,6 +17,7 @@ from typing import Literal
 from biopsy.decision import check_glomerulus_threshold
 from biopsy.errors import ConfigError
 from biopsy.infer import check_scales
+from biopsy.mppsearch import check_factors
 from biopsy.resources import read_yaml_mapping
 from training.augment import build_augmentation
 
@@ -141,6 +142,7 @@ class EvaluateConfig:
     global_sclerosis_fraction: float = 0.5  # sclerosis share that makes a glomerulus global
     tta: bool = False  # predict as `biopsy ... --tta` does: averaged over mirror images
     scales: list[float] = field(default_factory=lambda: [1.0])  # as `biopsy ... --scales`
+    mpp_search: list[float] | None = None  # as `biopsy ... --mpp-search` (biopsy.mppsearch)
 
 
 @dataclass
@@ -328,4 +330,9 @@ def _check(config: Config, source: str) -> None:
         check_scales(tuple(config.evaluate.scales))
     except ValueError as error:
         raise ConfigError(f"{source}: evaluate.scales: {error}") from None
+    if config.evaluate.mpp_search is not None:
+        try:
+            check_factors(tuple(config.evaluate.mpp_search))
+        except ValueError as error:
+            raise ConfigError(f"{source}: evaluate.mpp_search: {error}") from None
     build_augmentation(config.augment, source)

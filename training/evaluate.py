@@ -18,7 +18,8 @@ from biopsy.geojson import IGNORE_INDEX
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.infer import batch_probabilities
 from biopsy.model import ModelInfo, load_checkpoint, with_glomerulus_threshold
-from biopsy.tiling import TileDataset, axis_starts, grid_shape_px, make_grid, nearest_cells
+from biopsy.mppsearch import most_confident_mpp
+from biopsy.tiling import TileDataset, cell_spans, grid_shape_px, make_grid
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
 from training.config import Config, EvaluateConfig, with_fold
 
@@ -37,7 +38,8 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, tiles: TileDataset, d
     grid = tiles.grid
     patch = grid.patch_px
     height, width = grid.shape_px
-    row_cells, col_cells = _cells(height, patch, grid.step_px), _cells(width, patch, grid.step_px)
+    row_cells = cell_spans(height, patch, grid.step_px)
+    col_cells = cell_spans(width, patch, grid.step_px)
     result = np.zeros((height, width), np.uint8)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     for first in range(0, len(tiles), batch_size):
@@ -60,13 +62,6 @@ def image_tiles(slide: AnnotatedSlide, info: ModelInfo, scales: tuple[float, ...
     shape_px = grid_shape_px(slide.dimensions, (slide.mpp, slide.mpp), info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, overlap=0.5)
     return TileDataset(slide.slide(), grid, slide.stain_shift, scales)
-
-
-def _cells(length: int, patch: int, step: int) -> dict[int, tuple[int, int]]:
-    """Along one axis, each tile start -> the [from, to) of pixels nearest to that tile's centre."""
-    starts = axis_starts(length, patch, step)
-    return {start: (int(keep_from), int(keep_to))
-            for start, (keep_from, keep_to) in zip(starts, nearest_cells(starts, patch, length))}
 
 
 def count_metrics(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str], mpp: float,
@@ -242,6 +237,10 @@ def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[Annotated
     was_training = model.training
     model.eval()
     for slide in slides:
+        if settings.mpp_search:
+            choice = most_confident_mpp(slide.slide(), model, info, tuple(settings.mpp_search),
+                                        device=device, batch_size=batch_size, bf16=bf16)
+            slide = slide.with_mpp_scaled(choice.factor)
         tiles = image_tiles(slide, info, tuple(settings.scales))
         height, width = tiles.grid.shape_px
         truth = slide.labels.labels(0, 0, (width, height), info.input_mpp)

@@ -44,20 +44,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tile-reading worker processes per slide (0: read in the main "
                              "process; default 2 on CPU, 8 on CUDA)")
     add_int8_argument(parser)
-    add_tta_arguments(parser)
+    add_test_time_arguments(parser)
 
 
-def add_tta_arguments(parser, config_key: str | None = None) -> None:
-    """--tta (mirror images) and --scales (reading scales): test-time augmentation. With
-    ``config_key``, both default to None, standing for ``config_key``'s ``tta`` and ``scales``
-    (--tta is then --tta / --no-tta)."""
+def add_test_time_arguments(parser, config_key: str | None = None) -> None:
+    """--tta (mirror images) and --scales (reading scales): test-time augmentation; --mpp-search
+    (a slide's pixel size searched, :mod:`biopsy.mppsearch`). With ``config_key``, all default to
+    None, standing for ``config_key``'s ``tta``, ``scales`` and ``mpp_search`` (--tta is then
+    --tta / --no-tta)."""
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction if config_key else
                         "store_true",
                         help="test-time augmentation: average each tile's probabilities with "
                              "those of its three mirror images (4x the model time, slightly more "
                              "accurate)." + (f" Default: as {config_key}.tta says." if config_key
                                              else ""))
-    parser.add_argument("--scales", type=reading_scale, nargs="+", metavar="S",
+    parser.add_argument("--scales", type=positive_number, nargs="+", metavar="S",
                         action=ReadingScales, default=None if config_key else [1.0],
                         help="multi-scale test-time augmentation: average each tile's "
                              "probabilities over views of it read at S times the model's mpp and "
@@ -66,10 +67,18 @@ def add_tta_arguments(parser, config_key: str | None = None) -> None:
                              "(2x the model time; put it after the positional arguments)." +
                              (f" Default: as {config_key}.scales says." if config_key
                               else " Default: 1."))
+    parser.add_argument("--mpp-search", type=positive_number, nargs="+", metavar="F",
+                        help="for images whose pixel size is uncertain (photomicrographs): read "
+                             "each slide as if its µm/px were F times the known or given one, "
+                             "for each F, and segment it at the F under which the model is most "
+                             "confident; e.g. --mpp-search 0.71 1 1.41 (one more model pass "
+                             "over up to 64 tissue tiles per F). Areas are then in the chosen "
+                             "pixel size." + (f" Default: as {config_key}.mpp_search says."
+                                              if config_key else ""))
 
 
-def reading_scale(text: str) -> float:
-    """A reading scale from the command line: a positive number."""
+def positive_number(text: str) -> float:
+    """A positive number from the command line (a reading scale, a pixel-size factor)."""
     try:
         scale = float(text)
     except ValueError:
@@ -135,7 +144,7 @@ def load_model_from_args(args: argparse.Namespace, device: str | None):
     from biopsy import pipeline
 
     options = pipeline.inference_options(device, args.batch_size, args.workers, args.int8, args.tta,
-                                         tuple(args.scales))
+                                         tuple(args.scales), args.mpp_search)
     model, info, model_path = pipeline.load_model(args.model, options.device, args.int8)
     if not args.stain_normalisation:
         info.stain_reference = None

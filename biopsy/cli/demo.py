@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_score_config()
     options = pipeline.inference_options(args.device, args.batch_size, args.workers, args.int8,
-                                         args.tta, tuple(args.scales))
+                                         args.tta, tuple(args.scales), args.mpp_search)
     recipe = pipeline.slide_recipe(read_model_info(model_path), config, options, mpp=None)
     loaded = None
     for slide_dir, name in zip(slide_dirs, ("baseline", "follow_up")):

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from biopsy.cli.batch import (add_int8_argument, add_stain_argument, add_tta_arguments,
+from biopsy.cli.batch import (add_int8_argument, add_stain_argument, add_test_time_arguments,
                               load_model_from_args)
 
 
@@ -39,13 +39,14 @@ def add_parser(subparsers) -> None:
                                 "bf16 --bf16 is ~2x faster, a few border pixels may change)")
     add_int8_argument(precision)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    add_tta_arguments(parser)
+    add_test_time_arguments(parser)
     add_stain_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from biopsy.infer import segment_slide
+    from biopsy.pipeline import search_mpp
     from biopsy.segment_outputs import write_segmentation
     from biopsy.slide import open_slide
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     options, model, info, _ = load_model_from_args(args, args.device)
     args.device, args.workers = options.device, options.workers
     started = time.perf_counter()
+    searched = search_mpp(slide, model, info, options)
     class_map = segment_slide(slide, model, info, batch_size=args.batch_size,
                               workers=args.workers, device=args.device,
                               output_mpp=args.output_mpp,
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "options": {"batch_size": args.batch_size, "workers": args.workers,
                     "device": str(args.device),
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
-                    "int8": args.int8, "tta": args.tta, "scales": args.scales,
+                    "int8": args.int8, "tta": args.tta, "scales": args.scales, **searched,
                     "output_mpp": class_map.mpp,
                     "overlap": 0.5,
                     "stain_reference": info.stain_reference,
