@@ -38,14 +38,14 @@ from biopsy.classes import GLOMERULAR_CLASSES  # noqa: E402
 from biopsy.cli.batch import add_test_time_arguments  # noqa: E402
 from biopsy.infer import segment_slide  # noqa: E402
 from biopsy.model import load_checkpoint, with_glomerulus_threshold  # noqa: E402
-from biopsy.mppsearch import most_confident_mpp  # noqa: E402
 from biopsy.scorefolder import score_class_map  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
 from training.cases import find_slides, split_by_case  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.__main__ import (add_glomerulus_threshold_argument,  # noqa: E402
                                with_test_time_options)
-from training.evaluate import fold_model, label_instances, match_instances  # noqa: E402
+from training.evaluate import (at_searched_mpp, fold_model, label_instances,  # noqa: E402
+                               match_instances)
 
 
 def image_counts(annotated, model, info, score_config, device: str, settings) -> np.ndarray:
@@ -53,10 +53,8 @@ def image_counts(annotated, model, info, score_config, device: str, settings) ->
     the mirror images, reading scales and pixel-size search of ``settings`` (a training config's
     ``evaluate``); outlines smaller than ``settings.min_glomerulus_area_um2`` are left out, as
     ``training eval`` leaves them."""
-    if settings.mpp_search:
-        choice = most_confident_mpp(annotated.slide(), model, info, tuple(settings.mpp_search),
-                                    device=device)
-        annotated = annotated.with_mpp_scaled(choice.factor)
+    bf16 = torch.device(device).type == "cuda"  # as segment_slide decides
+    annotated, _ = at_searched_mpp(annotated, model, info, settings, device, bf16=bf16)
     slide = annotated.slide()
     class_map = segment_slide(slide, model, info, device=device, workers=0, tta=settings.tta,
                               scales=tuple(settings.scales))

@@ -12,8 +12,8 @@ Layout of the output folder ``OUT``::
 A slide folder is scored in a ``.partial-`` folder and renamed into place only once its
 ``summary.json`` exists, so a folder under its final name is always complete: a rerun (or a rank
 that restarts after a crash) skips it and scores the rest. A folder is skipped only when its
-provenance records the scorer's recipe (model, int8, bf16, test-time augmentation, stain
-reference, given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one scored another
+provenance records the scorer's recipe (model, int8, bf16, test-time augmentation, pixel-size
+search, stain reference, given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one scored another
 way is scored again, its folder removed when its turn comes, so the cohort never mixes recipes.
 So is a folder whose slide file has changed since (a slide scanned again under the same name):
 unchanged size and time say it has not without reading it, else its SHA-256 is compared.
@@ -127,8 +127,8 @@ def why_score(folder: Path, entry: ManifestEntry, recipe: str) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return "summary.json is not a scored slide's"
     if recorded != recipe:
-        return ("scored another way (model, int8, bf16, tta, scales, stain reference, mpp or "
-                "scoring config)")
+        return ("scored another way (model, int8, bf16, tta, scales, mpp search, stain reference, "
+                "mpp or scoring config)")
     try:
         same = is_same_file(source, entry.slide)
     except OSError as error:

@@ -28,7 +28,7 @@ from biopsy.infer import check_scales, segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration
-from biopsy.mppsearch import check_factors, most_confident_mpp
+from biopsy.mppsearch import check_factors, most_confident_mpp, searches
 from biopsy.nuclei import DETECTION_MPP, detect_nuclei, why_not_countable
 from biopsy.provenance import file_identity, file_sha256, package_versions, recipe_sha256
 from biopsy.quantize import quantized_model
@@ -69,9 +69,9 @@ def inference_options(device: str | None = None, batch_size: int = 16,
                       workers: int | None = None, int8: bool = False, tta: bool = False,
                       scales: tuple[float, ...] = (1.0,),
                       mpp_search: Sequence[float] | None = None) -> InferenceOptions:
-    """Options with the defaults resolved: the device (:func:`resolve_device`; the CPU for int8)
-    and the tile-reading workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA,
-    where decoding is).
+    """Options with the defaults resolved: the device (:func:`resolve_device`; the CPU for int8),
+    the tile-reading workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA,
+    where decoding is) and the search factors (factor 1 alone: no search).
 
     Raises
     ------
@@ -81,7 +81,7 @@ def inference_options(device: str | None = None, batch_size: int = 16,
     check_scales(scales)
     if mpp_search is not None:
         check_factors(tuple(mpp_search))
-        mpp_search = tuple(map(float, mpp_search))
+    mpp_search = tuple(map(float, mpp_search)) if searches(mpp_search) else None
     device = "cpu" if int8 and device is None else resolve_device(device)
     if int8 and torch.device(device).type != "cpu":
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
@@ -181,14 +181,16 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     return scored.scores
 
 
-def search_mpp(slide, model: nn.Module, info: ModelInfo, options: InferenceOptions) -> dict:
-    """Under ``options.mpp_search``, set ``slide.mpp`` to the pixel size the model reads most
-    surely (:func:`biopsy.mppsearch.most_confident_mpp`); its record for the provenance."""
+def search_mpp(slide, model: nn.Module, info: ModelInfo, options: InferenceOptions,
+               bf16: bool | None = None) -> dict:
+    """Under ``options.mpp_search``, set ``slide.mpp`` to the pixel size the model is surest at
+    (:func:`biopsy.mppsearch.most_confident_mpp`, in bfloat16 where ``bf16`` says, by default
+    on CUDA); its record for the provenance."""
     if options.mpp_search is None:
         return {}
-    choice = most_confident_mpp(slide, model.eval(), info, options.mpp_search,
-                                device=options.device, batch_size=options.batch_size,
-                                bf16=_bf16(options.device))
+    bf16 = _bf16(options.device) if bf16 is None else bf16
+    choice = most_confident_mpp(slide, model, info, options.mpp_search, device=options.device,
+                                batch_size=options.batch_size, bf16=bf16)
     slide.mpp = choice.mpp
     return {"mpp_search": {"factors": list(options.mpp_search), "factor": choice.factor,
                            "confidence": [choice.confidence[f] for f in options.mpp_search]}}

@@ -241,6 +241,8 @@ def test_slide_recipe_follows_what_changes_scores():
     # the one scale, however written, keeps the recipe of folders scored before scales existed
     one_scale = pipeline.inference_options("cpu", scales=(1,))
     assert recipe == pipeline.slide_recipe(info, config, one_scale, None)
+    # and so does a search of factor 1 alone, which is no search
+    assert pipeline.inference_options("cpu", mpp_search=[1]).mpp_search is None
     assert recipe == provenance.recipe_sha256(
         {"model_sha256": "a" * 64, "int8": False, "bf16": False, "tta": False,
          "stain_reference": [1.5, 0.7], "mpp_given": None, "config": config.as_dict()})

@@ -47,8 +47,8 @@ def _whole_image_confidence(slide, model, info) -> float:
         largest = model(info.normalise(image)).softmax(1).amax(1)[0].numpy()
     tissue = detect_tissue(slide)
     mask_height, mask_width = tissue.mask.shape  # the last pixels may round past the mask
-    rows = np.minimum(np.arange(height) * info.input_mpp // tissue.mpp, mask_height - 1)
-    cols = np.minimum(np.arange(width) * info.input_mpp // tissue.mpp, mask_width - 1)
+    rows = np.minimum((np.arange(height) + 0.5) * info.input_mpp // tissue.mpp, mask_height - 1)
+    cols = np.minimum((np.arange(width) + 0.5) * info.input_mpp // tissue.mpp, mask_width - 1)
     return float(largest[tissue.mask[np.ix_(rows.astype(int), cols.astype(int))]].mean())
 
 

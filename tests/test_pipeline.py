@@ -18,6 +18,7 @@ from biopsy.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, build_model, sa
 from biopsy.pyramid import write_pyramid
 from biopsy.scorefolder import FILES
 from biopsy.scoring import load_score_config
+from biopsy.slide import open_slide
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_scored import MPP, paint_label_map  # noqa: E402
@@ -89,21 +90,22 @@ def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, caps
                         lambda *args: augmentations.append((args[2], args[-1])) or run_batch(*args))
     assert main(["score", str(slide), "--model", str(checkpoint), "--out", str(out),
                  "--mpp", str(MPP), "--device", "cpu", "--workers", "0", "--tta",
-                 "--scales", "1", "1.5", "--mpp-search", "1", "2"]) == 0
+                 "--scales", "1", "1.5", "--mpp-search", "2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     summary = json.loads((out / "summary.json").read_text())
     assert printed["glomeruli"] == summary["scores"]["glomeruli"]["count"]
     assert summary["provenance"]["source"]["mpp_given"] is True
     assert summary["provenance"]["inference"]["tta"] is True
     assert summary["provenance"]["inference"]["scales"] == [1.0, 1.5]
-    # the slide was scored at the pixel size the search chose, and says so
+    # the slide was scored at twice its pixel size, the one factor searched, and says so
     search = summary["provenance"]["inference"]["mpp_search"]
-    assert search["factors"] == [1.0, 2.0] and search["factor"] in (1.0, 2.0)
-    confidence = dict(zip(search["factors"], search["confidence"]))
-    assert search["factor"] == max(confidence, key=confidence.get)
-    chosen_mpp = MPP * search["factor"]
-    assert summary["provenance"]["source"]["mpp"] == [chosen_mpp, chosen_mpp]
-    assert summary["label_map"]["level0_mpp"] == chosen_mpp
+    assert search["factors"] == [2.0] and search["factor"] == 2.0
+    assert summary["provenance"]["source"]["mpp"] == [2 * MPP, 2 * MPP]
+    label_map = read_label_map(out / "labels.ome.tif")
+    assert summary["label_map"]["level0_mpp"] == 2 * MPP and label_map.mpp == MPP
+    with open_slide(slide) as opened:  # twice the µm/px: twice the model pixels a side
+        width, height = opened.dimensions
+    assert label_map.labels.shape == (2 * height, 2 * width)
     # the model ran with test-time augmentation: mirror images, two reading scales
     assert augmentations and set(augmentations) == {((1.0, 1.5), True)}
 

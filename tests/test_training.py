@@ -388,11 +388,16 @@ def test_label_map_and_geojson_sources_give_labels_at_the_model_mpp(tmp_path):
     assert np.array_equal(labels, expected)
     (obj,) = source.objects([0, 1])
     assert (obj.class_index, obj.x, obj.y) == (1, pytest.approx(160, abs=4), pytest.approx(60, abs=4))
+    # the slide taken at 1.5x its pixel size: the same level-0 pixels read at 1.5x the µm/px
+    scaled = source.with_mpp_scaled(1.5)
+    assert np.array_equal(scaled.labels(x=100, y=60, size_px=(30, 20), mpp=1.5), labels)
+    assert scaled.objects([0, 1]) == [obj] and source.level0_mpp == 0.5
     polygons = PolygonLabels([Annotation(box(120, 40, 200, 80), "glom")], ["tissue", "tuft"],
                              {"glom": "tuft"}, "tissue", 0.5, "test")
     expected = np.zeros((20, 30), np.uint8)
     expected[:10, 10:] = 1  # output pixel centres (101 + 2 col, 61 + 2 row) inside the box
     assert np.array_equal(polygons.labels(100, 60, (30, 20), 1.0), expected)
+    assert np.array_equal(polygons.with_mpp_scaled(1.5).labels(100, 60, (30, 20), 1.5), expected)
 
 
 def test_synthetic_training_set_trains_end_to_end(tmp_path):

@@ -12,8 +12,8 @@ import sys
 from biopsy.cli.batch import add_test_time_arguments
 from biopsy.errors import BiopsyError
 
-OBJECT_COLUMNS = ["image", "case", "stain", "side", "id", "area_um2", "globally_sclerotic", "matched",
-                  "best_iou", "partner_area_um2"]
+OBJECT_COLUMNS = ["image", "case", "stain", "mpp_factor", "side", "id", "area_um2",
+                  "globally_sclerotic", "matched", "best_iou", "partner_area_um2"]
 
 
 def main(argv: list[str] | None = None) -> int:

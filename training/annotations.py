@@ -6,6 +6,7 @@ model's through the config's class map; pixels no annotation covers take the ``u
 or :data:`IGNORE_INDEX`.
 """
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,13 @@ class PolygonLabels:
         self.unannotated = IGNORE_INDEX if unannotated == IGNORE else self.class_names.index(unannotated)
         self._tree = shapely.STRtree([a.geometry for a in renamed]) if renamed else None
 
+    def with_mpp_scaled(self, factor: float) -> "PolygonLabels":
+        """A copy for the slide taken at ``factor`` times its pixel size (the polygons stay in
+        level-0 pixels)."""
+        scaled = copy.copy(self)
+        scaled.level0_mpp = self.level0_mpp * factor
+        return scaled
+
     def labels(self, x: float, y: float, size_px: tuple[int, int], mpp: float) -> np.ndarray:
         """(h, w) uint8 labels of the region with level-0 top-left (x, y), ``size_px`` at ``mpp``."""
         width, height = size_px
@@ -138,6 +146,7 @@ class LabelMapLabels:
         self.class_names = list(class_names)
         self.class_map = class_map
         self.level0_mpp = level0_mpp
+        self.mpp_factor = 1.0  # the map's pixels taken as this many times their recorded size
         self._map = None  # read on first use, in the process that uses it
 
     def _label_map(self):
@@ -152,7 +161,14 @@ class LabelMapLabels:
                 if name != IGNORE:
                     lookup[index] = self.class_names.index(name)
             self._map = (lookup[label_map.labels], label_map.mpp)
-        return self._map
+        labels, map_mpp = self._map
+        return labels, map_mpp * self.mpp_factor
+
+    def with_mpp_scaled(self, factor: float) -> "LabelMapLabels":
+        """A copy for the slide taken at ``factor`` times its pixel size: the map with it."""
+        scaled = copy.copy(self)
+        scaled.level0_mpp, scaled.mpp_factor = self.level0_mpp * factor, self.mpp_factor * factor
+        return scaled
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_map": None}

@@ -1,6 +1,5 @@
 """The annotated slides of a data config, and their split into training and validation by case."""
 
-import copy
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -43,11 +42,9 @@ class AnnotatedSlide:
 
     def with_mpp_scaled(self, factor: float) -> "AnnotatedSlide":
         """A copy whose pixel size (the slide's and its labels') is ``factor`` times this one's
-        (:mod:`biopsy.mppsearch`)."""
-        labels = copy.copy(self.labels)
-        labels.level0_mpp = self.mpp * factor
-        return replace(self, mpp=self.mpp * factor, mpp_override=self.mpp * factor, labels=labels,
-                       _slide=None)
+        (:mod:`biopsy.mppsearch`); its pixels are square, as ``mpp`` takes them."""
+        return replace(self, mpp=self.mpp * factor, mpp_override=self.mpp * factor,
+                       labels=self.labels.with_mpp_scaled(factor), _slide=None)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None}

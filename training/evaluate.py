@@ -18,7 +18,7 @@ from biopsy.geojson import IGNORE_INDEX
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.infer import batch_probabilities
 from biopsy.model import ModelInfo, load_checkpoint, with_glomerulus_threshold
-from biopsy.mppsearch import most_confident_mpp
+from biopsy.mppsearch import most_confident_mpp, searches
 from biopsy.tiling import TileDataset, cell_spans, grid_shape_px, make_grid
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
 from training.config import Config, EvaluateConfig, with_fold
@@ -231,16 +231,14 @@ def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[Annotated
                  bf16: bool = False, objects: list[dict] | None = None) -> dict[str, np.ndarray]:
     """Summed :func:`count_metrics` of whole slides predicted at the model's mpp
     (:func:`predict_image`, with the mirror images and reading scales of ``settings.tta`` and
-    ``settings.scales``), per stain; each glomerulus's :func:`object_rows` row, with its image,
-    case and stain, is appended to ``objects`` when given."""
+    ``settings.scales``, each slide at the pixel size of ``settings.mpp_search``:
+    :func:`at_searched_mpp`), per stain; each glomerulus's :func:`object_rows` row, with its
+    image, case, stain and search factor, is appended to ``objects`` when given."""
     counts: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
     for slide in slides:
-        if settings.mpp_search:
-            choice = most_confident_mpp(slide.slide(), model, info, tuple(settings.mpp_search),
-                                        device=device, batch_size=batch_size, bf16=bf16)
-            slide = slide.with_mpp_scaled(choice.factor)
+        slide, factor = at_searched_mpp(slide, model, info, settings, device, batch_size, bf16)
         tiles = image_tiles(slide, info, tuple(settings.scales))
         height, width = tiles.grid.shape_px
         truth = slide.labels.labels(0, 0, (width, height), info.input_mpp)
@@ -248,11 +246,25 @@ def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[Annotated
         counts[slide.stain] = counts.get(slide.stain, 0) + count_metrics(
             truth, prediction, info.class_names, info.input_mpp, settings)
         if objects is not None:
-            where = {"image": str(slide.path), "case": slide.case, "stain": slide.stain}
+            where = {"image": str(slide.path), "case": slide.case, "stain": slide.stain,
+                     "mpp_factor": factor}
             objects += [where | row for row in object_rows(truth, prediction, info.class_names,
                                                             info.input_mpp, settings)]
     model.train(was_training)
     return counts
+
+
+def at_searched_mpp(slide: AnnotatedSlide, model: torch.nn.Module, info: ModelInfo,
+                    settings: EvaluateConfig, device: str | torch.device, batch_size: int = 8,
+                    bf16: bool = False) -> tuple[AnnotatedSlide, float]:
+    """``slide`` taken at the pixel size that ``settings.mpp_search`` finds the model surest at
+    (:func:`biopsy.mppsearch.most_confident_mpp`), and the factor chosen; as it is, factor 1,
+    without a search. ``model`` must be in eval mode."""
+    if not searches(settings.mpp_search):
+        return slide, 1.0
+    choice = most_confident_mpp(slide.slide(), model, info, tuple(settings.mpp_search),
+                                device=device, batch_size=batch_size, bf16=bf16)
+    return slide.with_mpp_scaled(choice.factor), choice.factor
 
 
 def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]

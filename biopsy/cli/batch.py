@@ -71,10 +71,12 @@ def add_test_time_arguments(parser, config_key: str | None = None) -> None:
                         help="for images whose pixel size is uncertain (photomicrographs): read "
                              "each slide as if its µm/px were F times the known or given one, "
                              "for each F, and segment it at the F under which the model is most "
-                             "confident; e.g. --mpp-search 0.71 1 1.41 (one more model pass "
-                             "over up to 64 tissue tiles per F). Areas are then in the chosen "
-                             "pixel size." + (f" Default: as {config_key}.mpp_search says."
-                                              if config_key else ""))
+                             "confident; e.g. --mpp-search 0.71 1 1.41 (per F, tissue detection "
+                             "and one model pass over up to 64 tissue tiles; put it after the "
+                             "positional arguments). Areas are then in the chosen pixel size. "
+                             "--mpp-search 1: no search." +
+                             (f" Default: as {config_key}.mpp_search says." if config_key
+                              else ""))
 
 
 def positive_number(text: str) -> float:

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     options, model, info, _ = load_model_from_args(args, args.device)
     args.device, args.workers = options.device, options.workers
     started = time.perf_counter()
-    searched = search_mpp(slide, model, info, options)
+    searched = search_mpp(slide, model, info, options, args.bf16)
     class_map = segment_slide(slide, model, info, batch_size=args.batch_size,
                               workers=args.workers, device=args.device,
                               output_mpp=args.output_mpp,
