@@ -13,8 +13,9 @@ A slide folder is scored in a ``.partial-`` folder and renamed into place only o
 ``summary.json`` exists, so a folder under its final name is always complete: a rerun (or a rank
 that restarts after a crash) skips it and scores the rest. A folder is skipped only when its
 provenance records the scorer's recipe (model, int8, bf16, test-time augmentation, pixel-size
-search, stain reference, given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one scored another
-way is scored again, its folder removed when its turn comes, so the cohort never mixes recipes.
+search, stain reference, given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one
+scored another way is scored again, its folder removed when its turn comes, so the cohort never
+mixes recipes.
 So is a folder whose slide file has changed since (a slide scanned again under the same name):
 unchanged size and time say it has not without reading it, else its SHA-256 is compared.
 Under ``torchrun`` the manifest is sharded by rank (``entries[rank::world_size]``); rank 0 writes

@@ -5,10 +5,10 @@ under one assumed µm/px: a glomerulus then looks twice or half its size to the 
 reads the slide's tissue as if its pixels were ``factor`` times their size, for each factor, and
 keeps the factor under which the model's mean confidence (its largest class probability,
 averaged over the tissue of each tile's cell: the pixels nearer to its centre than to any other
-tile's, those stitching weighs it most on) is highest. On the real photomicrographs of ``configs/train/real-glomeruli.yaml`` it raises
-glomerulus detection F1 for each of three training seeds (docs/real-glomeruli.md). Areas in µm²
-measured after a search are in the chosen pixel size: they lean towards the sizes the model saw
-in training.
+tile's, those stitching weighs it most on) is highest. On the real photomicrographs of
+``configs/train/real-glomeruli.yaml`` it raises glomerulus detection F1 for each of three
+training seeds (docs/real-glomeruli.md). Areas in µm² measured after a search are in the chosen
+pixel size: they lean towards the sizes the model saw in training.
 """
 
 from __future__ import annotations
