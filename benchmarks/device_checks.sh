@@ -1,43 +1,54 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in steps sized for the device tool (15 minutes of device time a
-# session, 10 a call; none of it timed there yet, so each step has its own time limit):
-#   bash benchmarks/device_bundle.sh                      # here, once: build/device-site.tar.xz
-#   run: bash benchmarks/device_checks.sh tests train segment   # carry build/device-site.tar.xz
-#   run: bash benchmarks/device_checks.sh large                 # on the same warm machine
-# Steps (default: all four, in this order, the most wanted first):
-#   tests    the GPU tests (inference with bf16, pinned workers, scales, mirrors and compile;
-#            training with bf16, channels_last, workers and compile), then resume on CUDA;
-#   train    training images/s and GPU utilisation against a plain PyTorch loop, 4 / 8 / 15 workers;
+# Every check that needs a CUDA GPU, sized for the device tool (15 minutes of device time a session,
+# 10 a call, a machine's start included), in two calls:
+#   bash benchmarks/device_bundle.sh                             # here, once: build/device-site.tar.xz
+#   run: bash benchmarks/device_checks.sh train segment tests     # carry it; timeout_s 560
+#   run: bash benchmarks/device_checks.sh large                  # at once (warm 30 s); timeout_s 240
+# Steps, the most wanted first:
+#   train    training images/s and GPU utilisation against a plain PyTorch loop, 8 / 15 workers;
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
 #            ratio of end to end to the model alone on pre-decoded tiles;
-#   large    a 60,000 x 60,000 px slide end to end, with where its time goes.
+#   tests    starts building the 60,000 px slide in the background (one core), then the GPU tests
+#            (inference with bf16, pinned workers, scales, mirrors and compile; training with bf16,
+#            channels_last, workers and compile) and resume on CUDA;
+#   large    that slide end to end, with where its time goes (waits for the build).
 # Each step's output goes to $OUT (or build/device-out); a step that fails or runs out of time
 # does not stop the next.
 set -uo pipefail
 tar -xJf build/device-site.tar.xz -C /tmp
 export PYTHONPATH="/tmp/site:$PWD" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 out=${OUT:-build/device-out}
+work=/tmp/biopsy-bench  # benchmarks/segment.py's default work dir
+large=$work/large-60000px/slide.svs
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__,
+torchvision.__version__, torch.cuda.get_device_name(0))' | tee -a "$out/gpu.txt"
 steps=("$@")
-[ $# -gt 0 ] || steps=(tests train segment large)
+[ $# -gt 0 ] || steps=(train segment tests large)
 for name in "${steps[@]}"; do
     echo "== $name ($(date +%T))"
     case $name in
-      tests)
-        timeout 240 python3 -m pytest -q -rs -m gpu tests/test_infer.py tests/test_training.py \
-          2>&1 | tee "$out/gpu-tests.txt"
-        timeout 90 python3 -m pytest -q tests/test_training.py -k resume 2>&1 \
-          | tee "$out/resume-on-cuda.txt" ;;
       train)
-        timeout 240 python3 benchmarks/train.py --device cuda --workers 4 8 15 2>&1 \
+        timeout 150 python3 benchmarks/train.py --device cuda --workers 8 15 --steps 300 2>&1 \
           | tee "$out/train.txt" ;;
       segment)
-        timeout 240 python3 benchmarks/segment.py --device cuda --quick --parts \
+        timeout 150 python3 benchmarks/segment.py --device cuda --quick --parts \
           --methods ours ours-compile --workers 14 2>&1 | tee "$out/segment.txt" ;;
+      tests)
+        [ -e "$large" ] || setsid nohup timeout 400 python3 -c "import sys; from pathlib import Path
+sys.path.insert(0, 'benchmarks'); from segment_inputs import make_large_slide, make_slide
+make_large_slide(Path('$large'), 60000, make_slide(Path('$work/synth-1.5mm'), 1, 1.5, 0.8))" \
+          > /tmp/large-build.log 2>&1 < /dev/null &
+        timeout 150 python3 -m pytest -q -rs -m gpu tests/test_infer.py tests/test_training.py \
+          2>&1 | tee "$out/gpu-tests.txt"
+        timeout 60 python3 -m pytest -q tests/test_training.py -k resume 2>&1 \
+          | tee "$out/resume-on-cuda.txt" ;;
       large)
-        timeout 540 python3 benchmarks/segment.py --device cuda --quick --methods ours \
+        for _ in $(seq 200); do pgrep -f make_large_slide > /dev/null || break; sleep 1; done
+        cat /tmp/large-build.log 2>/dev/null
+        timeout 230 python3 benchmarks/segment.py --device cuda --quick --methods ours \
           --large-px 60000 --workers 14 2>&1 | tee "$out/segment-large.txt" ;;
-      *) echo "unknown step $name (tests, train, segment, large)" ;;
+      *) echo "unknown step $name (train, segment, tests, large)" ;;
     esac
 done
