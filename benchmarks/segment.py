@@ -117,7 +117,8 @@ def run_child(method: str, python: str, slide: Path, checkpoint: Path, args,
                "--model", str(checkpoint), "--labels-out", str(labels_out), "--device", args.device,
                "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                "--work-dir", str(args.work_dir)]
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=environment)
     peak_kb = 0

@@ -84,7 +84,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
 
     from biopsy.infer import prepare_model, tile_probabilities
     from biopsy.model import load_checkpoint
-    from biopsy.slide import open_slide
+    from biopsy.slide import open_slide, single_threaded_opencv
     from biopsy.stitch import BandStitcher
     from biopsy.tiling import TileDataset, grid_shape_px, make_grid
     from biopsy.tissue import detect_tissue
@@ -98,7 +98,8 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     shape_px = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, 0.5, tissue, slide.mpp)
     loader = DataLoader(TileDataset(slide, grid), batch_size=args.batch_size,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=single_threaded_opencv)  # as segment_slide reads them
     started = time.perf_counter()
     sample = None
     for batch in loader:

@@ -34,7 +34,7 @@ from biopsy.classes import class_index
 from biopsy.errors import CheckpointError, MppError, SlideError
 from biopsy.model import ModelInfo
 from biopsy.restain import StainShift
-from biopsy.slide import Slide
+from biopsy.slide import Slide, single_threaded_opencv
 from biopsy.stainnorm import slide_stain_shift
 from biopsy.stitch import Band, BandStitcher, output_index
 from biopsy.tiling import TileDataset, TileGrid, grid_shape_px, make_grid
@@ -201,15 +201,15 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
     the consumer's code.
     """
     on_cuda = device.type == "cuda"
-    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, pin_memory=on_cuda)
+    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, pin_memory=on_cuda,
+                        worker_init_fn=single_threaded_opencv)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    normalise = _normaliser(info, device)
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress)
     first = 0
     for batch in loader:
         with torch.inference_mode():
             batch = batch.to(device, non_blocking=True)
-            views = [normalise(batch[:, view]) for view in range(batch.shape[1])]
+            views = [info.normalise(batch[:, view]) for view in range(batch.shape[1])]
             probabilities = batch_probabilities(model, views, tiles.scales, autocast,
                                                 info.patch_size_px, tta)
             bands = stitcher.add(probabilities, tiles.origins_px[first : first + len(batch)])
@@ -239,23 +239,11 @@ def _background_outside_tissue(bands: Iterator[Band], tissue: TissueMask, output
         yield band
 
 
-def _normaliser(info, device: torch.device):
-    """``info.normalise`` with its constants made once on the device: creating them per batch
-    copies from pageable memory, which waits for the device to finish the previous batch."""
-    mean = torch.tensor(info.normalisation["mean"], device=device) * 255
-    scale = 1 / (torch.tensor(info.normalisation["std"], device=device) * 255)
-
-    def normalise(batch: torch.Tensor) -> torch.Tensor:
-        return (batch - mean).mul_(scale).permute(0, 3, 1, 2)
-
-    return normalise
-
-
 def prepare_model(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
     """The model for inference: BatchNorm folded into the convolutions before it where torch.fx can
     trace the model (~12 % less time per tile on CPU, outputs equal to ~1e-5), on ``device`` in
-    channels_last memory (the layout ``_normaliser`` yields: the fast convolution path on CUDA and
-    on CPUs alike, oneDNN ~1.4x over NCHW)."""
+    channels_last memory (the layout ``ModelInfo.normalise`` yields: the fast convolution path on
+    CUDA and on CPUs alike, oneDNN ~1.4x over NCHW)."""
     model = model.eval()
     try:
         model = fuse(model)

@@ -7,6 +7,7 @@ channels and their normalisation, plus the training config, validation metrics a
 provenance. Nothing is ever unpickled.
 """
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -200,9 +201,20 @@ class ModelInfo:
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != self.in_channels:
             raise ValueError(f"expected uint8 (N, H, W, {self.in_channels}), got "
                              f"{batch.dtype} {tuple(batch.shape)}")
-        mean = torch.tensor(self.normalisation["mean"], device=batch.device) * 255
-        scale = 1 / (torch.tensor(self.normalisation["std"], device=batch.device) * 255)
-        return ((batch.float() - mean) * scale).permute(0, 3, 1, 2)
+        mean, scale = _normalisation_constants(tuple(self.normalisation["mean"]),
+                                               tuple(self.normalisation["std"]), batch.device)
+        return (batch - mean).mul_(scale).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) in 0-255 units on ``device``, made once: made per batch, their copy from
+    pageable memory would wait for the device to finish its queued work (the CPU could not run
+    ahead of the GPU). Ordinary tensors even when first asked for under inference mode."""
+    with torch.inference_mode(False):
+        mean_tensor = torch.tensor(mean, device=device) * 255
+        return mean_tensor, 1 / (torch.tensor(std, device=device) * 255)
 
 
 def with_glomerulus_threshold(info: ModelInfo, threshold: float | None, source: str | Path

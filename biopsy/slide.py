@@ -205,6 +205,13 @@ class Slide:
         return self.read(0, 0, size_px, mpp)
 
 
+def single_threaded_opencv(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` for workers that read tiles (resampled here with OpenCV) or
+    augment them (albumentations, also OpenCV): OpenCV would otherwise start a thread per CPU
+    core in every worker (albumentations' performance guide says to set this)."""
+    cv2.setNumThreads(0)
+
+
 def _snap(value: float) -> float:
     """``value`` rounded to an integer when within 0.001 of one (floating-point noise)."""
     return float(round(value)) if abs(value - round(value)) < _SNAP else value

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from shapely.geometry import box
@@ -28,8 +29,9 @@ from training.dataset import PatchDataset
 from training.augment import build_augmentation
 from training.evaluate import evaluate_checkpoint
 from training.__main__ import main as training_main
-from training.loop import ema_with_warmup, fit
-from training.losses import DiceCrossEntropyLoss, soft_dice
+from training.ema import ExponentialAverage
+from training.loop import fit
+from training.losses import DiceCrossEntropyLoss, cross_entropy, soft_dice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,6 +238,18 @@ def test_loss_ignores_unlabelled_pixels():
     assert soft_dice(logits, target, 255).min() > 0.99
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_is_torchs_weighted_mean_over_labelled_pixels(weighted):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 7, generator=generator)
+    target = torch.randint(0, 3, (2, 5, 7), generator=generator)
+    target[0, :2] = 255
+    weights = torch.tensor([0.5, 1.0, 3.0]) if weighted else None
+    reference = F.cross_entropy(logits, target, weight=weights, ignore_index=255)
+    assert float(cross_entropy(logits, target, weights, 255)) == pytest.approx(float(reference), rel=1e-6)
+    assert float(cross_entropy(logits, torch.full_like(target, 255), weights, 255)) == 0.0
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 def test_few_steps_reduce_the_loss_and_write_a_checkpoint(dataset_root, tmp_path):
@@ -275,9 +289,12 @@ def test_cuda_training_with_bf16_workers_and_compile_reduces_the_loss(dataset_ro
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
-    whole = config_from_dict(config_dict(dataset_root, tmp_path / "whole", ema_decay=0.99), "test")
+    """On a GPU too: ``deterministic`` keeps CUDA's kernels from summing in a varying order."""
+    settings = {"ema_decay": 0.99, "deterministic": True}
+    whole = config_from_dict(config_dict(dataset_root, tmp_path / "whole", **settings), "test")
     fit(whole)
-    cut = config_from_dict(config_dict(dataset_root, tmp_path / "cut", ema_decay=0.99), "test")
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    cut = config_from_dict(config_dict(dataset_root, tmp_path / "cut", **settings), "test")
     fit(cut, stop_at=3)
     assert len(losses(tmp_path / "cut")) == 3
     fit(cut, resume=True)
@@ -306,21 +323,47 @@ def test_tensorboard_gets_the_log_rows_and_validation_metrics(dataset_root, tmp_
 def test_ema_decay_ramps_up_so_the_starting_weights_fade():
     weights = [torch.tensor(float(value)) for value in [5.0, 1.0, 2.0, 3.0, 4.0]]
     model = torch.nn.Linear(1, 1, bias=False)
-    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.5))
+    averaged = ExponentialAverage(model, 0.5)
     expected = None
     for n, value in enumerate(weights):
         model.weight.data.fill_(value)
-        averaged.update_parameters(model)
+        averaged.update(model)
         decay = min(0.5, (1 + n) / (10 + n))  # n weights averaged so far
         expected = value if expected is None else decay * expected + (1 - decay) * value
         assert averaged.module.weight.item() == pytest.approx(float(expected))
-    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999))
+    averaged = ExponentialAverage(model, 0.999)
     model.weight.data.fill_(1.0)
-    averaged.update_parameters(model)
+    averaged.update(model)
     model.weight.data.fill_(0.0)
     for _ in range(1000):
-        averaged.update_parameters(model)
+        averaged.update(model)
     assert averaged.module.weight.item() < 0.01  # a fixed 0.999 would keep 0.37 of the start
+
+
+def test_ema_matches_torchs_averaged_model_and_its_state_dict():
+    """Against torch's AveragedModel with the same ramp: parameters and BatchNorm buffers alike,
+    and the same state-dict keys, so that training states saved with it still resume."""
+    def ramp(averaged, current, updates):
+        if not torch.is_floating_point(averaged[0]):
+            return torch._foreach_copy_(averaged, current)
+        n = int(updates)
+        torch._foreach_lerp_(averaged, current, 1 - min(0.9, (1 + n) / (10 + n)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ours = ExponentialAverage(model, 0.9)
+    theirs = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ramp, use_buffers=True)
+    for _ in range(6):
+        model(torch.randn(2, 3, 8, 8))  # BatchNorm statistics move
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        ours.update(model)
+        theirs.update_parameters(model)
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert list(mine) == list(reference)
+    for name in mine:
+        torch.testing.assert_close(mine[name], reference[name], rtol=1e-6, atol=1e-6)
 
 
 def test_fine_tuning_starts_from_the_checkpoint_and_refuses_another_architecture(dataset_root, tmp_path):

@@ -123,6 +123,7 @@ class TrainConfig:
     workers: int = 2
     ema_decay: float | None = None  # validate and save an EMA of the weights (decay ramps up)
     compile: bool = False
+    deterministic: bool = False  # deterministic CUDA kernels: repeatable runs and resumes, slower
     tensorboard: bool = False  # also log to output_dir/tensorboard (the tensorboard extra)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     log_every: int = 10

@@ -7,6 +7,7 @@ scheduler, step, RNG; loads with ``weights_only=True``), ``last.safetensors`` an
 ``best.safetensors`` (inference checkpoints, see :mod:`biopsy.model`).
 """
 
+import contextlib
 import csv
 import math
 import os
@@ -17,17 +18,18 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.classes import CLASS_COLOURS
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
+from biopsy.slide import single_threaded_opencv
 from training.augment import build_augmentation
 from training.cases import find_slides, normalise_stains, split_by_case
 from training.config import Config
 from training.dataset import PatchDataset, default_object_classes
+from training.ema import ExponentialAverage
 from training.evaluate import evaluate_slides
 from training.losses import DiceCrossEntropyLoss
 
@@ -38,6 +40,27 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
     ``resume`` continues from ``output_dir/state.pt``; ``stop_at`` ends after that step (a run cut
     to fit a time slot, resumable later) without changing the schedule.
     """
+    with _deterministic_algorithms(config.train.deterministic):
+        return _train(config, resume, stop_at)
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool):
+    """While training, when ``enabled``: only deterministic CUDA kernels (cuDNN's too), so that a
+    run and its resumed twin give the same numbers on a GPU; the previous setting afterwards."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     rank, world, device = _init_distributed()
     if config.train.tensorboard:
         _summary_writer_class()  # on every rank, so that none waits for one that stopped
@@ -55,8 +78,7 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
         if rank == 0:
             print(message)
     model = model.to(device, memory_format=torch.channels_last)  # inputs are channels_last too
-    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(config.train.ema_decay), use_buffers=True)
-           if config.train.ema_decay else None)
+    ema = ExponentialAverage(model, config.train.ema_decay) if config.train.ema_decay else None
     optimiser = _optimiser(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(config))
     start, best = 0, -math.inf
@@ -97,7 +119,7 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
         optimiser.step()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update(model)
         progress.update()
         if step % config.train.log_every == 0 or step == last_step:
             mean_loss = _mean_over_ranks(loss.detach(), world)
@@ -129,22 +151,6 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
         dist.barrier()
         dist.destroy_process_group()
     return metrics if rank == 0 else None
-
-
-def ema_with_warmup(decay: float):
-    """EMA update whose decay ramps as (1 + n) / (10 + n) up to ``decay`` after n updates.
-
-    A fixed 0.999 keeps 0.999^n of the starting weights: 37 % after 1000 steps, which made a
-    1000-step real-glomeruli run validate at glomerulus Dice 0.65 where its raw weights had 0.90.
-    """
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
-        if not torch.is_floating_point(averaged[0]):  # BatchNorm's num_batches_tracked
-            torch._foreach_copy_(averaged, current)
-            return
-        n = int(updates)
-        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
-    return update
 
 
 def model_info(config: Config) -> ModelInfo:
@@ -223,7 +229,7 @@ def _loader(config: Config, slides, rank: int, device: torch.device, start: int,
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=range(start * batch, stop * batch), num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if workers else None)
+        prefetch_factor=4 if workers else None, worker_init_fn=single_threaded_opencv)
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:

@@ -23,11 +23,22 @@ class DiceCrossEntropyLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        loss = self.ce_weight * F.cross_entropy(logits, target, weight=self.class_weights,
-                                                ignore_index=self.ignore_index)
+        loss = self.ce_weight * cross_entropy(logits, target, self.class_weights, self.ignore_index)
         if self.dice_weight:
             loss = loss + self.dice_weight * (1 - soft_dice(logits, target, self.ignore_index).mean())
         return loss
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None,
+                  ignore_index: int) -> torch.Tensor:
+    """``F.cross_entropy``'s weighted mean over labelled pixels, summed without atomics so that
+    CUDA gives the same value on every run (its 2-D mean reduction does not); 0 when no pixel
+    is labelled."""
+    pixel_loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index,
+                                 reduction="none")  # 0 at ignored pixels
+    valid = target != ignore_index
+    weights = valid.float() if class_weights is None else class_weights[target.where(valid, 0)] * valid
+    return pixel_loss.sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def soft_dice(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
