@@ -4,14 +4,18 @@
 #   bash benchmarks/device_bundle.sh                             # here, once: build/device-site.tar.xz
 #   run: bash benchmarks/device_checks.sh train segment tests     # carry it; timeout_s 560
 #   run: bash benchmarks/device_checks.sh large                  # at once (warm 30 s); timeout_s 240
+#   run: bash benchmarks/device_checks.sh cli                    # if time is left; timeout_s 420
 # Steps, the most wanted first:
-#   train    training images/s and GPU utilisation against a plain PyTorch loop, 8 / 15 workers;
+#   train    training images/s and GPU utilisation against a plain PyTorch loop: batch 64 with
+#            8 / 15 workers, batch 8, batch 64 compiled;
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
 #            ratio of end to end to the model alone on pre-decoded tiles;
 #   tests    starts building the 60,000 px slide in the background (one core), then the GPU tests
 #            (inference with bf16, pinned workers, scales, mirrors and compile; training with bf16,
 #            channels_last, workers and compile) and resume on CUDA;
-#   large    that slide end to end, with where its time goes (waits for the build).
+#   large    that slide end to end, with where its time goes (waits for the build);
+#   cli      `biopsy segment` on that slide: labels.ome.tif, objects.geojson and overview.png
+#            (the polygons are traced on the CPU, ~10 s per 16,000 px slide on a 2-core CPU).
 # Each step's output goes to $OUT (or build/device-out); a step that fails or runs out of time
 # does not stop the next.
 set -uo pipefail
@@ -30,8 +34,11 @@ for name in "${steps[@]}"; do
     echo "== $name ($(date +%T))"
     case $name in
       train)
-        timeout 150 python3 benchmarks/train.py --device cuda --workers 8 15 --steps 300 2>&1 \
-          | tee "$out/train.txt" ;;
+        { timeout 100 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 8 15 \
+            --steps 200
+          timeout 50 python3 benchmarks/train.py --device cuda --batch-size 8 --workers 8 --steps 300
+          timeout 100 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 15 \
+            --steps 200 --compile; } 2>&1 | grep -v 'fit:' | tee "$out/train.txt" ;;
       segment)
         timeout 150 python3 benchmarks/segment.py --device cuda --quick --parts \
           --methods ours ours-compile --workers 14 2>&1 | tee "$out/segment.txt" ;;
@@ -49,6 +56,9 @@ make_large_slide(Path('$large'), 60000, make_slide(Path('$work/synth-1.5mm'), 1,
         cat /tmp/large-build.log 2>/dev/null
         timeout 230 python3 benchmarks/segment.py --device cuda --quick --methods ours \
           --large-px 60000 --workers 14 2>&1 | tee "$out/segment-large.txt" ;;
-      *) echo "unknown step $name (train, segment, tests, large)" ;;
+      cli)
+        timeout 400 python3 -m biopsy segment "$large" --model biopsy/models/default.safetensors \
+          --out /tmp/cli-60000px --workers 14 2>&1 | tail -3 | tee "$out/cli-large.txt" ;;
+      *) echo "unknown step $name (train, segment, tests, large, cli)" ;;
     esac
 done
