@@ -120,7 +120,7 @@ def glass_colour(image: np.ndarray) -> np.ndarray:
     """RGB of the glass: the median of the brightest 1 % of pixels when that is bright, near-grey
     (microscope glass may be slightly tinted) and so plausibly glass; else white (a frame of tissue)."""
     pixels = image.reshape(-1, 3).astype(np.float32)
-    brightness = pixels.sum(axis=1)
+    brightness = pixels[:, 0] + pixels[:, 1] + pixels[:, 2]  # faster than sum(axis=1), the same
     colour = np.median(pixels[brightness >= np.percentile(brightness, 99)], axis=0)
     if colour.min() >= GLASS_MIN_GREY and 1 - colour.min() / colour.max() <= GLASS_MAX_SATURATION:
         return colour
@@ -130,8 +130,11 @@ def glass_colour(image: np.ndarray) -> np.ndarray:
 def stain_features(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Optical density (log10, of the darkest channel) and HSV saturation of ``image`` after white
     balance on its glass, so that glass is near (0, 0) whatever the scanner's light."""
-    balanced = np.clip(image.astype(np.float32) * (255 / glass_colour(image)), 0, 255)
-    brightest, darkest = balanced.max(axis=-1), balanced.min(axis=-1)
+    # channel by channel: reductions along the last axis of (h, w, 3) are ~3x slower
+    balanced = [np.minimum(image[..., channel] * factor, 255)
+                for channel, factor in enumerate(255 / glass_colour(image))]
+    brightest = np.maximum(np.maximum(balanced[0], balanced[1]), balanced[2])
+    darkest = np.minimum(np.minimum(balanced[0], balanced[1]), balanced[2])
     density = -np.log10((darkest + 1) / 256)
     saturation = (brightest - darkest) / np.maximum(brightest, 1)
     return density, saturation
@@ -161,7 +164,8 @@ def pen_colours(image: np.ndarray) -> np.ndarray:
     darkest = np.minimum(np.minimum(red, green), blue)
     black_pen = (brightest < 45) & (brightest - darkest < 20)
     green_fringe = (green - red > 20) & (green - blue > -10)  # blue would take in trichrome collagen
-    green_pen |= green_fringe & morphology.dilation(green_pen, morphology.disk(PEN_FRINGE_PX))
+    if green_pen.any():  # the dilation costs as much as the rest of this function
+        green_pen |= green_fringe & morphology.dilation(green_pen, morphology.disk(PEN_FRINGE_PX))
     return blue_pen | green_pen | black_pen
 
 
@@ -172,6 +176,8 @@ def pen_ink(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     basement membranes in Jones/PASM stains) stay tissue.
     """
     coloured = pen_colours(image)
+    if not coloured.any():
+        return coloured
     patches = measure.label(coloured, connectivity=2)
     grown = morphology.dilation(patches, morphology.disk(3))
     ring = (grown > 0) & ~coloured
