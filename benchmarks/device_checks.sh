@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, sized for the device tool (15 minutes of device time a session,
-# 10 a call, a machine's start included), in two calls:
-#   bash benchmarks/device_bundle.sh                             # here, once: build/device-site.tar.xz
-#   run: bash benchmarks/device_checks.sh train segment tests     # carry it; timeout_s 560
-#   run: bash benchmarks/device_checks.sh large                  # at once (warm 30 s); timeout_s 240
-#   run: bash benchmarks/device_checks.sh cli                    # if time is left; timeout_s 420
+# 10 a call, a machine's start included), in two calls and a third if time is left:
+#   bash benchmarks/device_bundle.sh                   # here, once: build/device-site.tar.xz
+#   run: bash benchmarks/device_checks.sh train segment tests   # carry it; timeout_s 560
+#   run: bash benchmarks/device_checks.sh large        # at once (warm 30 s); timeout_s 240
+#   run: bash benchmarks/device_checks.sh cli          # timeout_s 420
 # Steps, the most wanted first:
 #   train    training images/s and GPU utilisation against a plain PyTorch loop: batch 64 with
 #            8 / 15 workers, batch 8, batch 64 compiled;
@@ -36,7 +36,8 @@ for name in "${steps[@]}"; do
       train)
         { timeout 100 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 8 15 \
             --steps 200
-          timeout 50 python3 benchmarks/train.py --device cuda --batch-size 8 --workers 8 --steps 300
+          timeout 50 python3 benchmarks/train.py --device cuda --batch-size 8 --workers 8 \
+            --steps 300
           timeout 100 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 15 \
             --steps 200 --compile; } 2>&1 | grep -v 'fit:' | tee "$out/train.txt" ;;
       segment)

@@ -218,7 +218,8 @@ def main() -> None:
         if labels_out.exists():
             labels[method] = np.load(labels_out)
         print(f"  {method}: {_rounded(results[method])}", flush=True)
-    print_table(results, labels, slide, info.input_mpp, info.patch_size_px)
+    print_table(results, labels, slide, info.input_mpp, info.patch_size_px,
+                project=not args.large_px)  # --large-px measures it instead
     if args.parts:
         parts = run_child("parts", sys.executable, slide, checkpoint, args,
                           args.work_dir / "none.npy")
@@ -233,7 +234,8 @@ def main() -> None:
         large_check(args, checkpoint)
 
 
-def print_table(results: dict, labels: dict, slide: Path, mpp: float, patch_px: int) -> None:
+def print_table(results: dict, labels: dict, slide: Path, mpp: float, patch_px: int,
+                project: bool = True) -> None:
     from biopsy.labelmap import read_label_map
 
     truth = read_label_map(slide.parent / "labels.ome.tif")
@@ -259,15 +261,15 @@ def print_table(results: dict, labels: dict, slide: Path, mpp: float, patch_px: 
         print(f"\nours-int8: the int8 model was built from the checkpoint in "
               f"{results['ours-int8']['int8 model built in s']:.2f} s before the timed run "
               f"(once per process, like loading the checkpoint, which no method's time includes)")
-    if "seconds" in ours and not args.large_px:  # --large-px measures it instead
+    if "seconds" in ours and project:
         # a 60,000 x 60,000 px slide at 0.5 µm/px, with this slide's share of tissue tiles
         full_grid = len(_grid_for(slide, mpp, patch_px))
         tiles_60k = (30_000 // 128) ** 2 * ours["tiles"] / full_grid
         print(f"\nprojected for a 60,000 x 60,000 px slide at 0.5 µm/px with the same tissue "
               f"share ({ours['tiles'] / full_grid:.0%} of tiles): {tiles_60k:.0f} tiles, "
               f"{tiles_60k / (ours['tiles'] / ours['seconds']) / 60:.1f} min at our tiles/s "
-              f"(an upper bound where this slide's fixed costs weigh: on the GPU that ran "
-              f"--large-px 60000, 7.3 min projected, 31 s measured)")
+              f"(an upper bound where this slide's fixed costs weigh; --large-px 60000 "
+              f"measures it)")
 
 
 def _rounded(result: dict) -> dict:

@@ -102,8 +102,8 @@ def polygons_from_mask(
             continue
         rings.sort(key=lambda ring: Polygon(ring).area, reverse=True)
         polygon = shapely.make_valid(Polygon(rings[0], rings[1:]))
-        # collinear vertices first (the same shape): the topology-preserving pass on the rest
-        # of a traced outline is ~3x faster
+        # collinear vertices first (the shape unchanged): the topology-preserving pass on the
+        # rest of a traced outline is ~3x faster, and may keep other vertices than without
         polygon = polygon.simplify(0, preserve_topology=False)
         polygon = polygon.simplify(simplify_tolerance_px, preserve_topology=True)
         polygons.extend(_polygonal_parts(polygon))

@@ -123,3 +123,24 @@ def test_parts_time_every_stage_over_the_tissue_tiles(large_slide, checkpoint, r
               "model (pre-decoded tiles on device)", "stitching")
     assert all(parts[stage] >= 0 for stage in stages)
     assert parts["model (pre-decoded tiles on device)"] > parts["transfer"]
+
+
+def test_table_compares_each_method_with_ours_and_projects_only_when_asked(tmp_path, capsys):
+    from segment import print_table
+    from segment_inputs import make_slide
+
+    slide = make_slide(tmp_path / "synth", 1, 0.6, 0.4)
+    truth = read_label_map(slide.parent / "labels.ome.tif")
+    wrong = np.where(truth.labels == 0, 1, 0).astype(np.uint8)  # every pixel's class changed
+    results = {"ours": {"seconds": 2.0, "tiles": 10, "peak_mib": 100.0},
+               "naive": {"seconds": 8.0, "tiles": 40, "peak_mib": 50.0},
+               "monai": {"error": "exit 1: no monai"}}
+    labels = {"ours": truth.labels, "naive": wrong}
+    print_table(results, labels, slide, truth.mpp, 256)
+    table = capsys.readouterr().out
+    assert "| ours | 2.0 | 10 | 5.00 | 100 | 1.0000 | 1.000 | 1.00x |" in table
+    assert "| naive | 8.0 | 40 | 5.00 | 50 | 0.0000 | 0.000 | 4.00x |" in table
+    assert "| monai | failed: exit 1: no monai |" in table
+    assert "projected for a 60,000 x 60,000 px slide" in table
+    print_table(results, labels, slide, truth.mpp, 256, project=False)
+    assert "projected" not in capsys.readouterr().out

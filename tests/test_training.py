@@ -246,7 +246,8 @@ def test_cross_entropy_is_torchs_weighted_mean_over_labelled_pixels(weighted):
     target[0, :2] = 255
     weights = torch.tensor([0.5, 1.0, 3.0]) if weighted else None
     reference = F.cross_entropy(logits, target, weight=weights, ignore_index=255)
-    assert float(cross_entropy(logits, target, weights, 255)) == pytest.approx(float(reference), rel=1e-6)
+    ours = cross_entropy(logits, target, weights, 255)
+    assert float(ours) == pytest.approx(float(reference), rel=1e-6)
     assert float(cross_entropy(logits, torch.full_like(target, 255), weights, 255)) == 0.0
 
 
@@ -360,10 +361,16 @@ def test_ema_matches_torchs_averaged_model_and_its_state_dict():
                 parameter.add_(torch.randn_like(parameter))
         ours.update(model)
         theirs.update_parameters(model)
-    mine, reference = ours.state_dict(), theirs.state_dict()
-    assert list(mine) == list(reference)
-    for name in mine:
-        torch.testing.assert_close(mine[name], reference[name], rtol=1e-6, atol=1e-6)
+        mine, reference = ours.state_dict(), theirs.state_dict()
+        assert list(mine) == list(reference)
+        assert all(torch.equal(mine[name], reference[name]) for name in mine)
+    resumed = ExponentialAverage(model, 0.9)  # from a state that AveragedModel saved
+    resumed.load_state_dict(theirs.state_dict())
+    model(torch.randn(2, 3, 8, 8))
+    resumed.update(model)
+    theirs.update_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(),
+                                                 theirs.state_dict().values()))
 
 
 def test_fine_tuning_starts_from_the_checkpoint_and_refuses_another_architecture(dataset_root, tmp_path):

@@ -47,17 +47,19 @@ def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dic
 @contextlib.contextmanager
 def _deterministic_algorithms(enabled: bool):
     """While training, when ``enabled``: only deterministic CUDA kernels (cuDNN's too), so that a
-    run and its resumed twin give the same numbers on a GPU; the previous setting afterwards."""
+    run and its resumed twin give the same numbers on a GPU; the previous setting afterwards
+    (``CUBLAS_WORKSPACE_CONFIG``, which cuBLAS reads once, stays set)."""
     if not enabled:
         yield
         return
-    previous = torch.are_deterministic_algorithms_enabled()
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:

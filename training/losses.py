@@ -37,7 +37,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weights: tor
     pixel_loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index,
                                  reduction="none")  # 0 at ignored pixels
     valid = target != ignore_index
-    weights = valid.float() if class_weights is None else class_weights[target.where(valid, 0)] * valid
+    weights = (valid.float() if class_weights is None
+               else class_weights[target.where(valid, 0)] * valid)
     return pixel_loss.sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
 
 
