@@ -1,4 +1,5 @@
-"""QuPath-compatible GeoJSON: features in level-0 pixel coordinates, masks to polygons and back.
+"""QuPath-compatible GeoJSON: features in level-0 pixel coordinates, polygons to masks (masks to
+polygons: :mod:`biopsy.outlines`).
 
 QuPath (0.3 to 0.6) exports either a ``FeatureCollection`` or a bare list of ``Feature`` objects;
 each feature's ``properties`` hold ``objectType`` (``annotation`` or ``detection``),
@@ -23,7 +24,6 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from skimage.draw import polygon as polygon_pixels
-from skimage.measure import find_contours, label, regionprops
 
 from biopsy.atomic import write_text_atomic
 from biopsy.errors import AnnotationError
@@ -72,42 +72,6 @@ def write_feature_collection(path: str | Path, features: Sequence[dict]) -> None
     """Write features as one GeoJSON FeatureCollection, atomically."""
     collection = {"type": "FeatureCollection", "features": list(features)}
     write_text_atomic(path, json.dumps(collection, allow_nan=False))
-
-
-def polygons_from_mask(
-    mask: np.ndarray,
-    mpp_of_mask: float,
-    level0_mpp: float,
-    simplify_tolerance_px: float,
-    origin_xy_px: tuple[float, float] = (0, 0),
-) -> list[Polygon]:
-    """Polygons (with holes) outlining the True regions of a mask, in level-0 pixels.
-
-    One polygon per 8-connected region, traced by marching squares along pixel edges and
-    simplified (topology preserved) with a tolerance of ``simplify_tolerance_px`` level-0 pixels.
-    ``origin_xy_px`` is the level-0 (x, y) of the mask's top-left corner.
-    """
-    scale = mpp_of_mask / level0_mpp
-    polygons = []
-    for region in regionprops(label(np.asarray(mask, bool), connectivity=2)):
-        top, left = region.bbox[:2]
-        crop = np.pad(region.image, 1)
-        rings = []
-        for contour in find_contours(crop.astype(np.uint8), 0.5, fully_connected="high"):
-            rows, cols = contour[:, 0] + top - 1, contour[:, 1] + left - 1
-            rings.append(np.column_stack([origin_xy_px[0] + (cols + 0.5) * scale,
-                                          origin_xy_px[1] + (rows + 0.5) * scale]))
-        rings = [ring for ring in rings if len(ring) >= 4]
-        if not rings:
-            continue
-        rings.sort(key=lambda ring: Polygon(ring).area, reverse=True)
-        polygon = shapely.make_valid(Polygon(rings[0], rings[1:]))
-        # collinear vertices first (the shape unchanged): the topology-preserving pass on the
-        # rest of a traced outline is ~3x faster, and may keep other vertices than without
-        polygon = polygon.simplify(0, preserve_topology=False)
-        polygon = polygon.simplify(simplify_tolerance_px, preserve_topology=True)
-        polygons.extend(_polygonal_parts(polygon))
-    return polygons
 
 
 def read_json_annotations(path: Path, what: str, fix: str) -> object:
@@ -175,14 +139,15 @@ def _class_name(where: str, properties: object) -> str:
     raise AnnotationError(f"{where} has no classification name; set a class on it in QuPath")
 
 
-def _polygonal_parts(geometry) -> list[Polygon]:
+def polygonal_parts(geometry) -> list[Polygon]:
+    """The non-empty polygons of ``geometry`` (a polygon, multipolygon or collection)."""
     if isinstance(geometry, Polygon):
         return [] if geometry.is_empty else [geometry]
-    return [part for part in getattr(geometry, "geoms", []) for part in _polygonal_parts(part)]
+    return [part for part in getattr(geometry, "geoms", []) for part in polygonal_parts(part)]
 
 
 def _as_polygonal(geometry) -> Polygon | MultiPolygon:
-    parts = _polygonal_parts(geometry)
+    parts = polygonal_parts(geometry)
     return parts[0] if len(parts) == 1 else MultiPolygon(parts)
 
 
@@ -208,7 +173,7 @@ def rasterise(
     labels = np.full(shape_px, unlabelled, np.uint8)
     for annotation in sorted(annotations, key=lambda a: a.geometry.area, reverse=True):
         index = list(class_names).index(annotation.class_name)
-        for polygon in _polygonal_parts(annotation.geometry):
+        for polygon in polygonal_parts(annotation.geometry):
             rows, cols = _ring_pixels(polygon.exterior, scale, shape_px)
             if not rows.size:
                 continue

@@ -26,10 +26,11 @@ from skimage.segmentation import find_boundaries
 from biopsy import __version__
 from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.errors import BiopsyError
-from biopsy.geojson import make_feature, polygons_from_mask, write_feature_collection
+from biopsy.geojson import make_feature, write_feature_collection
 from biopsy.labelmap import LabelMap, colourise, write_label_map
 from biopsy.morphometry import (CortexTile, GlomerulusMeasures, find_glomeruli,
                                 measure_cortex_tiles, measure_glomeruli)
+from biopsy.outlines import polygons_from_mask
 from biopsy.scoring import ScoreConfig, call_lesions, score_slide
 
 SCORED_SLIDE_FORMAT = "biopsy.scored_slide/1"

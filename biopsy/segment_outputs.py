@@ -10,7 +10,9 @@ its presence means the folder is whole. Every file is written to a temporary nam
 
 from __future__ import annotations
 
+import contextlib
 import json
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,10 @@ from PIL import Image
 
 from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.classes import class_index
-from biopsy.geojson import make_feature, polygons_from_mask, write_feature_collection
+from biopsy.geojson import make_feature, write_feature_collection
 from biopsy.infer import ClassMap
 from biopsy.labelmap import colourise, write_label_map
+from biopsy.outlines import polygons_from_mask
 from biopsy.pyramid import level_shapes
 
 SEGMENTATION_FORMAT = "biopsy.segmentation/1"
@@ -29,8 +32,10 @@ OVERVIEW_MAX_PX = 2048
 TILE_PX = 256
 
 
-def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenance: dict) -> None:
-    """Write the folder for ``class_map`` of ``slide``; ``provenance`` goes into segment.json."""
+def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenance: dict,
+                       workers: int = 0) -> None:
+    """Write the folder for ``class_map`` of ``slide``; ``provenance`` goes into segment.json;
+    ``workers`` processes trace the outlines of objects.geojson (0: this one)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "segment.json").unlink(missing_ok=True)  # the folder is whole again only at the end
@@ -40,7 +45,8 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
     if class_map.probabilities is not None:
         write_probabilities(out_dir / "probabilities.ome.tif", class_map.probabilities,
                             class_map.mpp, class_map.class_names)
-    write_feature_collection(out_dir / "objects.geojson", region_features(class_map, slide.mpp[0]))
+    write_feature_collection(out_dir / "objects.geojson",
+                             region_features(class_map, slide.mpp[0], workers))
     with atomic_path(out_dir / "overview.png") as temporary:
         overview(class_map, slide, colours).save(temporary, format="PNG")
     pixel_area_um2 = class_map.mpp**2
@@ -57,22 +63,25 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
     write_text_atomic(out_dir / "segment.json", json.dumps(summary, indent=2))
 
 
-def region_features(class_map: ClassMap, level0_mpp: float) -> list[dict]:
+def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) -> list[dict]:
     """One QuPath detection per connected region of each non-background class, simplified to
-    one map pixel, with its area in µm²."""
+    one map pixel, with its area in µm²; ``workers`` processes trace them (0: this one)."""
     background = class_index(class_map.class_names, "background")
     level0_px_per_map_px = class_map.mpp / level0_mpp
     features = []
-    for index, name in enumerate(class_map.class_names):
-        if index == background:
-            continue
-        mask = class_map.labels == index
-        if not mask.any():
-            continue
-        for polygon in polygons_from_mask(mask, class_map.mpp, level0_mpp, level0_px_per_map_px):
-            area_um2 = polygon.area * level0_mpp**2
-            features.append(make_feature(polygon, name, class_map.class_colours[name],
-                                         {"area_um2": area_um2}, object_type="detection"))
+    pool = ProcessPoolExecutor(workers) if workers > 0 else contextlib.nullcontext()
+    with pool as executor:
+        for index, name in enumerate(class_map.class_names):
+            if index == background:
+                continue
+            mask = class_map.labels == index
+            if not mask.any():
+                continue
+            for polygon in polygons_from_mask(mask, class_map.mpp, level0_mpp,
+                                              level0_px_per_map_px, executor=executor):
+                features.append(make_feature(polygon, name, class_map.class_colours[name],
+                                             {"area_um2": polygon.area * level0_mpp**2},
+                                             object_type="detection"))
     return features
 
 

@@ -1,4 +1,4 @@
-"""QuPath GeoJSON: mask to polygons against geometry truth, QuPath files in, malformed files out."""
+"""QuPath GeoJSON: polygons to masks, QuPath files in, malformed files out."""
 
 import json
 
@@ -11,41 +11,11 @@ from biopsy.geojson import (
     IGNORE_INDEX,
     Annotation,
     make_feature,
-    polygons_from_mask,
     rasterise,
     read_annotations,
     write_feature_collection,
 )
-
-
-def disc(shape, centre_rc, radius) -> np.ndarray:
-    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
-    return (rows - centre_rc[0]) ** 2 + (cols - centre_rc[1]) ** 2 < radius**2
-
-
-def test_disc_polygon_has_the_disc_area_and_position_in_level0_px():
-    mask = disc((200, 220), (90, 120), 40)  # mask at 2 µm/px, level 0 at 0.5 µm/px: scale 4
-    (polygon,) = polygons_from_mask(mask, 2.0, 0.5, simplify_tolerance_px=2.0, origin_xy_px=(1000, 3000))
-    radius_level0 = 40 * 4
-    assert polygon.area == pytest.approx(np.pi * radius_level0**2, rel=0.02)
-    # the disc's centre is at mask (row 90, col 120): pixel centre (col + 0.5) * 4 plus origin
-    assert polygon.centroid.x == pytest.approx(1000 + 120.5 * 4, abs=1)
-    assert polygon.centroid.y == pytest.approx(3000 + 90.5 * 4, abs=1)
-    assert len(polygon.exterior.coords) < 100  # simplified
-
-
-def test_holes_and_separate_regions_become_separate_polygons_with_interiors():
-    ring = disc((300, 300), (150, 150), 100) & ~disc((300, 300), (150, 150), 40)
-    island = disc((300, 300), (150, 150), 15)  # inside the hole: its own polygon
-    corner = np.zeros((300, 300), bool)
-    corner[5:25, 250:290] = True
-    polygons = polygons_from_mask(ring | island | corner, 1.0, 1.0, simplify_tolerance_px=0.0)
-    assert len(polygons) == 3
-    by_area = sorted(polygons, key=lambda p: p.area)
-    assert by_area[0].area == pytest.approx(np.pi * 15**2, rel=0.05)
-    assert by_area[1].area == pytest.approx(20 * 40, rel=0.02)
-    assert len(by_area[2].interiors) == 1
-    assert by_area[2].area == pytest.approx(np.pi * (100**2 - 40**2), rel=0.02)
+from biopsy.outlines import polygons_from_mask
 
 
 def test_mask_to_polygons_to_raster_round_trip_is_exact():

@@ -26,8 +26,9 @@ def add_parser(subparsers) -> None:
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="tiles per batch")
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="tile-reading worker processes (0: read in the main process; "
-                             "default 2 on CPU, up to 8 on CUDA, where decoding is the bottleneck)")
+                        help="worker processes reading tiles, then tracing the outlines of "
+                             "objects.geojson (0: the main process does it; default 2 on CPU, up "
+                             "to 8 on CUDA, where decoding is the bottleneck)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output-mpp", type=float, metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                     "stain_factors": class_map.stain_factors},
         "seconds": round(seconds, 3),
     }
-    write_segmentation(args.out, class_map, slide, provenance)
+    write_segmentation(args.out, class_map, slide, provenance, workers=args.workers)
     print(json.dumps({"out": str(args.out), "tiles": class_map.tile_count,
                       "shape_px": list(class_map.labels.shape), "mpp": class_map.mpp,
                       "seconds": round(seconds, 1)}))
