@@ -2,8 +2,9 @@
 
 Each 8-connected region is found by OpenCV's border following (its outer boundary gives its
 bounding box and first pixel: no label image of the whole mask, whose int32 labels would take four
-times a class map's memory per class), cut out alone, and traced by marching squares along pixel
-edges. Given a process pool, the tracing, which is most of the time, runs in its workers.
+times a class map's memory per class), cut out alone from its box, and traced by marching squares
+along pixel edges. Given a process pool, the cutting and tracing, most of the time, run in its
+workers.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def polygons_from_mask(
     ``simplify_tolerance_px`` level-0 pixels. ``origin_xy_px`` is the level-0 (x, y) of the mask's
     top-left corner; ``executor`` (a process pool) traces batches of regions in parallel.
     """
-    regions = region_crops(mask)
+    regions = region_boxes(mask)
     trace = functools.partial(_trace, scale=mpp_of_mask / level0_mpp, origin_xy_px=origin_xy_px,
                               simplify_tolerance_px=simplify_tolerance_px)
     tasks = [regions[start:start + REGIONS_PER_TASK]
@@ -48,31 +49,34 @@ def polygons_from_mask(
     return [polygon for polygons in traced for polygon in polygons]
 
 
-def region_crops(mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-    """``(top, left, crop)`` per 8-connected region of ``mask``, in raster order of each region's
-    first pixel: ``crop`` is the bool image of its bounding box (at row ``top``, column ``left``)
-    holding that region alone."""
+def region_boxes(mask: np.ndarray) -> list[tuple[int, int, np.ndarray, tuple[int, int]]]:
+    """``(top, left, box, first)`` per 8-connected region of ``mask``, in raster order of each
+    region's first pixel: ``box`` is the mask within the region's bounding box (at row ``top``,
+    column ``left``; other regions may reach into it) and ``first`` the (row, col) in ``box`` of
+    the region's first pixel."""
     mask = np.ascontiguousarray(mask, bool)
     contours, hierarchy = cv2.findContours(mask.view(np.uint8), cv2.RETR_CCOMP,
                                            cv2.CHAIN_APPROX_SIMPLE)
-    outer = [contour for contour, (_, _, _, parent) in zip(contours, hierarchy[0] if contours else [])
-             if parent == -1]  # holes have a parent; a region inside a hole is outer again
+    parents = hierarchy[0][:, 3] if contours else []
+    # holes have a parent; a region inside a hole is outer again
+    outer = [contour for contour, parent in zip(contours, parents) if parent == -1]
     # border following starts at the region's first pixel in raster order
     firsts = [tuple(contour[0, 0]) for contour in outer]  # (x, y)
-    crops = []
+    boxes = []
     for (first_x, first_y), contour in sorted(zip(firsts, outer), key=lambda pair: pair[0][::-1]):
         left, top, width, height = cv2.boundingRect(contour)
-        box = mask[top:top + height, left:left + width]
-        regions, _ = ndimage.label(box, structure=_EIGHT_CONNECTED)
-        crops.append((top, left, regions == regions[first_y - top, first_x - left]))
-    return crops
+        boxes.append((top, left, mask[top:top + height, left:left + width],
+                      (first_y - top, first_x - left)))
+    return boxes
 
 
-def _trace(regions: list[tuple[int, int, np.ndarray]], scale: float, origin_xy_px,
+def _trace(regions: list[tuple[int, int, np.ndarray, tuple[int, int]]], scale: float, origin_xy_px,
            simplify_tolerance_px: float) -> list[Polygon]:
-    """The polygonal parts outlining each of ``regions`` (from :func:`region_crops`)."""
+    """The polygonal parts outlining each of ``regions`` (from :func:`region_boxes`)."""
     polygons = []
-    for top, left, crop in regions:
+    for top, left, box, first in regions:
+        labelled, _ = ndimage.label(box, structure=_EIGHT_CONNECTED)
+        crop = labelled == labelled[first]  # the region alone
         rings = []
         for contour in find_contours(np.pad(crop, 1).astype(np.uint8), 0.5, fully_connected="high"):
             rows, cols = contour[:, 0] + top - 1, contour[:, 1] + left - 1
