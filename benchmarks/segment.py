@@ -116,7 +116,8 @@ def run_child(method: str, python: str, slide: Path, checkpoint: Path, args,
     command = [python, __file__, "--child", method, "--slide", str(slide),
                "--model", str(checkpoint), "--labels-out", str(labels_out), "--device", args.device,
                "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-               "--work-dir", str(args.work_dir)]
+               "--work-dir", str(args.work_dir),
+               *(["--large-px", str(args.large_px)] if args.large_px else [])]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

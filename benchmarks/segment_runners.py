@@ -76,15 +76,20 @@ def run_large(slide_path, checkpoint, args) -> dict:
 
 def run_parts(slide_path, checkpoint, args) -> dict:
     """Where our time goes, each stage alone over the tiles of the full run: tissue detection;
-    tile reading (decoding, in the DataLoader workers, pinned on CUDA); the host-to-device copy
-    of the uint8 batches; the model on normalised tiles already on the device; stitching. One
-    real batch stands in for every batch after reading."""
+    with ``--large-px`` (whose run normalises stains), the slide's stain measurement; tile
+    reading (decoding and any stain shift, in the DataLoader workers, pinned on CUDA); the
+    host-to-device copy of the uint8 batches; the model on normalised tiles already on the
+    device; stitching; writing the label map. One real batch stands in for every batch after
+    reading."""
     import torch
     from torch.utils.data import DataLoader
 
     from biopsy.infer import prepare_model, tile_probabilities
+    from biopsy.infer import output_shape_px
+    from biopsy.labelmap import write_label_map
     from biopsy.model import load_checkpoint
     from biopsy.slide import open_slide, single_threaded_opencv
+    from biopsy.stainnorm import slide_stain_shift
     from biopsy.stitch import BandStitcher
     from biopsy.tiling import TileDataset, grid_shape_px, make_grid
     from biopsy.tissue import detect_tissue
@@ -94,23 +99,28 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     slide = open_slide(slide_path)
     started = time.perf_counter()
     tissue = detect_tissue(slide)
-    tissue_seconds = time.perf_counter() - started
+    seconds = {"tissue detection": time.perf_counter() - started}
+    stain = None
+    if args.large_px:
+        started = time.perf_counter()
+        stain = slide_stain_shift(slide, info.stain_reference, tissue)
+        seconds["stain measurement"] = time.perf_counter() - started
     shape_px = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, 0.5, tissue, slide.mpp)
-    loader = DataLoader(TileDataset(slide, grid), batch_size=args.batch_size,
+    loader = DataLoader(TileDataset(slide, grid, stain), batch_size=args.batch_size,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         worker_init_fn=single_threaded_opencv)  # as segment_slide reads them
     started = time.perf_counter()
     sample = None
     for batch in loader:
         sample = batch if sample is None else sample
-    read_seconds = time.perf_counter() - started
+    seconds["tile reading"] = time.perf_counter() - started
     batches = -(-len(grid) // args.batch_size)
     started = time.perf_counter()
     for _ in range(batches):
         tiles = sample[:, 0].to(device, non_blocking=True)
     _sync(device)
-    transfer_seconds = time.perf_counter() - started
+    seconds["transfer"] = time.perf_counter() - started
     model = prepare_model(model, device)  # as segment_slide runs it: BatchNorm folded, channels_last
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.inference_mode(), autocast:
@@ -121,21 +131,25 @@ def run_parts(slide_path, checkpoint, args) -> dict:
         for _ in range(batches):
             probabilities = tile_probabilities(model(inputs), info.patch_size_px)
         _sync(device)
-    model_seconds = time.perf_counter() - started
+    seconds["model (pre-decoded tiles on device)"] = time.perf_counter() - started
     stitcher = BandStitcher(info.class_names, shape_px, info.input_mpp, shape_px, info.input_mpp,
                             info.patch_size_px, 0, device=device,
                             glomerulus_threshold=info.glomerulus_threshold)
     started = time.perf_counter()
+    bands = []
     with torch.inference_mode():
         for first in range(0, len(grid), args.batch_size):
             origins = grid.origins_px[first : first + args.batch_size]
-            stitcher.add(probabilities[: len(origins)], origins)
-        stitcher.finish()
+            bands += stitcher.add(probabilities[: len(origins)], origins)
+        bands += stitcher.finish()
         _sync(device)
-    stitch_seconds = time.perf_counter() - started
-    return {"tiles": len(grid), "tissue detection": tissue_seconds, "tile reading": read_seconds,
-            "transfer": transfer_seconds, "model (pre-decoded tiles on device)": model_seconds,
-            "stitching": stitch_seconds}
+    seconds["stitching"] = time.perf_counter() - started
+    started = time.perf_counter()
+    write_label_map(Path(args.labels_out).with_suffix(".ome.tif"),
+                    (band.labels for band in bands), info.input_mpp, info.class_names,
+                    info.class_colours, shape_px=output_shape_px(slide, info.input_mpp))
+    seconds["label map writing"] = time.perf_counter() - started
+    return {"tiles": len(grid), **seconds}
 
 
 def _sync(device) -> None:

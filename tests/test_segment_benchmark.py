@@ -116,13 +116,21 @@ def test_large_run_streams_the_map_segment_slide_makes(large_slide, checkpoint, 
     np.testing.assert_array_equal(read_label_map(labels_out).labels, reference.labels)
 
 
-def test_parts_time_every_stage_over_the_tissue_tiles(large_slide, checkpoint, reference):
-    parts = run_parts(large_slide, checkpoint, Namespace(device="cpu", batch_size=16, workers=0))
+@pytest.mark.parametrize("large_px", [None, LARGE_PX])
+def test_parts_time_every_stage_over_the_tissue_tiles(large_slide, checkpoint, reference,
+                                                      tmp_path, large_px):
+    arguments = Namespace(device="cpu", batch_size=16, workers=0, large_px=large_px,
+                          labels_out=tmp_path / "none.npy")
+    parts = run_parts(large_slide, checkpoint, arguments)
     assert parts["tiles"] == reference.tile_count
-    stages = ("tissue detection", "tile reading", "transfer",
-              "model (pre-decoded tiles on device)", "stitching")
+    stages = ["tissue detection", "tile reading", "transfer",
+              "model (pre-decoded tiles on device)", "stitching", "label map writing"]
+    stages += ["stain measurement"] if large_px else []  # what the --large-px run does too
+    assert sorted(parts) == sorted(stages + ["tiles"])
     assert all(parts[stage] >= 0 for stage in stages)
     assert parts["model (pre-decoded tiles on device)"] > parts["transfer"]
+    written = read_label_map(tmp_path / "none.ome.tif")
+    assert written.labels.shape == reference.labels.shape and written.mpp == reference.mpp
 
 
 def test_table_compares_each_method_with_ours_and_projects_only_when_asked(tmp_path, capsys):
