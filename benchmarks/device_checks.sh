@@ -2,17 +2,17 @@
 # Every check that needs a CUDA GPU, sized for the device tool (15 minutes of device time a session,
 # 10 a call, a machine's start included), in two calls and a third if time is left:
 #   bash benchmarks/device_bundle.sh                   # here, once: build/device-site.tar.xz
-#   run: bash benchmarks/device_checks.sh train segment tests   # carry it; timeout_s 560
+#   run: bash benchmarks/device_checks.sh tests train segment   # carry it; timeout_s 560
 #   run: bash benchmarks/device_checks.sh large        # at once (warm 30 s); timeout_s 240
 #   run: bash benchmarks/device_checks.sh cli          # timeout_s 420
-# Steps, the most wanted first:
+# Steps, in the order of the calls above:
+#   tests    starts building the 60,000 px slide in the background (one core), then the GPU tests
+#            (inference with bf16, pinned workers, scales, mirrors and compile; training with bf16,
+#            channels_last, workers and compile) and resume on CUDA (train.deterministic);
 #   train    training images/s and GPU utilisation against a plain PyTorch loop: batch 64 with
 #            8 / 15 workers, batch 8, batch 64 compiled;
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
 #            ratio of end to end to the model alone on pre-decoded tiles;
-#   tests    starts building the 60,000 px slide in the background (one core), then the GPU tests
-#            (inference with bf16, pinned workers, scales, mirrors and compile; training with bf16,
-#            channels_last, workers and compile) and resume on CUDA;
 #   large    that slide end to end, with where its time goes (waits for the build);
 #   cli      `biopsy segment` on that slide: labels.ome.tif, objects.geojson and overview.png
 #            (the polygons are traced on the CPU, ~10 s per 16,000 px slide on a 2-core CPU).
@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__,
 torchvision.__version__, torch.cuda.get_device_name(0))' | tee -a "$out/gpu.txt"
 steps=("$@")
-[ $# -gt 0 ] || steps=(train segment tests large)
+[ $# -gt 0 ] || steps=(tests train segment large cli)
 for name in "${steps[@]}"; do
     echo "== $name ($(date +%T))"
     case $name in
@@ -38,7 +38,7 @@ for name in "${steps[@]}"; do
             --steps 200
           timeout 50 python3 benchmarks/train.py --device cuda --batch-size 8 --workers 8 \
             --steps 300
-          timeout 100 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 15 \
+          timeout 150 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 15 \
             --steps 200 --compile; } 2>&1 | grep -v 'fit:' | tee "$out/train.txt" ;;
       segment)
         timeout 150 python3 benchmarks/segment.py --device cuda --quick --parts \
