@@ -91,7 +91,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     from biopsy.slide import open_slide, single_threaded_opencv
     from biopsy.stainnorm import slide_stain_shift
     from biopsy.stitch import BandStitcher
-    from biopsy.tiling import TileDataset, grid_shape_px, make_grid
+    from biopsy.tiling import TileBlocks, TileDataset, grid_shape_px, make_grid
     from biopsy.tissue import detect_tissue
 
     model, info = load_checkpoint(checkpoint, args.device)
@@ -107,14 +107,16 @@ def run_parts(slide_path, checkpoint, args) -> dict:
         seconds["stain measurement"] = time.perf_counter() - started
     shape_px = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, 0.5, tissue, slide.mpp)
-    loader = DataLoader(TileDataset(slide, grid, stain), batch_size=args.batch_size,
+    loader = DataLoader(TileBlocks(TileDataset(slide, grid, stain)), batch_size=None,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         worker_init_fn=single_threaded_opencv)  # as segment_slide reads them
     started = time.perf_counter()
-    sample = None
-    for batch in loader:
-        sample = batch if sample is None else sample
+    kept = []
+    for _, views in loader:
+        if sum(map(len, kept)) < args.batch_size:
+            kept.append(views)
     seconds["tile reading"] = time.perf_counter() - started
+    sample = torch.cat(kept)[: args.batch_size]
     batches = -(-len(grid) // args.batch_size)
     started = time.perf_counter()
     for _ in range(batches):

@@ -37,7 +37,7 @@ from biopsy.restain import StainShift
 from biopsy.slide import Slide, single_threaded_opencv
 from biopsy.stainnorm import slide_stain_shift
 from biopsy.stitch import Band, BandStitcher, output_index
-from biopsy.tiling import TileDataset, TileGrid, grid_shape_px, make_grid
+from biopsy.tiling import TileBlocks, TileDataset, TileGrid, grid_shape_px, make_grid
 from biopsy.tissue import TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -200,15 +200,11 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
     Inference mode is entered per batch, never across a ``yield``, so that it does not leak into
     the consumer's code.
     """
-    on_cuda = device.type == "cuda"
-    loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers, pin_memory=on_cuda,
-                        worker_init_fn=single_threaded_opencv)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress)
     first = 0
-    for batch in loader:
+    for batch in _row_major_batches(TileBlocks(tiles), batch_size, workers, device):
         with torch.inference_mode():
-            batch = batch.to(device, non_blocking=True)
             views = [info.normalise(batch[:, view]) for view in range(batch.shape[1])]
             probabilities = batch_probabilities(model, views, tiles.scales, autocast,
                                                 info.patch_size_px, tta)
@@ -220,6 +216,39 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
     with torch.inference_mode():
         bands = stitcher.finish()
     yield from bands
+
+
+def _row_major_batches(blocks: TileBlocks, batch_size: int, workers: int,
+                       device: torch.device) -> Iterator[torch.Tensor]:
+    """The blocks' tiles on ``device`` in row-major order, ``batch_size`` at a time: the blocks
+    are read by ``workers`` processes and sent to the device as they come (pinned on CUDA); a
+    band's tiles are put in order once all its blocks are there."""
+    loader = DataLoader(blocks, batch_size=None, num_workers=workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=single_threaded_opencv)
+    rows = blocks.tiles.origins_px[:, 0]
+    band, left_over = [], []
+    for index, (indices, views) in enumerate(loader):
+        band.append((rows[indices.numpy()], views.to(device, non_blocking=True)))
+        if index + 1 < len(blocks) and blocks.band_of[index + 1] == blocks.band_of[index]:
+            continue
+        ready = torch.cat(left_over + _in_row_major(band))
+        band, whole = [], len(ready) - len(ready) % batch_size
+        yield from ready[:whole].split(batch_size)
+        left_over = [ready[whole:]]
+    if left_over and len(left_over[0]):
+        yield left_over[0]
+
+
+def _in_row_major(band: list[tuple[np.ndarray, torch.Tensor]]) -> list[torch.Tensor]:
+    """Slices of a band's blocks (left to right, each row-major: its tiles' grid rows and
+    views) that, concatenated, are the band's tiles in row-major order."""
+    slices = []
+    for row in np.unique(np.concatenate([rows for rows, _ in band])):
+        for rows, views in band:
+            start, stop = np.searchsorted(rows, row, "left"), np.searchsorted(rows, row, "right")
+            if stop > start:
+                slices.append(views[start:stop])
+    return slices
 
 
 def _background_outside_tissue(bands: Iterator[Band], tissue: TissueMask, output_mpp: float,

