@@ -117,6 +117,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
             kept.append(views)
     seconds["tile reading"] = time.perf_counter() - started
     sample = torch.cat(kept)[: args.batch_size]
+    sample = sample.pin_memory() if device.type == "cuda" else sample  # as the loader's batches
     batches = -(-len(grid) // args.batch_size)
     started = time.perf_counter()
     for _ in range(batches):

@@ -1,12 +1,14 @@
 """Stitched whole-slide inference: a slide and a model in, a class map at a chosen mpp out.
 
 The hot path (../shared/DESIGN.md): tissue tiles only (:mod:`biopsy.tiling`), read at the model's
-mpp by DataLoader worker processes; uint8 batches copied pinned and non-blocking to the device,
-normalised there; the model under ``torch.inference_mode()`` in channels_last memory (bf16
-autocast on CUDA, optional on CPU; optional ``torch.compile``); softmax probabilities (optionally
-averaged over test-time augmentations: the tile's mirror images, and views of it read at other
-scales) Gaussian-blended and finished band by band (:mod:`biopsy.stitch`), so memory is
-bounded by slide width x patch height, not slide area.
+mpp by DataLoader worker processes in blocks of 4 tile rows x 16 tiles (cut from one read where
+that gives the same pixels); uint8 blocks copied pinned and non-blocking to the device, each band
+of 4 tile rows put in row-major order there and normalised batch by batch; the model under
+``torch.inference_mode()`` in channels_last memory (bf16 autocast on CUDA, optional on CPU;
+optional ``torch.compile``); softmax probabilities (optionally averaged over test-time
+augmentations: the tile's mirror images, and views of it read at other scales) Gaussian-blended
+and finished band by band (:mod:`biopsy.stitch`), so memory is bounded by slide width x a few
+patch heights, not slide area.
 
 Pixels outside the tissue mask dilated by one mask pixel (8 µm by default) get the model's
 ``background`` class (index 0 if it has none): the model decides tissue borders at its own
@@ -233,8 +235,9 @@ def _row_major_batches(blocks: TileBlocks, batch_size: int, workers: int,
             continue
         ready = torch.cat(left_over + _in_row_major(band))
         band, whole = [], len(ready) - len(ready) % batch_size
-        yield from ready[:whole].split(batch_size)
-        left_over = [ready[whole:]]
+        if whole:  # (an empty tensor splits into one empty batch)
+            yield from ready[:whole].split(batch_size)
+        left_over = [ready[whole:].clone()]  # not a view keeping the whole band alive
     if left_over and len(left_over[0]):
         yield left_over[0]
 

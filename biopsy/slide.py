@@ -197,20 +197,24 @@ class Slide:
         region = self.read_level(level, first_x, first_y, n_x, n_y)
         return _resample(region, weights_x, weights_y)
 
-    def reads_cut_from_one(self, xy: np.ndarray, mpp: float) -> bool:
-        """Whether reads at level-0 corners ``xy`` (n, 2) and ``mpp`` can all be cut from one read
-        of their union with the same pixels: each starts on a whole pixel of the level it reads,
-        that level has a whole number of pixels per output pixel, and the starts lie whole
-        output pixels apart."""
+    def cut_offsets(self, xy: np.ndarray, mpp: float) -> np.ndarray | None:
+        """(n, 2) offsets (x, y) in output pixels of reads at level-0 corners ``xy`` and ``mpp``
+        from their top-left-most corner, when each can be cut from one read of their union with
+        the same pixels: every read starts on a whole pixel of the level it reads, that level has
+        exactly a whole number of pixels per output pixel, and the starts lie whole output pixels
+        apart. None otherwise."""
         scale_x, scale_y = self._scale(mpp)
         level = self.best_level(min(scale_x, scale_y))
-        down = np.array(self.levels[level].downsample)
-        steps = np.array([_snap(scale_x / down[0]), _snap(scale_y / down[1])])
+        down = np.array(self.levels[level].downsample, float)
+        steps = np.array([scale_x, scale_y]) / down  # as read() computes them
         starts = np.asarray(xy, float) / down
         whole = np.round(starts)
         if np.any(steps != np.round(steps)) or np.any(np.abs(starts - whole) >= _SNAP):
-            return False
-        return bool(np.all((whole - whole.min(axis=0)) % steps == 0))
+            return None
+        apart = whole - whole.min(axis=0)
+        if np.any(apart % steps):
+            return None
+        return (apart // steps).astype(np.int64)
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide at ``mpp`` µm/px, (height, width, channels)."""
