@@ -156,8 +156,9 @@ class TileBlocks(Dataset):
     view pixel, as for 0.25 or 0.5 µm/px scans read at 1 µm/px) they are, so that the slide's
     pixels under overlapping tiles are decoded once per block rather than once per tile (4 x 16
     tiles at half overlap: 0.75 ms a tile against 1.49 ms one by one on a 2-core CPU); else
-    they are read one by one. Blocks come band by band (``band_of[k]``: ``rows`` tile rows
-    each), left to right within a band.
+    they are read one by one, as they are when the block's window holds more pixels than its
+    tiles' windows together (a sparse block at the tissue's edge). Blocks come band by band
+    (``band_of[k]``: ``rows`` tile rows each), left to right within a band.
     """
 
     def __init__(self, tiles: TileDataset, rows: int = 4, cols: int = 16):
@@ -186,10 +187,11 @@ class TileBlocks(Dataset):
         tiles, patch = self.tiles, self.tiles.patch_px
         mpp = tiles.grid.mpp * scale
         offsets = tiles.slide.cut_offsets(level0_xy, mpp)  # (x, y) in view px
-        if offsets is None:
+        width, height = (0, 0) if offsets is None else offsets.max(axis=0) + patch
+        # a sparse block (tissue's edge) would decode more of the slide at once than tile by tile
+        if offsets is None or width * height > len(level0_xy) * patch**2:
             return np.stack([tiles._read(xy, scale) for xy in level0_xy])
         first = level0_xy.min(axis=0)
-        width, height = offsets.max(axis=0) + patch
         region = tiles.slide.read(float(first[0]), float(first[1]), (int(width), int(height)), mpp)
         if tiles.stain is not None:
             region = tiles.stain.apply(region)

@@ -96,6 +96,19 @@ def test_blocks_are_cut_from_one_read_where_that_is_exact(slide, monkeypatch):
     assert reads.count(1.41) == len(indices)
 
 
+def test_a_sparse_block_is_read_tile_by_tile(slide, monkeypatch):
+    """Two tiles at opposite corners of a block: one read of the block would decode ~10 times
+    their pixels."""
+    grid = TileGrid(1.0, grid_shape_px(slide.dimensions, slide.mpp, 1.0), 64, 32,
+                    np.array([[0, 0], [96, 288]]))
+    tiles = TileDataset(slide, grid)
+    reads = []
+    read = slide.read
+    monkeypatch.setattr(tiles.slide, "read", lambda *a, **k: reads.append(a[2]) or read(*a, **k))
+    assert_blocks_equal_tiles(tiles, rows=4, cols=16)
+    assert reads == [(64, 64)] * 4  # two per tile: the block's read, then the reference's
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("batch_size", [10, 1000])  # 1000: more than a band, more than all
 def test_batches_come_in_row_major_order(slide, workers, batch_size):
