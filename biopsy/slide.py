@@ -199,7 +199,7 @@ class Slide:
 
     def cut_offsets(self, xy: np.ndarray, mpp: float) -> np.ndarray | None:
         """(n, 2) offsets (x, y) in output pixels of reads at level-0 corners ``xy`` and ``mpp``
-        from their top-left-most corner, when each can be cut from one read of their union with
+        from the top-left corner of their union, when each can be cut from one read of it with
         the same pixels: every read starts on a whole pixel of the level it reads, that level has
         exactly a whole number of pixels per output pixel, and the starts lie whole output pixels
         apart. None otherwise."""
