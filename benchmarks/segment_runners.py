@@ -84,8 +84,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from biopsy.infer import prepare_model, tile_probabilities
-    from biopsy.infer import output_shape_px
+    from biopsy.infer import output_shape_px, prepare_model, tile_probabilities
     from biopsy.labelmap import write_label_map
     from biopsy.model import load_checkpoint
     from biopsy.slide import open_slide, single_threaded_opencv
