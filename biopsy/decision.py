@@ -8,6 +8,7 @@ Glomerular probability split between tuft and sclerosis then still counts as glo
 threshold above 0.5 trims the faint fringes that join touching glomeruli or make false ones.
 """
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -39,9 +40,16 @@ def decide_classes(scores: torch.Tensor, class_names: Sequence[str],
     scores = scores.float()  # bf16 would round the shares at the threshold
     shape = [1] * scores.ndim
     shape[dim] = len(class_names)
-    glomerular = torch.tensor([name in GLOMERULAR_CLASSES for name in class_names],
-                              device=scores.device).view(shape)
+    glomerular = _is_glomerular(tuple(class_names), scores.device).view(shape)
     is_glomerulus = (scores * glomerular).sum(dim) > glomerulus_threshold * scores.sum(dim)
     best_glomerular = scores.masked_fill(~glomerular, -1).max(dim).indices
     best_other = scores.masked_fill(glomerular, -1).max(dim).indices
     return torch.where(is_glomerulus, best_glomerular, best_other)
+
+
+@functools.lru_cache(maxsize=16)
+def _is_glomerular(class_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """bool (C,) on ``device``, made once: made per call, its copy from pageable memory would wait
+    for the device to finish its queued work. An ordinary tensor even under inference mode."""
+    with torch.inference_mode(False):
+        return torch.tensor([name in GLOMERULAR_CLASSES for name in class_names], device=device)

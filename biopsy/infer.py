@@ -38,7 +38,7 @@ from biopsy.model import ModelInfo
 from biopsy.restain import StainShift
 from biopsy.slide import Slide, single_threaded_opencv
 from biopsy.stainnorm import slide_stain_shift
-from biopsy.stitch import Band, BandStitcher, output_index
+from biopsy.stitch import Band, BandStitcher
 from biopsy.tiling import TileBlocks, TileDataset, TileGrid, grid_shape_px, make_grid
 from biopsy.tissue import TissueMask, detect_tissue
 
@@ -158,12 +158,12 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
     output_shape = output_shape_px(slide, output_mpp)
     stitcher = BandStitcher(info.class_names, tiles.grid.shape_px, info.input_mpp,
                             output_shape, output_mpp, info.patch_size_px, background,
-                            return_probabilities, device, info.glomerulus_threshold)
+                            return_probabilities, device, info.glomerulus_threshold,
+                            tissue_mask=tissue.near().mask, tissue_mpp=tissue.mpp)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
                    workers, device, bf16, tta, progress)
-    return (tiles.grid, tiles.stain,
-            _background_outside_tissue(bands, tissue, output_mpp, output_shape, background))
+    return tiles.grid, tiles.stain, bands
 
 
 def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
@@ -252,23 +252,6 @@ def _in_row_major(band: list[tuple[np.ndarray, torch.Tensor]]) -> list[torch.Ten
             if stop > start:
                 slices.append(views[start:stop])
     return slices
-
-
-def _background_outside_tissue(bands: Iterator[Band], tissue: TissueMask, output_mpp: float,
-                               output_shape: tuple[int, int], background: int) -> Iterator[Band]:
-    """Set pixels outside the tissue mask, dilated by one mask pixel, to the background."""
-    near_tissue = tissue.near().mask
-    rows = output_index(output_shape[0], tissue.mpp, output_mpp, near_tissue.shape[0])
-    cols = output_index(output_shape[1], tissue.mpp, output_mpp, near_tissue.shape[1])
-    top = 0
-    for band in bands:
-        height = len(band.labels)
-        outside = ~near_tissue[np.ix_(rows[top : top + height], cols)]
-        band.labels[outside] = background
-        if band.probabilities is not None:
-            band.probabilities[:, outside] = 0
-        top += height
-        yield band
 
 
 def prepare_model(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:

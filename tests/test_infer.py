@@ -12,6 +12,7 @@ from biopsy.infer import batch_probabilities, prepare_model, segment_slide, segm
 from biopsy.model import build_model
 from biopsy.slide import open_slide
 from biopsy.stitch import BandStitcher
+from cuda_syncs import cuda_syncs
 from inference_models import (all_tissue, check_positions, constant_model, model_info,
                               position_image, random_cnn, tissue_mask, write_slide)
 
@@ -138,6 +139,22 @@ def test_positions_on_cuda_with_bf16_pinned_workers_and_compile(position_slide):
                     scales=(1.0, 1.5), tta=True)
 
 
+@pytest.mark.gpu
+def test_the_tile_loop_never_waits_for_the_gpu(position_slide):
+    """On CUDA the host queues tiles without waiting for the device: four times the tissue (the
+    tile rows, batches and bands) calls no more synchronising operations (the set-up's only)."""
+    info = model_info(4, mpp=1.0, patch_px=32)
+
+    def run(tissue_rows: int) -> int:
+        mask = np.zeros((50, 64), bool)  # 10 µm/px over the 500 x 640 µm slide
+        mask[:tissue_rows] = True
+        return cuda_syncs(segment_slide, position_slide, random_cnn(4), info, batch_size=8,
+                          workers=0, device="cuda", tissue=tissue_mask(mask, 10.0, position_slide))
+
+    run(50)  # once-only set-up (cached constants, cuDNN's choices)
+    assert run(12) == run(48)
+
+
 def test_test_time_augmentation_keeps_positions_across_tiles(position_slide):
     """A 1x1 convolution commutes with mirroring: with every mirror image flipped back, the map
     is the right one (a tile left mirrored would put the stripes in the wrong order)."""
@@ -200,6 +217,65 @@ def test_stitcher_finishes_rows_as_tiles_arrive_in_bounded_memory():
         assert stitcher.sums.shape == (4, patch, width)
     done += sum(len(band.labels) for band in stitcher.finish())
     assert done == height
+
+
+def test_stitcher_sets_pixels_outside_tissue_to_background():
+    """Output pixels whose nearest tissue-mask pixel is off are background with zero
+    probabilities (mask, grid and output at three pixel sizes); the rest keep the blend."""
+    patch, height, width = 32, 96, 128  # grid at 1 µm/px; output at 1.5, mask at 8
+    mask = np.zeros((12, 16), bool)
+    mask[2:9, 3:11] = True
+    stitcher = BandStitcher(["background", "a", "b"], (height, width), 1.0, (64, 85), 1.5, patch,
+                            0, keep_probabilities=True, tissue_mask=mask, tissue_mpp=8.0)
+    probabilities = torch.zeros(1, 3, patch, patch)
+    probabilities[:, 2] = 1
+    bands = []
+    for row in range(0, height - patch + 1, patch):
+        origins = np.array([[row, col] for col in range(0, width - patch + 1, patch)])
+        bands += stitcher.add(probabilities.expand(len(origins), -1, -1, -1), origins)
+    bands += stitcher.finish()
+    labels = np.concatenate([band.labels for band in bands])
+    kept = np.concatenate([band.probabilities for band in bands], axis=1)
+    centres_row = ((np.arange(64) + 0.5) * 1.5 / 8).astype(int)  # the mask pixel under each
+    centres_col = ((np.arange(85) + 0.5) * 1.5 / 8).astype(int)
+    inside = mask[np.ix_(centres_row, centres_col)]
+    np.testing.assert_array_equal(labels, np.where(inside, 2, 0))
+    np.testing.assert_array_equal(kept[2], np.where(inside, 255, 0))
+    assert not kept[:2].any()
+
+
+class _CopyInFlight:
+    """Stands in for a CUDA event: its copy completes when the test says."""
+
+    def __init__(self):
+        self.done = False
+        self.waited = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited, self.done = True, True
+
+
+def test_stitcher_hands_bands_back_in_order_once_copied(monkeypatch):
+    """A band comes back only when it and every band before it have reached the host; at most
+    MAX_PENDING_BANDS wait, beyond that the oldest is waited for; finish waits for all."""
+    import biopsy.stitch as stitch
+
+    monkeypatch.setattr(stitch, "MAX_PENDING_BANDS", 2)
+    stitcher = BandStitcher(["a", "b"], (64, 32), 1.0, (64, 32), 1.0, 32, 0)
+    events = [_CopyInFlight() for _ in range(4)]
+    bands = [stitch.Band(np.full((1, 32), k, np.uint8), None) for k in range(5)]
+    stitcher.pending.extend([(events[0], bands[0]), (None, bands[1])])
+    assert stitcher._copied_bands() == []  # the first copy still runs: nothing, not band 1
+    events[0].done = True
+    assert stitcher._copied_bands() == bands[:2]
+    stitcher.pending.extend([(events[1], bands[2]), (events[2], bands[3]), (events[3], bands[4])])
+    assert stitcher._copied_bands() == [bands[2]]  # three held: the oldest is waited for
+    assert events[1].waited and not events[2].waited
+    assert stitcher._copied_bands(wait=True) == bands[3:]
+    assert not stitcher.pending
 
 
 def test_bands_stream_top_to_bottom(position_slide):

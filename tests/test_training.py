@@ -21,6 +21,7 @@ from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint, read_model_info
+from cuda_syncs import cuda_syncs
 from glomeruli_dataset import SIZE_PX, config_dict
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.cases import find_slides, split_by_case
@@ -287,6 +288,21 @@ def test_cuda_training_with_bf16_workers_and_compile_reduces_the_loss(dataset_ro
     assert len(history) == 24 and np.mean(history[-4:]) < 0.8 * np.mean(history[:4])
     assert metrics["all"]["glomerulus_count"] == 4
     load_checkpoint(tmp_path / "run" / "last.safetensors", "cpu")  # no compile-wrapper key names
+
+
+@pytest.mark.gpu
+def test_training_steps_never_wait_for_the_gpu(dataset_root, tmp_path):
+    """The host queues step after step (bf16, EMA, gradient clipping) without waiting for the
+    device: twice the steps call no more synchronising operations (logging, validation and
+    saving happen once, at the last step)."""
+    def run(steps: int) -> int:
+        settings = config_dict(dataset_root, tmp_path / f"run{steps}", steps=steps, log_every=100,
+                               precision="auto", ema_decay=0.99)
+        settings["optim"]["grad_clip_norm"] = 1.0
+        return cuda_syncs(fit, config_from_dict(settings, "test"))
+
+    run(2)  # once-only set-up (cached constants, cuDNN's choices)
+    assert run(3) == run(6)
 
 
 def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
