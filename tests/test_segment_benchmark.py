@@ -113,6 +113,7 @@ def test_large_run_streams_the_map_segment_slide_makes(large_slide, checkpoint, 
     assert result["tiles"] == reference.tile_count
     assert 0 < result["tiles"] < result["grid tiles"] == 12**2  # 400 px at 2 µm/px, step 32
     assert 0.2 < result["tissue fraction"] < 0.8
+    assert 0 < result["tile loop seconds"] < result["seconds"]
     np.testing.assert_array_equal(read_label_map(labels_out).labels, reference.labels)
 
 
