@@ -8,12 +8,14 @@
 # Steps, in the order of the calls above:
 #   tests    starts building the 60,000 px slide in the background (one core), then the GPU tests
 #            (inference with bf16, pinned workers, scales, mirrors and compile; training with bf16,
-#            channels_last, workers and compile) and resume on CUDA (train.deterministic);
+#            channels_last, workers and compile), the counts of synchronising CUDA operations
+#            in the tile loop and the training step, and resume on CUDA (train.deterministic);
 #   train    training images/s and GPU utilisation against a plain PyTorch loop: batch 64 with
 #            8 / 15 workers, batch 8, batch 64 compiled;
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
 #            ratio of end to end to the model alone on pre-decoded tiles;
-#   large    that slide end to end, with where its time goes (waits for the build);
+#   large    that slide end to end, with its tile loop alone and where its time goes (waits
+#            for the build);
 #   cli      `biopsy segment` on that slide: labels.ome.tif, objects.geojson and overview.png
 #            (the polygons are traced on the CPU, ~10 s per 16,000 px slide on a 2-core CPU).
 # Each step's output goes to $OUT (or build/device-out); a step that fails or runs out of time
