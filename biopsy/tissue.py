@@ -54,7 +54,9 @@ class TissueMask:
     _integral: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._integral = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        counts = np.int32 if self.mask.size < 2**31 else np.int64  # int32: ~4x faster
+        self._integral = np.pad(self.mask.cumsum(0, dtype=counts).cumsum(1, dtype=counts),
+                                ((1, 0), (1, 0)))
 
     @property
     def area_mm2(self) -> float:
