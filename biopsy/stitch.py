@@ -26,7 +26,7 @@ import torch
 from biopsy.decision import decide_classes
 
 MIN_WEIGHT = 1e-3  # floor of the Gaussian (MONAI's), so tile corners still count where alone
-MAX_PENDING_BANDS = 8  # bands whose copy to the host may be in flight at once (bounds pinned memory)
+MAX_PENDING_BANDS = 8  # bands held before the oldest is waited for (bounds pinned memory)
 
 
 def gaussian_weight(patch_px: int, sigma_scale: float = 0.125, device="cpu") -> torch.Tensor:
@@ -89,6 +89,8 @@ class BandStitcher:
         source_cols = output_index(output_shape_px[1], grid_mpp, output_mpp, grid_shape_px[1])
         identity = np.array_equal(source_cols, np.arange(len(source_cols)))
         self.source_cols = None if identity else torch.from_numpy(source_cols).to(device)
+        if tissue_mask is not None and tissue_mpp is None:
+            raise ValueError("a tissue mask needs its tissue_mpp")
         self.outside = None if tissue_mask is None else _Outside(
             tissue_mask, tissue_mpp, output_shape_px, output_mpp, device)
         self.pending: deque[tuple[torch.cuda.Event | None, Band]] = deque()
@@ -134,16 +136,18 @@ class BandStitcher:
 
     def _copied_bands(self, wait: bool = False) -> list[Band]:
         """The held bands, in order, up to the first whose copy to the host is still running
-        (all of them when ``wait``, or as many as keep at most MAX_PENDING_BANDS held)."""
+        (all of them when ``wait``, or as many as keep at most MAX_PENDING_BANDS held); bands
+        copied from the device come in ordinary memory, so that the pinned buffers are reused."""
         bands = []
         while self.pending:
             copied, band = self.pending[0]
-            must_wait = wait or len(self.pending) > MAX_PENDING_BANDS
-            if copied is not None and not must_wait and not copied.query():
-                break
-            if copied is not None:
+            if copied is not None and not copied.query():
+                if not wait and len(self.pending) <= MAX_PENDING_BANDS:
+                    break
                 copied.synchronize()
-            bands.append(self.pending.popleft()[1])
+            self.pending.popleft()
+            bands.append(band if copied is None else Band(
+                band.labels.copy(), None if band.probabilities is None else band.probabilities.copy()))
         return bands
 
     def _take_output_rows(self, end: int) -> np.ndarray:
@@ -187,7 +191,8 @@ class BandStitcher:
 
     def _hold(self, labels: torch.Tensor, probabilities: torch.Tensor | None) -> None:
         """Queue a band of device tensors for the host: on CUDA copied into pinned memory
-        without waiting, with an event that says when the copy is done."""
+        without waiting, with an event on the copy's stream (the tensors' device's, which need
+        not be the current device) that says when the copy is done."""
         if labels.device.type != "cuda":
             band = Band(labels.cpu().numpy(),
                         None if probabilities is None else probabilities.cpu().numpy())
@@ -197,8 +202,8 @@ class BandStitcher:
                  torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(
                      tensor, non_blocking=True)
                  for tensor in (labels, probabilities)]
-        copied = torch.cuda.Event()
-        copied.record()
+        copied = torch.cuda.Event(blocking=True)  # a wait for it sleeps instead of spinning
+        copied.record(torch.cuda.current_stream(labels.device))
         self.pending.append((copied, Band(*(None if host is None else host.numpy()
                                             for host in hosts))))
 

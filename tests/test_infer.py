@@ -260,22 +260,30 @@ class _CopyInFlight:
 
 def test_stitcher_hands_bands_back_in_order_once_copied(monkeypatch):
     """A band comes back only when it and every band before it have reached the host; at most
-    MAX_PENDING_BANDS wait, beyond that the oldest is waited for; finish waits for all."""
+    MAX_PENDING_BANDS wait, beyond that the oldest is waited for; finish waits for all. Copied
+    bands come back in memory of their own (not the pinned buffers the copies went to)."""
     import biopsy.stitch as stitch
 
     monkeypatch.setattr(stitch, "MAX_PENDING_BANDS", 2)
     stitcher = BandStitcher(["a", "b"], (64, 32), 1.0, (64, 32), 1.0, 32, 0)
     events = [_CopyInFlight() for _ in range(4)]
     bands = [stitch.Band(np.full((1, 32), k, np.uint8), None) for k in range(5)]
+    def handed_back(**options):  # the numbers of the bands handed back
+        return [int(band.labels[0, 0]) for band in stitcher._copied_bands(**options)]
+
     stitcher.pending.extend([(events[0], bands[0]), (None, bands[1])])
-    assert stitcher._copied_bands() == []  # the first copy still runs: nothing, not band 1
+    assert handed_back() == []  # the first copy still runs: nothing, not band 1 either
     events[0].done = True
-    assert stitcher._copied_bands() == bands[:2]
+    assert handed_back() == [0, 1]
     stitcher.pending.extend([(events[1], bands[2]), (events[2], bands[3]), (events[3], bands[4])])
-    assert stitcher._copied_bands() == [bands[2]]  # three held: the oldest is waited for
+    assert handed_back() == [2]  # three held: the oldest is waited for
     assert events[1].waited and not events[2].waited
-    assert stitcher._copied_bands(wait=True) == bands[3:]
-    assert not stitcher.pending
+    assert handed_back(wait=True) == [3, 4] and not stitcher.pending
+    assert events[3].waited and not events[0].waited  # waited for only when not yet done
+    stitcher.pending.append((events[0], bands[0]))
+    copy = stitcher._copied_bands()[0]  # in memory of its own, not the pinned buffer
+    assert np.array_equal(copy.labels, bands[0].labels)
+    assert not np.shares_memory(copy.labels, bands[0].labels)
 
 
 def test_bands_stream_top_to_bottom(position_slide):
