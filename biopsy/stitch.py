@@ -8,10 +8,10 @@ starts at row ``r``, every row above ``r`` is final: it is normalised, arg-maxed
 output mpp, copied to the host and dropped from the buffer. Memory is bounded by slide width x
 patch height x classes, never by slide area.
 
-On CUDA nothing here waits for the device: every index lives on the device from the start, pixels
-outside the tissue are set to the background there, and finished rows are copied to pinned host
-memory without blocking; a band is handed back once its copy has completed, so the host keeps
-queueing tiles while the device works.
+On CUDA nothing here waits for the device while fewer than ``MAX_PENDING_BANDS`` bands are held:
+every index lives on the device from the start, pixels outside the tissue are set to the
+background there, and finished rows are copied to pinned host memory without blocking; a band is
+handed back once its copy has completed, so the host keeps queueing tiles while the device works.
 """
 
 from __future__ import annotations
