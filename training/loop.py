@@ -23,6 +23,7 @@ from tqdm import tqdm
 from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.classes import CLASS_COLOURS
 from biopsy.errors import CheckpointError, ConfigError
+from biopsy.heap import keep_freed_memory
 from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
 from biopsy.slide import single_threaded_opencv
 from training.augment import build_augmentation
@@ -64,6 +65,8 @@ def _deterministic_algorithms(enabled: bool):
 
 def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     rank, world, device = _init_distributed()
+    if device.type == "cpu":
+        keep_freed_memory()  # float32 steps ~20 % faster on a 2-core CPU (biopsy/heap.py)
     if config.train.tensorboard:
         _summary_writer_class()  # on every rank, so that none waits for one that stopped
     output = Path(config.output_dir)
