@@ -11,6 +11,7 @@ from biopsy.model import ModelInfo
 from biopsy.pyramid import write_pyramid
 from biopsy.restain import StainShift
 from biopsy.slide import open_slide
+from biopsy import stainnorm
 from biopsy.stainnorm import MEASURE_MPP, normalising_shift, slide_stain_shift, stain_amounts
 from biopsy.tissue import TissueMask
 
@@ -54,6 +55,21 @@ def test_grey_glass_beside_the_tissue_does_not_count(stains, tmp_path):
     grey_glass = np.full((stains.shape[0], 2 * stains.shape[1], 3), 238, np.uint8)  # dusty, not white
     beside = write(tmp_path / "beside.tif", np.concatenate([stained(stains), grey_glass], axis=1))
     assert stain_amounts(beside) == pytest.approx(stain_amounts(alone), rel=0.02)
+
+
+def test_bands_read_in_threads_measure_what_one_band_does(stains, tmp_path, monkeypatch):
+    """Many bands, read and measured in threads each with its own handle: the same histogram as
+    one band, with the tissue mask's rows matched to each band (grey glass below the tissue)."""
+    grey_glass = np.full((stains.shape[0], stains.shape[1], 3), 238, np.uint8)
+    slide = write(tmp_path / "below.tif", np.concatenate([stained(stains), grey_glass]))
+    monkeypatch.setattr(stainnorm, "_BAND_PX", 10**6)
+    monkeypatch.setattr(stainnorm, "_MAX_THREADS", 1)
+    whole = stain_amounts(slide)
+    monkeypatch.setattr(stainnorm, "_BAND_PX", 7)  # 30 bands
+    monkeypatch.setattr(stainnorm, "_MAX_THREADS", 4)
+    assert stain_amounts(slide) == whole
+    alone = write(tmp_path / "alone.tif", stained(stains))
+    assert whole == pytest.approx(stain_amounts(alone), rel=0.02)
 
 
 def test_glass_and_fluorescence_are_left_alone(tmp_path, shared_data, caplog):
