@@ -10,8 +10,11 @@ away, gaps closed, pieces smaller than ``min_area_um2`` dropped, holes inside ti
 """
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from skimage import measure, morphology
@@ -31,6 +34,7 @@ PEN_FRINGE_PX = 4  # paler pen fringe beside the saturated stroke, in mask pixel
 # ~80 µm across) is tissue to score, while dust and debris specks are opened away at 8 µm/px.
 MIN_PIECE_AREA_UM2 = 5_000.0
 MAX_HOLE_AREA_UM2 = 500_000.0  # holes inside tissue up to this size (vessel, tubule lumina) are tissue
+_MAX_THREADS = 8  # for pixel-by-pixel steps
 
 
 @dataclass(frozen=True)
@@ -120,25 +124,62 @@ def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = MIN_PIEC
 
 def glass_colour(image: np.ndarray) -> np.ndarray:
     """RGB of the glass: the median of the brightest 1 % of pixels when that is bright, near-grey
-    (microscope glass may be slightly tinted) and so plausibly glass; else white (a frame of tissue)."""
-    pixels = image.reshape(-1, 3).astype(np.float32)
-    brightness = pixels[:, 0] + pixels[:, 1] + pixels[:, 2]  # faster than sum(axis=1), the same
-    colour = np.median(pixels[brightness >= np.percentile(brightness, 99)], axis=0)
+    (microscope glass may be slightly tinted) and so plausibly glass; else white (a frame of tissue).
+
+    Brightness (R + G + B) and channels are integers, so the 99th percentile and the medians come
+    from histograms: NumPy's ``percentile`` and ``median`` to the bit, ~5x faster."""
+    brightness = image[..., 0].astype(np.uint16) + image[..., 1] + image[..., 2]
+    bright = brightness >= _percentile_of_integers(brightness, 99)
+    colour = np.array([_median_of_integers(image[..., channel][bright]) for channel in range(3)],
+                      np.float32)
     if colour.min() >= GLASS_MIN_GREY and 1 - colour.min() / colour.max() <= GLASS_MAX_SATURATION:
         return colour
     return np.full(3, 255.0, np.float32)
 
 
+def _percentile_of_integers(values: np.ndarray, percent: float) -> int:
+    """The smallest value v such that ``values >= v`` selects what ``values >= np.percentile(
+    values, percent)`` does (linear interpolation between the two order statistics around the
+    percentile's position: no value lies between them)."""
+    cumulative = np.cumsum(np.bincount(values.ravel()))
+    position = (cumulative[-1] - 1) * (percent / 100)
+    below = int(position)
+    low, high = (int(np.searchsorted(cumulative, rank + 1))  # the rank-th smallest (from 0)
+                 for rank in (below, min(below + 1, cumulative[-1] - 1)))
+    return low if position == below else high
+
+
+def _median_of_integers(values: np.ndarray) -> np.float32:
+    """``np.median`` of non-negative integers (as float32), from their histogram."""
+    cumulative = np.cumsum(np.bincount(values))
+    count = cumulative[-1]
+    low, high = (np.searchsorted(cumulative, rank + 1) for rank in ((count - 1) // 2, count // 2))
+    return (np.float32(low) + np.float32(high)) / np.float32(2)
+
+
 def stain_features(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Optical density (log10, of the darkest channel) and HSV saturation of ``image`` after white
-    balance on its glass, so that glass is near (0, 0) whatever the scanner's light."""
-    # channel by channel: reductions along the last axis of (h, w, 3) are ~3x slower
-    balanced = [np.minimum(image[..., channel] * factor, 255)
-                for channel, factor in enumerate(255 / glass_colour(image))]
-    brightest = np.maximum(np.maximum(balanced[0], balanced[1]), balanced[2])
-    darkest = np.minimum(np.minimum(balanced[0], balanced[1]), balanced[2])
-    density = -np.log10((darkest + 1) / 256)
-    saturation = (brightest - darkest) / np.maximum(brightest, 1)
+    balance on its glass, so that glass is near (0, 0) whatever the scanner's light.
+
+    Pixel by pixel, in bands of rows on threads (NumPy releases the GIL)."""
+    factors = 255 / glass_colour(image)
+    density = np.empty(image.shape[:2], np.float32)
+    saturation = np.empty(image.shape[:2], np.float32)
+
+    def features(rows: slice) -> None:
+        # channel by channel: reductions along the last axis of (h, w, 3) are ~3x slower
+        balanced = [np.minimum(image[rows, :, channel] * factor, 255)
+                    for channel, factor in enumerate(factors)]
+        brightest = np.maximum(np.maximum(balanced[0], balanced[1]), balanced[2])
+        darkest = np.minimum(np.minimum(balanced[0], balanced[1]), balanced[2])
+        density[rows] = -np.log10((darkest + 1) / 256)
+        saturation[rows] = (brightest - darkest) / np.maximum(brightest, 1)
+
+    threads = min(_MAX_THREADS, os.cpu_count() or 1)
+    band_rows = max(64, -(-image.shape[0] // (4 * threads)))
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(features, (slice(top, top + band_rows)
+                                 for top in range(0, image.shape[0], band_rows))))
     return density, saturation
 
 
@@ -201,8 +242,11 @@ def fluorescence_foreground(image: np.ndarray) -> np.ndarray:
 def clean_mask(candidate: np.ndarray, min_area_px: float, max_hole_px: float) -> np.ndarray:
     """Open away specks, close small gaps, drop pieces below ``min_area_px`` and fill holes up to
     ``max_hole_px`` (lumina inside tissue)."""
-    mask = morphology.opening(candidate, morphology.disk(1))
-    mask = morphology.closing(mask, morphology.disk(2))
+    # OpenCV's binary morphology: skimage's to the pixel (its mirrored border adds nothing a
+    # disk does not already hold), ~18x faster
+    mask = cv2.morphologyEx(np.ascontiguousarray(candidate, bool).view(np.uint8), cv2.MORPH_OPEN,
+                            morphology.disk(1).astype(np.uint8))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, morphology.disk(2).astype(np.uint8)).view(bool)
     mask = morphology.remove_small_objects(mask, max_size=int(min_area_px))
     holes = ndimage.binary_fill_holes(mask) & ~mask  # background not reaching the edge of the slide
     large_holes = morphology.remove_small_objects(holes, max_size=int(max_hole_px))

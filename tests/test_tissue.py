@@ -9,10 +9,13 @@ import PIL.Image
 import pytest
 import shapely
 import tifffile
+from scipy import ndimage
+from skimage import morphology
 from skimage.draw import disk, line_aa, polygon
 
 from biopsy.slide import open_slide
-from biopsy.tissue import brightfield_foreground, detect_tissue, pen_ink
+from biopsy.tissue import (GLASS_MAX_SATURATION, GLASS_MIN_GREY, brightfield_foreground, clean_mask,
+                           detect_tissue, glass_colour, pen_ink, stain_features)
 
 SLIDE_MPP = 1.0
 MASK_MPP = 8.0
@@ -163,6 +166,42 @@ def test_real_stains_are_not_taken_for_pen(real_glomeruli):
         for path in sorted((real_glomeruli / "images").glob(f"*-{stain}.jpg"))[:8]:
             image = open_slide(path, mpp=0.5).thumbnail(8.0)
             assert pen_ink(image, brightfield_foreground(image)).mean() < 0.01, path.name
+
+
+def _glass_colour_by_numpy(image: np.ndarray) -> np.ndarray:
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    brightness = pixels.sum(axis=1)
+    colour = np.median(pixels[brightness >= np.percentile(brightness, 99)], axis=0)
+    if colour.min() >= GLASS_MIN_GREY and 1 - colour.min() / colour.max() <= GLASS_MAX_SATURATION:
+        return colour
+    return np.full(3, 255.0, np.float32)
+
+
+def test_glass_colour_and_features_match_numpy_on_real_images(real_glomeruli, svs_path):
+    """The histogram percentile and medians against NumPy's; the banded features against one pass."""
+    distinct_greys = np.repeat(np.arange(150, 250, dtype=np.uint8).reshape(10, 10, 1), 3, axis=2)
+    images = [open_slide(svs_path).thumbnail(2.0), np.full((3, 5, 3), 247, np.uint8), distinct_greys,
+              np.random.default_rng(0).integers(0, 256, (301, 257, 3), dtype=np.uint8)]
+    images += [np.asarray(PIL.Image.open(path).convert("RGB"))
+               for path in sorted((real_glomeruli / "images").glob("*.jpg"))[::9]]
+    for image in images:
+        expected = _glass_colour_by_numpy(image)
+        assert np.array_equal(glass_colour(image), expected) and expected.dtype == np.float32
+        balanced = np.minimum(image * (255 / expected), 255)
+        darkest, brightest = balanced.min(axis=2), balanced.max(axis=2)
+        density, saturation = stain_features(image)
+        np.testing.assert_allclose(density, -np.log10((darkest + 1) / 256), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(saturation, (brightest - darkest) / np.maximum(brightest, 1),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_mask_cleaning_opens_and_closes_as_skimage_does(real_glomeruli):
+    """OpenCV's opening and closing against skimage's (mirrored border) on real foregrounds."""
+    for path in sorted((real_glomeruli / "images").glob("*.jpg"))[::15]:
+        candidate = brightfield_foreground(np.asarray(PIL.Image.open(path).convert("RGB")))
+        opened = morphology.closing(morphology.opening(candidate, morphology.disk(1)), morphology.disk(2))
+        expected = opened | ndimage.binary_fill_holes(opened)  # nothing is removed at these sizes
+        assert np.array_equal(clean_mask(candidate, min_area_px=0, max_hole_px=candidate.size), expected)
 
 
 def test_real_svs_tissue(svs_path):
