@@ -45,6 +45,7 @@ class DicomWsiReader:
     channel_names = ["red", "green", "blue"]
     is_fluorescence = False
     dtype = np.dtype(np.uint8)
+    reads_regions = True  # frames decoded as reads need them
 
     def __init__(self, path: Path):
         self._path = path

@@ -79,6 +79,10 @@ class Slide:
         self.objective_power: float | None = reader.objective_power
         self.channel_names: list[str] = reader.channel_names
         self.is_fluorescence: bool = reader.is_fluorescence
+        # whether a read decodes only the tiles under the region (tiled pyramids), so that more
+        # handles (Slide copies) read in parallel at no extra cost; False where a handle decodes
+        # a whole image or level first (JPEG/PNG snapshots, strip-organised TIFF)
+        self.reads_regions: bool = reader.reads_regions
         self.background_value: int = 0 if reader.is_fluorescence else 255
         self.dtype = reader.dtype
         self.mpp: tuple[float, float] | None = (mpp, mpp) if mpp is not None else reader.mpp

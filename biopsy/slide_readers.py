@@ -66,6 +66,7 @@ class _OpenSlideReader:
     channel_names = BRIGHTFIELD_CHANNELS
     is_fluorescence = False
     dtype = np.dtype(np.uint8)
+    reads_regions = True  # a read decodes the tiles under it only (see Slide.reads_regions)
 
     def __init__(self, path: Path, vendor: str):
         try:
@@ -146,10 +147,11 @@ class _TiffReader:
         is_rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4)
         channel_axis = next((axis for axis in "SCI" if axis in axes), None)
         n_channels = 3 if is_rgb else series.shape[axes.index(channel_axis)] if channel_axis else 1
-        self._levels = [
-            _TiffLevel(array, axes, channel_axis, n_channels,
-                       load_whole=not level.keyframe.is_tiled and level.nbytes <= _WHOLE_LEVEL_BYTES)
-            for array, level in zip(arrays, levels, strict=True)]
+        load_whole = [not level.keyframe.is_tiled and level.nbytes <= _WHOLE_LEVEL_BYTES
+                      for level in levels]
+        self._levels = [_TiffLevel(array, axes, channel_axis, n_channels, whole)
+                        for array, whole in zip(arrays, load_whole, strict=True)]
+        self.reads_regions = not any(load_whole)
         self.level_dimensions = [(level.shape[1], level.shape[0]) for level in self._levels]
         self.is_fluorescence = not is_rgb
         self.dtype = series.dtype
@@ -254,6 +256,7 @@ class _ImageReader:
     channel_names = BRIGHTFIELD_CHANNELS
     is_fluorescence = False
     dtype = np.dtype(np.uint8)
+    reads_regions = False
 
     def __init__(self, path: Path):
         try:

@@ -50,14 +50,15 @@ def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float
     where none is, as on a small snapshot, every pixel that is not glass-pale); None without stain.
 
     Bands of rows are read and measured in a pool of threads, each reading through its own
-    handle on the slide: decoding and NumPy release the GIL, so no part is serial (a 60,000 px
-    slide: ~3.5 s of CPU time, 2.1 s on one thread, 1.7-1.85 s on 2 cores, the same amounts)."""
+    handle on the slide where a handle decodes only what it reads (``Slide.reads_regions``):
+    decoding and NumPy release the GIL, so no part is serial (a 60,000 px slide: ~3.5 s of CPU
+    time, 2.1 s on one thread, 1.7-1.85 s on 2 cores, the same amounts)."""
     tissue = detect_tissue(slide) if tissue is None else tissue
     everywhere = not tissue.mask.any()
     width_px, height_px = (max(1, round(size * mpp / MEASURE_MPP))
                            for size, mpp in zip(slide.dimensions, slide.mpp))
     mask_cols = _mask_index(width_px, tissue.mask.shape[1], tissue.mpp)
-    handles = _ThreadHandles(slide)
+    handles = _ThreadHandles(slide, copies=slide.reads_regions)
 
     def band_counts(top: int) -> np.ndarray:
         rows = min(_BAND_PX, height_px - top)
@@ -67,7 +68,8 @@ def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float
         return _band_counts(rgb, inside)
 
     # each thread holds one band at a time: memory stays bounded on any slide
-    with handles, ThreadPoolExecutor(min(_MAX_THREADS, os.cpu_count() or 1)) as pool:
+    threads = min(_MAX_THREADS, os.cpu_count() or 1) if slide.reads_regions else 1
+    with handles, ThreadPoolExecutor(threads) as pool:
         counts = sum(pool.map(band_counts, range(0, height_px, _BAND_PX)))
     if not counts[0].any():
         return None
@@ -75,13 +77,17 @@ def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float
 
 
 class _ThreadHandles:
-    """A copy of ``slide`` per thread, each reading through its own file handle (a handle is not
-    safe to share between threads); closed on exit."""
+    """With ``copies``, a copy of ``slide`` per thread, each reading through its own file handle
+    (a handle is not safe to share between threads), closed on exit; else ``slide`` itself, for
+    one thread."""
 
-    def __init__(self, slide: Slide):
+    def __init__(self, slide: Slide, copies: bool):
         self._slide, self._local, self._copies = slide, threading.local(), []
+        self._copy_per_thread = copies
 
     def slide(self) -> Slide:
+        if not self._copy_per_thread:
+            return self._slide
         if not hasattr(self._local, "slide"):
             self._local.slide = copy.copy(self._slide)  # opens its handle on its first read
             self._copies.append(self._local.slide)

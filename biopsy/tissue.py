@@ -128,7 +128,8 @@ def glass_colour(image: np.ndarray) -> np.ndarray:
 
     Brightness (R + G + B) and channels are integers, so the 99th percentile and the medians come
     from histograms: NumPy's ``percentile`` and ``median`` to the bit, ~5x faster."""
-    brightness = image[..., 0].astype(np.uint16) + image[..., 1] + image[..., 2]
+    wide = np.uint16 if image.dtype == np.uint8 else np.uint32  # holds three channels' sum
+    brightness = image[..., 0].astype(wide) + image[..., 1] + image[..., 2]
     bright = brightness >= _percentile_of_integers(brightness, 99)
     colour = np.array([_median_of_integers(image[..., channel][bright]) for channel in range(3)],
                       np.float32)

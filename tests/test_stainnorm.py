@@ -1,6 +1,7 @@
 """Stain normalisation: amounts measured on slides, undone shifts, and inference that applies them."""
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from skimage.color import rgb_from_hed
@@ -11,6 +12,7 @@ from biopsy.model import ModelInfo
 from biopsy.pyramid import write_pyramid
 from biopsy.restain import StainShift
 from biopsy.slide import open_slide
+from biopsy import slide as slide_module
 from biopsy import stainnorm
 from biopsy.stainnorm import MEASURE_MPP, normalising_shift, slide_stain_shift, stain_amounts
 from biopsy.tissue import TissueMask
@@ -70,6 +72,21 @@ def test_bands_read_in_threads_measure_what_one_band_does(stains, tmp_path, monk
     assert stain_amounts(slide) == whole
     alone = write(tmp_path / "alone.tif", stained(stains))
     assert whole == pytest.approx(stain_amounts(alone), rel=0.02)
+
+
+def test_a_whole_decoded_image_is_measured_through_its_own_handle(stains, tmp_path, monkeypatch):
+    """A snapshot's handle decodes the whole image: no copy per thread decodes it again."""
+    tiled = write(tmp_path / "tiled.tif", stained(stains))
+    PIL.Image.fromarray(stained(stains)).save(tmp_path / "snapshot.png")
+    snapshot = open_slide(tmp_path / "snapshot.png", mpp=MPP)
+    assert tiled.reads_regions and not snapshot.reads_regions
+    opened = []
+    monkeypatch.setattr(slide_module, "open_reader",
+                        lambda path, opener=slide_module.open_reader: opened.append(path) or opener(path))
+    monkeypatch.setattr(stainnorm, "_BAND_PX", 7)
+    monkeypatch.setattr(stainnorm, "_MAX_THREADS", 4)
+    assert stain_amounts(snapshot) == pytest.approx(stain_amounts(tiled), rel=0.02)
+    assert snapshot.path not in opened and tiled.path in opened  # copies only of the tiled one
 
 
 def test_glass_and_fluorescence_are_left_alone(tmp_path, shared_data, caplog):

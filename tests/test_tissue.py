@@ -195,6 +195,15 @@ def test_glass_colour_and_features_match_numpy_on_real_images(real_glomeruli, sv
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_glass_colour_of_16_bit_images_matches_numpy():
+    """Three 16-bit channels' sum needs more than 16 bits."""
+    image = np.full((60, 80, 3), 62000, np.uint16)
+    image[10:40, 10:50] = (52000, 30000, 48000)
+    image[0, :5] = (65535, 65535, 65535)
+    assert np.array_equal(glass_colour(image), _glass_colour_by_numpy(image))
+    assert glass_colour(image)[0] == 62000
+
+
 def test_mask_cleaning_opens_and_closes_as_skimage_does(real_glomeruli):
     """OpenCV's opening and closing against skimage's (mirrored border) on real foregrounds."""
     for path in sorted((real_glomeruli / "images").glob("*.jpg"))[::15]:
