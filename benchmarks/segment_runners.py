@@ -85,14 +85,15 @@ def run_large(slide_path, checkpoint, args) -> dict:
 def run_parts(slide_path, checkpoint, args) -> dict:
     """Where our time goes, each stage alone over the tiles of the full run: tissue detection;
     with ``--large-px`` (whose run normalises stains), the slide's stain measurement; tile
-    reading (decoding and any stain shift, in the DataLoader workers, pinned on CUDA); the
-    host-to-device copy of the uint8 batches; the model on normalised tiles already on the
-    device; stitching; writing the label map. One real batch stands in for every batch after
-    reading."""
+    reading (decoding, in the DataLoader workers, pinned on CUDA; the stain shift there too on a
+    CPU); the host-to-device copy of the uint8 batches; on CUDA the stain shift on the device;
+    the model on normalised tiles already on the device; stitching; writing the label map. One
+    real batch stands in for every batch after reading, as segment_slide runs each stage."""
     import torch
     from torch.utils.data import DataLoader
 
-    from biopsy.infer import output_shape_px, prepare_model, tile_probabilities
+    from biopsy.infer import (output_shape_px, prepare_model, shift_stains, shifts_on_device,
+                              tile_probabilities)
     from biopsy.labelmap import write_label_map
     from biopsy.model import load_checkpoint
     from biopsy.slide import open_slide, single_threaded_opencv
@@ -114,8 +115,10 @@ def run_parts(slide_path, checkpoint, args) -> dict:
         seconds["stain measurement"] = time.perf_counter() - started
     shape_px = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, 0.5, tissue, slide.mpp)
-    loader = DataLoader(TileBlocks(TileDataset(slide, grid, stain)), batch_size=None,
-                        num_workers=args.workers, pin_memory=device.type == "cuda",
+    device_stain = stain if device.type == "cuda" and shifts_on_device(stain) else None
+    reading = TileBlocks(TileDataset(slide, grid, None if device_stain else stain))
+    loader = DataLoader(reading, batch_size=None, num_workers=args.workers,
+                        pin_memory=device.type == "cuda",
                         worker_init_fn=single_threaded_opencv)  # as segment_slide reads them
     started = time.perf_counter()
     kept = []
@@ -131,6 +134,14 @@ def run_parts(slide_path, checkpoint, args) -> dict:
         tiles = sample[:, 0].to(device, non_blocking=True)
     _sync(device)
     seconds["transfer"] = time.perf_counter() - started
+    if device_stain is not None:
+        matrix = torch.tensor(device_stain.density_matrix(), dtype=torch.float32, device=device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(batches):
+                shift_stains(tiles, matrix)
+        _sync(device)
+        seconds["stain shift (device)"] = time.perf_counter() - started
     model = prepare_model(model, device)  # as segment_slide runs it: BatchNorm folded, channels_last
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.inference_mode(), autocast:

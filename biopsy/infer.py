@@ -162,9 +162,13 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
                             return_probabilities, device, info.glomerulus_threshold,
                             tissue_mask=tissue.near().mask, tissue_mpp=tissue.mpp)
     bf16 = device.type == "cuda" if bf16 is None else bf16
+    stain = tiles.stain
+    device_stain = stain if device.type == "cuda" and shifts_on_device(stain) else None
+    if device_stain is not None:  # the GPU shifts each batch; the workers only decode
+        tiles = tiles.without_stain()
     bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
-                   workers, device, bf16, tta, progress)
-    return tiles.grid, tiles.stain, bands
+                   workers, device, bf16, tta, progress, device_stain)
+    return tiles.grid, stain, bands
 
 
 def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
@@ -196,18 +200,24 @@ def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
 
 
 def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: int,
-           workers: int, device: torch.device, bf16: bool, tta: bool,
-           progress: bool) -> Iterator[Band]:
+           workers: int, device: torch.device, bf16: bool, tta: bool, progress: bool,
+           device_stain: StainShift | None = None) -> Iterator[Band]:
     """Run the tiles in row-major order; yield each band as soon as it is finished.
+    ``device_stain``: a stain shift applied to each batch on the device (:func:`shift_stains`).
 
     Inference mode is entered per batch, never across a ``yield``, so that it does not leak into
     the consumer's code.
     """
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    # put on the device once: a copy from the host per batch would wait for the device
+    density_matrix = None if device_stain is None else torch.tensor(
+        device_stain.density_matrix(), dtype=torch.float32, device=device)
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress)
     first = 0
     for batch in _row_major_batches(TileBlocks(tiles), batch_size, workers, device):
         with torch.inference_mode():
+            if density_matrix is not None:
+                batch = shift_stains(batch, density_matrix)
             views = [info.normalise(batch[:, view]) for view in range(batch.shape[1])]
             probabilities = batch_probabilities(model, views, tiles.scales, autocast,
                                                 info.patch_size_px, tta)
@@ -253,6 +263,23 @@ def _in_row_major(band: list[tuple[np.ndarray, torch.Tensor]]) -> list[torch.Ten
             if stop > start:
                 slices.append(views[start:stop])
     return slices
+
+
+def shifts_on_device(stain: StainShift | None) -> bool:
+    """Whether :func:`shift_stains` can apply ``stain`` (a shift of stain amounts, no hue turn)."""
+    return stain is not None and not stain.hue_deg % 360
+
+
+def shift_stains(rgb: torch.Tensor, density_matrix: torch.Tensor) -> torch.Tensor:
+    """:meth:`StainShift.apply <biopsy.restain.StainShift.apply>` on a uint8 (..., 3) tensor
+    where it lies, with the shift's ``density_matrix()`` as a float32 tensor there: the same
+    float32 steps (on a GPU, its own log and exp: a value off by one in a few pixels).
+
+    On CUDA the tiles are shifted here rather than in the DataLoader workers, whose CPU time per
+    tile it was ~40 % of (2-core CPU: 1.23 ms a tile with the shift, 0.75 without)."""
+    density = rgb.clamp(min=1).float().div_(255).log_().neg_()
+    shifted = torch.exp((density @ density_matrix).neg_()).clamp_(0, 1)
+    return shifted.mul_(255).round_().to(torch.uint8)
 
 
 def prepare_model(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 from skimage.color import rgb_from_hed
 from torch import nn
 
-from biopsy.infer import segment_slide
+from biopsy.infer import segment_slide, shift_stains, shifts_on_device
 from biopsy.model import ModelInfo
 from biopsy.pyramid import write_pyramid
 from biopsy.restain import StainShift
@@ -101,9 +101,11 @@ def test_glass_and_fluorescence_are_left_alone(tmp_path, shared_data, caplog):
     assert "far from the model's" in caplog.text
 
 
-def test_inference_undoes_a_stain_shift(stains, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_inference_undoes_a_stain_shift(stains, tmp_path, device):
     """A model that calls dark green (eosin-rich) pixels class 1 gives the original's map on a
-    re-stained copy once the copy is brought to the original's amounts."""
+    re-stained copy once the copy is brought to the original's amounts (on CUDA the shift is
+    applied to the batches on the GPU, not in the workers)."""
     original = write(tmp_path / "original.tif", stained(stains))
     shifted = write(tmp_path / "shifted.tif", StainShift(haematoxylin=1.2, eosin=0.7).apply(stained(stains)))
     median_green = (np.median(stained(stains)[..., 1]) / 255 - 0.5) / 0.25  # as the model sees it
@@ -120,9 +122,24 @@ def test_inference_undoes_a_stain_shift(stains, tmp_path):
 
     def labels(slide, reference):
         info.stain_reference = reference
-        return segment_slide(slide, model.eval(), info, workers=0, tissue=tissue).labels[80:]
+        return segment_slide(slide, model.eval(), info, workers=0, tissue=tissue, device=device,
+                             bf16=False).labels[80:]
 
     truth = labels(original, None)
     assert 0.2 < truth.mean() < 0.8
     assert (labels(shifted, None) == truth).mean() < 0.95  # the shift moves ~10 % of the calls
     assert (labels(shifted, list(stain_amounts(original))) == truth).mean() > 0.98
+
+
+def test_a_shift_applied_to_tensors_gives_the_same_pixels(real_glomeruli):
+    """The GPU's stain shift (torch) against the workers' (NumPy), on real images, here on the CPU:
+    the same float32 steps, so at most a last-bit difference of log or exp moves a value by one."""
+    paths = sorted((real_glomeruli / "images").glob("*.jpg"))[::20]
+    rgb = np.stack([np.asarray(PIL.Image.open(path).convert("RGB")) for path in paths])
+    for shift in (StainShift(haematoxylin=1.3, eosin=0.8), StainShift(haematoxylin=0.6, eosin=2.1)):
+        expected = shift.apply(rgb)
+        matrix = torch.tensor(shift.density_matrix(), dtype=torch.float32)
+        difference = np.abs(shift_stains(torch.from_numpy(rgb), matrix).numpy() - expected.astype(int))
+        assert difference.max() <= 1 and (difference == 0).mean() > 0.9999
+    assert shifts_on_device(StainShift(eosin=1.2)) and not shifts_on_device(None)
+    assert not shifts_on_device(StainShift(hue_deg=10))  # hue turns stay in the workers
