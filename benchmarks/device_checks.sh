@@ -9,7 +9,8 @@
 #   tests    starts building the 60,000 px slide in the background (one core), then the GPU tests
 #            (inference with bf16, pinned workers, scales, mirrors and compile; training with bf16,
 #            channels_last, workers and compile), the counts of synchronising CUDA operations
-#            in the tile loop and the training step, and resume on CUDA (train.deterministic);
+#            in the tile loop and the training step, stain normalisation applied on the GPU,
+#            and resume on CUDA (train.deterministic);
 #   train    training images/s and GPU utilisation against a plain PyTorch loop: batch 64 with
 #            8 / 15 workers, batch 8, batch 64 compiled;
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
@@ -51,7 +52,7 @@ sys.path.insert(0, 'benchmarks'); from segment_inputs import make_large_slide, m
 make_large_slide(Path('$large'), 60000, make_slide(Path('$work/synth-1.5mm'), 1, 1.5, 0.8))" \
           > /tmp/large-build.log 2>&1 < /dev/null &
         timeout 150 python3 -m pytest -q -rs -m gpu tests/test_infer.py tests/test_training.py \
-          2>&1 | tee "$out/gpu-tests.txt"
+          tests/test_stainnorm.py 2>&1 | tee "$out/gpu-tests.txt"
         timeout 60 python3 -m pytest -q tests/test_training.py -k resume 2>&1 \
           | tee "$out/resume-on-cuda.txt" ;;
       large)
