@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,7 +25,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from skimage.draw import polygon as polygon_pixels
 
-from biopsy.atomic import write_text_atomic
+from biopsy.atomic import atomic_path
 from biopsy.errors import AnnotationError
 
 IGNORE_INDEX = 255  # label of pixels no annotation covers; training losses ignore it
@@ -68,10 +68,15 @@ def make_feature(
     return {"type": "Feature", "geometry": mapping(geometry), "properties": properties}
 
 
-def write_feature_collection(path: str | Path, features: Sequence[dict]) -> None:
-    """Write features as one GeoJSON FeatureCollection, atomically."""
-    collection = {"type": "FeatureCollection", "features": list(features)}
-    write_text_atomic(path, json.dumps(collection, allow_nan=False))
+def write_feature_collection(path: str | Path, features: Iterable[dict]) -> None:
+    """Write features as one GeoJSON FeatureCollection, atomically, each as it comes (a
+    generator's features are never all held: a slide's regions can be hundreds of thousands);
+    the bytes of ``json.dumps`` of the whole collection."""
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as file:
+        file.write('{"type": "FeatureCollection", "features": [')
+        for index, feature in enumerate(features):
+            file.write((", " if index else "") + json.dumps(feature, allow_nan=False))
+        file.write("]}")
 
 
 def read_json_annotations(path: Path, what: str, fix: str) -> object:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -63,12 +64,12 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
     write_text_atomic(out_dir / "segment.json", json.dumps(summary, indent=2))
 
 
-def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) -> list[dict]:
+def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) -> Iterator[dict]:
     """One QuPath detection per connected region of each non-background class, simplified to
-    one map pixel, with its area in µm²; ``workers`` processes trace them (0: this one)."""
+    one map pixel, with its area in µm², made as they are written (one class's outlines held
+    at a time); ``workers`` processes trace them (0: this one)."""
     background = class_index(class_map.class_names, "background")
     level0_px_per_map_px = class_map.mpp / level0_mpp
-    features = []
     pool = ProcessPoolExecutor(workers) if workers > 0 else contextlib.nullcontext()
     with pool as executor:
         for index, name in enumerate(class_map.class_names):
@@ -79,10 +80,9 @@ def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) ->
                 continue
             for polygon in polygons_from_mask(mask, class_map.mpp, level0_mpp,
                                               level0_px_per_map_px, executor=executor):
-                features.append(make_feature(polygon, name, class_map.class_colours[name],
-                                             {"area_um2": polygon.area * level0_mpp**2},
-                                             object_type="detection"))
-    return features
+                yield make_feature(polygon, name, class_map.class_colours[name],
+                                   {"area_um2": polygon.area * level0_mpp**2},
+                                   object_type="detection")
 
 
 def overview(class_map: ClassMap, slide, colours) -> Image.Image:

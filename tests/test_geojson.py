@@ -38,6 +38,26 @@ def test_rasterise_draws_nested_regions_on_top_and_marks_the_rest_unlabelled():
         rasterise([Annotation(box(0, 0, 4, 4), "crescent")], ["tuft"], (5, 5), 1.0, 1.0)
 
 
+def test_features_are_written_as_they_come_and_the_file_is_whole_or_absent(tmp_path):
+    features = [make_feature(box(i, 0, i + 5, 5), "tubule", (80, 160, 230), {"area_um2": 25.0 * i},
+                             object_type="detection") for i in range(3)]
+    expected = json.dumps({"type": "FeatureCollection", "features": features})
+    path = tmp_path / "objects.geojson"
+    write_feature_collection(path, (feature for feature in features))
+    assert path.read_text() == expected
+    write_feature_collection(tmp_path / "none.geojson", iter(()))
+    assert json.loads((tmp_path / "none.geojson").read_text())["features"] == []
+
+    def failing():
+        yield features[0]
+        raise RuntimeError("tracing failed")
+
+    with pytest.raises(RuntimeError):
+        write_feature_collection(path, failing())
+    assert path.read_text() == expected  # the earlier file, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["none.geojson", "objects.geojson"]
+
+
 def test_written_features_have_qupath_properties_and_read_back(tmp_path):
     square = box(10, 20, 110, 220)
     hollow = Polygon(box(0, 0, 50, 50).exterior.coords, [box(10, 10, 20, 20).exterior.coords])
