@@ -241,14 +241,30 @@ def fluorescence_foreground(image: np.ndarray) -> np.ndarray:
 
 
 def clean_mask(candidate: np.ndarray, min_area_px: float, max_hole_px: float) -> np.ndarray:
-    """Open away specks, close small gaps, drop pieces below ``min_area_px`` and fill holes up to
-    ``max_hole_px`` (lumina inside tissue)."""
-    # OpenCV's binary morphology: skimage's to the pixel (its mirrored border adds nothing a
-    # disk does not already hold), ~18x faster
+    """Open away specks, close small gaps, drop pieces of at most ``min_area_px`` and fill holes
+    (background not reaching the image's edge) of at most ``max_hole_px``: lumina inside tissue.
+
+    OpenCV's binary morphology and 4-connected components, ~10x faster than skimage's opening,
+    closing and ``remove_small_objects`` with scipy's ``binary_fill_holes``, to the pixel (its
+    mirrored border adds nothing a disk does not already hold)."""
     mask = cv2.morphologyEx(np.ascontiguousarray(candidate, bool).view(np.uint8), cv2.MORPH_OPEN,
                             morphology.disk(1).astype(np.uint8))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, morphology.disk(2).astype(np.uint8)).view(bool)
-    mask = morphology.remove_small_objects(mask, max_size=int(min_area_px))
-    holes = ndimage.binary_fill_holes(mask) & ~mask  # background not reaching the edge of the slide
-    large_holes = morphology.remove_small_objects(holes, max_size=int(max_hole_px))
-    return mask | (holes & ~large_holes)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, morphology.disk(2).astype(np.uint8))
+    pieces, areas = _components(mask)
+    kept = areas > int(min_area_px)
+    kept[0] = False  # label 0: the background
+    mask = kept[pieces]
+    gaps, areas = _components(~mask)
+    edge = np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]])
+    filled = areas <= int(max_hole_px)
+    filled[0] = False  # label 0: the tissue
+    filled[edge] = False
+    return mask | filled[gaps]
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """4-connected components of a bool or 0/1 mask: their labels (0 where the mask is not) and
+    the area of each label."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(mask).view(np.uint8), connectivity=4)
+    return labels, stats[:, cv2.CC_STAT_AREA]

@@ -204,13 +204,25 @@ def test_glass_colour_of_16_bit_images_matches_numpy():
     assert glass_colour(image)[0] == 62000
 
 
-def test_mask_cleaning_opens_and_closes_as_skimage_does(real_glomeruli):
-    """OpenCV's opening and closing against skimage's (mirrored border) on real foregrounds."""
-    for path in sorted((real_glomeruli / "images").glob("*.jpg"))[::15]:
-        candidate = brightfield_foreground(np.asarray(PIL.Image.open(path).convert("RGB")))
-        opened = morphology.closing(morphology.opening(candidate, morphology.disk(1)), morphology.disk(2))
-        expected = opened | ndimage.binary_fill_holes(opened)  # nothing is removed at these sizes
-        assert np.array_equal(clean_mask(candidate, min_area_px=0, max_hole_px=candidate.size), expected)
+def _clean_mask_by_skimage(candidate, min_area_px, max_hole_px):
+    mask = morphology.closing(morphology.opening(candidate, morphology.disk(1)), morphology.disk(2))
+    mask = morphology.remove_small_objects(mask, max_size=int(min_area_px))
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    return mask | (holes & ~morphology.remove_small_objects(holes, max_size=int(max_hole_px)))
+
+
+def test_mask_cleaning_matches_skimage_and_scipy(real_glomeruli):
+    """OpenCV's opening, closing and components against skimage's and scipy's, on real
+    foregrounds and random masks (pieces dropped, holes filled or left, at the border too)."""
+    rng = np.random.default_rng(5)
+    candidates = [rng.random(shape) < share for shape in ((1, 1), (1, 9), (60, 70), (201, 157))
+                  for share in (0.3, 0.6, 0.9)]
+    candidates += [brightfield_foreground(np.asarray(PIL.Image.open(path).convert("RGB")))
+                   for path in sorted((real_glomeruli / "images").glob("*.jpg"))[::15]]
+    for candidate in candidates:
+        for min_area_px, max_hole_px in ((0, 0), (3, 10), (78.1, 7812.5), (40, candidate.size)):
+            expected = _clean_mask_by_skimage(candidate, min_area_px, max_hole_px)
+            assert np.array_equal(clean_mask(candidate, min_area_px, max_hole_px), expected)
 
 
 def test_real_svs_tissue(svs_path):
