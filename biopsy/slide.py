@@ -14,6 +14,8 @@ with a non-integer downsample its regions can be off by up to 0.5 / downsample l
 import copy
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,8 @@ __all__ = ["BRIGHTFIELD_CHANNELS", "Level", "Slide", "open_slide"]
 
 _LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than asked is used (pyramids round their sizes)
 _SNAP = 1e-3
+_BAND_ROWS = 512  # rows of a thumbnail read at a time, one band a thread
+_MAX_READING_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -221,11 +225,59 @@ class Slide:
         return (apart // steps).astype(np.int64)
 
     def thumbnail(self, mpp: float) -> np.ndarray:
-        """The whole slide at ``mpp`` µm/px, (height, width, channels)."""
+        """The whole slide at ``mpp`` µm/px, (height, width, channels).
+
+        Read in bands of rows on threads, each through its own handle, where that gives the
+        same pixels as one read: a handle decodes only what it reads, and the level read has
+        a whole number of pixels per output pixel (60,000 px slide at 8 µm/px, 2 cores: 0.36
+        -> 0.19 s)."""
         scale_x, scale_y = self._scale(mpp)
         width, height = self.dimensions
         size_px = (max(1, round(width / scale_x)), max(1, round(height / scale_y)))
-        return self.read(0, 0, size_px, mpp)
+        downsample = self.levels[self.best_level(min(scale_x, scale_y))].downsample
+        steps = (scale_x / downsample[0], scale_y / downsample[1])  # as read() computes them
+        copies = ThreadSlides(self)
+        threads = copies.threads(_MAX_READING_THREADS)
+        if threads == 1 or any(step != round(step) for step in steps) or size_px[1] < 2 * _BAND_ROWS:
+            return self.read(0, 0, size_px, mpp)
+        image = np.empty((size_px[1], size_px[0], len(self.channel_names)), self.dtype)
+
+        def read_band(top: int) -> None:
+            rows = min(_BAND_ROWS, size_px[1] - top)
+            image[top:top + rows] = copies.slide().read(0, top * scale_y, (size_px[0], rows), mpp)
+
+        with copies, ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read_band, range(0, size_px[1], _BAND_ROWS)))
+        return image
+
+
+class ThreadSlides:
+    """Where a slide's handle decodes only what it reads (``reads_regions``), a copy of it per
+    thread, each reading through its own handle (a handle is not safe to share between
+    threads), closed on exit; else the slide itself, for one thread."""
+
+    def __init__(self, slide: Slide):
+        self._slide, self._local, self._copies = slide, threading.local(), []
+
+    def threads(self, most: int) -> int:
+        """How many threads may read: up to ``most`` and the CPU count, or 1."""
+        return min(most, os.cpu_count() or 1) if self._slide.reads_regions else 1
+
+    def slide(self) -> Slide:
+        """This thread's slide."""
+        if not self._slide.reads_regions:
+            return self._slide
+        if not hasattr(self._local, "slide"):
+            self._local.slide = copy.copy(self._slide)  # opens its handle on its first read
+            self._copies.append(self._local.slide)
+        return self._local.slide
+
+    def __enter__(self) -> "ThreadSlides":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for each in self._copies:
+            each.close()
 
 
 def single_threaded_opencv(_worker_id: int) -> None:

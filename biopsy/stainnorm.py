@@ -15,10 +15,7 @@ slide's pixels to it.
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +23,7 @@ import numpy as np
 from skimage.color import hed_from_rgb
 
 from biopsy.restain import StainShift
-from biopsy.slide import BRIGHTFIELD_CHANNELS, Slide
+from biopsy.slide import BRIGHTFIELD_CHANNELS, Slide, ThreadSlides
 from biopsy.tissue import TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -58,47 +55,21 @@ def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float
     width_px, height_px = (max(1, round(size * mpp / MEASURE_MPP))
                            for size, mpp in zip(slide.dimensions, slide.mpp))
     mask_cols = _mask_index(width_px, tissue.mask.shape[1], tissue.mpp)
-    handles = _ThreadHandles(slide, copies=slide.reads_regions)
+    copies = ThreadSlides(slide)
 
     def band_counts(top: int) -> np.ndarray:
         rows = min(_BAND_PX, height_px - top)
-        rgb = handles.slide().read(0, top * MEASURE_MPP / slide.mpp[1], (width_px, rows), MEASURE_MPP)
+        rgb = copies.slide().read(0, top * MEASURE_MPP / slide.mpp[1], (width_px, rows), MEASURE_MPP)
         inside = (np.ones(rgb.shape[:2], bool) if everywhere else tissue.mask[
             np.ix_(_mask_index(rows, tissue.mask.shape[0], tissue.mpp, top), mask_cols)])
         return _band_counts(rgb, inside)
 
     # each thread holds one band at a time: memory stays bounded on any slide
-    threads = min(_MAX_THREADS, os.cpu_count() or 1) if slide.reads_regions else 1
-    with handles, ThreadPoolExecutor(threads) as pool:
+    with copies, ThreadPoolExecutor(copies.threads(_MAX_THREADS)) as pool:
         counts = sum(pool.map(band_counts, range(0, height_px, _BAND_PX)))
     if not counts[0].any():
         return None
     return tuple(_percentile(stain_counts) for stain_counts in counts)
-
-
-class _ThreadHandles:
-    """With ``copies``, a copy of ``slide`` per thread, each reading through its own file handle
-    (a handle is not safe to share between threads), closed on exit; else ``slide`` itself, for
-    one thread."""
-
-    def __init__(self, slide: Slide, copies: bool):
-        self._slide, self._local, self._copies = slide, threading.local(), []
-        self._copy_per_thread = copies
-
-    def slide(self) -> Slide:
-        if not self._copy_per_thread:
-            return self._slide
-        if not hasattr(self._local, "slide"):
-            self._local.slide = copy.copy(self._slide)  # opens its handle on its first read
-            self._copies.append(self._local.slide)
-        return self._local.slide
-
-    def __enter__(self) -> "_ThreadHandles":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for each in self._copies:
-            each.close()
 
 
 def _band_counts(rgb: np.ndarray, inside: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import tifffile
 
+from biopsy import slide as slide_module
 from biopsy.errors import MppError, SlideError
 from biopsy.slide import open_slide
 
@@ -127,6 +128,20 @@ def test_adjacent_reads_line_up_with_one_large_read(aperio_svs):
     left = slide.read(101, 53, (100, 50), mpp)
     right = slide.read(101 + 280, 53, (100, 50), mpp)
     assert np.abs(np.hstack([left, right]).astype(int) - whole).max() <= 1
+
+
+@pytest.mark.parametrize("pyramid", ["generic_tiff", "aperio_svs"])
+def test_thumbnails_read_in_bands_on_threads_are_one_read(pyramid, request, monkeypatch):
+    """Bands of 16 rows where the level read has a whole number of rows per thumbnail row (level
+    0 at 0.25 and 0.5 µm/px; 0.75 on the generic pyramid's level 1, a downsample of 3), one read
+    elsewhere: the same pixels either way."""
+    monkeypatch.setattr(slide_module, "_BAND_ROWS", 16)
+    slide = open_slide(request.getfixturevalue(pyramid))
+    assert slide.reads_regions
+    for mpp in (0.25, 0.5, 0.75, 1.1):
+        thumbnail = slide.thumbnail(mpp)
+        height, width = thumbnail.shape[:2]
+        assert np.array_equal(thumbnail, slide.read(0, 0, (width, height), mpp)), mpp
 
 
 def test_regions_past_the_edge_are_background(generic_tiff):
