@@ -65,9 +65,14 @@ class StainShift:
         scales = np.diag([self.haematoxylin, self.eosin, self.dab])
         return hed_from_rgb @ scales @ rgb_from_hed
 
+    @property
+    def is_identity(self) -> bool:
+        """Whether the shift leaves every pixel as it is."""
+        return (self.haematoxylin, self.eosin, self.dab, self.hue_deg % 360) == (1, 1, 1, 0)
+
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """The shifted copy of an (..., 3) uint8 RGB image."""
-        if (self.haematoxylin, self.eosin, self.dab, self.hue_deg % 360) == (1, 1, 1, 0):
+        if self.is_identity:
             return rgb.copy()
         density = -np.log(np.maximum(rgb, 1).astype(np.float32) / 255)
         shifted = np.exp(-(density @ self.density_matrix().astype(np.float32)))  # 0..1

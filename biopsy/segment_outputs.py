@@ -46,8 +46,9 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
     if class_map.probabilities is not None:
         write_probabilities(out_dir / "probabilities.ome.tif", class_map.probabilities,
                             class_map.mpp, class_map.class_names)
-    write_feature_collection(out_dir / "objects.geojson",
-                             region_features(class_map, slide.mpp[0], workers))
+    # closed on a failed write: its pool of tracing processes is shut down then, not later
+    with contextlib.closing(region_features(class_map, slide.mpp[0], workers)) as features:
+        write_feature_collection(out_dir / "objects.geojson", features)
     with atomic_path(out_dir / "overview.png") as temporary:
         overview(class_map, slide, colours).save(temporary, format="PNG")
     pixel_area_um2 = class_map.mpp**2

@@ -142,4 +142,5 @@ def test_a_shift_applied_to_tensors_gives_the_same_pixels(real_glomeruli):
         difference = np.abs(shift_stains(torch.from_numpy(rgb), matrix).numpy() - expected.astype(int))
         assert difference.max() <= 1 and (difference == 0).mean() > 0.9999
     assert shifts_on_device(StainShift(eosin=1.2)) and not shifts_on_device(None)
+    assert not shifts_on_device(StainShift())  # left exact, in the workers (a copy)
     assert not shifts_on_device(StainShift(hue_deg=10))  # hue turns stay in the workers
