@@ -14,7 +14,8 @@ Warm-up steps (``--warmup``, including any ``torch.compile`` time) are not timed
 images/s, the ratio ours/plain, the mean GPU utilisation over the timed window (NVML's
 "percent of time a kernel was executing", read with ``torch.cuda.utilization``, which needs the
 ``nvidia-ml-py`` package; n/a on CPU) and the share of wall time the loop spent blocked in
-``next(loader)`` (``data_wait_s`` in ``log.csv``). On CUDA the loop runs ahead of the GPU, so a
+``next(loader)`` (``data_wait_s`` in ``log.csv``). Below it, the patch stream alone, one worker's
+work in this process on one core, and what that many workers could feed at most. On CUDA the loop runs ahead of the GPU, so a
 short wait can overlap GPU work; GPU utilisation is the measure of starvation, the wait says why.
 Slides are generated once into ``--data`` and reused.
 
@@ -44,8 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from biopsy.model import build_model  # noqa: E402
+from biopsy.slide import single_threaded_opencv  # noqa: E402
 from training.config import Config, config_from_dict  # noqa: E402
-from training.loop import fit, model_info  # noqa: E402
+from training.cases import find_slides, normalise_stains  # noqa: E402
+from training.loop import fit, model_info, patch_dataset  # noqa: E402
 from training.losses import DiceCrossEntropyLoss  # noqa: E402
 from training.synthetic import generate_training_set  # noqa: E402
 
@@ -193,12 +196,31 @@ def run_plain(args, device: torch.device) -> Result:
     return Result("plain", None, args.batch_size * args.steps / elapsed, sampler.timed_mean(), None)
 
 
+def run_patch_stream(args) -> float:
+    """Patches per second of the training patch stream (patch sampling, slide reading, labels,
+    augmentation: what each DataLoader worker does) in this process, OpenCV single-threaded as
+    in a worker: what one worker on one core of this machine can feed."""
+    config = benchmark_config(args)
+    slides = find_slides(config.data, config.model.classes, config.source)
+    if config.model.stain_normalisation:
+        normalise_stains(slides, [])
+    dataset = patch_dataset(config, slides, rank=0)
+    single_threaded_opencv(0)
+    count = 10 * args.batch_size
+    for index in range(args.batch_size):  # warm-up: slides opened, caches filled
+        dataset[index]
+    start = time.perf_counter()
+    for index in range(args.batch_size, args.batch_size + count):
+        dataset[index]
+    return count / (time.perf_counter() - start)
+
+
 def _synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def print_table(results: list[Result], args, device: torch.device) -> None:
+def print_table(results: list[Result], stream: float, args, device: torch.device) -> None:
     plain = next(r for r in results if r.name == "plain")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     config = benchmark_config(args)
@@ -212,6 +234,11 @@ def print_table(results: list[Result], args, device: torch.device) -> None:
               f"{r.images_per_s / plain.images_per_s:>12.2f}"
               f"{'n/a' if r.gpu_percent is None else f'{r.gpu_percent:.0f}':>12}"
               f"{'-' if r.data_wait_share is None else f'{100 * r.data_wait_share:.1f}':>13}")
+    workers = max(args.workers)
+    print(f"patch stream in one process (one worker's work on one core): {stream:.1f} patches/s; "
+          f"{workers} worker{'s' * (workers > 1)} on as many free cores: at most "
+          f"~{workers * stream:.0f} images/s, "
+          f"{workers * stream / plain.images_per_s:.2f}x the plain loop")
     if device.type == "cuda":
         best = max((r for r in results if r.name == "ours"), key=lambda r: r.gpu_percent or 0)
         percent = best.gpu_percent or 0  # None: the timed window was shorter than one sample
@@ -269,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     for workers in args.workers:
         results.append(run_ours(args, workers, device))
         print(f"ours with {workers} workers: {results[-1].images_per_s:.2f} images/s", file=sys.stderr)
-    print_table(results, args, device)
+    print_table(results, run_patch_stream(args), args, device)
 
 
 if __name__ == "__main__":

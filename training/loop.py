@@ -223,13 +223,19 @@ def _schedule(config: Config):
     return factor
 
 
+def patch_dataset(config: Config, slides, rank: int) -> PatchDataset:
+    """This rank's stream of training patches: the config's sampling and augmentation."""
+    return PatchDataset(
+        slides, config.model, config.sampling,
+        config.sampling.object_classes or default_object_classes(config.model.classes, config.data.unannotated),
+        build_augmentation(config.augment, config.source), config.seed, rank,
+        config.train.steps * config.train.batch_size)
+
+
 def _loader(config: Config, slides, rank: int, device: torch.device, start: int, stop: int):
     """Batches ``start + 1 .. stop`` of this rank's patch stream."""
     batch = config.train.batch_size
-    dataset = PatchDataset(
-        slides, config.model, config.sampling,
-        config.sampling.object_classes or default_object_classes(config.model.classes, config.data.unannotated),
-        build_augmentation(config.augment, config.source), config.seed, rank, config.train.steps * batch)
+    dataset = patch_dataset(config, slides, rank)
     workers = config.train.workers
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=range(start * batch, stop * batch), num_workers=workers,
