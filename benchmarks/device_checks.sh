@@ -12,7 +12,8 @@
 #            in the tile loop and the training step, stain normalisation applied on the GPU,
 #            and resume on CUDA (train.deterministic);
 #   train    training images/s and GPU utilisation against a plain PyTorch loop: batch 64 with
-#            8 / 15 workers, batch 8, batch 64 compiled;
+#            8 / 15 workers, batch 8, batch 64 compiled; and the patch stream one worker feeds
+#            on one of this machine's cores (whether the workers can keep up at all);
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
 #            ratio of end to end to the model alone on pre-decoded tiles;
 #   large    that slide end to end, with its tile loop alone and where its time goes (waits
