@@ -205,6 +205,15 @@ class Slide:
         region = self.read_level(level, first_x, first_y, n_x, n_y)
         return _resample(region, weights_x, weights_y)
 
+    def whole_pixel_origin(self, x: float, y: float, mpp: float) -> tuple[float, float]:
+        """The level-0 point at or before ``(x, y)``, within one pixel of the level that a read at
+        ``mpp`` takes, where such a read starts on a whole pixel of it: :meth:`read` then resizes
+        it (or copies, at a whole number of its pixels per pixel) rather than resampling
+        between pixels, ~0.5 ms less for a 256 px patch."""
+        scale_x, scale_y = self._scale(mpp)
+        down_x, down_y = self.levels[self.best_level(min(scale_x, scale_y))].downsample
+        return math.floor(_snap(x / down_x)) * down_x, math.floor(_snap(y / down_y)) * down_y
+
     def cut_offsets(self, xy: np.ndarray, mpp: float) -> np.ndarray | None:
         """(n, 2) offsets (x, y) in output pixels of reads at level-0 corners ``xy`` and ``mpp``
         from the top-left corner of their union, when each can be cut from one read of it with

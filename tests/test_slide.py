@@ -144,6 +144,18 @@ def test_thumbnails_read_in_bands_on_threads_are_one_read(pyramid, request, monk
         assert np.array_equal(thumbnail, slide.read(0, 0, (width, height), mpp)), mpp
 
 
+def test_reads_from_a_whole_pixel_origin_are_the_level_pixels(aperio_svs):
+    """Moved back to a whole pixel of the level read (level 1: downsample 2.5), a read at that
+    level's mpp is its pixels as they are, with no resampling between them."""
+    slide = open_slide(aperio_svs)
+    downsample = slide.levels[1].downsample[0]
+    x, y = slide.whole_pixel_origin(333, 171, LEVEL0_MPP * downsample)
+    assert (x, y) == (133 * downsample, 68 * downsample)
+    read = slide.read(x, y, (40, 30), LEVEL0_MPP * downsample)
+    assert np.array_equal(read, slide.read_level(1, 133, 68, 40, 30))
+    assert slide.whole_pixel_origin(7, 9, LEVEL0_MPP) == (7, 9)  # level 0: any whole pixel
+
+
 def test_regions_past_the_edge_are_background(generic_tiff):
     slide = open_slide(generic_tiff)
     region = slide.read(-400, 900, (300, 100), 1.0)  # 4 level-0 px per output px

@@ -40,6 +40,10 @@ class AnnotatedSlide:
         image = self.slide().read(left, top, size, mpp)
         return image if self.stain_shift is None else self.stain_shift.apply(image)
 
+    def whole_pixel_origin(self, x: float, y: float, mpp: float) -> tuple[float, float]:
+        """:meth:`biopsy.slide.Slide.whole_pixel_origin` of the slide."""
+        return self.slide().whole_pixel_origin(x, y, mpp)
+
     def with_mpp_scaled(self, factor: float) -> "AnnotatedSlide":
         """A copy whose pixel size (the slide's and its labels') is ``factor`` times this one's
         (:mod:`biopsy.mppsearch`); its pixels are square, as ``mpp`` takes them."""

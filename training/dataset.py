@@ -47,6 +47,7 @@ class PatchDataset(torch.utils.data.Dataset):
         extent = self.patch_size_px * mpp / slide.mpp  # level-0 px
         left = int(round(_clamp(x - extent / 2, slide.dimensions[0] - extent)))
         top = int(round(_clamp(y - extent / 2, slide.dimensions[1] - extent)))
+        left, top = slide.whole_pixel_origin(left, top, mpp)  # no resampling between pixels
         size = (self.patch_size_px, self.patch_size_px)
         image = slide.read(left, top, size, mpp)
         labels = slide.labels.labels(left, top, size, mpp)
