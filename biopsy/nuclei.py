@@ -14,6 +14,7 @@ synthetic truth); this module only finds them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -21,8 +22,8 @@ from scipy.spatial import cKDTree
 from skimage.color import hed_from_rgb
 from skimage.feature import peak_local_max
 
-from biopsy.slide import Slide
-from biopsy.tissue import detect_tissue
+from biopsy.slide import Slide, ThreadSlides
+from biopsy.tissue import TissueMask, detect_tissue
 
 DETECTION_MPP = 0.5
 NUCLEUS_RADIUS_UM = 1.8  # the LoG scale: lymphocytes and glomerular nuclei are 4-5 µm across
@@ -37,6 +38,7 @@ REGION_PX = 512
 MARGIN_UM = 8.0
 # Nuclei 4-5 µm across need pixels of at most ~0.6 µm (20x scans and finer).
 MAX_SLIDE_MPP = 0.6
+_MAX_THREADS = 8
 
 
 def why_not_countable(slide: Slide) -> str | None:
@@ -104,21 +106,30 @@ def detect_in_region(rgb: np.ndarray, mpp: float, min_response: float = MIN_RESP
 
 
 def detect_nuclei(slide: Slide, mpp: float = DETECTION_MPP, *, min_response: float = MIN_RESPONSE,
-                  region_px: int = REGION_PX) -> np.ndarray:
+                  region_px: int = REGION_PX, tissue: TissueMask | None = None) -> np.ndarray:
     """Level-0 (x, y) centres (n, 2) of the nuclei of the whole slide, read region by region.
 
     Regions of ``region_px`` at ``mpp`` overlap by a margin wider than the blob filter reaches;
-    each keeps the nuclei of its core, so every nucleus is found once. Regions without tissue
-    (:func:`biopsy.tissue.detect_tissue`) are not read.
+    each keeps the nuclei of its core, so every nucleus is found once. Regions without ``tissue``
+    (default: :func:`biopsy.tissue.detect_tissue`) are not read. The regions are read and searched
+    on threads, each through its own slide handle where the slide allows
+    (:class:`~biopsy.slide.ThreadSlides`; SciPy's filters and decoding release the GIL), in
+    raster order as one thread finds them.
     """
-    found = [_detect_window(slide, x, y, region_px, mpp, min_response)
-             for x, y in _tissue_windows(slide, mpp, region_px)]
+    windows = list(_tissue_windows(slide, mpp, region_px, tissue or detect_tissue(slide)))
+    copies = ThreadSlides(slide)
+
+    def detect(window: tuple[int, int]) -> np.ndarray:
+        return _detect_window(copies.slide(), *window, region_px, mpp, min_response)
+
+    with copies, ThreadPoolExecutor(copies.threads(_MAX_THREADS)) as pool:
+        found = list(pool.map(detect, windows))
     return np.vstack(found) if found else np.zeros((0, 2))
 
 
-def _tissue_windows(slide: Slide, mpp: float, region_px: int) -> Iterator[tuple[int, int]]:
+def _tissue_windows(slide: Slide, mpp: float, region_px: int,
+                    tissue: TissueMask) -> Iterator[tuple[int, int]]:
     """Level-0 (x, y) of each region of a grid over the slide that holds tissue."""
-    tissue = detect_tissue(slide)
     scale = mpp / slide.mpp[0]
     width, height = slide.dimensions
     step = region_px * scale

@@ -35,6 +35,7 @@ from biopsy.quantize import quantized_model
 from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import ScoreConfig
 from biopsy.slide import open_slide
+from biopsy.tissue import TissueMask, detect_tissue
 
 TILE_OVERLAP = 0.5  # segment_slide's default, recorded in the provenance
 TRAIN_CONFIG = "configs/train/synthetic-multistain-polish.yaml"  # its header: the three stages
@@ -141,12 +142,13 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     with open_slide(slide_path, mpp=mpp) as slide:
         started = time.perf_counter()
         searched = search_mpp(slide, model, info, options)
+        tissue = detect_tissue(slide)  # at the pixel size searched; for the nuclei too
         class_map = segment_slide(slide, model, info, batch_size=options.batch_size,
                                   workers=options.workers, device=options.device,
-                                  overlap=TILE_OVERLAP, bf16=_bf16(options.device),
+                                  overlap=TILE_OVERLAP, tissue=tissue, bf16=_bf16(options.device),
                                   tta=options.tta, scales=options.scales)
         seconds = time.perf_counter() - started
-        nuclei_xy, nuclei = _find_nuclei(slide)
+        nuclei_xy, nuclei = _find_nuclei(slide, tissue)
         level0_mpp = slide.mpp[0]
         source = {"kind": "slide", **file_identity(slide_path), "sha256": slide.sha256,
                   "mpp": list(slide.mpp), "mpp_given": mpp is not None}
@@ -202,13 +204,14 @@ def _bf16(device: str) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def _find_nuclei(slide) -> tuple:
-    """The slide's nuclei centres (None when they cannot be counted) and their provenance."""
+def _find_nuclei(slide, tissue: TissueMask) -> tuple:
+    """The slide's nuclei centres in its ``tissue`` (None when they cannot be counted) and their
+    provenance."""
     reason = why_not_countable(slide)
     if reason is not None:
         return None, {"counted": False, "reason": reason}
     started = time.perf_counter()
-    nuclei_xy = detect_nuclei(slide)
+    nuclei_xy = detect_nuclei(slide, tissue=tissue)
     return nuclei_xy, {"counted": True, "count": len(nuclei_xy), "mpp": DETECTION_MPP,
                        "method": "haematoxylin (skimage rgb2hed) LoG peaks, biopsy.nuclei",
                        "seconds": round(time.perf_counter() - started, 2)}

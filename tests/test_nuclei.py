@@ -18,6 +18,7 @@ from biopsy.scoring import load_score_config, tile_is_inflamed
 from biopsy.slide import open_slide
 from biopsy.synth import LesionProfile, generate_slide
 from biopsy.synth.layout import build_layout
+from biopsy.tissue import detect_tissue
 
 # Four glomeruli, two of them hypercellular (50 %, bin 2); infiltrates over ~40 % of the cortex.
 PROFILE = LesionProfile(name="nuclei", glomeruli=4, segmental_sclerosis=0.25,
@@ -116,6 +117,16 @@ def test_regions_join_without_seams_and_coarse_slides_are_refused(stained, tmp_p
     assert nuclei.match_centres(small_regions, detected, 0.5) == len(detected)
     with open_slide(folder / "slide.svs", mpp=1.0) as coarse:
         assert "coarser" in nuclei.why_not_countable(coarse)
+
+
+def test_regions_searched_on_threads_find_what_one_thread_does(stained, monkeypatch):
+    folder, _, _, detected = stained
+    monkeypatch.setattr(nuclei, "_MAX_THREADS", 1)
+    with open_slide(folder / "slide.svs") as slide:
+        one_thread = nuclei.detect_nuclei(slide, region_px=200, tissue=detect_tissue(slide))
+    monkeypatch.setattr(nuclei, "_MAX_THREADS", 4)
+    with open_slide(folder / "slide.svs") as slide:
+        assert np.array_equal(nuclei.detect_nuclei(slide, region_px=200), one_thread)  # in order
 
 
 def test_score_slide_counts_nuclei_and_from_labels_does_not(stained, tmp_path, monkeypatch):
