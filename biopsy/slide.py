@@ -193,9 +193,12 @@ class Slide:
         start_x, start_y = _snap(x / down_x), _snap(y / down_y)
         step_x, step_y = scale_x / down_x, scale_y / down_y
         width, height = size_px
-        if start_x == int(start_x) and start_y == int(start_y):
+        n_x, n_y = math.ceil(_snap(width * step_x)) + 1, math.ceil(_snap(height * step_y)) + 1
+        # OpenCV copies a region it would resize to its own size, whatever the scale asked
+        copied = round(n_x / step_x) == n_x and round(n_y / step_y) == n_y
+        if start_x == int(start_x) and start_y == int(start_y) and (
+                step_x == step_y == 1 or not copied):
             # whole-pixel origin: OpenCV's area resize with an exact scale is the area average
-            n_x, n_y = math.ceil(_snap(width * step_x)) + 1, math.ceil(_snap(height * step_y)) + 1
             region = self.read_level(level, int(start_x), int(start_y), n_x, n_y)
             if step_x == step_y == 1:
                 return np.ascontiguousarray(region[:height, :width])
@@ -206,10 +209,10 @@ class Slide:
         return _resample(region, weights_x, weights_y)
 
     def whole_pixel_origin(self, x: float, y: float, mpp: float) -> tuple[float, float]:
-        """The level-0 point at or before ``(x, y)``, within one pixel of the level that a read at
-        ``mpp`` takes, where such a read starts on a whole pixel of it: :meth:`read` then resizes
-        it (or copies, at a whole number of its pixels per pixel) rather than resampling
-        between pixels, ~0.5 ms less for a 256 px patch."""
+        """The level-0 point within one pixel before ``(x, y)`` (of the level that a read at
+        ``mpp`` takes; or a rounding error after it) where such a read starts on a whole pixel of
+        that level: :meth:`read` then resizes it (or copies, at a whole number of its pixels per
+        pixel) rather than resampling between pixels, ~0.5 ms less for a 256 px patch."""
         scale_x, scale_y = self._scale(mpp)
         down_x, down_y = self.levels[self.best_level(min(scale_x, scale_y))].downsample
         return math.floor(_snap(x / down_x)) * down_x, math.floor(_snap(y / down_y)) * down_y

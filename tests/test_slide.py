@@ -105,6 +105,19 @@ def test_pyramid_reads_match_reference_resize_of_level0(pyramid, max_difference,
             assert difference.max() <= max_difference, (mpp, x, y, difference.max())
 
 
+def test_a_scale_near_one_is_resampled_not_copied(tmp_path):
+    """From a whole-pixel origin, 1.0015 source pixels per pixel over 256 px: OpenCV would copy
+    the region (it rounds to its own size), drifting to 0.4 px off at the far edge."""
+    stripes = np.zeros((64, 300, 3), np.uint8)
+    stripes[:, ::2] = 200
+    path = tmp_path / "stripes.tif"
+    tifffile.imwrite(path, stripes, tile=(64, 64), photometric="rgb",
+                     resolution=(1e4 / LEVEL0_MPP, 1e4 / LEVEL0_MPP), resolutionunit="CENTIMETER")
+    read = open_slide(path).read(0, 0, (256, 8), LEVEL0_MPP * 1.0015)
+    reference = area_average_read(stripes.astype(float), 0, 0, (256, 8), 1.0015)
+    assert np.abs(read.astype(int) - reference).max() <= 1
+
+
 def test_true_non_power_of_two_downsamples(generic_tiff, aperio_svs):
     generic = open_slide(generic_tiff)
     downsamples = [value for level in generic.levels for value in level.downsample]
