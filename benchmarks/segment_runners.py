@@ -115,7 +115,7 @@ def run_parts(slide_path, checkpoint, args) -> dict:
         seconds["stain measurement"] = time.perf_counter() - started
     shape_px = grid_shape_px(slide.dimensions, slide.mpp, info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, 0.5, tissue, slide.mpp)
-    device_stain = stain if device.type == "cuda" and shifts_on_device(stain) else None
+    device_stain = stain if shifts_on_device(stain, device) else None
     reading = TileBlocks(TileDataset(slide, grid, None if device_stain else stain))
     loader = DataLoader(reading, batch_size=None, num_workers=args.workers,
                         pin_memory=device.type == "cuda",

@@ -14,9 +14,10 @@ Warm-up steps (``--warmup``, including any ``torch.compile`` time) are not timed
 images/s, the ratio ours/plain, the mean GPU utilisation over the timed window (NVML's
 "percent of time a kernel was executing", read with ``torch.cuda.utilization``, which needs the
 ``nvidia-ml-py`` package; n/a on CPU) and the share of wall time the loop spent blocked in
-``next(loader)`` (``data_wait_s`` in ``log.csv``). Below it, the patch stream alone, one worker's
-work in this process on one core, and what that many workers could feed at most. On CUDA the loop runs ahead of the GPU, so a
+``next(loader)`` (``data_wait_s`` in ``log.csv``). On CUDA the loop runs ahead of the GPU, so a
 short wait can overlap GPU work; GPU utilisation is the measure of starvation, the wait says why.
+Below the table, the patch stream alone (one worker's work, in this process on one core) and
+what that many workers could feed at most, against the plain loop.
 Slides are generated once into ``--data`` and reused.
 
     python benchmarks/train.py --quick                          # CPU smoke run: ~2 min on 2 busy cores

@@ -116,7 +116,8 @@ def detect_nuclei(slide: Slide, mpp: float = DETECTION_MPP, *, min_response: flo
     (:class:`~biopsy.slide.ThreadSlides`; SciPy's filters and decoding release the GIL), in
     raster order as one thread finds them.
     """
-    windows = list(_tissue_windows(slide, mpp, region_px, tissue or detect_tissue(slide)))
+    tissue = detect_tissue(slide) if tissue is None else tissue
+    windows = list(_tissue_windows(slide, mpp, region_px, tissue))
     copies = ThreadSlides(slide)
 
     def detect(window: tuple[int, int]) -> np.ndarray:

@@ -141,6 +141,8 @@ def test_a_shift_applied_to_tensors_gives_the_same_pixels(real_glomeruli):
         matrix = torch.tensor(shift.density_matrix(), dtype=torch.float32)
         difference = np.abs(shift_stains(torch.from_numpy(rgb), matrix).numpy() - expected.astype(int))
         assert difference.max() <= 1 and (difference == 0).mean() > 0.9999
-    assert shifts_on_device(StainShift(eosin=1.2)) and not shifts_on_device(None)
-    assert not shifts_on_device(StainShift())  # left exact, in the workers (a copy)
-    assert not shifts_on_device(StainShift(hue_deg=10))  # hue turns stay in the workers
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert shifts_on_device(StainShift(eosin=1.2), cuda) and not shifts_on_device(None, cuda)
+    assert not shifts_on_device(StainShift(eosin=1.2), cpu)  # the workers run beside the model
+    assert not shifts_on_device(StainShift(), cuda)  # left exact, in the workers (a copy)
+    assert not shifts_on_device(StainShift(hue_deg=10), cuda)  # hue turns stay in the workers
