@@ -174,6 +174,14 @@ class Slide:
                 best = index
         return best
 
+    def _level_read(self, mpp: float) -> tuple[int, tuple[float, float], tuple[float, float]]:
+        """The level a read at ``mpp`` takes, its (x, y) downsample, and its pixels per output
+        pixel along x and y."""
+        scale_x, scale_y = self._scale(mpp)
+        level = self.best_level(min(scale_x, scale_y))
+        down_x, down_y = self.levels[level].downsample
+        return level, (down_x, down_y), (scale_x / down_x, scale_y / down_y)
+
     def _scale(self, mpp: float) -> tuple[float, float]:
         if self.mpp is None:
             raise MppError(f"{self.path}: pixel size unknown; give it with --mpp")
@@ -187,11 +195,8 @@ class Slide:
         Returns an array (height, width, channels) of the slide's dtype, read from the finest level
         not coarser than needed and area-averaged; past the slide's edge it holds the background.
         """
-        scale_x, scale_y = self._scale(mpp)
-        level = self.best_level(min(scale_x, scale_y))
-        down_x, down_y = self.levels[level].downsample
+        level, (down_x, down_y), (step_x, step_y) = self._level_read(mpp)
         start_x, start_y = _snap(x / down_x), _snap(y / down_y)
-        step_x, step_y = scale_x / down_x, scale_y / down_y
         width, height = size_px
         n_x, n_y = math.ceil(_snap(width * step_x)) + 1, math.ceil(_snap(height * step_y)) + 1
         # OpenCV copies a region it would resize to its own size, whatever the scale asked
@@ -213,8 +218,7 @@ class Slide:
         ``mpp`` takes; or a rounding error after it) where such a read starts on a whole pixel of
         that level: :meth:`read` then resizes it (or copies, at a whole number of its pixels per
         pixel) rather than resampling between pixels, ~0.5 ms less for a 256 px patch."""
-        scale_x, scale_y = self._scale(mpp)
-        down_x, down_y = self.levels[self.best_level(min(scale_x, scale_y))].downsample
+        _, (down_x, down_y), _ = self._level_read(mpp)
         return math.floor(_snap(x / down_x)) * down_x, math.floor(_snap(y / down_y)) * down_y
 
     def cut_offsets(self, xy: np.ndarray, mpp: float) -> np.ndarray | None:
@@ -223,10 +227,8 @@ class Slide:
         the same pixels: every read starts on a whole pixel of the level it reads, that level has
         exactly a whole number of pixels per output pixel, and the starts lie whole output pixels
         apart. None otherwise."""
-        scale_x, scale_y = self._scale(mpp)
-        level = self.best_level(min(scale_x, scale_y))
-        down = np.array(self.levels[level].downsample, float)
-        steps = np.array([scale_x, scale_y]) / down  # as read() computes them
+        _, down, steps = self._level_read(mpp)
+        down, steps = np.array(down, float), np.array(steps)
         starts = np.asarray(xy, float) / down
         whole = np.round(starts)
         if np.any(steps != np.round(steps)) or np.any(np.abs(starts - whole) >= _SNAP):
@@ -246,8 +248,7 @@ class Slide:
         scale_x, scale_y = self._scale(mpp)
         width, height = self.dimensions
         size_px = (max(1, round(width / scale_x)), max(1, round(height / scale_y)))
-        downsample = self.levels[self.best_level(min(scale_x, scale_y))].downsample
-        steps = (scale_x / downsample[0], scale_y / downsample[1])  # as read() computes them
+        _, _, steps = self._level_read(mpp)
         copies = ThreadSlides(self)
         threads = copies.threads(_MAX_READING_THREADS)
         if threads == 1 or any(step != round(step) for step in steps) or size_px[1] < 2 * _BAND_ROWS:
