@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 from skimage.color import hed_from_rgb
 
@@ -34,7 +35,13 @@ TISSUE_DENSITY = 0.15  # summed optical density below which a pixel is glass-pal
 FACTOR_LIMITS = (0.25, 4.0)  # a stain is never scaled beyond these (trichrome eosin: ~2.4)
 _BAND_PX = 512  # rows read at a time, so memory stays bounded on any slide
 _MAX_THREADS = 8  # reading and measuring threads at most (a band of a 100,000 px wide slide: 19 MB)
-_BINS = np.linspace(0, 4, 4001)  # concentration (optical density units) histogram; dense nuclei ~2
+_BIN_OD = 0.001  # histogram bin width in optical density units, bins from 0 to 4 (dense nuclei ~2)
+_BIN_COUNT = 4000
+# each 8-bit level's optical density, -ln(level / 255) (level 0 read as 1), for each channel
+_DENSITY_LUT = np.repeat(-np.log(np.maximum(np.arange(256), 1) / 255).astype(np.float32)
+                         .reshape(1, 256, 1), 3, axis=2)
+# optical densities -> (their sum, haematoxylin bin, eosin bin): skimage's deconvolution's H and E
+_MEASURE_MATRIX = np.vstack([np.ones(3), hed_from_rgb[:, :2].T / _BIN_OD]).astype(np.float32)
 
 
 def is_brightfield(slide: Slide) -> bool:
@@ -48,8 +55,8 @@ def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float
 
     Bands of rows are read and measured in a pool of threads, each reading through its own
     handle on the slide where a handle decodes only what it reads (``Slide.reads_regions``):
-    decoding and NumPy release the GIL, so no part is serial (a 60,000 px slide: ~3.5 s of CPU
-    time, 2.1 s on one thread, 1.7-1.85 s on 2 cores, the same amounts)."""
+    decoding, OpenCV and NumPy release the GIL, so no part is serial. Of each band only the box
+    around its tissue is read (a 60,000 px slide, 35 % tissue: 0.73-0.9 s on 2 cores)."""
     tissue = detect_tissue(slide) if tissue is None else tissue
     everywhere = not tissue.mask.any()
     width_px, height_px = (max(1, round(size * mpp / MEASURE_MPP))
@@ -59,10 +66,15 @@ def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float
 
     def band_counts(top: int) -> np.ndarray:
         rows = min(_BAND_PX, height_px - top)
-        rgb = copies.slide().read(0, top * MEASURE_MPP / slide.mpp[1], (width_px, rows), MEASURE_MPP)
-        inside = (np.ones(rgb.shape[:2], bool) if everywhere else tissue.mask[
+        inside = (np.ones((rows, width_px), bool) if everywhere else tissue.mask[
             np.ix_(_mask_index(rows, tissue.mask.shape[0], tissue.mpp, top), mask_cols)])
-        return _band_counts(rgb, inside)
+        if not inside.any():
+            return np.zeros((2, _BIN_COUNT), np.int64)
+        (row0, row1), (col0, col1) = (_span(inside.any(axis=axis)) for axis in (1, 0))
+        rgb = copies.slide().read(col0 * MEASURE_MPP / slide.mpp[0],
+                                  (top + row0) * MEASURE_MPP / slide.mpp[1],
+                                  (col1 - col0, row1 - row0), MEASURE_MPP)
+        return _band_counts(rgb, inside[row0:row1, col0:col1])
 
     # each thread holds one band at a time: memory stays bounded on any slide
     with copies, ThreadPoolExecutor(copies.threads(_MAX_THREADS)) as pool:
@@ -72,13 +84,23 @@ def stain_amounts(slide: Slide, tissue: TissueMask | None = None) -> tuple[float
     return tuple(_percentile(stain_counts) for stain_counts in counts)
 
 
+def _span(present: np.ndarray) -> tuple[int, int]:
+    """[first, last + 1) of the True entries of a 1-D array with at least one."""
+    where = np.flatnonzero(present)
+    return int(where[0]), int(where[-1]) + 1
+
+
 def _band_counts(rgb: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """(2, bins) histogram counts of the stain concentrations of ``rgb`` pixels ``inside`` that
-    are not glass-pale."""
-    density = -np.log(np.maximum(rgb[inside], 1).astype(np.float32) / 255)
-    stained = density[density.sum(axis=1) > TISSUE_DENSITY]
-    concentrations = np.clip(stained @ hed_from_rgb[:, :2].astype(np.float32), 0, _BINS[-1])
-    return np.stack([np.histogram(concentrations[:, stain], _BINS)[0] for stain in range(2)])
+    are not glass-pale.
+
+    Each 8-bit level's optical density comes from a table, and one 3 x 3 product per pixel gives
+    the summed density and both concentrations in bins (OpenCV's ``LUT`` and ``transform``)."""
+    measures = cv2.transform(cv2.LUT(rgb, _DENSITY_LUT), _MEASURE_MATRIX)
+    counted = inside & (measures[..., 0] > TISSUE_DENSITY)
+    return np.stack([np.bincount(np.clip(measures[..., stain][counted], 0, _BIN_COUNT - 1)
+                                 .astype(np.intp), minlength=_BIN_COUNT)
+                     for stain in (1, 2)])
 
 
 def _mask_index(length_px: int, mask_length: int, mask_mpp: float, start_px: int = 0) -> np.ndarray:
@@ -88,10 +110,10 @@ def _mask_index(length_px: int, mask_length: int, mask_mpp: float, start_px: int
 
 
 def _percentile(counts: np.ndarray) -> float:
-    """The PERCENTILE-th value of a histogram over _BINS (upper bin edge)."""
+    """The PERCENTILE-th value of a histogram of _BIN_OD-wide bins from 0 (upper bin edge)."""
     cumulative = np.cumsum(counts)
     index = np.searchsorted(cumulative, PERCENTILE / 100 * cumulative[-1])
-    return float(_BINS[index + 1])
+    return float(round((index + 1) * _BIN_OD, 6))
 
 
 def normalising_shift(amounts: Sequence[float] | None, reference: Sequence[float]) -> StainShift:

@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from skimage.color import rgb_from_hed
+from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import nn
 
 from biopsy.infer import segment_slide, shift_stains, shifts_on_device
@@ -146,3 +146,21 @@ def test_a_shift_applied_to_tensors_gives_the_same_pixels(real_glomeruli):
     assert not shifts_on_device(StainShift(eosin=1.2), cpu)  # the workers run beside the model
     assert not shifts_on_device(StainShift(), cuda)  # left exact, in the workers (a copy)
     assert not shifts_on_device(StainShift(hue_deg=10), cuda)  # hue turns stay in the workers
+
+
+def test_band_histograms_match_deconvolution_pixel_by_pixel(real_glomeruli):
+    """The tables-and-transform histogram against the deconvolution written out in float64 and
+    binned by NumPy, on real images: the same pixels counted, and at most 1 in 5,000 a bin apart
+    (a concentration on a bin edge, float32 against float64)."""
+    paths = sorted((real_glomeruli / "images").glob("*.jpg"))[::25]
+    for path in paths:
+        rgb = np.asarray(PIL.Image.open(path).convert("RGB"))
+        inside = np.zeros(rgb.shape[:2], bool)
+        inside[100:-100, 200:] = True
+        density = -np.log(np.maximum(rgb[inside], 1) / 255)
+        hed = density[density.sum(axis=1) > stainnorm.TISSUE_DENSITY] @ hed_from_rgb
+        expected = np.stack([np.histogram(np.clip(hed[:, stain], 0, 4), np.linspace(0, 4, 4001))[0]
+                             for stain in range(2)])
+        counts = stainnorm._band_counts(rgb, inside)
+        assert (counts.sum(axis=1) == expected.sum(axis=1)).all()
+        assert np.abs(counts - expected).sum() / 2 <= expected.sum() / 5000, path.name
