@@ -21,6 +21,7 @@ from biopsy.errors import AnnotationError, CheckpointError, ConfigError
 from biopsy.geojson import Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint, read_model_info
+from biopsy.slide import open_slide
 from cuda_syncs import cuda_syncs
 from glomeruli_dataset import SIZE_PX, config_dict
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
@@ -225,6 +226,35 @@ def test_hed_jitter_scales_each_stain_and_keeps_colours_off_the_stain_plane():
     with pytest.raises(ConfigError, match="invalid arguments for HEDJitter"):
         build_augmentation([{"transform": "HEDJitter", "eosin": [1.2, 0.8]}], "test")
 
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_he_stain_gives_albumentations_pixels_from_the_same_draws(shared_data, background):
+    """The config's HEStain (ours: one affine map of the optical density) against albumentations'
+    own, seeded alike, through a pipeline on real images (glomeruli, and an H&E slide with glass
+    for the tissue mask): the same draws, and no value more than one grey level apart (float32
+    against float64 before rounding), in at most 1 in 2,000."""
+    import albumentations as A
+    import PIL.Image
+
+    photos = sorted((shared_data / "real-glomeruli" / "images").glob("*.jpg"))[::20]
+    images = [np.asarray(PIL.Image.open(path).convert("RGB"))[::3, ::3] for path in photos]
+    with open_slide(shared_data / "slides" / "CMU-1-Small-Region.svs") as slide:
+        images.append(slide.read(0, 0, (740, 989), 1.5))  # a third of it tissue
+    entry = {"method": "random_preset", "augment_background": background, "p": 1}
+    ours = build_augmentation([{"transform": "HEStain", **entry}], "test")
+    theirs = A.Compose([A.HEStain(**entry)])
+    assert type(ours.transforms[0]) is not A.HEStain
+    moved = compared = 0
+    for seed, image in enumerate(images * 4):
+        ours.set_random_seed(seed)
+        theirs.set_random_seed(seed)
+        expected = theirs(image=image)["image"]
+        jittered = ours(image=image)["image"]
+        difference = np.abs(jittered.astype(int) - expected)
+        assert difference.max() <= 1 and not np.array_equal(jittered, image)
+        moved, compared = moved + np.count_nonzero(difference), compared + difference.size
+    assert moved <= compared / 2000, moved / compared
 
 # --- loss and evaluation ---------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from outside the patch are ignored by the loss.
 import inspect
 
 import albumentations as A
+import cv2
 import numpy as np
 
 from biopsy.errors import ConfigError
@@ -52,7 +53,44 @@ class HEDJitter(A.ImageOnlyTransform):
         return shift.apply(img)
 
 
-TRANSFORMS = {"HEDJitter": HEDJitter}  # the project's own, beside albumentations' by name
+class HEStain(A.HEStain):
+    """albumentations' ``HEStain`` (same arguments, random draws and pixels, to within one grey
+    level) computed as one affine map of each pixel's optical density on 8-bit RGB: ~10x faster.
+
+    Its ``apply`` unmixes each pixel's optical density into two stain concentrations (regularised
+    least squares), scales and shifts them inside tissue (luminosity under 0.85; everywhere with
+    ``augment_background``) and remixes them: per pixel a 3 x 3 matrix and an offset, which OpenCV
+    applies in float32 (``transform``) between a density table and ``exp``.
+    """
+
+    def apply(self, img: np.ndarray, stain_matrix: np.ndarray, scale_factors: np.ndarray,
+              shift_values: np.ndarray, **params) -> np.ndarray:
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+            return super().apply(img, stain_matrix, scale_factors, shift_values, **params)
+        stains = np.asarray(stain_matrix, np.float64)  # (2, 3): each stain's optical density
+        unmix = np.linalg.solve(stains @ stains.T + 1e-6 * np.eye(2), stains).T  # (3, 2)
+        density = cv2.LUT(img, _DENSITY_OF_LEVEL)
+        # the remixed densities negated, ready for exp
+        remixed = cv2.transform(density, _negated_affine(unmix @ (scale_factors[:, None] * stains),
+                                                         shift_values @ stains))
+        if not self.augment_background:
+            level = cv2.LUT(img, _LEVEL_FRACTION)  # albumentations' tissue mask, on its float image
+            tissue = level[..., 0] * 0.299 + level[..., 1] * 0.587 + level[..., 2] * 0.114 < 0.85
+            np.copyto(remixed, cv2.transform(density, _negated_affine(unmix @ stains, np.zeros(3))),
+                      where=~tissue[..., None])
+        return cv2.convertScaleAbs(cv2.exp(remixed), alpha=255)  # rounds half to even, as rint
+
+
+def _negated_affine(matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """The (3, 4) float32 map ``-(density @ matrix + offset)`` as ``cv2.transform`` takes it."""
+    return -np.hstack([matrix.T, offset[:, None]]).astype(np.float32)
+
+
+_LEVEL_FRACTION = np.arange(256, dtype=np.float32) / 255  # albumentations' float image
+# optical density of each 8-bit level as albumentations computes it (float32, floor 1e-6)
+_DENSITY_OF_LEVEL = -np.log(np.maximum(_LEVEL_FRACTION, np.float32(1e-6)))
+
+TRANSFORMS = {"HEDJitter": HEDJitter, "HEStain": HEStain}  # the project's own, beside albumentations' by name
 
 
 def build_augmentation(entries: list[dict], source: str) -> A.Compose:
