@@ -5,7 +5,7 @@ Each config entry names an albumentations transform and its arguments, e.g.::
     augment:
       - {transform: D4}                                # flips and rot90
       - {transform: Affine, scale: [0.8, 1.25], rotate: [-180, 180], fill: 255, fill_mask: 255, p: 0.5}
-      - {transform: HEStain, method: random_preset, p: 0.5}   # stain jitter in HED space
+      - {transform: HEStain, method: random_preset, p: 0.5}   # stain jitter in HED space (applied by ours, below)
       - {transform: HEDJitter, haematoxylin: [0.7, 1.3], eosin: [0.7, 1.3], p: 0.8}   # ours, below
       - {transform: HueSaturationValue, hue_shift_limit: 10, p: 0.5}
       - {transform: RandomBrightnessContrast, p: 0.5}
