@@ -35,6 +35,7 @@ PEN_FRINGE_PX = 4  # paler pen fringe beside the saturated stroke, in mask pixel
 MIN_PIECE_AREA_UM2 = 5_000.0
 MAX_HOLE_AREA_UM2 = 500_000.0  # holes inside tissue up to this size (vessel, tubule lumina) are tissue
 _MAX_THREADS = 8  # for pixel-by-pixel steps
+_OTSU_BINS = 256  # skimage's threshold_otsu default
 
 
 @dataclass(frozen=True)
@@ -176,18 +177,29 @@ def stain_features(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         density[rows] = -np.log10((darkest + 1) / 256)
         saturation[rows] = (brightest - darkest) / np.maximum(brightest, 1)
 
-    threads = min(_MAX_THREADS, os.cpu_count() or 1)
-    band_rows = max(64, -(-image.shape[0] // (4 * threads)))
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(features, (slice(top, top + band_rows)
-                                 for top in range(0, image.shape[0], band_rows))))
+    _in_row_bands(features, image.shape[0])
     return density, saturation
 
 
+def _in_row_bands(function, rows: int) -> list:
+    """``function`` of each band of ``rows`` rows (slices, a few per thread), on threads."""
+    threads = min(_MAX_THREADS, os.cpu_count() or 1)
+    band_rows = max(64, -(-rows // (4 * threads)))
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, (slice(top, top + band_rows) for top in range(0, rows, band_rows))))
+
+
 def otsu_within(values: np.ndarray, bounds: tuple[float, float]) -> float:
-    """Otsu threshold of ``values`` held within ``bounds`` (the upper bound when ``values`` is flat)."""
-    threshold = threshold_otsu(values) if np.ptp(values) > 0 else bounds[1]
-    return float(np.clip(threshold, *bounds))
+    """Otsu threshold of 2-D ``values`` held within ``bounds`` (the upper bound when ``values`` is
+    flat): skimage's ``threshold_otsu`` to the bit, from the same 256-bin histogram counted in
+    bands of rows on threads."""
+    low, high = values.min(), values.max()
+    if low == high:
+        return bounds[1]
+    counts = sum(_in_row_bands(lambda rows: np.histogram(values[rows], _OTSU_BINS, (low, high))[0],
+                               values.shape[0]))
+    edges = np.histogram_bin_edges(values[:1, :1], _OTSU_BINS, (low, high))  # of values' dtype
+    return float(np.clip(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2)), *bounds))
 
 
 def brightfield_foreground(image: np.ndarray) -> np.ndarray:

@@ -12,10 +12,11 @@ import tifffile
 from scipy import ndimage
 from skimage import morphology
 from skimage.draw import disk, line_aa, polygon
+from skimage.filters import threshold_otsu
 
 from biopsy.slide import open_slide
 from biopsy.tissue import (GLASS_MAX_SATURATION, GLASS_MIN_GREY, brightfield_foreground, clean_mask,
-                           detect_tissue, glass_colour, pen_ink, stain_features)
+                           detect_tissue, glass_colour, otsu_within, pen_ink, stain_features)
 
 SLIDE_MPP = 1.0
 MASK_MPP = 8.0
@@ -194,6 +195,20 @@ def test_glass_colour_and_features_match_numpy_on_real_images(real_glomeruli, sv
         np.testing.assert_allclose(saturation, (brightest - darkest) / np.maximum(brightest, 1),
                                    rtol=1e-6, atol=1e-6)
 
+
+
+def test_otsu_thresholds_match_skimage_to_the_bit(real_glomeruli, svs_path):
+    """Histograms counted in row bands on threads give skimage's ``threshold_otsu``, unrounded, on
+    real images' features and on arrays with many ties; a flat array gives the upper bound."""
+    images = [open_slide(svs_path).thumbnail(2.0)]
+    images += [np.asarray(PIL.Image.open(path).convert("RGB"))
+               for path in sorted((real_glomeruli / "images").glob("*.jpg"))[::9]]
+    rng = np.random.default_rng(0)
+    arrays = [feature for image in images for feature in stain_features(image)]
+    arrays += [rng.random((300, 7), np.float32), rng.integers(0, 3, (500, 9)).astype(np.float32)]
+    for values in arrays:
+        assert otsu_within(values, (-10, 10)) == float(threshold_otsu(values))
+    assert otsu_within(np.full((4, 4), 0.3, np.float32), (0.1, 0.2)) == 0.2
 
 def test_glass_colour_of_16_bit_images_matches_numpy():
     """Three 16-bit channels' sum needs more than 16 bits."""
