@@ -79,10 +79,12 @@ class DistributedContext:
 
     @property
     def device(self) -> str:
-        """This rank's GPU (``cuda:LOCAL_RANK``), or the CPU on a machine without CUDA."""
+        """This rank's GPU, or the CPU on a machine without CUDA. Local ranks take the machine's
+        GPUs in turn (``cuda:LOCAL_RANK % GPUs``): with more ranks than GPUs, ranks share one,
+        so one slide's scoring on the CPU overlaps another's segmentation on the GPU."""
         import torch
 
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{self.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
 def distributed_context() -> DistributedContext:

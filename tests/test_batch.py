@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from biopsy import pipeline, provenance
-from biopsy.batch import run_batch
+from biopsy.batch import DistributedContext, run_batch
 from biopsy.cli import batch as batch_cli
 from biopsy.errors import ManifestError, SlideError
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
@@ -380,3 +380,15 @@ def test_scoring_options_turn_stain_normalisation_off(monkeypatch):
     batch_cli.add_scoring_arguments(parser, "slides")
     assert batch_cli.make_scorer(parser.parse_args([]), "cpu") == [1.5, 0.7]
     assert batch_cli.make_scorer(parser.parse_args(["--no-stain-normalisation"]), "cpu") is None
+
+
+def test_ranks_take_the_gpus_in_turn(monkeypatch):
+    """More ranks than GPUs share them round-robin; without CUDA every rank runs on the CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [DistributedContext(rank, 6, rank % 3).device for rank in range(6)] == [
+        "cuda:0", "cuda:1", "cuda:0", "cuda:0", "cuda:1", "cuda:0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert DistributedContext(1, 2, 1).device == "cpu"

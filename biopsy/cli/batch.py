@@ -1,6 +1,8 @@
 """``biopsy batch``: score a cohort's slides once each, compare baselines with follow-ups, summarise.
 
-Under ``torchrun --nproc-per-node=N`` the manifest is sharded across ranks, one GPU each.
+Under ``torchrun --nproc-per-node=N`` the manifest is sharded across ranks, one GPU each, or
+several ranks a GPU when N is larger than the GPUs (each slide's scoring on the CPU then
+overlaps another's segmentation).
 Exit status: 0 when every slide was scored, 1 when some failed (see ``status.csv``), 2 for a
 malformed manifest or another error the user can fix.
 """
