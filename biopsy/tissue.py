@@ -190,9 +190,9 @@ def _in_row_bands(function, rows: int) -> list:
 
 
 def otsu_within(values: np.ndarray, bounds: tuple[float, float]) -> float:
-    """Otsu threshold of 2-D ``values`` held within ``bounds`` (the upper bound when ``values`` is
-    flat): skimage's ``threshold_otsu`` to the bit, from the same 256-bin histogram counted in
-    bands of rows on threads."""
+    """Otsu threshold of 2-D float ``values`` held within ``bounds`` (the upper bound when
+    ``values`` is flat): skimage's ``threshold_otsu`` to the bit, from the same 256-bin histogram
+    counted in bands of rows on threads (skimage bins integers otherwise)."""
     low, high = values.min(), values.max()
     if low == high:
         return bounds[1]

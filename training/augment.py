@@ -78,6 +78,8 @@ class HEStain(A.HEStain):
             tissue = level[..., 0] * 0.299 + level[..., 1] * 0.587 + level[..., 2] * 0.114 < 0.85
             np.copyto(remixed, cv2.transform(density, _negated_affine(unmix @ stains, np.zeros(3))),
                       where=~tissue[..., None])
+        # past exp(1) every value saturates to 255; OpenCV's rounding would overflow first (to 0)
+        np.minimum(remixed, 1, out=remixed)
         return cv2.convertScaleAbs(cv2.exp(remixed), alpha=255)  # rounds half to even, as rint
 
 
