@@ -151,7 +151,9 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
          ) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
     device = torch.device(device)
     output_mpp = output_mpp or info.input_mpp
-    tissue, tiles = tissue_tiles(slide, info, overlap, tissue, scales)
+    stain_later = measures_stain_later(device)
+    tissue, tiles = tissue_tiles(slide, info, overlap, tissue, scales,
+                                 measure_stain=not stain_later)
     if not len(tiles):
         log.warning("%s: no tissue found; the class map is all background",
                     slide.path)
@@ -162,22 +164,31 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
                             return_probabilities, device, info.glomerulus_threshold,
                             tissue_mask=tissue.near().mask, tissue_mpp=tissue.mpp)
     bf16 = device.type == "cuda" if bf16 is None else bf16
-    stain = tiles.stain
-    device_stain = stain if shifts_on_device(stain, device) else None
-    if device_stain is not None:  # the GPU shifts each batch; the workers only decode
-        tiles = tiles.without_stain()
-    bands = _bands(tiles, prepare_model(model, device, compile), info, stitcher, batch_size,
-                   workers, device, bf16, tta, progress, device_stain)
+    blocks = TileBlocks(tiles)
+    reading = _start_reading(blocks, workers, device)  # the workers start reading now
+    # measured later, the stain is applied on the device; else the workers apply it
+    stain = tile_stain_shift(slide, info, tissue, tiles.grid) if stain_later else tiles.stain
+    device_stain = stain if stain_later and shifts_on_device(stain, device) else None
+    bands = _bands(blocks, reading, prepare_model(model, device, compile), info, stitcher,
+                   batch_size, device, bf16, tta, progress, device_stain)
     return tiles.grid, stain, bands
 
 
+def measures_stain_later(device: torch.device) -> bool:
+    """Whether the stain shift is measured after the reading workers have started, while they
+    read ahead (forked before any thread of the measurement exists), and applied to the batches
+    on the device (:func:`shifts_on_device`: the stain amounts a slide is normalised by always
+    are) instead of in the workers: on CUDA."""
+    return device.type == "cuda"
+
+
 def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
-                 tissue: TissueMask | None = None, scales: tuple[float, ...] = (1.0,)
-                 ) -> tuple[TissueMask, TileDataset]:
+                 tissue: TissueMask | None = None, scales: tuple[float, ...] = (1.0,),
+                 measure_stain: bool = True) -> tuple[TissueMask, TileDataset]:
     """The slide's tissue (detected when not given) and the tiles the model runs on: those of
     the grid at the model's mpp and patch size nearest to tissue, read at ``scales``
     (:class:`~biopsy.tiling.TileDataset`), stain-normalised to the model's reference when it
-    has one.
+    has one and ``measure_stain`` (else read as they are: :func:`tile_stain_shift` later).
 
     Raises
     ------
@@ -192,29 +203,39 @@ def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
     shape_px = grid_shape_px(slide.dimensions, _slide_mpp(slide), info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, overlap, tissue,
                      _slide_mpp(slide))
+    stain = tile_stain_shift(slide, info, tissue, grid) if measure_stain else None
+    return tissue, TileDataset(slide, grid, stain, scales)
+
+
+def tile_stain_shift(slide: Slide, info: ModelInfo, tissue: TissueMask,
+                     grid: TileGrid) -> StainShift | None:
+    """The stain shift that brings the slide to the model's reference (None without one, or
+    without tiles to shift: :func:`biopsy.stainnorm.slide_stain_shift`), logged."""
     stain = slide_stain_shift(slide, info.stain_reference, tissue) if len(grid) else None
     if stain is not None:
         log.info("%s: stain normalised: haematoxylin x%.3f, eosin x%.3f", slide.path,
                  stain.haematoxylin, stain.eosin)
-    return tissue, TileDataset(slide, grid, stain, scales)
+    return stain
 
 
-def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: int,
-           workers: int, device: torch.device, bf16: bool, tta: bool, progress: bool,
+def _bands(blocks: TileBlocks, reading: Iterator, model, info, stitcher: BandStitcher,
+           batch_size: int, device: torch.device, bf16: bool, tta: bool, progress: bool,
            device_stain: StainShift | None = None) -> Iterator[Band]:
-    """Run the tiles in row-major order; yield each band as soon as it is finished.
-    ``device_stain``: a stain shift applied to each batch on the device (:func:`shift_stains`).
+    """Run the tiles of ``blocks`` (coming from ``reading``: :func:`_start_reading`) in row-major
+    order; yield each band as soon as it is finished. ``device_stain``: a stain shift applied to
+    each batch on the device (:func:`shift_stains`).
 
     Inference mode is entered per batch, never across a ``yield``, so that it does not leak into
     the consumer's code.
     """
+    tiles = blocks.tiles
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     # put on the device once: a copy from the host per batch would wait for the device
     density_matrix = None if device_stain is None else torch.tensor(
         device_stain.density_matrix(), dtype=torch.float32, device=device)
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress)
     first = 0
-    for batch in _row_major_batches(TileBlocks(tiles), batch_size, workers, device):
+    for batch in _row_major_batches(blocks, reading, batch_size, device):
         with torch.inference_mode():
             if density_matrix is not None:
                 batch = shift_stains(batch, density_matrix)
@@ -231,16 +252,21 @@ def _bands(tiles: TileDataset, model, info, stitcher: BandStitcher, batch_size: 
     yield from bands
 
 
-def _row_major_batches(blocks: TileBlocks, batch_size: int, workers: int,
+def _start_reading(blocks: TileBlocks, workers: int, device: torch.device) -> Iterator:
+    """The blocks as ``workers`` processes read them (pinned on CUDA), in the order they come:
+    the workers start now and read ahead."""
+    return iter(DataLoader(blocks, batch_size=None, num_workers=workers,
+                           pin_memory=device.type == "cuda", worker_init_fn=single_threaded_opencv))
+
+
+def _row_major_batches(blocks: TileBlocks, reading: Iterator, batch_size: int,
                        device: torch.device) -> Iterator[torch.Tensor]:
     """The blocks' tiles on ``device`` in row-major order, ``batch_size`` at a time: the blocks
-    are read by ``workers`` processes and sent to the device as they come (pinned on CUDA); a
-    band's tiles are put in order once all its blocks are there."""
-    loader = DataLoader(blocks, batch_size=None, num_workers=workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=single_threaded_opencv)
+    sent to the device as ``reading`` yields them; a band's tiles are put in order once all its
+    blocks are there."""
     rows = blocks.tiles.origins_px[:, 0]
     band, left_over = [], []
-    for index, (indices, views) in enumerate(loader):
+    for index, (indices, views) in enumerate(reading):
         band.append((rows[indices.numpy()], views.to(device, non_blocking=True)))
         if index + 1 < len(blocks) and blocks.band_of[index + 1] == blocks.band_of[index]:
             continue

@@ -135,12 +135,6 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.origins_px)
 
-    def without_stain(self) -> "TileDataset":
-        """The same tiles read without the stain shift (applied elsewhere)."""
-        plain = copy.copy(self)
-        plain.stain = None
-        return plain
-
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.stack([self._read(xy[index], scale)
                                           for xy, scale in zip(self.level0_xy, self.scales)]))

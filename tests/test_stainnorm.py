@@ -1,5 +1,7 @@
 """Stain normalisation: amounts measured on slides, undone shifts, and inference that applies them."""
 
+import multiprocessing
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -7,6 +9,7 @@ import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import nn
 
+from biopsy import infer
 from biopsy.infer import segment_slide, shift_stains, shifts_on_device
 from biopsy.model import ModelInfo
 from biopsy.pyramid import write_pyramid
@@ -101,14 +104,10 @@ def test_glass_and_fluorescence_are_left_alone(tmp_path, shared_data, caplog):
     assert "far from the model's" in caplog.text
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_inference_undoes_a_stain_shift(stains, tmp_path, device):
-    """A model that calls dark green (eosin-rich) pixels class 1 gives the original's map on a
-    re-stained copy once the copy is brought to the original's amounts (on CUDA the shift is
-    applied to the batches on the GPU, not in the workers)."""
-    original = write(tmp_path / "original.tif", stained(stains))
-    shifted = write(tmp_path / "shifted.tif", StainShift(haematoxylin=1.2, eosin=0.7).apply(stained(stains)))
-    median_green = (np.median(stained(stains)[..., 1]) / 255 - 0.5) / 0.25  # as the model sees it
+def dark_green_model(original) -> tuple[nn.Module, ModelInfo]:
+    """A model that calls dark green (eosin-rich) pixels class 1, with ``original``'s stain
+    amounts as its reference."""
+    median_green = (np.median(stained_pixels(original)[..., 1]) / 255 - 0.5) / 0.25  # as it sees it
     model = nn.Conv2d(3, 2, 1)
     with torch.no_grad():
         model.weight.zero_()
@@ -117,18 +116,59 @@ def test_inference_undoes_a_stain_shift(stains, tmp_path, device):
     info = ModelInfo("toy", {}, ["background", "dark"], {"background": [0, 0, 0], "dark": [1, 1, 1]},
                      1.0, 64, 3, {"mean": [0.5] * 3, "std": [0.25] * 3},
                      stain_reference=list(stain_amounts(original)))
-    mask = np.ones((120, 100), bool)
-    tissue = TissueMask(mask, 4.0, original.mpp, mask.astype(np.int32), [])
+    return model.eval(), info
+
+
+def stained_pixels(slide) -> np.ndarray:
+    return slide.read(0, 0, slide.dimensions, slide.mpp[0])[160:]  # below the glass
+
+
+WHOLE = TissueMask(np.ones((120, 100), bool), 4.0, (MPP, MPP), np.ones((120, 100), np.int32), [])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_inference_undoes_a_stain_shift(stains, tmp_path, device):
+    """A model that calls dark green (eosin-rich) pixels class 1 gives the original's map on a
+    re-stained copy once the copy is brought to the original's amounts (on CUDA the shift is
+    applied to the batches on the GPU, not in the workers)."""
+    original = write(tmp_path / "original.tif", stained(stains))
+    shifted = write(tmp_path / "shifted.tif", StainShift(haematoxylin=1.2, eosin=0.7).apply(stained(stains)))
+    model, info = dark_green_model(original)
+    reference = info.stain_reference
 
     def labels(slide, reference):
         info.stain_reference = reference
-        return segment_slide(slide, model.eval(), info, workers=0, tissue=tissue, device=device,
+        return segment_slide(slide, model, info, workers=0, tissue=WHOLE, device=device,
                              bf16=False).labels[80:]
 
     truth = labels(original, None)
     assert 0.2 < truth.mean() < 0.8
     assert (labels(shifted, None) == truth).mean() < 0.95  # the shift moves ~10 % of the calls
-    assert (labels(shifted, list(stain_amounts(original))) == truth).mean() > 0.98
+    assert (labels(shifted, reference) == truth).mean() > 0.98
+
+
+def test_a_stain_measured_while_the_workers_read_gives_their_map(stains, tmp_path, monkeypatch):
+    """As on CUDA, here on the CPU: the workers start reading unshifted tiles, the stain is
+    measured while they are alive and shifted on the batches; the map is the one the workers
+    shifting it give (torch's shift against NumPy's: a grey level apart, rarely)."""
+    original = write(tmp_path / "original.tif", stained(stains))
+    shifted = write(tmp_path / "shifted.tif", StainShift(haematoxylin=1.2, eosin=0.7).apply(stained(stains)))
+    model, info = dark_green_model(original)
+
+    def segmented():
+        return segment_slide(shifted, model, info, workers=1, tissue=WHOLE, bf16=False)
+
+    in_workers = segmented()
+    alive_workers = []
+    measure = infer.slide_stain_shift
+    monkeypatch.setattr(infer, "slide_stain_shift", lambda *args: alive_workers.append(
+        len(multiprocessing.active_children())) or measure(*args))
+    monkeypatch.setattr(infer, "measures_stain_later", lambda device: True)
+    monkeypatch.setattr(infer, "shifts_on_device", lambda stain, device: not stain.is_identity)
+    later = segmented()
+    assert alive_workers == [1]
+    assert later.stain_factors == in_workers.stain_factors != (1.0, 1.0)
+    assert (later.labels == in_workers.labels).mean() > 0.999
 
 
 def test_a_shift_applied_to_tensors_gives_the_same_pixels(real_glomeruli):

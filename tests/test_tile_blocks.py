@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from biopsy.infer import _row_major_batches
+from biopsy.infer import _row_major_batches, _start_reading
 from biopsy.pyramid import write_pyramid
 from biopsy.restain import StainShift
 from biopsy.slide import open_slide
@@ -114,8 +114,9 @@ def test_a_sparse_block_is_read_tile_by_tile(slide, monkeypatch):
 def test_batches_come_in_row_major_order(slide, workers, batch_size):
     tiles = TileDataset(slide, grid_of(slide, 2), scales=(1.0, 2.0))
     expected = torch.stack([tiles[index] for index in range(len(tiles))])
-    batches = list(_row_major_batches(TileBlocks(tiles, rows=2, cols=3), batch_size, workers,
-                                      torch.device("cpu")))
+    blocks = TileBlocks(tiles, rows=2, cols=3)
+    cpu = torch.device("cpu")
+    batches = list(_row_major_batches(blocks, _start_reading(blocks, workers, cpu), batch_size, cpu))
     assert all(len(batch) == batch_size for batch in batches[:-1]) and len(batches[-1])
     assert torch.equal(torch.cat(batches), expected)
 
@@ -123,4 +124,6 @@ def test_batches_come_in_row_major_order(slide, workers, batch_size):
 def test_no_tiles_no_blocks_no_batches(slide):
     grid = TileGrid(1.0, (10, 10), 64, 32, np.zeros((0, 2), np.int64))
     blocks = TileBlocks(TileDataset(slide, grid))
-    assert len(blocks) == 0 and list(_row_major_batches(blocks, 8, 0, torch.device("cpu"))) == []
+    cpu = torch.device("cpu")
+    assert len(blocks) == 0
+    assert list(_row_major_batches(blocks, _start_reading(blocks, 0, cpu), 8, cpu)) == []
