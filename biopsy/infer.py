@@ -164,13 +164,14 @@ def _run(slide, model, info, *, batch_size=16, workers=2, device="cpu", output_m
                             return_probabilities, device, info.glomerulus_threshold,
                             tissue_mask=tissue.near().mask, tissue_mpp=tissue.mpp)
     bf16 = device.type == "cuda" if bf16 is None else bf16
+    model = prepare_model(model, device, compile)  # first: the workers inherit its heap setting
     blocks = TileBlocks(tiles)
     reading = _start_reading(blocks, workers, device)  # the workers start reading now
     # measured later, the stain is applied on the device; else the workers apply it
     stain = tile_stain_shift(slide, info, tissue, tiles.grid) if stain_later else tiles.stain
     device_stain = stain if stain_later and shifts_on_device(stain, device) else None
-    bands = _bands(blocks, reading, prepare_model(model, device, compile), info, stitcher,
-                   batch_size, device, bf16, tta, progress, device_stain)
+    bands = _bands(blocks, reading, model, info, stitcher, batch_size, device, bf16, tta,
+                   progress, device_stain)
     return tiles.grid, stain, bands
 
 
