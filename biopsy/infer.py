@@ -254,9 +254,9 @@ def _bands(blocks: TileBlocks, reading: Iterator, model, info, stitcher: BandSti
 
 
 def _start_reading(blocks: TileBlocks, workers: int, device: torch.device) -> Iterator:
-    """The blocks as ``workers`` processes read them (pinned on CUDA), in the order they come:
-    the workers start now and read ahead."""
-    return iter(DataLoader(blocks, batch_size=None, num_workers=workers,
+    """The blocks as ``workers`` processes (no more than there are blocks: each costs a fork)
+    read them, pinned on CUDA, in the order they come: the workers start now and read ahead."""
+    return iter(DataLoader(blocks, batch_size=None, num_workers=min(workers, len(blocks)),
                            pin_memory=device.type == "cuda", worker_init_fn=single_threaded_opencv))
 
 

@@ -1,5 +1,7 @@
 """Tiles read in blocks against the same tiles read one by one, and put back in row-major order."""
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,13 @@ def test_no_tiles_no_blocks_no_batches(slide):
     cpu = torch.device("cpu")
     assert len(blocks) == 0
     assert list(_row_major_batches(blocks, _start_reading(blocks, 0, cpu), 8, cpu)) == []
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than 2 cores
+def test_no_more_workers_than_blocks(slide):
+    """A slide of a few blocks forks a worker for each, not the eight asked for."""
+    blocks = TileBlocks(TileDataset(slide, grid_of(slide, 2)), rows=4, cols=16)
+    before = len(multiprocessing.active_children())
+    reading = _start_reading(blocks, 8, torch.device("cpu"))
+    assert 1 < len(blocks) < 8 and len(multiprocessing.active_children()) - before == len(blocks)
+    assert len(list(reading)) == len(blocks)
