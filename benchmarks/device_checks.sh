@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, sized for the device tool (15 minutes of device time a session,
-# 10 a call, a machine's start included), in two calls and a third if time is left:
+# 10 a call, a machine's start included), in two calls, then the others if time is left:
 #   bash benchmarks/device_bundle.sh                   # here, once: build/device-site.tar.xz
 #   run: bash benchmarks/device_checks.sh tests train segment   # carry it; timeout_s 560
 #   run: bash benchmarks/device_checks.sh large        # at once (warm 30 s); timeout_s 240
 #   run: bash benchmarks/device_checks.sh cli          # timeout_s 420
+#   run: bash benchmarks/device_checks.sh cohort       # timeout_s 240
 # Steps, in the order of the calls above:
 #   tests    starts building the 60,000 px slide in the background (one core), then the GPU tests
 #            (inference with bf16, pinned workers, scales, mirrors and compile; training with bf16,
@@ -19,7 +20,9 @@
 #   large    that slide end to end, with its tile loop alone and where its time goes (waits
 #            for the build);
 #   cli      `biopsy segment` on that slide: labels.ome.tif, objects.geojson and overview.png
-#            (the polygons are traced on the CPU, ~10 s per 16,000 px slide on a 2-core CPU).
+#            (the polygons are traced on the CPU, ~10 s per 16,000 px slide on a 2-core CPU);
+#   cohort   `biopsy batch` over 8 synthetic slides with one rank and with two sharing the GPU
+#            (whether a rank's CPU scoring overlapping another's segmentation pays).
 # Each step's output goes to $OUT (or build/device-out); a step that fails or runs out of time
 # does not stop the next.
 set -uo pipefail
@@ -33,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__,
 torchvision.__version__, torch.cuda.get_device_name(0))' | tee -a "$out/gpu.txt"
 steps=("$@")
-[ $# -gt 0 ] || steps=(tests train segment large cli)
+[ $# -gt 0 ] || steps=(tests train segment large cli cohort)
 for name in "${steps[@]}"; do
     echo "== $name ($(date +%T))"
     case $name in
@@ -64,6 +67,9 @@ make_large_slide(Path('$large'), 60000, make_slide(Path('$work/synth-1.5mm'), 1,
       cli)
         timeout 400 python3 -m biopsy segment "$large" --model biopsy/models/default.safetensors \
           --out /tmp/cli-60000px --workers 14 2>&1 | tail -3 | tee "$out/cli-large.txt" ;;
-      *) echo "unknown step $name (train, segment, tests, large, cli)" ;;
+      cohort)
+        timeout 230 python3 benchmarks/cohort.py --slides 8 --core-length-mm 2 --ranks 1 2 \
+          --workers 7 2>&1 | tail -6 | tee "$out/cohort.txt" ;;
+      *) echo "unknown step $name (train, segment, tests, large, cli, cohort)" ;;
     esac
 done
