@@ -82,10 +82,11 @@ def make_grid(
     scale_x, scale_y = mpp / slide_mpp[0], mpp / slide_mpp[1]  # level-0 px per grid px
     row_cells = nearest_cells(rows, patch_px, shape_px[0])
     col_cells = nearest_cells(cols, patch_px, shape_px[1])
-    keep = [near.tissue_fraction(col0 * scale_x, row0 * scale_y,
-                                 ((col1 - col0) * scale_x, (row1 - row0) * scale_y)) > 0
-            for row0, row1 in row_cells for col0, col1 in col_cells]
-    return TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins[np.array(keep, bool)])
+    counts, areas = near.grid_counts(
+        np.array([(col0 * scale_x, (col1 - col0) * scale_x) for col0, col1 in col_cells]),
+        np.array([(row0 * scale_y, (row1 - row0) * scale_y) for row0, row1 in row_cells]))
+    keep = ((counts > 0) & (areas > 0)).ravel()  # row-major, as the origins
+    return TileGrid(mpp, tuple(shape_px), patch_px, step_px, origins[keep])
 
 
 def nearest_cells(starts: list[int], patch_px: int, size_px: int) -> list[tuple[float, float]]:

@@ -10,13 +10,13 @@ away, gaps closed, pieces smaller than ``min_area_um2`` dropped, holes inside ti
 """
 
 import dataclasses
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 from skimage import measure, morphology
 from skimage.filters import threshold_otsu
 
@@ -56,12 +56,12 @@ class TissueMask:
     level0_mpp: tuple[float, float]  # the slide's level-0 (x, y) µm/px, to map level-0 coordinates
     labels: np.ndarray  # int32 (rows, cols): 0 background, piece labels 1..n
     pieces: list[TissuePiece]
-    _integral: np.ndarray = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    @functools.cached_property
+    def _integral(self) -> np.ndarray:
+        """The integral image (rows + 1, cols + 1) of the mask, made when first counted in."""
         counts = np.int32 if self.mask.size < 2**31 else np.int64  # int32: ~4x faster
-        self._integral = np.pad(self.mask.cumsum(0, dtype=counts).cumsum(1, dtype=counts),
-                                ((1, 0), (1, 0)))
+        return np.pad(self.mask.cumsum(0, dtype=counts).cumsum(1, dtype=counts), ((1, 0), (1, 0)))
 
     @property
     def area_mm2(self) -> float:
@@ -75,7 +75,13 @@ class TissueMask:
     def near(self) -> "TissueMask":
         """The mask dilated by one pixel: the part of the slide that stitched inference labels
         (the model draws the tissue border within it). Pieces and labels stay the tissue's."""
-        return dataclasses.replace(self, mask=ndimage.binary_dilation(self.mask, np.ones((3, 3), bool)))
+        return self._near
+
+    @functools.cached_property
+    def _near(self) -> "TissueMask":
+        # OpenCV's dilation is scipy's binary_dilation (border 0) here, ~50x faster
+        grown = cv2.dilate(np.ascontiguousarray(self.mask).view(np.uint8), np.ones((3, 3), np.uint8))
+        return dataclasses.replace(self, mask=grown.view(bool))
 
     def tissue_fraction(self, x: int, y: int, size_px: tuple[int, int]) -> float:
         """Fraction of tissue in the level-0 rectangle ``(x, y)``, ``size_px = (width, height)``.
@@ -83,17 +89,32 @@ class TissueMask:
         Counts the mask pixels the rectangle touches (an integral image: O(1) per call);
         parts outside the slide count as background.
         """
-        scale_x, scale_y = self.level0_mpp[0] / self.mpp, self.level0_mpp[1] / self.mpp
-        rows, cols = self.mask.shape
-        col0, row0 = int(np.floor(x * scale_x)), int(np.floor(y * scale_y))
-        col1 = int(np.ceil((x + size_px[0]) * scale_x))
-        row1 = int(np.ceil((y + size_px[1]) * scale_y))
-        area = (col1 - col0) * (row1 - row0)
-        col0, col1 = min(max(col0, 0), cols), min(max(col1, 0), cols)
-        row0, row1 = min(max(row0, 0), rows), min(max(row1, 0), rows)
+        counts, areas = self.grid_counts(np.array([[x, size_px[0]]], float),
+                                         np.array([[y, size_px[1]]], float))
+        return float(counts[0, 0]) / areas[0, 0] if areas[0, 0] > 0 else 0.0
+
+    def grid_counts(self, x_spans: np.ndarray, y_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tissue mask pixels touched by each rectangle of a grid, and each one's area in mask
+        pixels: columns ``x_spans``, rows ``y_spans``, each an (n, 2) array of level-0 (start,
+        size); both (len(y_spans), len(x_spans)). Parts outside the slide count as background."""
+        (rows0, rows1), (cols0, cols1) = (
+            _mask_spans(spans, level0_mpp / self.mpp)
+            for spans, level0_mpp in ((y_spans, self.level0_mpp[1]), (x_spans, self.level0_mpp[0])))
+        areas = np.outer(rows1 - rows0, cols1 - cols0)
+        rows0, rows1, cols0, cols1 = (np.clip(edge, 0, length) for edge, length in (
+            (rows0, self.mask.shape[0]), (rows1, self.mask.shape[0]),
+            (cols0, self.mask.shape[1]), (cols1, self.mask.shape[1])))
         integral = self._integral
-        count = integral[row1, col1] - integral[row0, col1] - integral[row1, col0] + integral[row0, col0]
-        return float(count) / area if area > 0 else 0.0
+        counts = (integral[np.ix_(rows1, cols1)] - integral[np.ix_(rows0, cols1)]
+                  - integral[np.ix_(rows1, cols0)] + integral[np.ix_(rows0, cols0)])
+        return counts, areas
+
+
+def _mask_spans(spans: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The mask pixels [from, to) (not yet clipped to the mask) that level-0 (start, size)
+    ``spans`` touch, at ``scale`` mask pixels per level-0 pixel."""
+    return (np.floor(spans[:, 0] * scale).astype(np.int64),
+            np.ceil((spans[:, 0] + spans[:, 1]) * scale).astype(np.int64))
 
 
 def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = MIN_PIECE_AREA_UM2) -> TissueMask:
@@ -185,8 +206,9 @@ def _in_row_bands(function, rows: int) -> list:
     """``function`` of each band of ``rows`` rows (slices, a few per thread), on threads."""
     threads = min(_MAX_THREADS, os.cpu_count() or 1)
     band_rows = max(64, -(-rows // (4 * threads)))
+    bands = [slice(top, top + band_rows) for top in range(0, rows, band_rows)]
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(function, (slice(top, top + band_rows) for top in range(0, rows, band_rows))))
+        return list(pool.map(function, bands))
 
 
 def otsu_within(values: np.ndarray, bounds: tuple[float, float]) -> float:

@@ -15,8 +15,9 @@ from skimage.draw import disk, line_aa, polygon
 from skimage.filters import threshold_otsu
 
 from biopsy.slide import open_slide
-from biopsy.tissue import (GLASS_MAX_SATURATION, GLASS_MIN_GREY, brightfield_foreground, clean_mask,
-                           detect_tissue, glass_colour, otsu_within, pen_ink, stain_features)
+from biopsy.tissue import (GLASS_MAX_SATURATION, GLASS_MIN_GREY, TissueMask, brightfield_foreground,
+                           clean_mask, detect_tissue, glass_colour, otsu_within, pen_ink,
+                           stain_features)
 
 SLIDE_MPP = 1.0
 MASK_MPP = 8.0
@@ -144,6 +145,30 @@ def test_tissue_fraction_of_level0_rectangles(polygon_slide):
     edge = tissue.tissue_fraction(300, 1000, (600, 64))  # straddles the left edge of the polygon
     assert 0.2 < edge < 0.9
 
+
+
+def test_grid_counts_and_the_near_mask_match_brute_force():
+    """Counts of the mask pixels that level-0 rectangles touch (an integral image, a whole grid
+    at once) against summing the mask under each; the mask grown by one pixel against scipy's
+    binary dilation. Random masks, pixel sizes differing by axis, rectangles off the slide."""
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        mask = rng.random((rng.integers(1, 60), rng.integers(1, 60))) < rng.uniform(0.01, 0.5)
+        mask_mpp, level0_mpp = rng.choice([4.0, 7.3, 8.0]), tuple(rng.uniform(0.2, 0.6, 2))
+        tissue = TissueMask(mask, mask_mpp, level0_mpp, mask.astype(np.int32), [])
+        near = ndimage.binary_dilation(mask, np.ones((3, 3), bool))
+        assert np.array_equal(tissue.near().mask, near) and tissue.near() is tissue.near()
+        extent = np.array(mask.shape[::-1]) * mask_mpp / np.array(level0_mpp)  # level-0 (x, y)
+        x_spans, y_spans = (np.column_stack([rng.uniform(-0.2, 1.1, 7), rng.uniform(0, 0.4, 7)]) * size
+                            for size in extent)
+        counts, areas = tissue.grid_counts(x_spans, y_spans)
+        for row, (y, height) in enumerate(y_spans):
+            for col, (x, width) in enumerate(x_spans):
+                scale_x, scale_y = level0_mpp[0] / mask_mpp, level0_mpp[1] / mask_mpp
+                col0, col1 = int(np.floor(x * scale_x)), int(np.ceil((x + width) * scale_x))
+                row0, row1 = int(np.floor(y * scale_y)), int(np.ceil((y + height) * scale_y))
+                assert areas[row, col] == (col1 - col0) * (row1 - row0)
+                assert counts[row, col] == mask[max(row0, 0):max(row1, 0), max(col0, 0):max(col1, 0)].sum()
 
 def test_real_glomeruli_images_are_mostly_tissue(real_glomeruli):
     images = sorted((real_glomeruli / "images").glob("*.jpg"))[::3]
