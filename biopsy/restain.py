@@ -28,6 +28,8 @@ from biopsy.slide import BRIGHTFIELD_CHANNELS, Slide, open_slide
 STYLES = {".svs": "aperio", ".ome.tif": "ome", ".ome.tiff": "ome", ".tif": "generic",
           ".tiff": "generic"}  # by suffix, the longer ones first
 _SQUARE_TOLERANCE = 1e-3  # relative difference of mpp x and y still taken as square pixels
+# each 8-bit level's optical density, -ln(level / 255), level 0 read as 1 (float32)
+DENSITY_OF_LEVEL = (-np.log(np.maximum(np.arange(256), 1) / 255)).astype(np.float32)
 _CHUNK_PX = 4096  # columns of a band re-coloured at a time (bounds the float copies)
 
 

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from skimage.color import hed_from_rgb
 
-from biopsy.restain import StainShift
+from biopsy.restain import DENSITY_OF_LEVEL, StainShift
 from biopsy.slide import BRIGHTFIELD_CHANNELS, Slide, ThreadSlides
 from biopsy.tissue import TissueMask, detect_tissue
 
@@ -37,9 +37,6 @@ _BAND_PX = 512  # rows read at a time, so memory stays bounded on any slide
 _MAX_THREADS = 8  # reading and measuring threads at most (a band of a 100,000 px wide slide: 19 MB)
 _BIN_OD = 0.001  # histogram bin width in optical density units, bins from 0 to 4 (dense nuclei ~2)
 _BIN_COUNT = 4000
-# each 8-bit level's optical density, -ln(level / 255) (level 0 read as 1), for each channel
-_DENSITY_LUT = np.repeat(-np.log(np.maximum(np.arange(256), 1) / 255).astype(np.float32)
-                         .reshape(1, 256, 1), 3, axis=2)
 # optical densities -> (their sum, haematoxylin bin, eosin bin): skimage's deconvolution's H and E
 _MEASURE_MATRIX = np.vstack([np.ones(3), hed_from_rgb[:, :2].T / _BIN_OD]).astype(np.float32)
 
@@ -96,7 +93,7 @@ def _band_counts(rgb: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
     Each 8-bit level's optical density comes from a table, and one 3 x 3 product per pixel gives
     the summed density and both concentrations in bins (OpenCV's ``LUT`` and ``transform``)."""
-    measures = cv2.transform(cv2.LUT(rgb, _DENSITY_LUT), _MEASURE_MATRIX)
+    measures = cv2.transform(cv2.LUT(rgb, DENSITY_OF_LEVEL), _MEASURE_MATRIX)
     counted = inside & (measures[..., 0] > TISSUE_DENSITY)
     return np.stack([np.bincount(np.clip(measures[..., stain][counted], 0, _BIN_COUNT - 1)
                                  .astype(np.intp), minlength=_BIN_COUNT)

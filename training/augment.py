@@ -55,7 +55,7 @@ class HEDJitter(A.ImageOnlyTransform):
 
 class HEStain(A.HEStain):
     """albumentations' ``HEStain`` (same arguments, random draws and pixels, to within one grey
-    level) computed as one affine map of each pixel's optical density on 8-bit RGB: ~10x faster.
+    level) computed as one affine map of each pixel's optical density on 8-bit RGB: ~5x faster.
 
     Its ``apply`` unmixes each pixel's optical density into two stain concentrations (regularised
     least squares), scales and shifts them inside tissue (luminosity under 0.85; everywhere with
