@@ -22,6 +22,7 @@ from scipy.spatial import cKDTree
 from skimage.color import hed_from_rgb
 from skimage.feature import peak_local_max
 
+from biopsy.restain import DENSITY_OF_LEVEL
 from biopsy.slide import Slide, ThreadSlides
 from biopsy.tissue import TissueMask, detect_tissue
 
@@ -63,7 +64,6 @@ def _haematoxylin_lookup() -> np.ndarray:
 
 
 _H_LOOKUP = _haematoxylin_lookup()
-_OD_LOOKUP = (-np.log(np.maximum(np.arange(256), 1) / 255.0)).astype(np.float32)
 
 
 def haematoxylin(rgb: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def optical_density_at(rgb: np.ndarray, points: np.ndarray, mpp: float) -> np.nd
         for d_col in range(-reach, reach + 1):
             rows = np.clip(points[:, 0] + d_row, 0, rgb.shape[0] - 1)
             cols = np.clip(points[:, 1] + d_col, 0, rgb.shape[1] - 1)
-            total += _OD_LOOKUP[rgb[rows, cols, :3]].sum(axis=-1)
+            total += DENSITY_OF_LEVEL[rgb[rows, cols, :3]].sum(axis=-1)
     return total / (2 * reach + 1) ** 2
 
 
@@ -130,15 +130,16 @@ def detect_nuclei(slide: Slide, mpp: float = DETECTION_MPP, *, min_response: flo
 
 def _tissue_windows(slide: Slide, mpp: float, region_px: int,
                     tissue: TissueMask) -> Iterator[tuple[int, int]]:
-    """Level-0 (x, y) of each region of a grid over the slide that holds tissue."""
+    """Level-0 (x, y) of each region of a grid over the slide that holds tissue, row by row."""
     scale = mpp / slide.mpp[0]
     width, height = slide.dimensions
     step = region_px * scale
     size = int(np.ceil(step))
-    for y in np.arange(0, height, step):
-        for x in np.arange(0, width, step):
-            if tissue.tissue_fraction(int(round(x)), int(round(y)), (size, size)) > 0:
-                yield int(round(x)), int(round(y))
+    xs, ys = (np.round(np.arange(0, length, step)) for length in (width, height))
+    counts, _ = tissue.grid_counts(*(np.column_stack([starts, np.full(len(starts), size)])
+                                     for starts in (xs, ys)))
+    for row, col in zip(*np.nonzero(counts)):
+        yield int(xs[col]), int(ys[row])
 
 
 def _detect_window(slide: Slide, x: int, y: int, size_px: int, mpp: float,
