@@ -54,8 +54,26 @@ class TissueMask:
     mask: np.ndarray  # bool (rows, cols) at mpp
     mpp: float
     level0_mpp: tuple[float, float]  # the slide's level-0 (x, y) µm/px, to map level-0 coordinates
-    labels: np.ndarray  # int32 (rows, cols): 0 background, piece labels 1..n
-    pieces: list[TissuePiece]
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        """int32 (rows, cols): 0 background, piece labels 1..n (8-connected), made when first
+        asked for (inference never asks)."""
+        return measure.label(self.mask, connectivity=2).astype(np.int32)
+
+    @functools.cached_property
+    def pieces(self) -> list[TissuePiece]:
+        """The connected pieces of tissue, largest first."""
+        scale_x, scale_y = self.mpp / self.level0_mpp[0], self.mpp / self.level0_mpp[1]
+        pieces = [
+            TissuePiece(label=region.label, area_mm2=region.area * self.mpp**2 / 1e6,
+                        bbox_level0=(int(min_col * scale_x), int(min_row * scale_y),
+                                     int(np.ceil(max_col * scale_x)), int(np.ceil(max_row * scale_y))))
+            for region in measure.regionprops(self.labels)
+            for min_row, min_col, max_row, max_col in [region.bbox]
+        ]
+        pieces.sort(key=lambda piece: -piece.area_mm2)
+        return pieces
 
     @functools.cached_property
     def _integral(self) -> np.ndarray:
@@ -74,7 +92,7 @@ class TissueMask:
 
     def near(self) -> "TissueMask":
         """The mask dilated by one pixel: the part of the slide that stitched inference labels
-        (the model draws the tissue border within it). Pieces and labels stay the tissue's."""
+        (the model draws the tissue border within it)."""
         return self._near
 
     @functools.cached_property
@@ -129,19 +147,7 @@ def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = MIN_PIEC
         foreground = brightfield_foreground(image)
         candidate = foreground & ~pen_ink(image, foreground)
     mask = clean_mask(candidate, min_area_px=min_area_um2 / mpp**2, max_hole_px=MAX_HOLE_AREA_UM2 / mpp**2)
-    labels = measure.label(mask, connectivity=2).astype(np.int32)
-    scale_x, scale_y = mpp / slide.mpp[0], mpp / slide.mpp[1]
-    pieces = [
-        TissuePiece(
-            label=region.label,
-            area_mm2=region.area * mpp**2 / 1e6,
-            bbox_level0=(int(region.bbox[1] * scale_x), int(region.bbox[0] * scale_y),
-                         int(np.ceil(region.bbox[3] * scale_x)), int(np.ceil(region.bbox[2] * scale_y))),
-        )
-        for region in measure.regionprops(labels)
-    ]
-    pieces.sort(key=lambda piece: -piece.area_mm2)
-    return TissueMask(mask=mask, mpp=mpp, level0_mpp=slide.mpp, labels=labels, pieces=pieces)
+    return TissueMask(mask=mask, mpp=mpp, level0_mpp=slide.mpp)
 
 
 def glass_colour(image: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ def model_info(num_classes: int, mpp: float, patch_px: int, in_channels: int = 3
 
 
 def tissue_mask(mask: np.ndarray, mpp: float, slide) -> TissueMask:
-    return TissueMask(mask, mpp, slide.mpp, mask.astype(np.int32), [])
+    return TissueMask(mask, mpp, slide.mpp)
 
 
 def all_tissue(slide, mpp: float = 10.0) -> TissueMask:

@@ -123,7 +123,7 @@ def stained_pixels(slide) -> np.ndarray:
     return slide.read(0, 0, slide.dimensions, slide.mpp[0])[160:]  # below the glass
 
 
-WHOLE = TissueMask(np.ones((120, 100), bool), 4.0, (MPP, MPP), np.ones((120, 100), np.int32), [])
+WHOLE = TissueMask(np.ones((120, 100), bool), 4.0, (MPP, MPP))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -155,7 +155,7 @@ def test_grid_counts_and_the_near_mask_match_brute_force():
     for _ in range(30):
         mask = rng.random((rng.integers(1, 60), rng.integers(1, 60))) < rng.uniform(0.01, 0.5)
         mask_mpp, level0_mpp = rng.choice([4.0, 7.3, 8.0]), tuple(rng.uniform(0.2, 0.6, 2))
-        tissue = TissueMask(mask, mask_mpp, level0_mpp, mask.astype(np.int32), [])
+        tissue = TissueMask(mask, mask_mpp, level0_mpp)
         near = ndimage.binary_dilation(mask, np.ones((3, 3), bool))
         assert np.array_equal(tissue.near().mask, near) and tissue.near() is tissue.near()
         extent = np.array(mask.shape[::-1]) * mask_mpp / np.array(level0_mpp)  # level-0 (x, y)
