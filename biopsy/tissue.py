@@ -240,17 +240,22 @@ def brightfield_foreground(image: np.ndarray) -> np.ndarray:
 
 def pen_colours(image: np.ndarray) -> np.ndarray:
     """Pixels of marker-pen colour: saturated dark blue, saturated green with its paler fringe,
-    near-black grey."""
-    red, green, blue = (image[..., channel].astype(np.int16) for channel in range(3))
-    blue_pen = (blue - red > 90) & (blue - green > 60) & (red < 70)
-    green_pen = (green - red > 40) & (green - blue > 15)
-    brightest = np.maximum(np.maximum(red, green), blue)
-    darkest = np.minimum(np.minimum(red, green), blue)
-    black_pen = (brightest < 45) & (brightest - darkest < 20)
-    green_fringe = (green - red > 20) & (green - blue > -10)  # blue would take in trichrome collagen
+    near-black grey (pixel by pixel in bands of rows on threads)."""
+    blue_or_black, green_pen, green_fringe = (np.empty(image.shape[:2], bool) for _ in range(3))
+
+    def colours(rows: slice) -> None:
+        red, green, blue = (image[rows, :, channel].astype(np.int16) for channel in range(3))
+        brightest = np.maximum(np.maximum(red, green), blue)
+        darkest = np.minimum(np.minimum(red, green), blue)
+        blue_or_black[rows] = (((blue - red > 90) & (blue - green > 60) & (red < 70))
+                               | ((brightest < 45) & (brightest - darkest < 20)))
+        green_pen[rows] = (green - red > 40) & (green - blue > 15)
+        green_fringe[rows] = (green - red > 20) & (green - blue > -10)  # blue: trichrome collagen
+
+    _in_row_bands(colours, image.shape[0])
     if green_pen.any():  # the dilation costs as much as the rest of this function
         green_pen |= green_fringe & morphology.dilation(green_pen, morphology.disk(PEN_FRINGE_PX))
-    return blue_pen | green_pen | black_pen
+    return blue_or_black | green_pen
 
 
 def pen_ink(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:

@@ -16,8 +16,8 @@ from skimage.filters import threshold_otsu
 
 from biopsy.slide import open_slide
 from biopsy.tissue import (GLASS_MAX_SATURATION, GLASS_MIN_GREY, TissueMask, brightfield_foreground,
-                           clean_mask, detect_tissue, glass_colour, otsu_within, pen_ink,
-                           stain_features)
+                           clean_mask, detect_tissue, glass_colour, otsu_within, pen_colours,
+                           pen_ink, stain_features)
 
 SLIDE_MPP = 1.0
 MASK_MPP = 8.0
@@ -193,6 +193,26 @@ def test_real_stains_are_not_taken_for_pen(real_glomeruli):
             image = open_slide(path, mpp=0.5).thumbnail(8.0)
             assert pen_ink(image, brightfield_foreground(image)).mean() < 0.01, path.name
 
+
+
+def test_pen_colours_in_bands_are_those_of_one_pass(real_glomeruli):
+    """Pen colours found in row bands on threads against the same rules on the whole image at
+    once, on real images and on random colours (every pen colour, the green fringe's dilation)."""
+    def whole(image):
+        red, green, blue = (image[..., channel].astype(np.int16) for channel in range(3))
+        brightest, darkest = image.max(axis=2).astype(np.int16), image.min(axis=2).astype(np.int16)
+        green_pen = (green - red > 40) & (green - blue > 15)
+        if green_pen.any():
+            green_pen |= ((green - red > 20) & (green - blue > -10)
+                          & morphology.dilation(green_pen, morphology.disk(4)))
+        return (green_pen | ((blue - red > 90) & (blue - green > 60) & (red < 70))
+                | ((brightest < 45) & (brightest - darkest < 20)))
+
+    images = [np.random.default_rng(0).integers(0, 256, (700, 333, 3), dtype=np.uint8)]
+    images += [np.asarray(PIL.Image.open(path).convert("RGB"))
+               for path in sorted((real_glomeruli / "images").glob("*.jpg"))[::10]]
+    for image in images:
+        assert np.array_equal(pen_colours(image), whole(image))
 
 def _glass_colour_by_numpy(image: np.ndarray) -> np.ndarray:
     pixels = image.reshape(-1, 3).astype(np.float32)
