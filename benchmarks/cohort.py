@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,9 +52,12 @@ def batch_seconds(manifest: Path, ranks: int, workers: int | None) -> float:
     launch = [sys.executable] + ([] if ranks == 1 else  # torchrun, where no script of it is
                                  ["-m", "torch.distributed.run", "--standalone",
                                   f"--nproc-per-node={ranks}"])
+    # the machine's cores shared between the ranks (torchrun would give each rank one thread)
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        subprocess.run(launch + ["-m", "biopsy", "batch"] + arguments + ["--out", out], check=True)
+        subprocess.run(launch + ["-m", "biopsy", "batch"] + arguments + ["--out", out], check=True,
+                       env=os.environ | threads)
         return time.perf_counter() - started
 
 
@@ -67,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "biopsy-cohort",
                         help="where the slides are made and reused (default: %(default)s)")
     args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(args.work_dir, args.slides, args.core_length_mm)
+    work_dir = args.work_dir.resolve()  # the manifest's slide paths are taken from its folder
+    work_dir.mkdir(parents=True, exist_ok=True)
+    manifest = write_manifest(work_dir, args.slides, args.core_length_mm)
     seconds = {ranks: batch_seconds(manifest, ranks, args.workers) for ranks in args.ranks}
     import torch
 

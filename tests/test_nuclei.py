@@ -129,6 +129,27 @@ def test_regions_searched_on_threads_find_what_one_thread_does(stained, monkeypa
         assert np.array_equal(nuclei.detect_nuclei(slide, region_px=200), one_thread)  # in order
 
 
+
+@pytest.mark.parametrize("region_px", [97, 300])
+def test_regions_read_are_those_that_touch_tissue(stained, region_px):
+    """The regions searched, in raster order, are those of the grid whose square touches a mask
+    pixel, looked at one by one on the mask."""
+    with open_slide(stained[0] / "slide.svs") as slide:
+        tissue = detect_tissue(slide)
+        windows = list(nuclei._tissue_windows(slide, 0.5, region_px, tissue))
+        step = region_px * 0.5 / slide.mpp[0]  # level-0 px
+        width, height = slide.dimensions
+        per_px = slide.mpp[0] / tissue.mpp  # mask pixels per level-0 pixel (square pixels here)
+    grid = [(round(x), round(y)) for y in np.arange(0, height, step) for x in np.arange(0, width, step)]
+
+    def touches(x: int, y: int) -> bool:
+        rows = slice(int(np.floor(y * per_px)), int(np.ceil((y + np.ceil(step)) * per_px)))
+        cols = slice(int(np.floor(x * per_px)), int(np.ceil((x + np.ceil(step)) * per_px)))
+        return tissue.mask[rows, cols].any()
+
+    expected = [xy for xy in grid if touches(*xy)]
+    assert windows == expected and 0 < len(expected) < len(grid)
+
 def test_score_slide_counts_nuclei_and_from_labels_does_not(stained, tmp_path, monkeypatch):
     folder, truth, _, detected = stained
     if truth["stain"]["name"] != "pas":
