@@ -27,9 +27,11 @@ at least ``min_level_px`` (level 0 always exists).
 from __future__ import annotations
 
 import json
+import queue
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -76,7 +78,9 @@ def write_pyramid(
     ----------
     path : output file; written to a temporary name beside it and renamed when complete.
     bands : row bands, top to bottom, of any height and the full width: ``(h, w, C)`` uint8 images
-        or ``(h, w)`` uint8 label maps. Their heights must sum to ``shape_px[0]``.
+        or ``(h, w)`` uint8 label maps. Their heights must sum to ``shape_px[0]``. They are made
+        on the calling thread and written on another (:func:`_write_beside`): a band must not
+        change once handed over.
     shape_px : (height, width) of level 0 in pixels.
     mpp : level-0 pixel size in µm per pixel.
     style : ``"aperio"``, ``"generic"`` or ``"ome"`` (see module docstring).
@@ -102,10 +106,64 @@ def write_pyramid(
         raise ValueError(f"resample must be 'area' or 'nearest', got {resample!r}")
     shapes = level_shapes(shape_px, min_level_px)
     path = Path(path)
+
+    def write(bands: Iterator[np.ndarray]) -> None:
+        _write_levels(path, bands, shapes, mpp, style, tile_px, compression, quality, background,
+                      resample, description_extra)
+
+    _write_beside(write, bands)
+
+
+def _write_beside(write: Callable[[Iterator[np.ndarray]], None], bands: Iterable[np.ndarray]) -> None:
+    """Run ``write`` on a thread of its own, handing it ``bands`` as this thread makes them (a
+    band stream that drives a GPU keeps it fed while the writer pads, downsamples and
+    compresses); at most ``_HANDOFF_BANDS`` wait between the two. An error on either side stops
+    both (the writer leaves nothing) and is raised here."""
+    handoff: queue.Queue = queue.Queue(maxsize=_HANDOFF_BANDS)
+    with ThreadPoolExecutor(1, thread_name_prefix="pyramid-writer") as pool:
+        writing = pool.submit(write, _received(handoff))
+        try:
+            for band in bands:
+                if not _handed(handoff, band, writing):
+                    break
+        except BaseException:
+            _handed(handoff, _ABORT, writing)
+            raise
+        _handed(handoff, _END, writing)
+        writing.result()
+
+
+_HANDOFF_BANDS = 4
+_END, _ABORT = object(), object()
+
+
+def _handed(handoff: queue.Queue, item, writing: Future) -> bool:
+    """Put ``item`` in ``handoff`` unless the writer has stopped (then False)."""
+    while not writing.done():
+        try:
+            handoff.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _received(handoff: queue.Queue) -> Iterator[np.ndarray]:
+    """The bands put in ``handoff`` until the end; an error if their maker failed."""
+    while (item := handoff.get()) is not _END:
+        if item is _ABORT:
+            raise RuntimeError("the band stream failed")
+        yield item
+
+
+def _write_levels(path: Path, bands: Iterator[np.ndarray], shapes: list[tuple[int, int]],
+                  mpp: float, style: Style, tile_px: int, compression: str, quality: int,
+                  background: int, resample: Resample, description_extra: dict | None) -> None:
+    """Write the pyramid of ``shapes`` from ``bands`` (level 0) and its spooled downsamples."""
     with atomic_path(path) as temporary, tempfile.TemporaryDirectory(
         dir=path.parent, prefix=f".{path.name}.spool-"
     ) as spool_dir:
-        rows = _tile_rows(iter(bands), shapes[0], tile_px)
+        rows = _tile_rows(bands, shapes[0], tile_px)
         first = next(rows)
         rows = _chain(first, rows)
         channels = first.shape[2] if first.ndim == 3 else None

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import openslide
@@ -98,6 +99,54 @@ def test_short_or_misshapen_band_stream_fails_and_leaves_nothing(tmp_path):
         write_pyramid(path, in_bands(image), (300, 300), MPP, style="generic")
     assert list(tmp_path.iterdir()) == []  # no partial output, no spool left behind
 
+
+
+def test_bands_are_written_on_a_thread_of_their_own_and_either_side_stops_both(tmp_path):
+    """The bands are made on the calling thread and written on another; a band stream that fails
+    stops the writer (nothing left behind) and its error is raised; a writer that fails (a band
+    of the wrong width) stops the stream well before its end."""
+    image = smooth_image(600, 200)
+    made_on, written_on = set(), set()
+    write = tifffile.TiffWriter.write
+
+    def recorded_write(self, *args, **kwargs):
+        written_on.add(threading.get_ident())
+        return write(self, *args, **kwargs)
+
+    def recorded(bands):
+        for band in bands:
+            made_on.add(threading.get_ident())
+            yield band
+
+    path = tmp_path / "slide.tif"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tifffile.TiffWriter, "write", recorded_write)
+        write_pyramid(path, recorded(in_bands(image, 10)), image.shape[:2], MPP, style="generic",
+                      compression="zlib", min_level_px=64)
+    assert made_on == {threading.get_ident()} and written_on and not written_on & made_on
+    np.testing.assert_array_equal(tifffile.imread(path), image)
+
+    def failing(bands):
+        for index, band in enumerate(bands):
+            if index == 20:
+                raise OSError("the slide went away")
+            yield band
+
+    with pytest.raises(OSError, match="went away"):
+        write_pyramid(tmp_path / "failed.tif", failing(in_bands(image, 10)), image.shape[:2], MPP,
+                      style="generic")
+    made = []
+
+    def counted(bands):
+        for band in bands:
+            made.append(band)
+            yield band
+
+    misshapen = [np.zeros((10, 200, 3), np.uint8)] * 2 + [np.zeros((10, 300, 3), np.uint8)] * 58
+    with pytest.raises(ValueError, match="bands must be uint8"):
+        write_pyramid(tmp_path / "misshapen.tif", counted(misshapen), (600, 200), MPP, style="generic")
+    assert len(made) < 20  # the stream stopped soon after the writer failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.tif"]  # nothing else left
 
 MEMORY_PROBE = textwrap.dedent(
     """
