@@ -51,7 +51,7 @@ def run_ours(slide_path, checkpoint, args, bf16: bool | None = None, compile: bo
 def run_large(slide_path, checkpoint, args) -> dict:
     """Ours from slide to ``args.labels_out`` (a pyramidal OME-TIFF label map), the class map
     streamed in bands, never held whole; also the tile loop's own time (from the first band
-    handed back to the last, with the label-map writing it feeds in the same thread: without
+    handed back to the last, while the label map is written on a thread of its own: without
     the set-up before the first tile, tissue detection and stain measurement), the grid's tile
     count without the tissue mask and the tissue's share of the slide area."""
     from biopsy.infer import output_shape_px, segment_slide_bands
