@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import queue
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -117,24 +118,26 @@ def write_pyramid(
 def _write_beside(write: Callable[[Iterator[np.ndarray]], None], bands: Iterable[np.ndarray]) -> None:
     """Run ``write`` on a thread of its own, handing it ``bands`` as this thread makes them (a
     band stream that drives a GPU keeps it fed while the writer pads, downsamples and
-    compresses); at most ``_HANDOFF_BANDS`` wait between the two. An error on either side stops
-    both (the writer leaves nothing) and is raised here."""
+    compresses); at most ``_HANDOFF_BANDS`` wait between the two. An error (or an interrupt) on
+    either side stops both, the writer leaving nothing, and is raised here."""
     handoff: queue.Queue = queue.Queue(maxsize=_HANDOFF_BANDS)
+    given_up = threading.Event()  # this side stopped before the stream's end
     with ThreadPoolExecutor(1, thread_name_prefix="pyramid-writer") as pool:
-        writing = pool.submit(write, _received(handoff))
+        writing = pool.submit(write, _received(handoff, given_up))
         try:
             for band in bands:
                 if not _handed(handoff, band, writing):
                     break
+            else:
+                _handed(handoff, _END, writing)
         except BaseException:
-            _handed(handoff, _ABORT, writing)
+            given_up.set()
             raise
-        _handed(handoff, _END, writing)
         writing.result()
 
 
 _HANDOFF_BANDS = 4
-_END, _ABORT = object(), object()
+_END = object()
 
 
 def _handed(handoff: queue.Queue, item, writing: Future) -> bool:
@@ -148,11 +151,17 @@ def _handed(handoff: queue.Queue, item, writing: Future) -> bool:
     return False
 
 
-def _received(handoff: queue.Queue) -> Iterator[np.ndarray]:
-    """The bands put in ``handoff`` until the end; an error if their maker failed."""
-    while (item := handoff.get()) is not _END:
-        if item is _ABORT:
-            raise RuntimeError("the band stream failed")
+def _received(handoff: queue.Queue, given_up: threading.Event) -> Iterator[np.ndarray]:
+    """The bands put in ``handoff`` until the end; an error once their maker has given up."""
+    while True:
+        if given_up.is_set():
+            raise RuntimeError("the band stream stopped before its end")
+        try:
+            item = handoff.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if item is _END:
+            return
         yield item
 
 
@@ -186,6 +195,9 @@ def _write_levels(path: Path, bands: Iterator[np.ndarray], shapes: list[tuple[in
                         **_page_tags(style, level, shapes, mpp, tile_px, compression, quality,
                                      channels, description_extra),
                     )
+                if level == 0:  # the stream must end here (or fail) for the file to be whole
+                    for _ in rows:  # (_tile_rows raises on a band past the last row)
+                        pass
                 if has_next:
                     rows = _spool_rows(spool_path, shapes[level + 1], channels, tile_px)
 

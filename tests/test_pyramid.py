@@ -103,8 +103,9 @@ def test_short_or_misshapen_band_stream_fails_and_leaves_nothing(tmp_path):
 
 def test_bands_are_written_on_a_thread_of_their_own_and_either_side_stops_both(tmp_path):
     """The bands are made on the calling thread and written on another; a band stream that fails
-    stops the writer (nothing left behind) and its error is raised; a writer that fails (a band
-    of the wrong width) stops the stream well before its end."""
+    stops the writer (nothing left behind, even when it fails after its last band) and its error
+    is raised; a writer that fails (a band of the wrong width, a band too many) stops the stream
+    well before its end."""
     image = smooth_image(600, 200)
     made_on, written_on = set(), set()
     write = tifffile.TiffWriter.write
@@ -135,6 +136,17 @@ def test_bands_are_written_on_a_thread_of_their_own_and_either_side_stops_both(t
     with pytest.raises(OSError, match="went away"):
         write_pyramid(tmp_path / "failed.tif", failing(in_bands(image, 10)), image.shape[:2], MPP,
                       style="generic")
+
+    def failing_at_the_end(bands):
+        yield from bands
+        raise OSError("the slide went away after its last band")
+
+    with pytest.raises(OSError, match="after its last band"):  # the file not kept
+        write_pyramid(tmp_path / "late.tif", failing_at_the_end(in_bands(image, 10)),
+                      image.shape[:2], MPP, style="generic")
+    with pytest.raises(ValueError, match="more than the 600 rows"):  # a band past the last row
+        write_pyramid(tmp_path / "long.tif", list(in_bands(image, 10)) + [image[:10]],
+                      image.shape[:2], MPP, style="generic")
     made = []
 
     def counted(bands):
