@@ -40,7 +40,8 @@ def make_large_slide(path: Path, size_px: int, source: Path) -> Path:
 
     The tissue share is the source's: for the ``--quick`` core slide ~35% of the area and ~56%
     of the 256 px tiles at 1 µm/px, as on a densely cut section. Memory holds the source image
-    and one band of ``BAND_PX`` rows (a 60,000 px wide band: 46 MB); the 2x spool of the pyramid
+    and a few bands of ``BAND_PX`` rows (a 60,000 px wide band: 46 MB; up to 4 wait for the
+    writer's thread); the 2x spool of the pyramid
     writer takes a quarter of level 0 on disk while it runs. Measured on a loaded 2-core CPU:
     30,000 px in 33 s (228 MiB); 60,000 px, 4x the pixels: ~2 min, ~0.9 GB. An existing
     ``path`` is reused (it is written atomically).
