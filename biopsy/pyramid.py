@@ -4,9 +4,9 @@ A 100,000 px long slide never sits in memory whole. Level 0 is tiled straight fr
 while it is written, its 2x downsample is spooled raw (uncompressed) to a temporary file beside the
 output. Level 1 is then tiled from that spool while level 2 is spooled, and so on. Memory holds a
 few tile rows (``tile_px`` x width x channels) and the bands waiting for the writing thread (at
-most four), never a level; disk holds at most two spools (a
-quarter and a sixteenth of level 0). Every level derives from the source pixels, never from
-decoded JPEG, so no level pays twice for compression.
+most four), never a level; disk holds at most two spools (a quarter and a sixteenth of level 0).
+Every level derives from the source pixels, never from decoded JPEG, so no level pays twice for
+compression.
 
 Styles
 ------
