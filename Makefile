@@ -25,6 +25,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/segment.py --quick --parts --rss-check --repeat 3
+	$(BIN)/python benchmarks/segment_outputs.py --size-px 16000
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/stability.py
 

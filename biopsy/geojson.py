@@ -47,8 +47,29 @@ def make_feature(
     object_type: Literal["annotation", "detection"] = "annotation",
     name: str | None = None,
 ) -> dict:
-    """A QuPath GeoJSON feature. Measurements must be numbers: bools become 0/1; None, NaN and
-    infinities (not measured) are left out, since QuPath measurements are finite numbers."""
+    """A QuPath GeoJSON feature (its properties: :func:`feature_properties`)."""
+    properties = feature_properties(classification_name, colour_rgb, measurements, object_type, name)
+    return {"type": "Feature", "geometry": mapping(geometry), "properties": properties}
+
+
+def feature_text(geometry: Polygon | MultiPolygon, *properties_args, **properties_kwargs) -> str:
+    """:func:`make_feature`'s feature as JSON text, its geometry written by GEOS (~4x faster for a
+    traced outline: a slide has 100,000s): for a non-empty geometry with finite coordinates, the
+    same numbers as ``json.dumps`` of the feature (GEOS writes NaN as null, not an error)."""
+    properties = feature_properties(*properties_args, **properties_kwargs)
+    return (f'{{"type": "Feature", "geometry": {shapely.to_geojson(geometry)}, '
+            f'"properties": {json.dumps(properties, allow_nan=False)}}}')
+
+
+def feature_properties(
+    classification_name: str,
+    colour_rgb: Sequence[int],
+    measurements: dict[str, float] | None = None,
+    object_type: Literal["annotation", "detection"] = "annotation",
+    name: str | None = None,
+) -> dict:
+    """A QuPath feature's properties. Measurements must be numbers: bools become 0/1; None, NaN
+    and infinities (not measured) are left out, since QuPath measurements are finite numbers."""
     if object_type not in ("annotation", "detection"):
         raise ValueError(f"object_type must be 'annotation' or 'detection', got {object_type!r}")
     properties: dict = {
@@ -65,17 +86,18 @@ def make_feature(
             for key, value in measurements.items()
             if value is not None and math.isfinite(float(value))
         }
-    return {"type": "Feature", "geometry": mapping(geometry), "properties": properties}
+    return properties
 
 
-def write_feature_collection(path: str | Path, features: Iterable[dict]) -> None:
-    """Write features as one GeoJSON FeatureCollection, atomically, each as it comes (a
-    generator's features are never all held: a slide's regions can be hundreds of thousands);
-    the bytes of ``json.dumps`` of the whole collection."""
+def write_feature_collection(path: str | Path, features: Iterable[dict | str]) -> None:
+    """Write features (dicts, or JSON text from :func:`feature_text`) as one GeoJSON
+    FeatureCollection, atomically, each as it comes (a generator's features are never all held:
+    a slide's regions can be hundreds of thousands)."""
     with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as file:
         file.write('{"type": "FeatureCollection", "features": [')
         for index, feature in enumerate(features):
-            file.write((", " if index else "") + json.dumps(feature, allow_nan=False))
+            text = feature if isinstance(feature, str) else json.dumps(feature, allow_nan=False)
+            file.write((", " if index else "") + text)
         file.write("]}")
 
 

@@ -218,9 +218,9 @@ def _glomerulus_features(glomeruli, instances, label_map: LabelMap, level0_mpp) 
     features = []
     for g in glomeruli:
         box = boxes[g.glomerulus_id - 1]
-        parts = polygons_from_mask(instances[box] == g.glomerulus_id, label_map.mpp, level0_mpp,
-                                   simplify_tolerance_px=0.5 * scale,
-                                   origin_xy_px=(box[1].start * scale, box[0].start * scale))
+        parts = list(polygons_from_mask(instances[box] == g.glomerulus_id, label_map.mpp,
+                                        level0_mpp, simplify_tolerance_px=0.5 * scale,
+                                        origin_xy_px=(box[1].start * scale, box[0].start * scale)))
         lesions = g.lesions or ("normal",)
         colour = label_map.class_colours.get(LESION_CLASS[lesions[0]], (128, 128, 128))
         measurements = {k: v for k, v in dataclasses.asdict(g).items() if k != "lesions"}

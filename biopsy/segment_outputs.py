@@ -11,6 +11,7 @@ its presence means the folder is whole. Every file is written to a temporary nam
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -22,7 +23,7 @@ from PIL import Image
 
 from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.classes import class_index
-from biopsy.geojson import make_feature, write_feature_collection
+from biopsy.geojson import feature_text, write_feature_collection
 from biopsy.infer import ClassMap
 from biopsy.labelmap import colourise, write_label_map
 from biopsy.outlines import polygons_from_mask
@@ -33,16 +34,26 @@ OVERVIEW_MAX_PX = 2048
 TILE_PX = 256
 
 
-def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenance: dict,
-                       workers: int = 0) -> None:
-    """Write the folder for ``class_map`` of ``slide``; ``provenance`` goes into segment.json;
-    ``workers`` processes trace the outlines of objects.geojson (0: this one)."""
+def begin_segmentation(out_dir: str | Path) -> Path:
+    """Make ``out_dir`` and mark it not whole (segment.json removed); the path of its
+    labels.ome.tif, for :func:`biopsy.infer.segment_slide` to write while segmenting."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "segment.json").unlink(missing_ok=True)  # the folder is whole again only at the end
+    return out_dir / "labels.ome.tif"
+
+
+def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenance: dict,
+                       workers: int = 0, labels_written: bool = False) -> None:
+    """Write the folder for ``class_map`` of ``slide``; ``provenance`` goes into segment.json;
+    ``workers`` processes trace the outlines of objects.geojson (0: this one); ``labels_written``:
+    labels.ome.tif was written while segmenting (after :func:`begin_segmentation`)."""
+    out_dir = Path(out_dir)
+    labels_path = begin_segmentation(out_dir)
     colours = [class_map.class_colours[name] for name in class_map.class_names]
-    write_label_map(out_dir / "labels.ome.tif", class_map.labels, class_map.mpp,
-                    class_map.class_names, class_map.class_colours)
+    if not labels_written:
+        write_label_map(labels_path, class_map.labels, class_map.mpp, class_map.class_names,
+                        class_map.class_colours)
     if class_map.probabilities is not None:
         write_probabilities(out_dir / "probabilities.ome.tif", class_map.probabilities,
                             class_map.mpp, class_map.class_names)
@@ -52,7 +63,9 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
     with atomic_path(out_dir / "overview.png") as temporary:
         overview(class_map, slide, colours).save(temporary, format="PNG")
     pixel_area_um2 = class_map.mpp**2
-    counts = np.bincount(class_map.labels.ravel(), minlength=len(class_map.class_names))
+    # one class at a time: np.bincount would first copy the map into 8-byte integers
+    counts = [np.count_nonzero(class_map.labels == index)
+              for index in range(len(class_map.class_names))]
     summary = {
         "format": SEGMENTATION_FORMAT,
         **provenance,
@@ -65,25 +78,35 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
     write_text_atomic(out_dir / "segment.json", json.dumps(summary, indent=2))
 
 
-def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) -> Iterator[dict]:
-    """One QuPath detection per connected region of each non-background class, simplified to
-    one map pixel, with its area in µm², made as they are written (one class's outlines held
-    at a time); ``workers`` processes trace them (0: this one)."""
+def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) -> Iterator[str]:
+    """One QuPath detection (JSON text) per connected region of each non-background class,
+    simplified to one map pixel, with its area in µm², made as they are written; ``workers``
+    processes trace them (0: this one), the next class's while this one's are written (two
+    classes' held). Closed early, the tracing still queued is dropped."""
     background = class_index(class_map.class_names, "background")
     level0_px_per_map_px = class_map.mpp / level0_mpp
-    pool = ProcessPoolExecutor(workers) if workers > 0 else contextlib.nullcontext()
-    with pool as executor:
-        for index, name in enumerate(class_map.class_names):
-            if index == background:
-                continue
-            mask = class_map.labels == index
-            if not mask.any():
-                continue
-            for polygon in polygons_from_mask(mask, class_map.mpp, level0_mpp,
-                                              level0_px_per_map_px, executor=executor):
-                yield make_feature(polygon, name, class_map.class_colours[name],
+    executor = ProcessPoolExecutor(workers) if workers > 0 else None
+    try:
+        traced = ((name, polygons_from_mask(class_map.labels == index, class_map.mpp, level0_mpp,
+                                            level0_px_per_map_px, executor=executor))
+                  for index, name in enumerate(class_map.class_names) if index != background)
+        for name, polygons in _one_ahead(traced):
+            for polygon in polygons:
+                yield feature_text(polygon, name, class_map.class_colours[name],
                                    {"area_um2": polygon.area * level0_mpp**2},
                                    object_type="detection")
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+
+
+def _one_ahead(items: Iterator) -> Iterator:
+    """``items``, each handed on once the one after it has been taken."""
+    held = list(itertools.islice(items, 1))
+    for item in items:
+        held.append(item)
+        yield held.pop(0)
+    yield from held
 
 
 def overview(class_map: ClassMap, slide, colours) -> Image.Image:

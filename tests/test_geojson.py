@@ -10,6 +10,7 @@ from biopsy.errors import AnnotationError
 from biopsy.geojson import (
     IGNORE_INDEX,
     Annotation,
+    feature_text,
     make_feature,
     rasterise,
     read_annotations,
@@ -21,7 +22,7 @@ from biopsy.outlines import polygons_from_mask
 def test_mask_to_polygons_to_raster_round_trip_is_exact():
     rng = np.random.default_rng(3)
     mask = np.kron(rng.random((20, 20)) > 0.6, np.ones((6, 6), bool))
-    polygons = polygons_from_mask(mask, 2.0, 0.5, simplify_tolerance_px=0.0)
+    polygons = list(polygons_from_mask(mask, 2.0, 0.5, simplify_tolerance_px=0.0))
     annotations = [Annotation(p, "tuft") for p in polygons]
     labels = rasterise(annotations, ["background", "tuft"], mask.shape, 2.0, 0.5, unlabelled=0)
     np.testing.assert_array_equal(labels == 1, mask)
@@ -56,6 +57,21 @@ def test_features_are_written_as_they_come_and_the_file_is_whole_or_absent(tmp_p
         write_feature_collection(path, failing())
     assert path.read_text() == expected  # the earlier file, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["none.geojson", "objects.geojson"]
+
+
+def test_feature_text_is_the_feature_as_json_with_the_same_numbers(tmp_path):
+    rng = np.random.default_rng(4)
+    polygons = [Polygon(rng.uniform(-1e5, 1e5, (6, 2)) * 10.0 ** rng.uniform(-6, 2)).buffer(0)
+                for _ in range(200)]
+    polygons.append(Polygon(box(0, 0, 50, 50).exterior.coords, [box(10, 10, 20, 20).exterior.coords]))
+    arguments = ("tubule", (80, 160, 230), {"area_um2": 1 / 3, "nan": float("nan")})
+    for polygon in polygons:
+        as_dict = make_feature(polygon, *arguments, object_type="detection")
+        text = feature_text(polygon, *arguments, object_type="detection")
+        assert json.loads(text) == json.loads(json.dumps(as_dict))
+    path = tmp_path / "mixed.geojson"
+    write_feature_collection(path, [as_dict, text])
+    assert json.loads(path.read_text())["features"] == [json.loads(text)] * 2
 
 
 def test_written_features_have_qupath_properties_and_read_back(tmp_path):
