@@ -18,11 +18,13 @@ outermost tiles where predictions are poor, is never left to it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from tqdm import tqdm
 from biopsy.classes import class_index
 from biopsy.errors import CheckpointError, MppError, SlideError
 from biopsy.heap import keep_freed_memory
+from biopsy.labelmap import write_label_map
 from biopsy.model import ModelInfo
 from biopsy.restain import StainShift
 from biopsy.slide import Slide, single_threaded_opencv
@@ -73,7 +76,8 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
                   output_mpp: float | None = None, overlap: float = 0.5,
                   tissue: TissueMask | None = None, return_probabilities: bool = False,
                   bf16: bool | None = None, compile: bool = False, tta: bool = False,
-                  scales: tuple[float, ...] = (1.0,), progress: bool = False) -> ClassMap:
+                  scales: tuple[float, ...] = (1.0,), progress: bool = False,
+                  labels_path: str | Path | None = None) -> ClassMap:
     """Segment a whole slide with ``model``; the class map in memory.
 
     Parameters
@@ -102,6 +106,8 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
         context, objects seen smaller; s < 1 a closer look at the tile's centre, which only
         there joins the mean; the model time times the number of scales).
     progress : show a tqdm progress bar over tiles.
+    labels_path : also write the map there as a label map (:func:`biopsy.labelmap.write_label_map`)
+        as its bands come, on a thread of its own; nothing is left there if segmenting fails.
 
     Raises
     ------
@@ -118,6 +124,21 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     labels = np.empty(shape_px, np.uint8)
     probabilities = (np.empty((len(info.class_names),) + shape_px, np.uint8)
                      if return_probabilities else None)
+    filled = _filled(bands, labels, probabilities)
+    if labels_path is None:
+        collections.deque(filled, maxlen=0)
+    else:
+        write_label_map(labels_path, filled, output_mpp, info.class_names, info.class_colours,
+                        shape_px=shape_px)
+    return ClassMap(labels, output_mpp, tuple(info.class_names),
+                    {name: tuple(rgb) for name, rgb in info.class_colours.items()},
+                    probabilities, len(grid),
+                    None if stain is None else (stain.haematoxylin, stain.eosin))
+
+
+def _filled(bands: Iterator[Band], labels: np.ndarray,
+            probabilities: np.ndarray | None) -> Iterator[np.ndarray]:
+    """The labels of each band, once it is copied into ``labels`` (and ``probabilities``)."""
     top = 0
     for band in bands:
         rows = slice(top, top + len(band.labels))
@@ -125,10 +146,7 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
         if probabilities is not None:
             probabilities[:, rows] = band.probabilities
         top = rows.stop
-    return ClassMap(labels, output_mpp, tuple(info.class_names),
-                    {name: tuple(rgb) for name, rgb in info.class_colours.items()},
-                    probabilities, len(grid),
-                    None if stain is None else (stain.haematoxylin, stain.eosin))
+        yield labels[rows]
 
 
 def segment_slide_bands(slide: Slide, model: nn.Module, info: ModelInfo,

@@ -310,6 +310,40 @@ def test_channel_mismatch_is_a_clear_error(noise_slide):
                       tissue=all_tissue(noise_slide))
 
 
+def test_the_map_is_written_as_it_is_made(noise_slide, tmp_path):
+    from biopsy.labelmap import read_label_map
+
+    model, info = random_cnn(3), model_info(3, 1.0, 64)
+    options = {"workers": 0, "batch_size": 4, "tissue": all_tissue(noise_slide),
+               "return_probabilities": True}
+    path = tmp_path / "labels.ome.tif"
+    written = segment_slide(noise_slide, model, info, labels_path=path, **options)
+    held = segment_slide(noise_slide, model, info, **options)
+    np.testing.assert_array_equal(written.labels, held.labels)
+    np.testing.assert_array_equal(written.probabilities, held.probabilities)
+    label_map = read_label_map(path)
+    np.testing.assert_array_equal(label_map.labels, held.labels)
+    assert label_map.mpp == 1.0 and label_map.class_names == tuple(info.class_names)
+
+
+def test_nothing_is_written_when_segmenting_fails(noise_slide, tmp_path, monkeypatch):
+    from biopsy import infer
+
+    calls = []
+
+    def fails_later(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 40:  # several bands handed to the writer by then
+            raise RuntimeError("out of memory")
+        return batch_probabilities(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "batch_probabilities", fails_later)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64), workers=0, batch_size=2,
+                      tissue=all_tissue(noise_slide), labels_path=tmp_path / "labels.ome.tif")
+    assert len(calls) == 40 and list(tmp_path.iterdir()) == []
+
+
 # --- biopsy segment -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

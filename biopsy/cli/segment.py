@@ -48,12 +48,13 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from biopsy.infer import segment_slide
     from biopsy.pipeline import search_mpp
-    from biopsy.segment_outputs import write_segmentation
+    from biopsy.segment_outputs import begin_segmentation, write_segmentation
     from biopsy.slide import open_slide
 
     slide = open_slide(args.slide, mpp=args.mpp)
     options, model, info, _ = load_model_from_args(args, args.device)
     args.device, args.workers = options.device, options.workers
+    labels_path = begin_segmentation(args.out)
     started = time.perf_counter()
     searched = search_mpp(slide, model, info, options, args.bf16)
     class_map = segment_slide(slide, model, info, batch_size=args.batch_size,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                               output_mpp=args.output_mpp,
                               return_probabilities=args.probabilities, bf16=args.bf16,
                               compile=args.compile, tta=args.tta, scales=tuple(args.scales),
-                              progress=args.verbose)
+                              progress=args.verbose, labels_path=labels_path)
     seconds = time.perf_counter() - started
     provenance = {
         "slide": {"path": str(args.slide), "sha256": slide.sha256, "mpp": list(slide.mpp)},
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
                     "stain_factors": class_map.stain_factors},
         "seconds": round(seconds, 3),
     }
-    write_segmentation(args.out, class_map, slide, provenance, workers=args.workers)
+    write_segmentation(args.out, class_map, slide, provenance, workers=args.workers,
+                       labels_written=True)
     print(json.dumps({"out": str(args.out), "tiles": class_map.tile_count,
                       "shape_px": list(class_map.labels.shape), "mpp": class_map.mpp,
                       "seconds": round(seconds, 1)}))
