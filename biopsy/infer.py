@@ -22,7 +22,7 @@ import collections
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,12 +124,14 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     labels = np.empty(shape_px, np.uint8)
     probabilities = (np.empty((len(info.class_names),) + shape_px, np.uint8)
                      if return_probabilities else None)
-    filled = _filled(bands, labels, probabilities)
-    if labels_path is None:
-        collections.deque(filled, maxlen=0)
-    else:
-        write_label_map(labels_path, filled, output_mpp, info.class_names, info.class_colours,
-                        shape_px=shape_px)
+    # closed at once when the writer fails: the reading workers stop then
+    with closing(bands):
+        filled = _filled(bands, labels, probabilities)
+        if labels_path is None:
+            collections.deque(filled, maxlen=0)
+        else:
+            write_label_map(labels_path, filled, output_mpp, info.class_names,
+                            info.class_colours, shape_px=shape_px)
     return ClassMap(labels, output_mpp, tuple(info.class_names),
                     {name: tuple(rgb) for name, rgb in info.class_colours.items()},
                     probabilities, len(grid),
@@ -254,17 +256,22 @@ def _bands(blocks: TileBlocks, reading: Iterator, model, info, stitcher: BandSti
         device_stain.density_matrix(), dtype=torch.float32, device=device)
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress)
     first = 0
-    for batch in _row_major_batches(blocks, reading, batch_size, device):
-        with torch.inference_mode():
-            if density_matrix is not None:
-                batch = shift_stains(batch, density_matrix)
-            views = [info.normalise(batch[:, view]) for view in range(batch.shape[1])]
-            probabilities = batch_probabilities(model, views, tiles.scales, autocast,
-                                                info.patch_size_px, tta)
-            bands = stitcher.add(probabilities, tiles.origins_px[first : first + len(batch)])
-        first += len(batch)
-        bar.update(len(batch))
-        yield from bands
+    batches = _row_major_batches(blocks, reading, batch_size, device)
+    # held by the batches alone, closed with them on an error: the workers stop then, even while
+    # a kept traceback (an interactive session's last one) holds this frame
+    del reading
+    with closing(batches):
+        for batch in batches:
+            with torch.inference_mode():
+                if density_matrix is not None:
+                    batch = shift_stains(batch, density_matrix)
+                views = [info.normalise(batch[:, view]) for view in range(batch.shape[1])]
+                probabilities = batch_probabilities(model, views, tiles.scales, autocast,
+                                                    info.patch_size_px, tta)
+                bands = stitcher.add(probabilities, tiles.origins_px[first : first + len(batch)])
+            first += len(batch)
+            bar.update(len(batch))
+            yield from bands
     bar.close()
     with torch.inference_mode():
         bands = stitcher.finish()

@@ -11,10 +11,9 @@ its presence means the folder is whole. Every file is written to a temporary nam
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,13 @@ TILE_PX = 256
 
 
 def begin_segmentation(out_dir: str | Path) -> Path:
-    """Make ``out_dir`` and mark it not whole (segment.json removed); the path of its
-    labels.ome.tif, for :func:`biopsy.infer.segment_slide` to write while segmenting."""
+    """Make ``out_dir`` and mark it not whole (segment.json removed; an earlier run's
+    probabilities.ome.tif too, which this run may not write); the path of its labels.ome.tif, for
+    :func:`biopsy.infer.segment_slide` to write while segmenting."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "segment.json").unlink(missing_ok=True)  # the folder is whole again only at the end
+    (out_dir / "probabilities.ome.tif").unlink(missing_ok=True)
     return out_dir / "labels.ome.tif"
 
 
@@ -81,8 +82,8 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
 def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) -> Iterator[str]:
     """One QuPath detection (JSON text) per connected region of each non-background class,
     simplified to one map pixel, with its area in µm², made as they are written; ``workers``
-    processes trace them (0: this one), the next class's while this one's are written (two
-    classes' held). Closed early, the tracing still queued is dropped."""
+    processes trace them (0: this one), the next class's found on a thread and traced while this
+    one's are written (two classes' held). Closed early, the tracing still queued is dropped."""
     background = class_index(class_map.class_names, "background")
     level0_px_per_map_px = class_map.mpp / level0_mpp
     executor = ProcessPoolExecutor(workers) if workers > 0 else None
@@ -90,7 +91,7 @@ def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) ->
         traced = ((name, polygons_from_mask(class_map.labels == index, class_map.mpp, level0_mpp,
                                             level0_px_per_map_px, executor=executor))
                   for index, name in enumerate(class_map.class_names) if index != background)
-        for name, polygons in _one_ahead(traced):
+        for name, polygons in _taken_ahead(traced):
             for polygon in polygons:
                 yield feature_text(polygon, name, class_map.class_colours[name],
                                    {"area_um2": polygon.area * level0_mpp**2},
@@ -100,13 +101,17 @@ def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) ->
             executor.shutdown(cancel_futures=True)
 
 
-def _one_ahead(items: Iterator) -> Iterator:
-    """``items``, each handed on once the one after it has been taken."""
-    held = list(itertools.islice(items, 1))
-    for item in items:
-        held.append(item)
-        yield held.pop(0)
-    yield from held
+def _taken_ahead(items: Iterator) -> Iterator:
+    """``items``, the next one taken on a thread while one is handed on (its OpenCV and NumPy
+    work, which releases the GIL, overlaps the caller's)."""
+    with ThreadPoolExecutor(1) as thread:
+        following = thread.submit(next, items, _END)
+        while (item := following.result()) is not _END:
+            following = thread.submit(next, items, _END)
+            yield item
+
+
+_END = object()
 
 
 def overview(class_map: ClassMap, slide, colours) -> Image.Image:

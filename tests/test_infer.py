@@ -326,22 +326,45 @@ def test_the_map_is_written_as_it_is_made(noise_slide, tmp_path):
     assert label_map.mpp == 1.0 and label_map.class_names == tuple(info.class_names)
 
 
-def test_nothing_is_written_when_segmenting_fails(noise_slide, tmp_path, monkeypatch):
-    from biopsy import infer
+@pytest.mark.parametrize("failing", ["model", "writer"])
+def test_nothing_is_written_when_segmenting_fails(failing, tmp_path, monkeypatch):
+    import multiprocessing
 
-    calls = []
+    from biopsy import infer, pyramid
 
-    def fails_later(*args, **kwargs):
+    rng = np.random.default_rng(2)
+    slide = write_slide(tmp_path / "tall.tif", rng.integers(0, 256, (900, 160, 3), np.uint8), 1.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    calls, at_failure = [], []
+
+    def model_fails_later(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 40:  # several bands handed to the writer by then
+        if len(calls) == 40:  # 80 of ~150 tiles: the writer has begun the file
+            at_failure.extend(path.suffix for path in out.rglob("*"))
             raise RuntimeError("out of memory")
         return batch_probabilities(*args, **kwargs)
 
-    monkeypatch.setattr(infer, "batch_probabilities", fails_later)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64), workers=0, batch_size=2,
-                      tissue=all_tissue(noise_slide), labels_path=tmp_path / "labels.ome.tif")
-    assert len(calls) == 40 and list(tmp_path.iterdir()) == []
+    def writer_fails_later(path, bands, *args):
+        written = 0
+        with pyramid.atomic_path(path) as temporary:
+            temporary.write_bytes(b"II*")
+            for _ in bands:
+                written += 1
+                if written == 4:
+                    at_failure.extend(path.suffix for path in out.rglob("*"))
+                    raise OSError("No space left on device")
+
+    if failing == "model":
+        monkeypatch.setattr(infer, "batch_probabilities", model_fails_later)
+    else:
+        monkeypatch.setattr(pyramid, "_write_levels", writer_fails_later)
+    with pytest.raises((RuntimeError, OSError), match="out of memory|No space") as failure:
+        segment_slide(slide, random_cnn(3), model_info(3, 1.0, 64), workers=2, batch_size=2,
+                      tissue=all_tissue(slide), labels_path=out / "labels.ome.tif")
+    assert ".tif" in at_failure and list(out.iterdir()) == []
+    # the reading workers stopped with it, though its traceback (which holds the frames) is kept
+    assert failure.traceback and not multiprocessing.active_children()
 
 
 # --- biopsy segment -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ class's outlines, made in a process pool as alone; segment.json's class areas ag
 import json
 
 import numpy as np
+import pytest
 from shapely.geometry import shape
 
 from biopsy import outlines
@@ -59,3 +60,18 @@ def test_segment_json_holds_each_class_area(tmp_path):
     assert summary["class_area_um2"] == {name: float(count * MAP_MPP**2)
                                          for name, count in zip(CLASS_NAMES, pixels)}
     assert summary["model"] == "toy" and summary["shape_px"] == [150, 200]
+
+
+def test_an_error_in_finding_a_later_class_comes_out(monkeypatch):
+    from biopsy import segment_outputs
+
+    def fails_on_tubule(mask, *args, **kwargs):
+        if np.array_equal(mask, class_map().labels == 3):  # found on the thread, one class ahead
+            raise MemoryError("tubule")
+        return polygons_from_mask(mask, *args, **kwargs)
+
+    monkeypatch.setattr(segment_outputs, "polygons_from_mask", fails_on_tubule)
+    features = region_features(class_map(), LEVEL0_MPP)
+    assert json.loads(next(features))["properties"]["classification"]["name"] == "tissue"
+    with pytest.raises(MemoryError, match="tubule"):
+        list(features)
