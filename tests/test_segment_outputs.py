@@ -75,3 +75,12 @@ def test_an_error_in_finding_a_later_class_comes_out(monkeypatch):
     assert json.loads(next(features))["properties"]["classification"]["name"] == "tissue"
     with pytest.raises(MemoryError, match="tubule"):
         list(features)
+
+
+def test_a_new_run_marks_the_folder_not_whole_and_drops_optional_outputs(tmp_path):
+    from biopsy.segment_outputs import begin_segmentation
+
+    for name in ("segment.json", "probabilities.ome.tif", "labels.ome.tif", "objects.geojson"):
+        (tmp_path / name).write_text("an earlier run's")
+    assert begin_segmentation(tmp_path) == tmp_path / "labels.ome.tif"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.tif", "objects.geojson"]
