@@ -39,16 +39,9 @@ class Annotation:
     class_name: str
 
 
-def make_feature(
-    geometry: Polygon | MultiPolygon,
-    classification_name: str,
-    colour_rgb: Sequence[int],
-    measurements: dict[str, float] | None = None,
-    object_type: Literal["annotation", "detection"] = "annotation",
-    name: str | None = None,
-) -> dict:
-    """A QuPath GeoJSON feature (its properties: :func:`feature_properties`)."""
-    properties = feature_properties(classification_name, colour_rgb, measurements, object_type, name)
+def make_feature(geometry: Polygon | MultiPolygon, *properties_args, **properties_kwargs) -> dict:
+    """A QuPath GeoJSON feature; the other arguments are :func:`feature_properties`'."""
+    properties = feature_properties(*properties_args, **properties_kwargs)
     return {"type": "Feature", "geometry": mapping(geometry), "properties": properties}
 
 
