@@ -1,0 +1,156 @@
+"""``biopsy segment``: the folder it writes against the engine's map, test-time options, the
+model's stain reference, a slide without tissue, and one-line errors."""
+
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from biopsy.infer import segment_slide
+from inference_models import model_info, write_slide
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A small random U-Net for RGB slides and one that wants 4 channels."""
+    from biopsy.model import build_model, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for channels in (3, 4):
+        torch.manual_seed(0)
+        arguments = {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]}
+        model = build_model("unet", 3, channels, **arguments)
+        info = model_info(3, mpp=2.0, patch_px=64, in_channels=channels)
+        info.architecture, info.arguments = "unet", arguments
+        paths[channels] = folder / f"unet-{channels}.safetensors"
+        save_checkpoint(paths[channels], model, info)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tissue_slide(tmp_path_factory):
+    """Glass with a textured pink core across the middle."""
+    rng = np.random.default_rng(1)
+    image = np.full((1024, 1536, 3), 240, np.uint8)
+    core = rng.integers(0, 60, (224, 736, 1), dtype=np.uint8)
+    image[400:624, 400:1136] = np.array([225, 150, 190], np.uint8) - core
+    return write_slide(tmp_path_factory.mktemp("tissue") / "tissue.tif", image, mpp=0.5)
+
+
+def test_segment_command_writes_the_folder(tissue_slide, checkpoints, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+    from biopsy.model import load_checkpoint
+
+    out = tmp_path / "out"
+    assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
+                 str(out), "--workers", "0", "--probabilities"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["labels.ome.tif", "objects.geojson",
+                                                     "overview.png", "probabilities.ome.tif",
+                                                     "segment.json"]
+    label_map = read_label_map(out / "labels.ome.tif")
+    model, info = load_checkpoint(checkpoints[3])
+    expected = segment_slide(tissue_slide, model, info, workers=0)
+    assert label_map.mpp == 2.0 and label_map.class_names == tuple(info.class_names)
+    np.testing.assert_array_equal(label_map.labels, expected.labels)
+    assert expected.labels[:60].max() == 0 and expected.labels[:, :60].max() == 0  # glass
+    assert 0 < expected.tile_count < 7 * 11
+    collection = json.loads((out / "objects.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in collection["features"]}
+    assert names and names <= set(info.class_names) - {"background"}
+    summary = json.loads((out / "segment.json").read_text())
+    assert summary["tile_count"] == expected.tile_count > 0
+    assert summary["model"]["sha256"] == info.sha256
+    assert Image.open(out / "overview.png").size == (384, 256)
+    with tifffile.TiffFile(out / "probabilities.ome.tif") as tif:
+        probabilities = tif.series[0].asarray()
+        assert len(tif.series[0].levels) == 1 and "Name=\"class2\"" in tif.ome_metadata
+    assert probabilities.shape == (3, 256, 384) and probabilities.dtype == np.uint8
+    near_tissue = probabilities.any(0)
+    assert np.all(np.abs(probabilities.sum(0, dtype=int)[near_tissue] - 255) <= 3)
+    assert not near_tissue[:60].any()
+
+
+def test_segment_command_with_test_time_augmentation(tissue_slide, checkpoints, tmp_path):
+    import json
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+    from biopsy.model import load_checkpoint
+
+    out = tmp_path / "out"
+    assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
+                 str(out), "--workers", "0", "--tta"]) == 0
+    assert json.loads((out / "segment.json").read_text())["options"]["tta"] is True
+    model, info = load_checkpoint(checkpoints[3])
+    expected = segment_slide(tissue_slide, model, info, workers=0, tta=True).labels
+    np.testing.assert_array_equal(read_label_map(out / "labels.ome.tif").labels, expected)
+    assert (expected != segment_slide(tissue_slide, model, info, workers=0).labels).any()
+
+
+def test_segment_command_applies_the_model_stain_reference_unless_told_not_to(tissue_slide, checkpoints,
+                                                                            tmp_path):
+    import json
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+    from biopsy.model import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(checkpoints[3])
+    info.stain_reference = [3.0, 1.5]  # far darker than the slide: every stain scaled up
+    normalising = tmp_path / "normalising.safetensors"
+    save_checkpoint(normalising, model, info)
+    for flag, reference in (([], [3.0, 1.5]), (["--no-stain-normalisation"], None)):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["segment", str(tissue_slide.path), "--model", str(normalising), "--out", str(out),
+                     "--workers", "0", *flag]) == 0
+        options = json.loads((out / "segment.json").read_text())["options"]
+        assert options["stain_reference"] == reference
+        factors = options["stain_factors"]
+        assert factors is None if reference is None else min(factors) > 1.2
+        info.stain_reference = reference
+        expected = segment_slide(tissue_slide, model, info, workers=0).labels
+        np.testing.assert_array_equal(read_label_map(out / "labels.ome.tif").labels, expected)
+
+
+def test_segment_command_on_a_slide_without_tissue(checkpoints, tmp_path, caplog, capsys):
+    import json
+
+    from biopsy.cli import main
+    from biopsy.labelmap import read_label_map
+
+    slide = write_slide(tmp_path / "glass.tif", np.full((512, 512, 3), 242, np.uint8), mpp=0.5)
+    with caplog.at_level(logging.WARNING):
+        assert main(["segment", str(slide.path), "--model", str(checkpoints[3]), "--out",
+                     str(tmp_path / "out"), "--workers", "0"]) == 0
+    assert "no tissue" in caplog.text
+    assert not read_label_map(tmp_path / "out" / "labels.ome.tif").labels.any()
+    assert json.loads((tmp_path / "out" / "objects.geojson").read_text())["features"] == []
+
+
+@pytest.mark.parametrize("problem, expected", [("channels", "takes 4 channels"),
+                                               ("unreadable", "cannot read"),
+                                               ("no mpp", "pixel size unknown")])
+def test_segment_command_errors_are_one_line(tissue_slide, checkpoints, tmp_path, capsys,
+                                             problem, expected):
+    from PIL import Image
+
+    from biopsy.cli import main
+
+    slide, model = tissue_slide.path, checkpoints[4 if problem == "channels" else 3]
+    if problem == "unreadable":
+        slide = tmp_path / "broken.svs"
+        slide.write_bytes(b"II*\0" + bytes(100))
+    if problem == "no mpp":
+        slide = tmp_path / "photo.png"
+        Image.new("RGB", (300, 200), (200, 120, 160)).save(slide)
+    assert main(["segment", str(slide), "--model", str(model), "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and str(slide) in message and expected in message
+    assert not (tmp_path / "out" / "segment.json").exists()
