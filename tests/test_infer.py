@@ -325,8 +325,8 @@ def test_the_map_is_written_as_it_is_made(noise_slide, tmp_path):
     assert label_map.mpp == 1.0 and label_map.class_names == tuple(info.class_names)
 
 
-@pytest.mark.parametrize("failing", ["model", "writer"])
-def test_nothing_is_written_when_segmenting_fails(failing, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing, error", [("model", "out of memory"), ("writer", "No space")])
+def test_nothing_is_written_when_segmenting_fails(failing, error, tmp_path, monkeypatch):
     import multiprocessing
 
     from biopsy import infer, pyramid
@@ -335,33 +335,31 @@ def test_nothing_is_written_when_segmenting_fails(failing, tmp_path, monkeypatch
     slide = write_slide(tmp_path / "tall.tif", rng.integers(0, 256, (900, 160, 3), np.uint8), 1.0)
     out = tmp_path / "out"
     out.mkdir()
-    calls, at_failure = [], []
+    calls, files = [], []  # files: the output folder's just before the failure
 
-    def model_fails_later(*args, **kwargs):
+    def model(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 40:  # 80 of ~150 tiles: the writer has begun the file
-            at_failure.extend(path.suffix for path in out.rglob("*"))
+        if failing == "model" and len(calls) == 40:  # 80 of ~110 tiles: the file is begun
+            files[:] = [path.suffix for path in out.rglob("*")]
             raise RuntimeError("out of memory")
         return batch_probabilities(*args, **kwargs)
 
-    def writer_fails_later(path, bands, *args):
-        written = 0
+    def writer(path, bands, *args):
         with pyramid.atomic_path(path) as temporary:
             temporary.write_bytes(b"II*")
-            for _ in bands:
-                written += 1
-                if written == 4:
-                    at_failure.extend(path.suffix for path in out.rglob("*"))
+            for written, _ in enumerate(bands):
+                if written == 3:
+                    files[:] = [path.suffix for path in out.rglob("*")]
                     raise OSError("No space left on device")
 
     if failing == "model":
-        monkeypatch.setattr(infer, "batch_probabilities", model_fails_later)
+        monkeypatch.setattr(infer, "batch_probabilities", model)
     else:
-        monkeypatch.setattr(pyramid, "_write_levels", writer_fails_later)
-    with pytest.raises((RuntimeError, OSError), match="out of memory|No space") as failure:
+        monkeypatch.setattr(pyramid, "_write_levels", writer)
+    with pytest.raises((RuntimeError, OSError), match=error) as failure:
         segment_slide(slide, random_cnn(3), model_info(3, 1.0, 64), workers=2, batch_size=2,
                       tissue=all_tissue(slide), labels_path=out / "labels.ome.tif")
-    assert ".tif" in at_failure and list(out.iterdir()) == []
+    assert ".tif" in files and list(out.iterdir()) == []
     # the reading workers stopped with it, though its traceback (which holds the frames) is kept
     assert failure.traceback and not multiprocessing.active_children()
 
