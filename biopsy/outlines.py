@@ -115,12 +115,20 @@ def _polygons(regions: list[list[np.ndarray]], scale: float, origin_xy_px,
     vertices_xy, chain_of_vertex = outline_vertices(chains)
     rings = shapely.linearrings(np.asarray(origin_xy_px) + (vertices_xy + 0.5) * scale,
                                 indices=chain_of_vertex)
-    region_of_ring = np.repeat(np.arange(len(regions)), [len(region) for region in regions])
-    polygons = shapely.polygons(rings, indices=region_of_ring)
     # collinear vertices first (the shape unchanged): the topology-preserving pass on the rest of
     # an outline is ~3x faster, and may keep other vertices than without
-    polygons = shapely.simplify(polygons, 0, preserve_topology=False)
-    return list(shapely.simplify(polygons, simplify_tolerance_px, preserve_topology=True))
+    rings = shapely.simplify(rings, 0, preserve_topology=False)
+    region_of_ring = np.repeat(np.arange(len(regions)), [len(region) for region in regions])
+    # each ring simplified alone, topology kept within it: GEOS checks a polygon's rings against
+    # each other in time quadratic in its holes (a region of 28,713 holes: 6.6 s; alone 0.14 s);
+    # a polygon whose rings then cross or nest is simplified whole
+    polygons = shapely.polygons(shapely.simplify(rings, simplify_tolerance_px,
+                                                 preserve_topology=True), indices=region_of_ring)
+    crossed = ~shapely.is_valid(polygons)
+    if crossed.any():
+        whole = shapely.polygons(rings, indices=region_of_ring)[crossed]
+        polygons[crossed] = shapely.simplify(whole, simplify_tolerance_px, preserve_topology=True)
+    return list(polygons)
 
 
 def outline_vertices(chains: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

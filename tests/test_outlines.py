@@ -7,6 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 import shapely
+from scipy import ndimage
 from shapely.geometry import Polygon
 from skimage.measure import find_contours, label, regionprops
 
@@ -106,6 +107,24 @@ def test_simplified_outlines_stay_near_the_exact_ones():
     area = sum(p.area for p in ours)
     assert area == pytest.approx(sum(p.area for p in simplified_alike), rel=0.01)
     assert area == pytest.approx(sum(p.area for p in exact), rel=0.05)
+
+
+def test_simplified_regions_stay_valid_with_every_hole_where_rings_alone_would_cross():
+    rng = np.random.default_rng(1)
+    crossing = 0
+    for _ in range(150):
+        side, tolerance = rng.integers(20, 60), rng.uniform(1, 4)
+        blurred = ndimage.gaussian_filter(rng.random((side, side)), rng.uniform(0.8, 2))
+        mask = blurred > np.quantile(blurred, rng.uniform(0.3, 0.7))
+        exact = list(polygons_from_mask(mask, 1.0, 1.0, simplify_tolerance_px=0.0))
+        ours = list(polygons_from_mask(mask, 1.0, 1.0, simplify_tolerance_px=tolerance))
+        assert all(shapely.is_valid(ours))
+        assert [len(p.interiors) for p in ours] == [len(p.interiors) for p in exact]
+        for polygon in exact:  # each ring simplified alone (the module's first pass) may cross
+            rings = shapely.simplify([polygon.exterior, *polygon.interiors], tolerance,
+                                     preserve_topology=True)
+            crossing += not Polygon(rings[0], rings[1:]).is_valid
+    assert crossing > 5  # the case the whole-polygon pass is there for was met
 
 
 def test_a_process_pool_traces_the_same_polygons_in_the_same_order(monkeypatch):
