@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from biopsy.errors import CheckpointError, MppError, SlideError
 from biopsy.heap import keep_freed_memory
 from biopsy.labelmap import write_label_map
 from biopsy.model import ModelInfo
+from biopsy.probabilitymap import probability_map_writer
 from biopsy.restain import StainShift
 from biopsy.slide import Slide, single_threaded_opencv
 from biopsy.stainnorm import slide_stain_shift
@@ -77,7 +78,8 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
                   tissue: TissueMask | None = None, return_probabilities: bool = False,
                   bf16: bool | None = None, compile: bool = False, tta: bool = False,
                   scales: tuple[float, ...] = (1.0,), progress: bool = False,
-                  labels_path: str | Path | None = None) -> ClassMap:
+                  labels_path: str | Path | None = None,
+                  probabilities_path: str | Path | None = None) -> ClassMap:
     """Segment a whole slide with ``model``; the class map in memory.
 
     Parameters
@@ -108,6 +110,9 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     progress : show a tqdm progress bar over tiles.
     labels_path : also write the map there as a label map (:func:`biopsy.labelmap.write_label_map`)
         as its bands come, on a thread of its own; nothing is left there if segmenting fails.
+    probabilities_path : also write the blended class probabilities there
+        (:func:`biopsy.probabilitymap.probability_map_writer`) as their bands come, never held
+        whole; nothing is left there if segmenting fails.
 
     Raises
     ------
@@ -117,16 +122,19 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     """
     grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers,
                               device=device, output_mpp=output_mpp, overlap=overlap, tissue=tissue,
-                              return_probabilities=return_probabilities, bf16=bf16,
-                              compile=compile, tta=tta, scales=scales, progress=progress)
+                              return_probabilities=return_probabilities or bool(probabilities_path),
+                              bf16=bf16, compile=compile, tta=tta, scales=scales,
+                              progress=progress)
     output_mpp = output_mpp or info.input_mpp
     shape_px = output_shape_px(slide, output_mpp)
     labels = np.empty(shape_px, np.uint8)
     probabilities = (np.empty((len(info.class_names),) + shape_px, np.uint8)
                      if return_probabilities else None)
-    # closed at once when the writer fails: the reading workers stop then
-    with closing(bands):
-        filled = _filled(bands, labels, probabilities)
+    probabilities_writer = nullcontext() if probabilities_path is None else probability_map_writer(
+        probabilities_path, shape_px, output_mpp, info.class_names)
+    # closed at once when a writer fails: the reading workers stop then
+    with closing(bands), probabilities_writer as add_probabilities:
+        filled = _filled(bands, labels, probabilities, add_probabilities)
         if labels_path is None:
             collections.deque(filled, maxlen=0)
         else:
@@ -138,15 +146,18 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
                     None if stain is None else (stain.haematoxylin, stain.eosin))
 
 
-def _filled(bands: Iterator[Band], labels: np.ndarray,
-            probabilities: np.ndarray | None) -> Iterator[np.ndarray]:
-    """The labels of each band, once it is copied into ``labels`` (and ``probabilities``)."""
+def _filled(bands: Iterator[Band], labels: np.ndarray, probabilities: np.ndarray | None,
+            add_probabilities: Callable[[np.ndarray], None] | None) -> Iterator[np.ndarray]:
+    """The labels of each band, once it is copied into ``labels`` (and its probabilities into
+    ``probabilities`` and given to ``add_probabilities``, where these are given)."""
     top = 0
     for band in bands:
         rows = slice(top, top + len(band.labels))
         labels[rows] = band.labels
         if probabilities is not None:
             probabilities[:, rows] = band.probabilities
+        if add_probabilities is not None:
+            add_probabilities(band.probabilities)
         top = rows.stop
         yield labels[rows]
 

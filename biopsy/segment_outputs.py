@@ -17,7 +17,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 
 from biopsy.atomic import atomic_path, write_text_atomic
@@ -26,11 +25,11 @@ from biopsy.geojson import feature_text, write_feature_collection
 from biopsy.infer import ClassMap
 from biopsy.labelmap import colourise, write_label_map
 from biopsy.outlines import polygons_from_mask
-from biopsy.pyramid import level_shapes
+from biopsy.probabilitymap import write_probability_map
 
 SEGMENTATION_FORMAT = "biopsy.segmentation/1"
+PROBABILITIES_FILE = "probabilities.ome.tif"
 OVERVIEW_MAX_PX = 2048
-TILE_PX = 256
 
 
 def begin_segmentation(out_dir: str | Path) -> Path:
@@ -40,7 +39,7 @@ def begin_segmentation(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "segment.json").unlink(missing_ok=True)  # the folder is whole again only at the end
-    (out_dir / "probabilities.ome.tif").unlink(missing_ok=True)
+    (out_dir / PROBABILITIES_FILE).unlink(missing_ok=True)
     return out_dir / "labels.ome.tif"
 
 
@@ -48,16 +47,16 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
                        workers: int = 0, labels_written: bool = False) -> None:
     """Write the folder for ``class_map`` of ``slide``; ``provenance`` goes into segment.json;
     ``workers`` processes trace the outlines of objects.geojson (0: this one); ``labels_written``:
-    labels.ome.tif was written while segmenting (after :func:`begin_segmentation`)."""
+    labels.ome.tif (and probabilities.ome.tif, if asked for) was written while segmenting, after
+    :func:`begin_segmentation`."""
     out_dir = Path(out_dir)
-    labels_path = begin_segmentation(out_dir)
     colours = [class_map.class_colours[name] for name in class_map.class_names]
     if not labels_written:
-        write_label_map(labels_path, class_map.labels, class_map.mpp, class_map.class_names,
-                        class_map.class_colours)
+        write_label_map(begin_segmentation(out_dir), class_map.labels, class_map.mpp,
+                        class_map.class_names, class_map.class_colours)
     if class_map.probabilities is not None:
-        write_probabilities(out_dir / "probabilities.ome.tif", class_map.probabilities,
-                            class_map.mpp, class_map.class_names)
+        write_probability_map(out_dir / PROBABILITIES_FILE, class_map.probabilities,
+                              class_map.mpp, class_map.class_names)
     # closed on a failed write: its pool of tracing processes is shut down then, not later
     with contextlib.closing(region_features(class_map, slide.mpp[0], workers)) as features:
         write_feature_collection(out_dir / "objects.geojson", features)
@@ -136,25 +135,3 @@ def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     height, width = min(shape[0], image.shape[0]), min(shape[1], image.shape[1])
     fitted[:height, :width] = image[:height, :width]
     return fitted
-
-
-def write_probabilities(path: str | Path, probabilities: np.ndarray, mpp: float,
-                        class_names) -> None:
-    """(C, h, w) uint8 probabilities as a pyramidal OME-TIFF, one named channel per class."""
-    shapes = level_shapes(probabilities.shape[1:], min_level_px=TILE_PX)
-    pixels_per_cm = 1e4 / mpp
-    options = {"tile": (TILE_PX, TILE_PX), "compression": "zlib", "photometric": "minisblack"}
-    with atomic_path(path) as temporary, tifffile.TiffWriter(
-            temporary, ome=True, bigtiff=probabilities.nbytes > 2**31) as tif:
-        tif.write(probabilities, subifds=len(shapes) - 1,
-                  resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
-                  metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-                            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
-                            "Name": "class probabilities",
-                            "Channel": {"Name": list(class_names)}}, **options)
-        for level in range(1, len(shapes)):
-            step = 2**level
-            level_mpp = mpp * step
-            tif.write(probabilities[:, ::step, ::step], subfiletype=1,
-                      resolution=(1e4 / level_mpp, 1e4 / level_mpp),
-                      resolutionunit="CENTIMETER", metadata=None, **options)

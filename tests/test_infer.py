@@ -309,27 +309,38 @@ def test_channel_mismatch_is_a_clear_error(noise_slide):
                       tissue=all_tissue(noise_slide))
 
 
-def test_the_map_is_written_as_it_is_made(noise_slide, tmp_path):
+@pytest.mark.parametrize("output_mpp", [1.0, 0.25])
+def test_the_map_and_probabilities_are_written_as_they_are_made(noise_slide, tmp_path, output_mpp):
+    import tifffile
+
     from biopsy.labelmap import read_label_map
 
     model, info = random_cnn(3), model_info(3, 1.0, 64)
     options = {"workers": 0, "batch_size": 4, "tissue": all_tissue(noise_slide),
-               "return_probabilities": True}
-    path = tmp_path / "labels.ome.tif"
-    written = segment_slide(noise_slide, model, info, labels_path=path, **options)
-    held = segment_slide(noise_slide, model, info, **options)
+               "output_mpp": output_mpp}
+    path, probabilities_path = tmp_path / "labels.ome.tif", tmp_path / "probabilities.ome.tif"
+    written = segment_slide(noise_slide, model, info, labels_path=path,
+                            probabilities_path=probabilities_path, **options)
+    held = segment_slide(noise_slide, model, info, return_probabilities=True, **options)
     np.testing.assert_array_equal(written.labels, held.labels)
-    np.testing.assert_array_equal(written.probabilities, held.probabilities)
+    assert written.probabilities is None  # only written
     label_map = read_label_map(path)
     np.testing.assert_array_equal(label_map.labels, held.labels)
-    assert label_map.mpp == 1.0 and label_map.class_names == tuple(info.class_names)
+    assert label_map.mpp == output_mpp and label_map.class_names == tuple(info.class_names)
+    with tifffile.TiffFile(probabilities_path) as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+    assert len(levels) == (3 if output_mpp == 0.25 else 1)  # 1200 x 1680 px: 1200, 600, 300
+    for level, pixels in enumerate(levels):
+        np.testing.assert_array_equal(pixels, held.probabilities[:, ::2**level, ::2**level])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.tif", "probabilities.ome.tif"]
 
 
-@pytest.mark.parametrize("failing, error", [("model", "out of memory"), ("writer", "No space")])
+@pytest.mark.parametrize("failing, error", [("model", "out of memory"), ("writer", "No space"),
+                                            ("probabilities", "No space")])
 def test_nothing_is_written_when_segmenting_fails(failing, error, tmp_path, monkeypatch):
     import multiprocessing
 
-    from biopsy import infer, pyramid
+    from biopsy import infer, probabilitymap, pyramid
 
     rng = np.random.default_rng(2)
     slide = write_slide(tmp_path / "tall.tif", rng.integers(0, 256, (900, 160, 3), np.uint8), 1.0)
@@ -352,13 +363,24 @@ def test_nothing_is_written_when_segmenting_fails(failing, error, tmp_path, monk
                     files[:] = [path.suffix for path in out.rglob("*")]
                     raise OSError("No space left on device")
 
+    def compressed_tiles(rows):  # on a thread of the probability map's writer
+        calls.append(1)
+        if len(calls) == 3 * 3:  # the third row of tiles' three classes: the label map's is begun
+            files[:] = [path.suffix for path in out.rglob("*")]
+            raise OSError("No space left on device")
+        return compress(rows)
+
+    compress = probabilitymap._compressed_tiles
     if failing == "model":
         monkeypatch.setattr(infer, "batch_probabilities", model)
-    else:
+    elif failing == "writer":
         monkeypatch.setattr(pyramid, "_write_levels", writer)
+    else:
+        monkeypatch.setattr(probabilitymap, "_compressed_tiles", compressed_tiles)
     with pytest.raises((RuntimeError, OSError), match=error) as failure:
         segment_slide(slide, random_cnn(3), model_info(3, 1.0, 64), workers=2, batch_size=2,
-                      tissue=all_tissue(slide), labels_path=out / "labels.ome.tif")
+                      tissue=all_tissue(slide), labels_path=out / "labels.ome.tif",
+                      probabilities_path=out / "probabilities.ome.tif")
     assert ".tif" in files and list(out.iterdir()) == []
     # the reading workers stopped with it, though its traceback (which holds the frames) is kept
     assert failure.traceback and not multiprocessing.active_children()

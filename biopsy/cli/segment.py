@@ -48,19 +48,21 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from biopsy.infer import segment_slide
     from biopsy.pipeline import search_mpp
-    from biopsy.segment_outputs import begin_segmentation, write_segmentation
+    from biopsy.segment_outputs import (PROBABILITIES_FILE, begin_segmentation,
+                                         write_segmentation)
     from biopsy.slide import open_slide
 
     slide = open_slide(args.slide, mpp=args.mpp)
     options, model, info, _ = load_model_from_args(args, args.device)
     args.device, args.workers = options.device, options.workers
     labels_path = begin_segmentation(args.out)
+    probabilities_path = args.out / PROBABILITIES_FILE if args.probabilities else None
     started = time.perf_counter()
     searched = search_mpp(slide, model, info, options, args.bf16)
     class_map = segment_slide(slide, model, info, batch_size=args.batch_size,
                               workers=args.workers, device=args.device,
                               output_mpp=args.output_mpp,
-                              return_probabilities=args.probabilities, bf16=args.bf16,
+                              probabilities_path=probabilities_path, bf16=args.bf16,
                               compile=args.compile, tta=args.tta, scales=tuple(args.scales),
                               progress=args.verbose, labels_path=labels_path)
     seconds = time.perf_counter() - started
