@@ -132,14 +132,21 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
                      if return_probabilities else None)
     probabilities_writer = nullcontext() if probabilities_path is None else probability_map_writer(
         probabilities_path, shape_px, output_mpp, info.class_names)
-    # closed at once when a writer fails: the reading workers stop then
-    with closing(bands), probabilities_writer as add_probabilities:
-        filled = _filled(bands, labels, probabilities, add_probabilities)
-        if labels_path is None:
-            collections.deque(filled, maxlen=0)
-        else:
-            write_label_map(labels_path, filled, output_mpp, info.class_names,
-                            info.class_colours, shape_px=shape_px)
+    labels_written = False
+    try:
+        # closed at once when a writer fails: the reading workers stop then
+        with closing(bands), probabilities_writer as add_probabilities:
+            filled = _filled(bands, labels, probabilities, add_probabilities)
+            if labels_path is None:
+                collections.deque(filled, maxlen=0)
+            else:
+                write_label_map(labels_path, filled, output_mpp, info.class_names,
+                                info.class_colours, shape_px=shape_px)
+                labels_written = True
+    except BaseException:
+        if labels_written:  # the probabilities' file, finished last, failed
+            Path(labels_path).unlink(missing_ok=True)
+        raise
     return ClassMap(labels, output_mpp, tuple(info.class_names),
                     {name: tuple(rgb) for name, rgb in info.class_colours.items()},
                     probabilities, len(grid),

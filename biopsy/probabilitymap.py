@@ -79,7 +79,8 @@ class _TileSpool:
         self.compressing: deque[tuple[int, int, int, Future]] = deque()
 
     def add(self, band: np.ndarray) -> None:
-        """Put the (C, rows, w) ``band`` below the rows added before, at every level."""
+        """Put the (C, rows, w) ``band`` below the rows added before, at every level, a row of
+        tiles at a time (a tall band is not copied whole, nor compressed at once)."""
         height, width = self.shapes[0]
         if (band.dtype != np.uint8 or band.ndim != 3 or band.shape[0] != self.channels
                 or band.shape[2] != width):
@@ -87,6 +88,11 @@ class _TileSpool:
                              f"got {band.dtype} {band.shape}")
         if self.rows_added + band.shape[1] > height:
             raise ValueError(f"bands hold more than the {height} rows of the map")
+        for top in range(0, band.shape[1], TILE_PX):
+            self._add(band[:, top : top + TILE_PX])
+
+    def _add(self, band: np.ndarray) -> None:
+        """``add`` for a band of at most ``TILE_PX`` rows."""
         for level in range(len(self.shapes)):
             step = 2**level
             first = -self.rows_added % step  # the band's first row on the level's grid
@@ -112,7 +118,8 @@ class _TileSpool:
         """Send each whole row of tiles gathered for ``level`` (and its last, short one) to be
         compressed, channel by channel."""
         height = self.shapes[level][0]
-        rows = np.concatenate(self.gathered[level], axis=1)
+        parts = self.gathered[level]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         taken = 0
         while (rows.shape[1] - taken >= TILE_PX
                or (self.gathered_rows[level] == height and taken < rows.shape[1])):

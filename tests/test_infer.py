@@ -336,7 +336,8 @@ def test_the_map_and_probabilities_are_written_as_they_are_made(noise_slide, tmp
 
 
 @pytest.mark.parametrize("failing, error", [("model", "out of memory"), ("writer", "No space"),
-                                            ("probabilities", "No space")])
+                                            ("probabilities", "No space"),
+                                            ("probabilities file", "No space")])
 def test_nothing_is_written_when_segmenting_fails(failing, error, tmp_path, monkeypatch):
     import multiprocessing
 
@@ -371,12 +372,18 @@ def test_nothing_is_written_when_segmenting_fails(failing, error, tmp_path, monk
         return compress(rows)
 
     compress = probabilitymap._compressed_tiles
+
+    def probabilities_file(*args):
+        files[:] = [path.suffix for path in out.rglob("*")]
+        raise OSError("No space left on device")
     if failing == "model":
         monkeypatch.setattr(infer, "batch_probabilities", model)
     elif failing == "writer":
         monkeypatch.setattr(pyramid, "_write_levels", writer)
-    else:
+    elif failing == "probabilities":
         monkeypatch.setattr(probabilitymap, "_compressed_tiles", compressed_tiles)
+    else:  # the probabilities' file, assembled once the label map's is in place
+        monkeypatch.setattr(probabilitymap, "_write_file", probabilities_file)
     with pytest.raises((RuntimeError, OSError), match=error) as failure:
         segment_slide(slide, random_cnn(3), model_info(3, 1.0, 64), workers=2, batch_size=2,
                       tissue=all_tissue(slide), labels_path=out / "labels.ome.tif",

@@ -49,16 +49,44 @@ def test_bands_of_any_height_give_the_file_of_the_whole_array(tmp_path, shape, l
     with probability_map_writer(tmp_path / "bands.ome.tif", shape[1:], 0.5, names) as add:
         top = 0
         while top < shape[1]:
-            rows = int(rng.integers(1, 150))
+            rows = int(rng.integers(1, 600))
             add(probabilities[:, top : top + rows])
             top += rows
-    write_whole(tmp_path / "whole.ome.tif", probabilities, 0.5, names, levels)
-    expected, written = pages(tmp_path / "whole.ome.tif"), pages(tmp_path / "bands.ome.tif")
-    assert len(written) == len(expected) == shape[0] * levels
+    assert_same_file(tmp_path, probabilities, names, levels)
+
+
+def assert_same_file(folder, probabilities, names, levels):
+    """``folder``'s bands.ome.tif is what tifffile writes from the whole array (and nothing else
+    is left there)."""
+    write_whole(folder / "whole.ome.tif", probabilities, 0.5, names, levels)
+    expected, written = pages(folder / "whole.ome.tif"), pages(folder / "bands.ome.tif")
+    assert len(written) == len(expected) == probabilities.shape[0] * levels
     for (pixels, tags), (expected_pixels, expected_tags) in zip(written, expected):
         np.testing.assert_array_equal(pixels, expected_pixels)
         assert tags == expected_tags
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bands.ome.tif", "whole.ome.tif"]
+    assert sorted(p.name for p in folder.iterdir()) == ["bands.ome.tif", "whole.ome.tif"]
+
+
+def test_rows_of_tiles_compressed_out_of_order_are_put_in_order(tmp_path, monkeypatch):
+    import time
+
+    from biopsy import probabilitymap
+
+    rng = np.random.default_rng(5)
+    compress = probabilitymap._compressed_tiles
+
+    def slow_now_and_then(rows):
+        time.sleep(float(rng.choice([0, 0.02])))
+        return compress(rows)
+
+    monkeypatch.setattr(probabilitymap, "_THREADS", 4)
+    monkeypatch.setattr(probabilitymap, "_compressed_tiles", slow_now_and_then)
+    probabilities = rng.integers(0, 256, (3, 1100, 1030), np.uint8)
+    names = ["a", "b", "c"]
+    with probability_map_writer(tmp_path / "bands.ome.tif", (1100, 1030), 0.5, names) as add:
+        for top in range(0, 1100, 100):
+            add(probabilities[:, top : top + 100])
+    assert_same_file(tmp_path, probabilities, names, levels=3)
 
 
 def test_bands_are_let_go_once_their_rows_of_tiles_are_taken(tmp_path):
@@ -78,11 +106,9 @@ def test_bands_are_let_go_once_their_rows_of_tiles_are_taken(tmp_path):
 
 
 def test_the_whole_array_at_once(tmp_path):
-    probabilities = np.random.default_rng(1).integers(0, 256, (2, 600, 300), np.uint8)
-    write_probability_map(tmp_path / "p.ome.tif", probabilities, 2.0, ["a", "b"])
-    with tifffile.TiffFile(tmp_path / "p.ome.tif") as tif:
-        np.testing.assert_array_equal(tif.series[0].asarray(), probabilities)
-        assert 'PhysicalSizeX="2.0"' in tif.ome_metadata and 'Name="b"' in tif.ome_metadata
+    probabilities = np.random.default_rng(1).integers(0, 256, (2, 1100, 1030), np.uint8)
+    write_probability_map(tmp_path / "bands.ome.tif", probabilities, 0.5, ["a", "b"])
+    assert_same_file(tmp_path, probabilities, ["a", "b"], levels=3)
 
 
 @pytest.mark.parametrize("bands, error", [
@@ -106,3 +132,16 @@ def test_an_error_while_writing_leaves_nothing(tmp_path):
             add(np.ones((2, 300, 300), np.uint8))
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_whole_array_is_written_a_row_of_tiles_at_a_time(tmp_path):
+    import tracemalloc
+
+    probabilities = np.random.default_rng(2).integers(0, 256, (3, 4096, 1024), np.uint8)  # 12 MiB
+    tracemalloc.start()
+    try:
+        write_probability_map(tmp_path / "p.ome.tif", probabilities, 0.5, ["a", "b", "c"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < probabilities.nbytes / 4  # never a copy of the array, nor all its tiles at once
