@@ -1,6 +1,8 @@
 """Errors a user can cause. The CLI prints their message on one line and exits non-zero.
 
-Each message names the file (or setting) at fault and, where there is one, the fix.
+Each message names the file (or setting) at fault and, where there is one, the fix. The file
+system's errors (``OSError``: an output folder that cannot be made, a full disk) are the user's
+too: :data:`USER_ERRORS`.
 """
 
 
@@ -30,3 +32,14 @@ class CheckpointError(BiopsyError):
 
 class ManifestError(BiopsyError):
     """A malformed batch manifest: missing column, unknown timepoint, duplicate row, missing file."""
+
+
+USER_ERRORS = (BiopsyError, OSError)  # what the command-line tools report on one line
+
+
+def user_message(error: Exception) -> str:
+    """The error's one-line text; for the file system's, the file first: ``PATH: No space left on
+    device``."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)

@@ -59,3 +59,17 @@ def test_bad_input_through_the_installed_command(bad_files, tmp_path):
         _, stderr = run.communicate(timeout=120)
         assert run.returncode == 2
         assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("name", ["tissue", "segment", "synth"])
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(name, svs_path, tmp_path, capsys):
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    out = afile / "out"
+    from biopsy.model import DEFAULT_CHECKPOINT
+
+    arguments = {"tissue": [str(svs_path)], "synth": [],
+                 "segment": [str(svs_path), "--model", str(DEFAULT_CHECKPOINT)]}[name]
+    assert main([name, *arguments, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"biopsy {name}: error: {out}: Not a directory"]

@@ -416,6 +416,16 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and str(path) in result.stderr
 
 
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(dataset_root, tmp_path, capsys):
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_dict(dataset_root, afile / "run")))
+    assert training_main(["fit", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == f"training fit: error: {afile / 'run'}: Not a directory"
+
+
 def test_label_map_and_geojson_sources_give_labels_at_the_model_mpp(tmp_path):
     truth = np.zeros((40, 60), np.uint8)  # at 2 µm/px
     truth[10:20, 30:50] = 2

@@ -10,7 +10,7 @@ import json
 import sys
 
 from biopsy.cli.batch import add_test_time_arguments
-from biopsy.errors import BiopsyError
+from biopsy.errors import USER_ERRORS, user_message
 
 OBJECT_COLUMNS = ["image", "case", "stain", "mpp_factor", "side", "id", "area_um2",
                   "globally_sclerotic", "matched", "best_iou", "partner_area_um2"]
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--folds and --fold go together")
     try:
         return _run(args)
-    except BiopsyError as error:
-        print(f"training {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"training {args.command}: error: {user_message(error)}", file=sys.stderr)
         return 2
 
 

@@ -1,8 +1,8 @@
 """The ``biopsy`` command: a thin layer over library functions.
 
 Each sub-command lives in its own module with ``add_parser(subparsers)`` that registers it and sets
-``func``. Errors the user can cause (:class:`biopsy.errors.BiopsyError`) are printed on one line and
-exit with status 2; nothing else is caught.
+``func``. Errors the user can cause (:data:`biopsy.errors.USER_ERRORS`: ours, and the file system's)
+are printed on one line and exit with status 2; nothing else is caught.
 """
 
 import argparse
@@ -11,7 +11,7 @@ import logging
 import sys
 
 from biopsy import __version__
-from biopsy.errors import BiopsyError
+from biopsy.errors import USER_ERRORS, user_message
 
 COMMAND_MODULES = ["info", "tissue", "score", "batch", "compare", "segment", "calibrate", "synth",
                    "demo", "restain"]
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s: %(message)s")
     try:
         return args.func(args) or 0
-    except BiopsyError as error:
-        print(f"biopsy {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"biopsy {args.command}: error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"biopsy {args.command}: interrupted", file=sys.stderr)
