@@ -30,6 +30,10 @@ class CheckpointError(BiopsyError):
     """A model checkpoint that is missing, of another format, or that does not fit the slide."""
 
 
+class DeviceError(BiopsyError):
+    """A torch device (--device) that is not one, or not on this machine."""
+
+
 class ManifestError(BiopsyError):
     """A malformed batch manifest: missing column, unknown timepoint, duplicate row, missing file."""
 

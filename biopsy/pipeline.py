@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from biopsy.errors import CheckpointError
+from biopsy.errors import CheckpointError, DeviceError
 from biopsy.infer import check_scales, segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
@@ -60,10 +60,24 @@ class InferenceOptions:
 
 
 def resolve_device(device: str | None) -> str:
-    """``device`` as given, or ``cuda`` when a GPU is available, else ``cpu``."""
-    if device is not None:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``device`` as given, or ``cuda`` when a GPU is available, else ``cpu``.
+
+    Raises
+    ------
+    DeviceError : ``device`` is no torch device, or a CUDA device this machine does not have.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                          "CUDA GPU(s), numbered from 0")
+    return device
 
 
 def inference_options(device: str | None = None, batch_size: int = 16,
@@ -77,15 +91,16 @@ def inference_options(device: str | None = None, batch_size: int = 16,
     Raises
     ------
     CheckpointError : int8 asked for on another device than the CPU.
+    DeviceError : the device is no torch device, or not on this machine.
     ValueError : a reading scale not positive, or none >= 1; a search factor not positive.
     """
     check_scales(scales)
     if mpp_search is not None:
         check_factors(tuple(mpp_search))
     mpp_search = tuple(map(float, mpp_search)) if searches(mpp_search) else None
-    device = "cpu" if int8 and device is None else resolve_device(device)
-    if int8 and torch.device(device).type != "cpu":
+    if int8 and device is not None and not device.startswith("cpu"):
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
+    device = "cpu" if int8 and device is None else resolve_device(device)
     if workers is None:
         workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
     return InferenceOptions(device, batch_size, workers, int8, tta, tuple(map(float, scales)),

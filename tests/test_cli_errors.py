@@ -73,3 +73,29 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(name, svs_path
     assert main([name, *arguments, "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"biopsy {name}: error: {out}: Not a directory"]
+
+
+BAD_OPTIONS = [
+    ("segment", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
+    ("segment", ["--workers", "-1"], "argument --workers: '-1' is not a whole number >= 0"),
+    ("segment", ["--output-mpp", "0"], "argument --output-mpp: '0' is not a positive number"),
+    ("score", ["--batch-size", "x"], "argument --batch-size: 'x' is not a whole number >= 1"),
+    ("tissue", ["--tissue-mpp", "-8"], "argument --tissue-mpp: '-8' is not a positive number"),
+    ("segment", ["--device", "foo"], "--device foo: not a torch device"),
+    ("score", ["--device", "cuda:99"], "--device cuda:99: "),
+]
+
+
+@pytest.mark.parametrize("name, options, expected", BAD_OPTIONS)
+def test_bad_options_are_refused_with_a_clear_error(name, options, expected, svs_path, tmp_path, capsys):
+    from biopsy.model import DEFAULT_CHECKPOINT
+
+    model = ["--model", str(DEFAULT_CHECKPOINT)] if name == "segment" else []
+    try:
+        status = main([name, str(svs_path), *model, "--out", str(tmp_path / "out"), *options])
+    except SystemExit as exit:  # argparse's own refusal
+        status = exit.code
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert expected in lines[-1] and lines[-1].startswith(f"biopsy {name}: error: ")
+    assert not (tmp_path / "out").exists()

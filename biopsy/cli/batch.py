@@ -40,9 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, metavar="CKPT",
                         help="model checkpoint (default: the bundled model, "
                              "biopsy/models/default.safetensors)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+    parser.add_argument("--batch-size", type=count(1), default=16, metavar="N",
                         help="tiles per batch (default %(default)s)")
-    parser.add_argument("--workers", type=int, metavar="N",
+    parser.add_argument("--workers", type=count(0), metavar="N",
                         help="tile-reading worker processes per slide (0: read in the main "
                              "process; default 2 on CPU, 8 on CUDA)")
     add_int8_argument(parser)
@@ -82,7 +82,7 @@ def add_test_time_arguments(parser, config_key: str | None = None) -> None:
 
 
 def positive_number(text: str) -> float:
-    """A positive number from the command line (a reading scale, a pixel-size factor)."""
+    """A positive number from the command line (a reading scale, a pixel-size factor, an mpp)."""
     try:
         scale = float(text)
     except ValueError:
@@ -90,6 +90,19 @@ def positive_number(text: str) -> float:
     if not 0 < scale < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return scale
+
+
+def count(least: int):
+    """An argparse type: a whole number of at least ``least`` (tiles per batch, workers)."""
+    def whole_number(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = least - 1
+        if number < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
+        return number
+    return whole_number
 
 
 class ReadingScales(argparse.Action):

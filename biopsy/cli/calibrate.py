@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from biopsy.cli.batch import count
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -19,7 +21,7 @@ def add_parser(subparsers) -> None:
                         help="model checkpoint (default: the bundled model)")
     parser.add_argument("--out", type=Path, required=True, metavar="CKPT",
                         help="checkpoint to write (may be --model itself)")
-    parser.add_argument("--tiles-per-slide", type=int, default=32, metavar="N",
+    parser.add_argument("--tiles-per-slide", type=count(1), default=32, metavar="N",
                         help="tissue tiles read from each slide, spread over it (default "
                              "%(default)s)")
     parser.set_defaults(func=run)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from biopsy.cli.batch import (add_int8_argument, add_stain_argument, add_test_time_arguments,
-                              load_model_from_args)
+                              count, load_model_from_args, positive_number)
 
 
 def add_parser(subparsers) -> None:
@@ -24,13 +24,14 @@ def add_parser(subparsers) -> None:
                         help="output folder (segment.json is written last)")
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="tiles per batch")
-    parser.add_argument("--workers", type=int, metavar="N",
+    parser.add_argument("--batch-size", type=count(1), default=16, metavar="N",
+                        help="tiles per batch")
+    parser.add_argument("--workers", type=count(0), metavar="N",
                         help="worker processes reading tiles, then tracing the outlines of "
                              "objects.geojson (0: the main process does it; default 2 on CPU, up "
                              "to 8 on CUDA, where decoding is the bottleneck)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--output-mpp", type=float, metavar="X",
+    parser.add_argument("--output-mpp", type=positive_number, metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write probabilities.ome.tif (one channel per class)")
