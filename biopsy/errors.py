@@ -38,12 +38,18 @@ class ManifestError(BiopsyError):
     """A malformed batch manifest: missing column, unknown timepoint, duplicate row, missing file."""
 
 
-USER_ERRORS = (BiopsyError, OSError)  # what the command-line tools report on one line
+USER_ERRORS = (BiopsyError, OSError)  # what the command-line tools may report on one line
 
 
-def user_message(error: Exception) -> str:
-    """The error's one-line text; for the file system's, the file first: ``PATH: No space left on
-    device``."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
-    return str(error)
+def user_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user caused: ours, or the file system's (``PATH:
+    reason``, the destination of a rename; the reason alone where no path is known: a full
+    disk). None for any other, a bug's, whose traceback is kept: an ``OSError`` without an error
+    number is not the file system's (a DataLoader worker's error, raised again)."""
+    if isinstance(error, BiopsyError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno is not None:
+        path = error.filename2 if error.filename2 is not None else error.filename
+        reason = error.strerror or str(error)
+        return reason if path is None else f"{path}: {reason}"
+    return None

@@ -64,7 +64,7 @@ def resolve_device(device: str | None) -> str:
 
     Raises
     ------
-    DeviceError : ``device`` is no torch device, or a CUDA device this machine does not have.
+    DeviceError : ``device`` is no CPU or CUDA device, or a CUDA device this machine lacks.
     """
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,6 +72,8 @@ def resolve_device(device: str | None) -> str:
         parsed = torch.device(device)
     except RuntimeError:
         raise DeviceError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {device}: biopsy runs on cpu or cuda")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():

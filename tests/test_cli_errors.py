@@ -80,9 +80,13 @@ BAD_OPTIONS = [
     ("segment", ["--workers", "-1"], "argument --workers: '-1' is not a whole number >= 0"),
     ("segment", ["--output-mpp", "0"], "argument --output-mpp: '0' is not a positive number"),
     ("score", ["--batch-size", "x"], "argument --batch-size: 'x' is not a whole number >= 1"),
-    ("tissue", ["--tissue-mpp", "-8"], "argument --tissue-mpp: '-8' is not a positive number"),
+    ("segment", ["--output-mpp", "-8"], "argument --output-mpp: '-8' is not a positive number"),
     ("segment", ["--device", "foo"], "--device foo: not a torch device"),
+    ("segment", ["--device", "meta"], "--device meta: biopsy runs on cpu or cuda"),
     ("score", ["--device", "cuda:99"], "--device cuda:99: "),
+    ("tissue", ["--tissue-mpp", "0.5"], "argument --tissue-mpp: '0.5' is not a number from 1 to 64"),
+    ("restain", ["--quality", "101"], "argument --quality: '101' is not a whole number from 1 to 100"),
+    ("synth", ["--seed", "-1"], "argument --seed: '-1' is not a whole number >= 0"),
 ]
 
 
@@ -91,11 +95,55 @@ def test_bad_options_are_refused_with_a_clear_error(name, options, expected, svs
     from biopsy.model import DEFAULT_CHECKPOINT
 
     model = ["--model", str(DEFAULT_CHECKPOINT)] if name == "segment" else []
+    inputs = {"synth": [], "restain": [str(svs_path), str(tmp_path / "out" / "copy.svs")]}
+    out = [] if name == "restain" else ["--out", str(tmp_path / "out")]
     try:
-        status = main([name, str(svs_path), *model, "--out", str(tmp_path / "out"), *options])
+        status = main([name, *inputs.get(name, [str(svs_path)]), *model, *out, *options])
     except SystemExit as exit:  # argparse's own refusal
         status = exit.code
     assert status == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert expected in lines[-1] and lines[-1].startswith(f"biopsy {name}: error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_file_systems_errors_name_the_users_path_and_others_keep_their_traceback(
+        monkeypatch, capsys):
+    import errno
+
+    from biopsy.cli import info
+    from biopsy.errors import user_message
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    renamed = OSError(errno.EISDIR, "Is a directory", "out/.mask.tmp-1.png", None, "out/mask.png")
+    worker = OSError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback ...")
+    assert user_message(full) == "No space left on device"
+    assert user_message(renamed) == "out/mask.png: Is a directory"  # the destination, not ours
+    assert user_message(worker) is None
+
+    def fails(args):
+        raise worker
+
+    monkeypatch.setattr(info, "run", fails)
+    with pytest.raises(OSError, match="DataLoader worker"):  # not the user's: its traceback kept
+        main(["info", "slide.svs"])
+
+
+@pytest.mark.parametrize("device, refusal", [("cpu", None), ("cpu:0", None), (None, None),
+                                             ("mps", "biopsy runs on cpu or cuda"),
+                                             ("", "not a torch device"),
+                                             ("cuda", "no CUDA GPU is available here")])
+def test_devices_are_checked(device, refusal, monkeypatch):
+    import torch
+
+    from biopsy.errors import DeviceError
+    from biopsy.pipeline import inference_options, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if refusal is None:
+        assert resolve_device(device) == (device or "cpu")
+    else:
+        with pytest.raises(DeviceError, match=refusal):
+            resolve_device(device)
+    with pytest.raises(Exception, match="--int8 runs on the CPU"):  # said first, GPU or none
+        inference_options("cuda:1", int8=True)

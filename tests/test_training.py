@@ -426,6 +426,13 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(dataset_root, 
     assert lines[-1] == f"training fit: error: {afile / 'run'}: Not a directory"
 
 
+def test_bad_option_values_are_refused(capsys):
+    with pytest.raises(SystemExit) as refused:
+        training_main(["synth", str(REPO / "configs/train/synthetic-pas.yaml"), "--slides", "0"])
+    assert refused.value.code == 2
+    assert "argument --slides: '0' is not a whole number >= 1" in capsys.readouterr().err
+
+
 def test_label_map_and_geojson_sources_give_labels_at_the_model_mpp(tmp_path):
     truth = np.zeros((40, 60), np.uint8)  # at 2 µm/px
     truth[10:20, 30:50] = 2

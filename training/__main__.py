@@ -9,7 +9,7 @@ import io
 import json
 import sys
 
-from biopsy.cli.batch import add_test_time_arguments
+from biopsy.cli.batch import add_test_time_arguments, count
 from biopsy.errors import USER_ERRORS, user_message
 
 OBJECT_COLUMNS = ["image", "case", "stain", "mpp_factor", "side", "id", "area_um2",
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     fit = commands.add_parser("fit", help="train a model as CONFIG says")
     fit.add_argument("config")
     fit.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state.pt")
-    fit.add_argument("--stop-at", type=int, metavar="STEP",
+    fit.add_argument("--stop-at", type=count(1), metavar="STEP",
                      help="stop after STEP (resumable; the schedule still spans train.steps)")
     fit.add_argument("--folds", type=int, metavar="N",
                      help="k-fold cross-validation by case: train fold --fold of N into "
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     synth = commands.add_parser("synth", help="generate the synthetic training set into data.root")
     synth.add_argument("config")
     synth.add_argument("--root", help="write here instead of data.root (e.g. a held-out test set)")
-    synth.add_argument("--first-seed", type=int, help="seed of the first slide (default: synth.first_seed)")
-    synth.add_argument("--slides", type=int, help="how many slides (default: synth.slides)")
+    synth.add_argument("--first-seed", type=count(0),
+                       help="seed of the first slide (default: synth.first_seed)")
+    synth.add_argument("--slides", type=count(1), help="how many slides (default: synth.slides)")
     export = commands.add_parser("export", help="copy a checkpoint, e.g. as float16 for bundling")
     export.add_argument("checkpoint")
     export.add_argument("out")
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except USER_ERRORS as error:
-        print(f"training {args.command}: error: {user_message(error)}", file=sys.stderr)
+        if (message := user_message(error)) is None:
+            raise
+        print(f"training {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except USER_ERRORS as error:
-        print(f"biopsy {args.command}: error: {user_message(error)}", file=sys.stderr)
+        if (message := user_message(error)) is None:
+            raise
+        print(f"biopsy {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"biopsy {args.command}: interrupted", file=sys.stderr)

@@ -92,17 +92,32 @@ def positive_number(text: str) -> float:
     return scale
 
 
-def count(least: int):
-    """An argparse type: a whole number of at least ``least`` (tiles per batch, workers)."""
+def count(least: int, most: int | None = None):
+    """An argparse type: a whole number of at least ``least`` (and at most ``most``): tiles per
+    batch, workers, a seed."""
     def whole_number(text: str) -> int:
         try:
             number = int(text)
         except ValueError:
             number = least - 1
-        if number < least:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
+        if number < least or (most is not None and number > most):
+            within = f">= {least}" if most is None else f"from {least} to {most}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {within}")
         return number
     return whole_number
+
+
+def number_between(least: float, most: float):
+    """An argparse type: a number from ``least`` to ``most`` (a resolution for tissue detection)."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {least:g} to {most:g}")
+        return value
+    return number
 
 
 class ReadingScales(argparse.Action):

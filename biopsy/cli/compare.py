@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from biopsy.cli.batch import add_device_argument, add_scoring_arguments, make_scorer
+from biopsy.cli.batch import add_device_argument, add_scoring_arguments, count, make_scorer
 from biopsy.errors import BiopsyError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     add_device_argument(parser)
     parser.add_argument("--replicates", type=int, default=BOOTSTRAP_REPLICATES,
                         help="bootstrap replicates (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=BOOTSTRAP_SEED,
+    parser.add_argument("--seed", type=count(0), default=BOOTSTRAP_SEED,
                         help="bootstrap seed (default %(default)s)")
     parser.set_defaults(func=run)
 

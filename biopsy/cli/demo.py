@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from biopsy.cli.batch import add_device_argument, add_model_arguments
+from biopsy.cli.batch import add_device_argument, add_model_arguments, count
 from biopsy.cli.compare import format_metric
 
 BASELINE_PRESET = "active-ln"
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
                     "are reused.")
     parser.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR",
                         help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1,
+    parser.add_argument("--seed", type=count(0), default=1,
                         help="synthetic patient seed (default %(default)s; the follow-up uses "
                              "seed + 1)")
     parser.add_argument("--core-length-mm", type=float, metavar="MM",
@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model_path = pipeline.checkpoint_path(args.model)
+    # first: a device this machine lacks is refused before the slides are made
+    options = pipeline.inference_options(args.device, args.batch_size, args.workers, args.int8,
+                                         args.tta, tuple(args.scales), args.mpp_search)
     shared = {"core_length_mm": args.core_length_mm, "glomeruli": args.glomeruli}
     baseline = load_profile(None, BASELINE_PRESET, **shared, seed=args.seed)
     follow_up = replace(load_profile(None, FOLLOW_UP_PRESET, **shared), seed=args.seed + 1)
@@ -71,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
         generate_pair(baseline, follow_up, slides)
 
     config = load_score_config()
-    options = pipeline.inference_options(args.device, args.batch_size, args.workers, args.int8,
-                                         args.tta, tuple(args.scales), args.mpp_search)
     recipe = pipeline.slide_recipe(read_model_info(model_path), config, options, mpp=None)
     loaded = None
     for slide_dir, name in zip(slide_dirs, ("baseline", "follow_up")):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from biopsy.cli.batch import count
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -27,8 +29,8 @@ def add_parser(subparsers) -> None:
                         help="HSV hue turn in degrees (default 0)")
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
-    parser.add_argument("--quality", type=int, default=90, metavar="Q",
-                        help="JPEG quality of the copy (default 90)")
+    parser.add_argument("--quality", type=count(1, 100), default=90, metavar="Q",
+                        help="JPEG quality of the copy, 1 to 100 (default 90)")
     parser.set_defaults(func=run)
 
 

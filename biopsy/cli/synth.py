@@ -4,6 +4,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from biopsy.cli.batch import count
+
 # CLI flag -> profile key, for the flags that override a profile value.
 OVERRIDES = {
     "glomeruli": (int, "number of glomeruli over all cores"),
@@ -37,7 +39,7 @@ def add_parser(subparsers) -> None:
                         "of configs/synth/ (default: active-ln, or none when --profile is given)")
     parser.add_argument("--profile", type=Path, metavar="YAML",
                         help="profile file, merged over the preset")
-    parser.add_argument("--seed", type=int, help="layout, texture and stain seed")
+    parser.add_argument("--seed", type=count(0), help="layout, texture and stain seed")
     parser.add_argument("--stain", metavar="NAME", help="stain preset: pas, he or trichrome "
                         "(default: the profile's)")
     parser.add_argument("--format", dest="slide_format", choices=("aperio", "generic"),

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 
 from biopsy.atomic import atomic_path, write_text_atomic
-from biopsy.cli.batch import positive_number
+from biopsy.cli.batch import number_between
 
 if TYPE_CHECKING:
     from biopsy.slide import Slide
@@ -28,8 +28,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("slide", type=Path, help="slide file")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--mpp", type=float, help="pixel size in µm/px, overriding the file's")
-    parser.add_argument("--tissue-mpp", type=positive_number, default=8.0,
-                        help="resolution of the mask in µm/px (default 8)")
+    parser.add_argument("--tissue-mpp", type=number_between(1, 64), default=8.0,
+                        help="resolution of the mask in µm/px, 1 to 64 (default 8)")
     parser.add_argument("--min-area-um2", type=float,
                         help="smallest tissue piece kept, µm² (default 5000: a small glomerulus "
                              "alone on the glass is kept)")
