@@ -26,13 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from biopsy.infer import segment_slide  # noqa: E402
-from biopsy.model import load_checkpoint  # noqa: E402
+from biopsy.model import DEFAULT_CHECKPOINT, load_checkpoint  # noqa: E402
 from biopsy.probabilitymap import TILE_PX, probability_map_writer  # noqa: E402
 from biopsy.pyramid import level_shapes  # noqa: E402
 from biopsy.slide import open_slide  # noqa: E402
 from segment_inputs import make_slide  # noqa: E402
 
-MODEL = Path(__file__).resolve().parent.parent / "biopsy" / "models" / "default.safetensors"
 BAND_ROWS = 128
 MPP = 1.0
 
@@ -40,7 +39,7 @@ MPP = 1.0
 def small_probabilities(work_dir: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     """The bundled model's (C, h, w) probabilities of the quick slide, and its class names."""
     slide = open_slide(make_slide(work_dir / "synth-1.5mm", 1, 1.5, 0.8))
-    model, info = load_checkpoint(MODEL)
+    model, info = load_checkpoint(DEFAULT_CHECKPOINT)
     result = segment_slide(slide, model, info, workers=0, return_probabilities=True)
     return result.probabilities, result.class_names
 
