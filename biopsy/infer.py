@@ -38,12 +38,13 @@ from biopsy.classes import class_index
 from biopsy.errors import CheckpointError, MppError, SlideError
 from biopsy.heap import keep_freed_memory
 from biopsy.labelmap import write_label_map
-from biopsy.model import ModelInfo
+from biopsy.model import ModelInfo, ResNetUNet
 from biopsy.probabilitymap import probability_map_writer
 from biopsy.restain import StainShift
 from biopsy.slide import Slide, single_threaded_opencv
 from biopsy.stainnorm import slide_stain_shift
 from biopsy.stitch import Band, BandStitcher
+from biopsy.subpixel import inference_unet
 from biopsy.tiling import TileBlocks, TileDataset, TileGrid, grid_shape_px, make_grid
 from biopsy.tissue import TissueMask, detect_tissue
 
@@ -363,15 +364,19 @@ def prepare_model(model: nn.Module, device: torch.device, compile: bool = False)
     """The model for inference: BatchNorm folded into the convolutions before it where torch.fx can
     trace the model (~12 % less time per tile on CPU, outputs equal to ~1e-5), on ``device`` in
     channels_last memory (the layout ``ModelInfo.normalise`` yields: the fast convolution path on
-    CUDA and on CPUs alike, oneDNN ~1.4x over NCHW). On a CPU, the C heap keeps freed memory
-    for the next batch (:func:`biopsy.heap.keep_freed_memory`)."""
+    CUDA and on CPUs alike, oneDNN ~1.4x over NCHW). On a CPU, the U-Net's decoder upsamples
+    sub-pixel (:mod:`biopsy.subpixel`), and the C heap keeps freed memory for the next batch
+    (:func:`biopsy.heap.keep_freed_memory`)."""
+    model = model.eval()
     if device.type == "cpu":
         keep_freed_memory()
-    model = model.eval()
-    try:
-        model = fuse(model)
-    except Exception as error:  # noqa: BLE001 - fx cannot trace every module; folding is optional
-        log.debug("BatchNorm not folded (%s)", error)
+    if device.type == "cpu" and isinstance(model, ResNetUNet):
+        model = inference_unet(model)
+    else:
+        try:
+            model = fuse(model)
+        except Exception as error:  # noqa: BLE001 - fx cannot trace every module; folding is optional
+            log.debug("BatchNorm not folded (%s)", error)
     model = model.to(device, memory_format=torch.channels_last)
     return torch.compile(model) if compile else model
 

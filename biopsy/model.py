@@ -56,6 +56,7 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
         super().__init__()
+        self.in_channels, self.skip_channels = in_channels, skip_channels
         self.convs = nn.Sequential(
             _conv_bn_relu(in_channels + skip_channels, out_channels),
             _conv_bn_relu(out_channels, out_channels),
