@@ -27,6 +27,7 @@ bench: venv
 	$(BIN)/python benchmarks/segment.py --quick --parts --rss-check --repeat 3
 	$(BIN)/python benchmarks/segment_outputs.py --size-px 16000
 	$(BIN)/python benchmarks/probability_map.py --size-px 8000
+	$(BIN)/python benchmarks/subpixel.py
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/stability.py
 

@@ -17,7 +17,8 @@
 #            15 workers (stop 23 also ran 8 workers, batch 8 and compiled: dropped to fit the
 #            time), and the patch stream one worker feeds on one of this machine's cores;
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
-#            ratio of end to end to the model alone on pre-decoded tiles;
+#            ratio of end to end to the model alone on pre-decoded tiles; the sub-pixel decoder
+#            against the folded model alone (on CUDA only once this says it is faster);
 #   large    that slide end to end, with its tile loop alone and where its time goes (waits
 #            for the build);
 #   cli      `biopsy segment` on that slide: labels.ome.tif, objects.geojson and overview.png
@@ -46,7 +47,9 @@ for name in "${steps[@]}"; do
           --steps 200 2>&1 | grep -v 'fit:' | tee "$out/train.txt" ;;
       segment)
         timeout 150 python3 benchmarks/segment.py --device cuda --quick --parts \
-          --methods ours ours-compile --workers 14 2>&1 | tee "$out/segment.txt" ;;
+          --methods ours ours-compile --workers 14 2>&1 | tee "$out/segment.txt"
+        timeout 60 python3 benchmarks/subpixel.py --device cuda --batch-size 64 2>&1 \
+          | tee "$out/subpixel.txt" ;;
       tests)
         [ -e "$large" ] || setsid nohup timeout 400 python3 -c "import sys; from pathlib import Path
 sys.path.insert(0, 'benchmarks'); from segment_inputs import make_large_slide, make_slide
