@@ -5,14 +5,16 @@ its truth label map) and one checkpoint (the bundled model, ``biopsy/models/defa
 a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px; or ``--model``) go through
 (inputs: ``segment_inputs.py``; the methods: ``segment_runners.py``):
 
-1. ``ours``: :func:`biopsy.infer.segment_slide` (tissue tiles only, worker processes, Gaussian
-   blending, band-streamed stitching; bf16 on CUDA); ``ours-bf16`` with bf16 autocast on CPU too;
-   ``ours-int8`` with the int8 model built from the checkpoint's calibration (``biopsy
-   calibrate``; building it is part of loading the model, once per process, so like loading it
-   is reported beside the wall time, not in it); ``ours-compile`` (only when asked for) with
+1. ``ours``: :func:`biopsy.infer.segment_slide` (tissue tiles only, read in this process on a
+   CPU and by worker processes on CUDA, Gaussian blending, band-streamed stitching; bf16 on
+   CUDA), the model prepared first (:func:`biopsy.infer.prepare_model`: BatchNorm folded, on a
+   CPU the sub-pixel decoder); ``ours-bf16`` with bf16 autocast on CPU too; ``ours-int8`` with
+   the int8 model built from the checkpoint's calibration (``biopsy calibrate``); preparing and
+   building are part of loading the model, once per process (``biopsy.pipeline.load_model``),
+   so like loading they are reported beside the wall time, not in it; ``ours-compile`` (only when asked for) with
    ``torch.compile``, its compilation in the wall time; stain normalisation off, as the peers have none (``--large-px`` keeps it: the production path);
 2. ``tiatoolbox``: ``SemanticSegmentor.run(patch_mode=False)`` with its automatic tissue mask and
-   the same tiles, stride and workers (needs ``tiatoolbox``; ``--tia-python`` names an interpreter
+   the same tiles and stride, workers as ``method_workers`` says (needs ``tiatoolbox``; ``--tia-python`` names an interpreter
    that has it, e.g. a separate environment, since it pins older torch/numpy);
 3. ``monai``: ``SlidingWindowInferer(mode="gaussian", sigma_scale=0.125)`` over the slide read whole
    at the model's mpp;
@@ -115,7 +117,7 @@ def run_child(method: str, python: str, slide: Path, checkpoint: Path, args,
     to a third: wall times come from runs without it."""
     command = [python, __file__, "--child", method, "--slide", str(slide),
                "--model", str(checkpoint), "--labels-out", str(labels_out), "--device", args.device,
-               "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+               "--batch-size", str(args.batch_size), "--workers", str(method_workers(method, args)),
                "--work-dir", str(args.work_dir),
                *(["--large-px", str(args.large_px)] if args.large_px else [])]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -144,6 +146,18 @@ def run_child(method: str, python: str, slide: Path, checkpoint: Path, args,
         return {"error": f"exit {process.returncode}: {last[:160]}"}
     result = json.loads(lines[-1][len("RESULT "):])
     return {**result, "peak_mib": peak_kb / 1024} if memory_interval_s else result
+
+
+def method_workers(method: str, args) -> int:
+    """Tile-reading worker processes for ``method``: ``--workers`` when given; else ours as
+    ``biopsy segment`` has them (none on a CPU, up to 8 on CUDA), and the peers' loaders
+    min(8, CPUs), TIAToolbox's fastest on the 2-core CPU (5.9 s, against 6.4 s without)."""
+    if args.workers is not None:
+        return args.workers
+    if method in ("tiatoolbox", "monai", "naive"):
+        return min(8, os.cpu_count() or 1)
+    from biopsy.infer import default_workers
+    return default_workers(args.device)
 
 
 def timed_and_sampled(method: str, python: str, slide: Path, checkpoint: Path, args,
@@ -206,7 +220,8 @@ def main() -> None:
     print(f"slide: {width} x {height} px at {SLIDE_MPP} µm/px ({args.cores} core(s) of "
           f"{args.core_length_mm} x {args.core_width_mm} mm); model: {info.patch_size_px} px tiles "
           f"at {info.input_mpp} µm/px, step {info.patch_size_px // 2}; device {args.device}, "
-          f"batch {args.batch_size}, workers {args.workers}, {os.cpu_count()} CPUs", flush=True)
+          f"batch {args.batch_size}, workers: ours {method_workers('ours', args)}, TIAToolbox and "
+          f"naive {method_workers('naive', args)}; {os.cpu_count()} CPUs", flush=True)
     results, labels = {}, {}
     for method in args.methods:
         python = tia_python(args.tia_python) if method == "tiatoolbox" else sys.executable
@@ -258,10 +273,12 @@ def print_table(results: dict, labels: dict, slide: Path, mpp: float, patch_px: 
         print(f"| {method} | {result['seconds']:.1f} | {result['tiles']} | "
               f"{result['tiles'] / result['seconds']:.2f} | {result['peak_mib']:.0f} | {agree} | "
               f"{accuracy} | {ratio} |")
-    if "int8 model built in s" in results.get("ours-int8", {}):
-        print(f"\nours-int8: the int8 model was built from the checkpoint in "
-              f"{results['ours-int8']['int8 model built in s']:.2f} s before the timed run "
-              f"(once per process, like loading the checkpoint, which no method's time includes)")
+    prepared = {method: f"{result['model prepared in s']:.2f} s" for method, result in
+                results.items() if "model prepared in s" in result}
+    if prepared:
+        print(f"\nours: the model was prepared (int8: built and prepared) before the timed run in "
+              f"{', '.join(f'{method} {s}' for method, s in prepared.items())} (once per process, "
+              f"like loading the checkpoint, which no method's time includes)")
     if "seconds" in ours and project:
         # a 60,000 x 60,000 px slide at 0.5 µm/px, with this slide's share of tissue tiles
         full_grid = len(_grid_for(slide, mpp, patch_px))
@@ -355,7 +372,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--core-width-mm", type=float, help="default 1.2; quick 0.8")
     parser.add_argument("--model", type=Path, help="checkpoint (default: the bundled model)")
     parser.add_argument("--batch-size", type=int, help="default 64 on CUDA, 8 on CPU")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int,
+                        help="tile-reading workers of every method (default: ours none on a "
+                             "CPU and up to 8 on CUDA, as biopsy segment; the others min(8, CPUs))")
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="default: all but ours-compile (ours-bf16 and ours-int8 only on "
                              "CPU, where ours is fp32)")

@@ -14,7 +14,6 @@ by the folder writer, the resolved scoring config.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from biopsy.errors import CheckpointError, DeviceError
-from biopsy.infer import check_scales, segment_slide
+from biopsy.infer import check_scales, default_workers, prepare_model, segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration
@@ -52,7 +51,7 @@ class InferenceOptions:
 
     device: str = "cpu"
     batch_size: int = 16
-    workers: int = 2
+    workers: int = 0
     int8: bool = False
     tta: bool = False
     scales: tuple[float, ...] = (1.0,)
@@ -87,8 +86,8 @@ def inference_options(device: str | None = None, batch_size: int = 16,
                       scales: tuple[float, ...] = (1.0,),
                       mpp_search: Sequence[float] | None = None) -> InferenceOptions:
     """Options with the defaults resolved: the device (:func:`resolve_device`; the CPU for int8),
-    the tile-reading workers (2 on CPU, where the model is the bottleneck; up to 8 on CUDA,
-    where decoding is) and the search factors (factor 1 alone: no search).
+    the tile-reading workers (:func:`biopsy.infer.default_workers`: none on CPU, up to 8 on
+    CUDA) and the search factors (factor 1 alone: no search).
 
     Raises
     ------
@@ -104,7 +103,7 @@ def inference_options(device: str | None = None, batch_size: int = 16,
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
     device = "cpu" if int8 and device is None else resolve_device(device)
     if workers is None:
-        workers = min(8 if device.startswith("cuda") else 2, os.cpu_count() or 1)
+        workers = default_workers(device)
     return InferenceOptions(device, batch_size, workers, int8, tta, tuple(map(float, scales)),
                             mpp_search)
 
@@ -127,7 +126,8 @@ def checkpoint_path(path: str | Path | None) -> Path:
 
 def load_model(path: str | Path | None, device: str,
                int8: bool = False) -> tuple[nn.Module, ModelInfo, Path]:
-    """The model of checkpoint ``path`` (None: the bundled one) on ``device``, its info and path;
+    """The model of checkpoint ``path`` (None: the bundled one) on ``device``, ready for inference
+    (:func:`biopsy.infer.prepare_model`, once for all the slides it segments), its info and path;
     with ``int8``, quantized from the checkpoint's calibration (:mod:`biopsy.quantize`).
 
     Raises
@@ -139,7 +139,7 @@ def load_model(path: str | Path | None, device: str,
     model, info = load_checkpoint(path, device)
     if int8:
         model = quantized_model(model, info, read_int8_calibration(path))
-    return model, info, path
+    return prepare_model(model, torch.device(device)), info, path
 
 
 def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Module,

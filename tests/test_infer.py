@@ -1,16 +1,22 @@
 """Stitched whole-slide inference: against MONAI, seam-free, band-streamed, clear errors."""
 
 import logging
+import os
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import biopsy.infer
 from biopsy.errors import CheckpointError
-from biopsy.infer import batch_probabilities, prepare_model, segment_slide, segment_slide_bands
+from biopsy.infer import (batch_probabilities, default_workers, prepare_model, segment_slide,
+                          segment_slide_bands)
 from biopsy.model import build_model
+from biopsy.pipeline import inference_options
 from biopsy.slide import open_slide
 from biopsy.stitch import BandStitcher
+from biopsy.subpixel import inference_unet
 from cuda_syncs import cuda_syncs
 from inference_models import (all_tissue, check_positions, constant_model, model_info,
                               position_image, random_cnn, tissue_mask, write_slide)
@@ -84,11 +90,47 @@ def test_batchnorm_folding_keeps_the_unet_outputs():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_prepared_model_is_prepared_once_and_the_callers_model_each_time(noise_slide,
+                                                                          monkeypatch):
+    model = build_model("unet", 4, 3, encoder="resnet18", decoder_channels=[32, 16, 16, 8, 8])
+    prepared = prepare_model(model, torch.device("cpu"))
+    copies = []
+    monkeypatch.setattr(biopsy.infer, "inference_unet",
+                        lambda unet: copies.append(unet) or inference_unet(unet))
+    assert prepare_model(prepared, torch.device("cpu")) is prepared
+    assert prepare_model(model, torch.device("cpu")) is not prepared  # the caller's: copied again
+    assert copies == [model]
+    # a model that torch.fx cannot fold is the caller's own: put in eval mode each time
+    untraceable = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout())
+    monkeypatch.setattr(biopsy.infer, "fuse", lambda module: 1 / 0)
+    assert prepare_model(untraceable, torch.device("cpu")) is untraceable
+    untraceable.train()
+    assert not prepare_model(untraceable, torch.device("cpu")).training
+    # a prepared model gives the map of the model it was made from
+    info = model_info(4, mpp=1.0, patch_px=64)
+    options = {"workers": 0, "tissue": all_tissue(noise_slide)}
+    np.testing.assert_array_equal(segment_slide(noise_slide, prepared, info, **options).labels,
+                                  segment_slide(noise_slide, model, info, **options).labels)
+
+
 def test_worker_processes_give_the_same_map(noise_slide):
     model, info = random_cnn(5), model_info(5, mpp=1.0, patch_px=64)
     in_process = segment_slide(noise_slide, model, info, workers=0, tissue=all_tissue(noise_slide))
     in_workers = segment_slide(noise_slide, model, info, workers=2, tissue=all_tissue(noise_slide))
     np.testing.assert_array_equal(in_process.labels, in_workers.labels)
+
+
+def test_tiles_are_read_in_process_on_a_cpu_and_by_workers_on_cuda(noise_slide, monkeypatch):
+    """On a CPU the model's threads take every core: by default no reading workers beside them."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert (default_workers("cpu"), default_workers("cuda"), default_workers("cuda:1")) == (0, 8, 8)
+    assert inference_options("cpu").workers == 0
+    started = []
+    monkeypatch.setattr(biopsy.infer, "_start_reading",
+                        lambda blocks, workers, device: started.append(workers) or iter(blocks))
+    segment_slide(noise_slide, random_cnn(5), model_info(5, mpp=1.0, patch_px=64),
+                  tissue=all_tissue(noise_slide))
+    assert started == [0]
 
 
 def test_compiled_model_gives_the_same_map_on_cpu(noise_slide):

@@ -44,7 +44,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiles per batch (default %(default)s)")
     parser.add_argument("--workers", type=count(0), metavar="N",
                         help="tile-reading worker processes per slide (0: read in the main "
-                             "process; default 2 on CPU, 8 on CUDA)")
+                             "process; default 0 on CPU, where the model's threads take every core; up "
+                             "to 8 on CUDA)")
     add_int8_argument(parser)
     add_test_time_arguments(parser)
 

@@ -28,8 +28,9 @@ def add_parser(subparsers) -> None:
                         help="tiles per batch")
     parser.add_argument("--workers", type=count(0), metavar="N",
                         help="worker processes reading tiles, then tracing the outlines of "
-                             "objects.geojson (0: the main process does it; default 2 on CPU, up "
-                             "to 8 on CUDA, where decoding is the bottleneck)")
+                             "objects.geojson (0: the main process does it; default 0 on CPU, "
+                             "where the model's threads take every core; up to 8 on CUDA, where "
+                             "decoding is the bottleneck)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output-mpp", type=positive_number, metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")
