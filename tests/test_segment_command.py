@@ -119,17 +119,21 @@ def test_segment_command_applies_the_model_stain_reference_unless_told_not_to(ti
         np.testing.assert_array_equal(read_label_map(out / "labels.ome.tif").labels, expected)
 
 
-def test_segment_command_on_a_slide_without_tissue(checkpoints, tmp_path, caplog, capsys):
+def test_segment_command_on_a_slide_without_tissue(tmp_path, caplog, capsys):
+    """Also: without --model, the bundled model segments it."""
     import json
 
     from biopsy.cli import main
     from biopsy.labelmap import read_label_map
+    from biopsy.model import DEFAULT_CHECKPOINT, read_model_info
 
     slide = write_slide(tmp_path / "glass.tif", np.full((512, 512, 3), 242, np.uint8), mpp=0.5)
     with caplog.at_level(logging.WARNING):
-        assert main(["segment", str(slide.path), "--model", str(checkpoints[3]), "--out",
-                     str(tmp_path / "out"), "--workers", "0"]) == 0
+        assert main(["segment", str(slide.path), "--out", str(tmp_path / "out")]) == 0
     assert "no tissue" in caplog.text
+    model = json.loads((tmp_path / "out" / "segment.json").read_text())["model"]
+    assert (model["path"], model["sha256"]) == (str(DEFAULT_CHECKPOINT),
+                                                read_model_info(DEFAULT_CHECKPOINT).sha256)
     assert not read_label_map(tmp_path / "out" / "labels.ome.tif").labels.any()
     assert json.loads((tmp_path / "out" / "objects.geojson").read_text())["features"] == []
 

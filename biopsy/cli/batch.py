@@ -35,18 +35,20 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of segmenting slides: model checkpoint, tiles per batch, tile-reading workers."""
+def add_model_arguments(parser: argparse.ArgumentParser, precision=None) -> None:
+    """Options of segmenting slides: model checkpoint, tiles per batch, workers, --int8 (in the
+    mutually exclusive group ``precision`` when given), test-time augmentation."""
     parser.add_argument("--model", type=Path, metavar="CKPT",
                         help="model checkpoint (default: the bundled model, "
                              "biopsy/models/default.safetensors)")
     parser.add_argument("--batch-size", type=count(1), default=16, metavar="N",
                         help="tiles per batch (default %(default)s)")
     parser.add_argument("--workers", type=count(0), metavar="N",
-                        help="tile-reading worker processes per slide (0: read in the main "
-                             "process; default 0 on CPU, where the model's threads take every core; up "
-                             "to 8 on CUDA)")
-    add_int8_argument(parser)
+                        help="worker processes per slide reading its tiles, then tracing the "
+                             "outlines of objects.geojson (0: the main process does it; default 0 "
+                             "on CPU, where the model's threads take every core; up to 8 on CUDA, "
+                             "where decoding is the bottleneck)")
+    add_int8_argument(parser if precision is None else precision)
     add_test_time_arguments(parser)
 
 

@@ -7,42 +7,33 @@ import json
 import time
 from pathlib import Path
 
-from biopsy.cli.batch import (add_int8_argument, add_stain_argument, add_test_time_arguments,
-                              count, load_model_from_args, positive_number)
+from biopsy.cli.batch import (add_device_argument, add_model_arguments, add_stain_argument,
+                              load_model_from_args, positive_number)
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment", help="segment a whole slide with a model checkpoint",
-        description="Segment the tissue of a whole slide with a model checkpoint (Gaussian-blended "
-                    "overlapping tiles). Writes labels.ome.tif, objects.geojson, overview.png, "
-                    "optionally probabilities.ome.tif, and segment.json last to --out.")
+        description="Segment the tissue of a whole slide with a model checkpoint (default: the "
+                    "bundled model; Gaussian-blended overlapping tiles). Writes labels.ome.tif, "
+                    "objects.geojson, overview.png, optionally probabilities.ome.tif, and "
+                    "segment.json last to --out.")
     parser.add_argument("slide", type=Path, metavar="SLIDE", help="slide file")
-    parser.add_argument("--model", type=Path, required=True, metavar="CKPT",
-                        help="model checkpoint (.safetensors)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output folder (segment.json is written last)")
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
-    parser.add_argument("--batch-size", type=count(1), default=16, metavar="N",
-                        help="tiles per batch")
-    parser.add_argument("--workers", type=count(0), metavar="N",
-                        help="worker processes reading tiles, then tracing the outlines of "
-                             "objects.geojson (0: the main process does it; default 0 on CPU, "
-                             "where the model's threads take every core; up to 8 on CUDA, where "
-                             "decoding is the bottleneck)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--output-mpp", type=positive_number, metavar="X",
-                        help="µm/px of the class map (default: the model's input mpp)")
-    parser.add_argument("--probabilities", action="store_true",
-                        help="also write probabilities.ome.tif (one channel per class)")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                            help="bfloat16 autocast (default: on CUDA only; on CPUs with native "
                                 "bf16 --bf16 is ~2x faster, a few border pixels may change)")
-    add_int8_argument(precision)
+    add_model_arguments(parser, precision)
+    add_device_argument(parser)
+    parser.add_argument("--output-mpp", type=positive_number, metavar="X",
+                        help="µm/px of the class map (default: the model's input mpp)")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="also write probabilities.ome.tif (one channel per class)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    add_test_time_arguments(parser)
     add_stain_argument(parser)
     parser.set_defaults(func=run)
 
@@ -55,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from biopsy.slide import open_slide
 
     slide = open_slide(args.slide, mpp=args.mpp)
-    options, model, info, _ = load_model_from_args(args, args.device)
+    options, model, info, model_path = load_model_from_args(args, args.device)
     args.device, args.workers = options.device, options.workers
     labels_path = begin_segmentation(args.out)
     probabilities_path = args.out / PROBABILITIES_FILE if args.probabilities else None
@@ -70,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     provenance = {
         "slide": {"path": str(args.slide), "sha256": slide.sha256, "mpp": list(slide.mpp)},
-        "model": {"path": str(args.model), "sha256": info.sha256, "input_mpp": info.input_mpp,
+        "model": {"path": str(model_path), "sha256": info.sha256, "input_mpp": info.input_mpp,
                   "patch_size_px": info.patch_size_px,
                   "glomerulus_threshold": info.glomerulus_threshold},
         "options": {"batch_size": args.batch_size, "workers": args.workers,
