@@ -44,8 +44,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, precision=None) -> None
     parser.add_argument("--batch-size", type=count(1), default=16, metavar="N",
                         help="tiles per batch (default %(default)s)")
     parser.add_argument("--workers", type=count(0), metavar="N",
-                        help="worker processes per slide reading its tiles, then tracing the "
-                             "outlines of objects.geojson (0: the main process does it; default 0 "
+                        help="worker processes per slide reading its tiles (segment: then tracing "
+                             "the outlines of objects.geojson) (0: the main process does it; default 0 "
                              "on CPU, where the model's threads take every core; up to 8 on CUDA, "
                              "where decoding is the bottleneck)")
     add_int8_argument(parser if precision is None else precision)
