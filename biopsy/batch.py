@@ -295,7 +295,7 @@ def _compare_pairing(pairing: Pairing, out_dir: Path) -> tuple[dict, dict | None
                                       baseline.patient_id)
     except BiopsyError as error:
         return record | {"status": f"not compared: {error}", "folder": None}, None
-    return record, comparison
+    return record | {"processing_differences": comparison["processing_differences"]}, comparison
 
 
 def _cohort_csv(cohort: dict) -> str:

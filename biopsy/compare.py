@@ -269,7 +269,47 @@ def compare_scored(baseline: ScoredSlide, follow_up: ScoredSlide, patient_id: st
                       "interval": "percentile", "resampled": "glomeruli and cortex tiles of "
                       "each biopsy, independently"},
         "metrics": compare_samples(sample_of(baseline), sample_of(follow_up), replicates, seed),
+        "processing_differences": processing_differences(baseline, follow_up),
     }
+
+
+def processing_differences(baseline: ScoredSlide, follow_up: ScoredSlide) -> list[str]:
+    """How the two slides were scored differently, a sentence each: reasons a difference may owe
+    to the processing rather than the tissue (another model or scoring config, other inference
+    options, another stain reference, a pixel size searched to another factor). Empty when they
+    were scored alike; batch size, workers and device change no score and are left out."""
+    base, follow = baseline.summary["provenance"], follow_up.summary["provenance"]
+    differences = []
+    if _field(base, "model", "sha256") != _field(follow, "model", "sha256"):
+        differences.append("segmented by different models (or one scored from a label map): "
+                           "their classes may be drawn differently")
+    if base.get("config") != follow.get("config"):
+        differences.append("scored with different scoring configurations")
+    if base.get("inference") is None or follow.get("inference") is None:
+        return differences  # a label map scored: no segmentation to set against the other's
+    for key, what in (("int8", "int8"), ("bf16", "bfloat16"), ("tta", "mirror-image test-time "
+                      "augmentation"), ("scales", "reading scales"), ("stain_reference",
+                      "stain reference (stain normalisation)")):
+        values = [provenance["inference"].get(key) for provenance in (base, follow)]
+        if key == "scales":
+            values = [value or [1.0] for value in values]  # folders from before the option
+        if values[0] != values[1]:
+            differences.append(f"segmented with another {what}: {values[0]} at baseline, "
+                               f"{values[1]} at follow-up")
+    factors = [_field(provenance, "inference", "mpp_search", "factor") or 1.0
+               for provenance in (base, follow)]
+    if factors[0] != factors[1]:
+        differences.append(f"pixel sizes searched to different factors: baseline read at "
+                           f"{factors[0]:g}x its pixel size, follow-up at {factors[1]:g}x; their "
+                           "areas rest on different assumed magnifications")
+    return differences
+
+
+def _field(provenance: dict, *keys: str):
+    """``provenance[k1][k2]...``, None where a level is missing (a label map has no model)."""
+    for key in keys:
+        provenance = provenance.get(key) if isinstance(provenance, dict) else None
+    return provenance
 
 
 def compare_folders(baseline_dir: str | Path, follow_up_dir: str | Path, patient_id: str = "",

@@ -45,6 +45,7 @@ text-align:right;vertical-align:middle}th:first-child,td:first-child{text-align:
 .crops figure{margin:0;text-align:center}.legend span{display:inline-block;margin-right:14px}
 .swatch{display:inline-block;width:12px;height:12px;border:2px solid;margin-right:4px;vertical-align:-2px}
 pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}
+.warning{background:#fff4e5;border-left:4px solid #e65100;padding:4px 12px;margin:12px 0}
 """
 
 
@@ -74,6 +75,7 @@ def render_report(comparison: dict, baseline: ScoredSlide, follow_up: ScoredSlid
     sections = [
         f"<h1>Pre/post comparison: patient {e(patient)}</h1>",
         _slides_line(comparison),
+        _processing_differences(comparison),
         _metric_tables(comparison),
         "<h2>NIH activity and chronicity components</h2>",
         _component_table(baseline.summary["scores"], follow_up.summary["scores"]),
@@ -98,6 +100,15 @@ def _slides_line(comparison: dict) -> str:
             f"{boot['confidence']:.0%} percentile bootstrap, {boot['replicates']} replicates, seed "
             f"{boot['seed']}; {e(boot['resampled'])}. A metric improved (worsened) when its interval "
             "lies wholly below (above) zero.</p>")
+
+
+def _processing_differences(comparison: dict) -> str:
+    differences = comparison.get("processing_differences") or []
+    if not differences:
+        return ""
+    items = "".join(f"<li>{e(d)}</li>" for d in differences)
+    return (f"<div class='warning'><p><b>The two biopsies were processed differently</b>; a "
+            f"difference below may owe to that rather than to the tissue:</p><ul>{items}</ul></div>")
 
 
 def _metric_tables(comparison: dict) -> str:

@@ -82,6 +82,8 @@ def test_failing_slide_is_recorded_and_the_others_finish(tmp_path):
     cohort = json.loads((out / "cohort.json").read_text())
     statuses = {c["patient_id"]: c["status"] for c in cohort["comparisons"]}
     assert statuses == {"P1": "compared", "P2": "compared", "PX": "not compared: row(s) 7 not scored"}
+    # each pair was scored alike; a difference would be named here, as in its comparison.json
+    assert [c.get("processing_differences") for c in cohort["comparisons"]] == [[], [], None]
     (group,) = cohort["groups"]
     assert group["patients"] == 2
     deposits = next(m for m in group["metrics"] if m["name"] == "hyaline_deposits")

@@ -2,6 +2,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -174,3 +175,64 @@ def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, caps
     assert again.func(again) == 0
     assert ((tmp_path / "again" / "comparison.json").read_text()
             == (tmp_path / "out" / "comparison.json").read_text())
+
+
+def provenance(model="a" * 64, config=None, **inference) -> SimpleNamespace:
+    """A scored slide's stand-in: only its provenance is read."""
+    return SimpleNamespace(summary={"provenance": {
+        "model": {"sha256": model}, "config": config or {"min_glomeruli": 10},
+        "inference": {"int8": False, "bf16": False, "tta": False, "scales": [1.0],
+                      "stain_reference": [1.5, 0.7]} | inference}})
+
+
+def test_processing_differences_name_what_was_done_differently():
+    alike = compare.processing_differences
+    assert alike(provenance(), provenance()) == []
+    # folders from before reading scales and the search: the one scale, no search (factor 1)
+    old = provenance()
+    del old.summary["provenance"]["inference"]["scales"]
+    assert alike(old, provenance(mpp_search={"factors": [0.71, 1, 1.41], "factor": 1.0})) == []
+    # label maps scored on both sides: no model, no inference
+    label_map = SimpleNamespace(summary={"provenance": {"config": {"min_glomeruli": 10}}})
+    assert alike(label_map, label_map) == []
+
+    assert len(alike(label_map, provenance())) == 1
+    [model] = alike(provenance(), provenance(model="b" * 64))
+    assert "different models" in model
+    [config] = alike(provenance(), provenance(config={"min_glomeruli": 8}))
+    assert "scoring configurations" in config
+    [tta] = alike(provenance(), provenance(tta=True))
+    assert "mirror-image" in tta and "False at baseline, True at follow-up" in tta
+    [stain] = alike(provenance(), provenance(stain_reference=None))
+    assert "stain reference" in stain
+    [search] = alike(provenance(mpp_search={"factor": 0.71}), provenance(mpp_search={"factor": 1.41}))
+    assert "baseline read at 0.71x its pixel size, follow-up at 1.41x" in search
+    assert len(alike(provenance(int8=True, scales=[1, 1.41]), provenance(bf16=True))) == 3
+
+
+def test_a_pair_processed_differently_is_flagged_in_the_outputs(tmp_path, capsys):
+    pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["hyaline_deposits"] * 12))
+    post = write_label_map_file(tmp_path / "post.ome.tif", paint_label_map(["normal"] * 12))
+    parser = argparse.ArgumentParser()
+    compare_cli.add_parser(parser.add_subparsers())
+    alike = parser.parse_args(["compare", str(pre), str(post), "--from-labels", "--out",
+                               str(tmp_path / "alike")])
+    assert alike.func(alike) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "alike" / "comparison.json").read_text())[
+        "processing_differences"] == []
+    assert "processed differently" not in (tmp_path / "alike" / "report.html").read_text()
+
+    summary_path = tmp_path / "alike" / "follow_up" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["provenance"]["config"]["glomeruli"]["min_area_um2"] = 1000.0
+    summary_path.write_text(json.dumps(summary))
+    args = parser.parse_args(["compare", str(tmp_path / "alike" / "baseline"),
+                              str(tmp_path / "alike" / "follow_up"), "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    assert capsys.readouterr().err == ("warning: the biopsies were scored with different scoring "
+                                       "configurations\n")
+    assert json.loads((tmp_path / "out" / "comparison.json").read_text())[
+        "processing_differences"] == ["scored with different scoring configurations"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "processed differently" in report and "different scoring configurations" in report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{family}:")
         for m in (m for m in comparison["metrics"] if m["family"] == family):
             print("  " + format_metric(m))
+    for difference in comparison["processing_differences"]:
+        print(f"warning: the biopsies were {difference}", file=sys.stderr)
     print(f"report: {args.out / 'report.html'}")
     return 0
 
