@@ -150,11 +150,12 @@ def run_child(method: str, python: str, slide: Path, checkpoint: Path, args,
 
 def method_workers(method: str, args) -> int:
     """Tile-reading worker processes for ``method``: ``--workers`` when given; else ours as
-    ``biopsy segment`` has them (none on a CPU, up to 8 on CUDA), and the peers' loaders
-    min(8, CPUs), TIAToolbox's fastest on the 2-core CPU (5.9 s, against 6.4 s without)."""
+    ``biopsy segment`` has them (none on a CPU, up to 8 on CUDA), and TIAToolbox's loader
+    min(8, CPUs), its fastest on the 2-core CPU (5.9 s, against 6.4 s without; MONAI and the
+    naive loop read in their own process)."""
     if args.workers is not None:
         return args.workers
-    if method in ("tiatoolbox", "monai", "naive"):
+    if method == "tiatoolbox":
         return min(8, os.cpu_count() or 1)
     from biopsy.infer import default_workers
     return default_workers(args.device)
@@ -220,8 +221,8 @@ def main() -> None:
     print(f"slide: {width} x {height} px at {SLIDE_MPP} µm/px ({args.cores} core(s) of "
           f"{args.core_length_mm} x {args.core_width_mm} mm); model: {info.patch_size_px} px tiles "
           f"at {info.input_mpp} µm/px, step {info.patch_size_px // 2}; device {args.device}, "
-          f"batch {args.batch_size}, workers: ours {method_workers('ours', args)}, TIAToolbox and "
-          f"naive {method_workers('naive', args)}; {os.cpu_count()} CPUs", flush=True)
+          f"batch {args.batch_size}, workers: ours {method_workers('ours', args)}, TIAToolbox "
+          f"{method_workers('tiatoolbox', args)}; {os.cpu_count()} CPUs", flush=True)
     results, labels = {}, {}
     for method in args.methods:
         python = tia_python(args.tia_python) if method == "tiatoolbox" else sys.executable
@@ -373,8 +374,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="checkpoint (default: the bundled model)")
     parser.add_argument("--batch-size", type=int, help="default 64 on CUDA, 8 on CPU")
     parser.add_argument("--workers", type=int,
-                        help="tile-reading workers of every method (default: ours none on a "
-                             "CPU and up to 8 on CUDA, as biopsy segment; the others min(8, CPUs))")
+                        help="tile-reading workers of ours and TIAToolbox (default: ours none "
+                             "on a CPU and up to 8 on CUDA, as biopsy segment; TIAToolbox "
+                             "min(8, CPUs))")
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="default: all but ours-compile (ours-bf16 and ours-int8 only on "
                              "CPU, where ours is fp32)")

@@ -1,8 +1,8 @@
 """Stitched whole-slide inference: a slide and a model in, a class map at a chosen mpp out.
 
 The hot path (../shared/DESIGN.md): tissue tiles only (:mod:`biopsy.tiling`), read at the model's
-mpp by DataLoader worker processes in blocks of 4 tile rows x 16 tiles (cut from one read where
-that gives the same pixels); uint8 blocks copied pinned and non-blocking to the device, each band
+mpp in blocks of 4 tile rows x 16 tiles (cut from one read where that gives the same pixels), by
+DataLoader worker processes on CUDA and in this process on a CPU (:func:`default_workers`); uint8 blocks copied pinned and non-blocking to the device, each band
 of 4 tile rows put in row-major order there and normalised batch by batch; the model under
 ``torch.inference_mode()`` in channels_last memory (bf16 autocast on CUDA, optional on CPU;
 optional ``torch.compile``); softmax probabilities (optionally averaged over test-time
@@ -22,7 +22,6 @@ import collections
 import logging
 import math
 import os
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from biopsy.tissue import TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
 
-_PREPARED = weakref.WeakSet()  # the models prepare_model has folded
+PREPARED = "prepared_for_inference"  # attribute marking the copies prepare_model folded
 MIRRORS = ((), (3,), (2,), (2, 3))  # flipped (N, C, H, W) dims: the tile, left-right, up-down, both
 
 
@@ -212,7 +211,7 @@ def _run(slide, model, info, *, batch_size=16, workers=None, device="cpu", outpu
     if workers is None:
         workers = default_workers(device)
     reading = _start_reading(blocks, workers, device)  # the workers start reading now
-    # measured later, the stain is applied on the device; else the workers apply it
+    # measured later, the stain is applied on the device; else as the tiles are read
     stain = tile_stain_shift(slide, info, tissue, tiles.grid) if stain_later else tiles.stain
     device_stain = stain if stain_later and shifts_on_device(stain, device) else None
     bands = _bands(blocks, reading, model, info, stitcher, batch_size, device, bf16, tta,
@@ -223,8 +222,8 @@ def _run(slide, model, info, *, batch_size=16, workers=None, device="cpu", outpu
 def default_workers(device: str | torch.device) -> int:
     """Tile-reading worker processes by default: up to 8 on CUDA, where decoding is the
     bottleneck; none on a CPU, where the model's threads take every core and workers reading
-    beside them only slow it (2 cores: 2.4 -> 2.0 s for the quick benchmark slide without them,
-    10.5 -> 10.1 s for a 7.8 mm core, whose reading takes 0.2 s of it)."""
+    beside them only slow it (2 cores: 2.3-2.6 -> 1.9-2.0 s for the quick benchmark slide
+    without them, 10.5 -> 9.8-10.2 s for a 7.8 mm core, whose reading takes 0.2 s of it)."""
     return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
 
 
@@ -381,18 +380,19 @@ def prepare_model(model: nn.Module, device: torch.device, compile: bool = False)
     CUDA and on CPUs alike, oneDNN ~1.4x over NCHW). On a CPU, the U-Net's decoder upsamples
     sub-pixel (:mod:`biopsy.subpixel`), and the C heap keeps freed memory for the next batch
     (:func:`biopsy.heap.keep_freed_memory`). The caller's model is folded into a copy (but for
-    eval mode, left as it is); a copy made here is only moved, so that a model prepared once, as
+    eval mode, left as it is). A model prepared here (or a copy of one) is only moved to
+    ``device``, as it was folded for its first device, so that a model prepared once, as
     :func:`biopsy.pipeline.load_model` does, is not copied again for every slide (~0.1 s on a
     2-core CPU)."""
     device = torch.device(device)
     if device.type == "cpu":
         keep_freed_memory()
-    if model in _PREPARED:
+    if getattr(model, PREPARED, False):
         prepared = model
     else:
         prepared = _folded(model.eval(), device)
-        if prepared is not model:  # the caller's own model may still change: not kept
-            _PREPARED.add(prepared)
+        if prepared is not model:  # the caller's own model may still change: not marked
+            setattr(prepared, PREPARED, True)
     prepared = prepared.to(device, memory_format=torch.channels_last)
     return torch.compile(prepared) if compile else prepared
 

@@ -1,4 +1,5 @@
-"""The tile grid of stitched inference and the dataset that reads its tiles in worker processes.
+"""The tile grid of stitched inference and the dataset that reads its tiles (in worker processes
+or in the caller's).
 
 The grid lives at the model's mpp: square tiles of ``patch_px`` every ``step_px`` along each axis,
 the last tile of a row or column moved back so that it ends at the slide's edge (the positions of

@@ -1,5 +1,6 @@
 """Stitched whole-slide inference: against MONAI, seam-free, band-streamed, clear errors."""
 
+import copy
 import logging
 import os
 
@@ -98,6 +99,8 @@ def test_a_prepared_model_is_prepared_once_and_the_callers_model_each_time(noise
     monkeypatch.setattr(biopsy.infer, "inference_unet",
                         lambda unet: copies.append(unet) or inference_unet(unet))
     assert prepare_model(prepared, torch.device("cpu")) is prepared
+    copied = copy.deepcopy(prepared)  # a copy of a prepared model is prepared too
+    assert prepare_model(copied, torch.device("cpu")) is copied
     assert prepare_model(model, torch.device("cpu")) is not prepared  # the caller's: copied again
     assert copies == [model]
     # a model that torch.fx cannot fold is the caller's own: put in eval mode each time
@@ -125,6 +128,9 @@ def test_tiles_are_read_in_process_on_a_cpu_and_by_workers_on_cuda(noise_slide, 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert (default_workers("cpu"), default_workers("cuda"), default_workers("cuda:1")) == (0, 8, 8)
     assert inference_options("cpu").workers == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert inference_options("cuda").workers == inference_options().workers == 8
     started = []
     monkeypatch.setattr(biopsy.infer, "_start_reading",
                         lambda blocks, workers, device: started.append(workers) or iter(blocks))

@@ -56,6 +56,7 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
     slide, checkpoint = slide_and_model
     options = pipeline.InferenceOptions("cpu", batch_size=4, workers=0)
     model, info, model_path = pipeline.load_model(checkpoint, "cpu")
+    assert getattr(model, infer.PREPARED)  # once for every slide it scores
     scores = pipeline.score_slide_file(slide, tmp_path / "out", model, info, model_path,
                                        load_score_config(), options=options)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)

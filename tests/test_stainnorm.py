@@ -184,7 +184,7 @@ def test_a_shift_applied_to_tensors_gives_the_same_pixels(real_glomeruli):
         assert difference.max() <= 1 and (difference == 0).mean() > 0.9999
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert shifts_on_device(StainShift(eosin=1.2), cuda) and not shifts_on_device(None, cuda)
-    assert not shifts_on_device(StainShift(eosin=1.2), cpu)  # the workers run beside the model
+    assert not shifts_on_device(StainShift(eosin=1.2), cpu)  # shifted as the tiles are read
     assert not shifts_on_device(StainShift(), cuda)  # left exact, in the workers (a copy)
     assert not shifts_on_device(StainShift(hue_deg=10), cuda)  # hue turns stay in the workers
 
