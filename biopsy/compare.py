@@ -274,35 +274,76 @@ def compare_scored(baseline: ScoredSlide, follow_up: ScoredSlide, patient_id: st
 
 
 def processing_differences(baseline: ScoredSlide, follow_up: ScoredSlide) -> list[str]:
-    """How the two slides were scored differently, a sentence each: reasons a difference may owe
-    to the processing rather than the tissue (another model or scoring config, other inference
-    options, another stain reference, a pixel size searched to another factor). Empty when they
-    were scored alike; batch size, workers and device change no score and are left out."""
+    """How the two biopsies were processed differently, one sentence each ("Setting: this at
+    baseline, that at follow-up."): reasons a difference may owe to the processing rather than
+    the tissue. Everything that changes a slide's scores (:func:`biopsy.pipeline.slide_recipe`)
+    is compared but for the pixel size itself, which may differ between scanners: the model, the
+    scoring settings, int8 and bfloat16 inference, test-time augmentation, reading scales, stain
+    normalisation, a pixel size given by hand or searched to another factor. A setting that a
+    folder from an older version did not record counts as its default then (off, one scale, no
+    search), or as unknown (stain normalisation). Empty when they were processed alike."""
     base, follow = baseline.summary["provenance"], follow_up.summary["provenance"]
-    differences = []
-    if _field(base, "model", "sha256") != _field(follow, "model", "sha256"):
-        differences.append("segmented by different models (or one scored from a label map): "
-                           "their classes may be drawn differently")
-    if base.get("config") != follow.get("config"):
-        differences.append("scored with different scoring configurations")
-    if base.get("inference") is None or follow.get("inference") is None:
-        return differences  # a label map scored: no segmentation to set against the other's
-    for key, what in (("int8", "int8"), ("bf16", "bfloat16"), ("tta", "mirror-image test-time "
-                      "augmentation"), ("scales", "reading scales"), ("stain_reference",
-                      "stain reference (stain normalisation)")):
-        values = [provenance["inference"].get(key) for provenance in (base, follow)]
-        if key == "scales":
-            values = [value or [1.0] for value in values]  # folders from before the option
-        if values[0] != values[1]:
-            differences.append(f"segmented with another {what}: {values[0]} at baseline, "
-                               f"{values[1]} at follow-up")
-    factors = [_field(provenance, "inference", "mpp_search", "factor") or 1.0
-               for provenance in (base, follow)]
-    if factors[0] != factors[1]:
-        differences.append(f"pixel sizes searched to different factors: baseline read at "
-                           f"{factors[0]:g}x its pixel size, follow-up at {factors[1]:g}x; their "
-                           "areas rest on different assumed magnifications")
-    return differences
+    differences = _config_differences(baseline, follow_up)
+    segmented = [_field(provenance, "model", "sha256") is not None for provenance in (base, follow)]
+    if segmented[0] != segmented[1]:
+        return [_sentence("Source", *("the slide segmented by a model" if s else "a label map"
+                                      for s in segmented))] + differences
+    if not segmented[0]:
+        return differences
+    models = [_field(provenance, "model", "sha256") for provenance in (base, follow)]
+    if models[0] != models[1]:
+        differences.insert(0, _sentence("Model", *(f"SHA-256 {m[:12]}" for m in models)))
+    return differences + [_sentence(setting, *values)
+                          for setting, values in _inference_settings(base, follow)
+                          if values[0] != values[1]]
+
+
+def _inference_settings(base: dict, follow: dict):
+    """(setting, (baseline's, follow-up's)) in words, for the settings both folders recorded."""
+    inference = [provenance["inference"] for provenance in (base, follow)]
+    for key, setting in (("int8", "int8 inference"), ("bf16", "bfloat16 inference"),
+                         ("tta", "Mirror-image test-time augmentation")):
+        yield setting, tuple("on" if i.get(key, False) else "off" for i in inference)
+    yield "Reading scales", tuple(", ".join(f"{scale:g}" for scale in i.get("scales") or [1.0])
+                                  for i in inference)
+    if all("stain_reference" in i for i in inference):
+        yield "Stain normalisation", tuple(_stain_words(i["stain_reference"]) for i in inference)
+    yield "Pixel-size search", tuple(
+        f"read at {_field(i, 'mpp_search', 'factor') or 1:g}x the pixel size" for i in inference)
+    given = [_field(provenance, "source", "mpp_given") for provenance in (base, follow)]
+    if None not in given:
+        yield "Pixel size", tuple("given by hand" if g else "read from the file" for g in given)
+
+
+def _stain_words(reference: list[float] | None) -> str:
+    if reference is None:
+        return "off"
+    return f"on (reference haematoxylin {reference[0]:.3g}, eosin {reference[1]:.3g})"
+
+
+def _config_differences(baseline: ScoredSlide, follow_up: ScoredSlide) -> list[str]:
+    """A sentence per scoring setting (but the config's name) that differs between the two."""
+    settings = [_flat(scoring.score_config_from_dict(s.summary["provenance"]["config"],
+                                                     s.folder / "summary.json").as_dict())
+                for s in (baseline, follow_up)]
+    return [_sentence(f"Scoring setting {key}", settings[0].get(key), settings[1].get(key))
+            for key in sorted(set(settings[0]) | set(settings[1]))
+            if key != "name" and settings[0].get(key) != settings[1].get(key)]
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """{"glomeruli.min_area_um2": 1500.0, ...}: a nested mapping's leaves by dotted key."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _sentence(setting: str, at_baseline, at_follow_up) -> str:
+    return f"{setting}: {at_baseline} at baseline, {at_follow_up} at follow-up."
 
 
 def _field(provenance: dict, *keys: str):

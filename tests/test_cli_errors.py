@@ -85,7 +85,8 @@ BAD_OPTIONS = [
     ("segment", ["--device", "meta"], "--device meta: biopsy runs on cpu or cuda"),
     ("score", ["--device", "cuda:99"], "--device cuda:99: "),
     ("tissue", ["--tissue-mpp", "0.5"], "argument --tissue-mpp: '0.5' is not a number from 1 to 64"),
-    ("tissue", ["--min-area-um2", "-5"], "argument --min-area-um2: '-5' is not a number from 0 to inf"),
+    ("tissue", ["--min-area-um2", "-5"], "argument --min-area-um2: '-5' is not a number >= 0"),
+    ("tissue", ["--min-area-um2", "inf"], "argument --min-area-um2: 'inf' is not a number >= 0"),
     ("restain", ["--quality", "101"], "argument --quality: '101' is not a whole number from 1 to 100"),
     ("synth", ["--seed", "-1"], "argument --seed: '-1' is not a whole number >= 0"),
 ]

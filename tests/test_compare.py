@@ -177,37 +177,55 @@ def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, caps
             == (tmp_path / "out" / "comparison.json").read_text())
 
 
-def provenance(model="a" * 64, config=None, **inference) -> SimpleNamespace:
-    """A scored slide's stand-in: only its provenance is read."""
-    return SimpleNamespace(summary={"provenance": {
-        "model": {"sha256": model}, "config": config or {"min_glomeruli": 10},
+def scored(model="a" * 64, config=None, mpp_given=False, **inference) -> SimpleNamespace:
+    """A slide scored by a model, as compare reads it: its folder's provenance."""
+    return SimpleNamespace(folder=Path("scored"), summary={"provenance": {
+        "source": {"kind": "slide", "mpp_given": mpp_given},
+        "model": {"sha256": model}, "config": config or CONFIG.as_dict(),
         "inference": {"int8": False, "bf16": False, "tta": False, "scales": [1.0],
-                      "stain_reference": [1.5, 0.7]} | inference}})
+                      "stain_reference": [1.478, 0.7424]} | inference}})
+
+
+def label_map_scored() -> SimpleNamespace:
+    return SimpleNamespace(folder=Path("scored"), summary={"provenance": {
+        "source": {"kind": "label_map", "mpp": 1.0}, "config": CONFIG.as_dict()}})
 
 
 def test_processing_differences_name_what_was_done_differently():
-    alike = compare.processing_differences
-    assert alike(provenance(), provenance()) == []
-    # folders from before reading scales and the search: the one scale, no search (factor 1)
-    old = provenance()
-    del old.summary["provenance"]["inference"]["scales"]
-    assert alike(old, provenance(mpp_search={"factors": [0.71, 1, 1.41], "factor": 1.0})) == []
-    # label maps scored on both sides: no model, no inference
-    label_map = SimpleNamespace(summary={"provenance": {"config": {"min_glomeruli": 10}}})
-    assert alike(label_map, label_map) == []
+    differences = compare.processing_differences
+    assert differences(scored(), scored()) == []
+    assert differences(label_map_scored(), label_map_scored()) == []
+    # a folder from before int8, bf16, mirror images, scales, the stain reference and the
+    # nuclei settings were recorded: off, one scale, stain unknown, nuclei defaults
+    old = scored()
+    del old.summary["provenance"]["inference"]
+    old.summary["provenance"]["inference"] = {}
+    for section, key in (("lesions", "endocapillary_tuft_nuclei_per_1000um2"),
+                         ("cortex", "interstitial_inflammation")):
+        del old.summary["provenance"]["config"][section][key]
+    assert differences(old, scored(stain_reference=None)) == []
+    # a search that chose factor 1 is no search; another config name alone changes no score
+    renamed = CONFIG.as_dict() | {"name": "ours"}
+    assert differences(scored(), scored(mpp_search={"factor": 1.0}, config=renamed)) == []
 
-    assert len(alike(label_map, provenance())) == 1
-    [model] = alike(provenance(), provenance(model="b" * 64))
-    assert "different models" in model
-    [config] = alike(provenance(), provenance(config={"min_glomeruli": 8}))
-    assert "scoring configurations" in config
-    [tta] = alike(provenance(), provenance(tta=True))
-    assert "mirror-image" in tta and "False at baseline, True at follow-up" in tta
-    [stain] = alike(provenance(), provenance(stain_reference=None))
-    assert "stain reference" in stain
-    [search] = alike(provenance(mpp_search={"factor": 0.71}), provenance(mpp_search={"factor": 1.41}))
-    assert "baseline read at 0.71x its pixel size, follow-up at 1.41x" in search
-    assert len(alike(provenance(int8=True, scales=[1, 1.41]), provenance(bf16=True))) == 3
+    assert differences(label_map_scored(), scored()) == [
+        "Source: a label map at baseline, the slide segmented by a model at follow-up."]
+    assert differences(scored(), scored(model="b" * 64)) == [
+        "Model: SHA-256 aaaaaaaaaaaa at baseline, SHA-256 bbbbbbbbbbbb at follow-up."]
+    config = CONFIG.as_dict()
+    config["glomeruli"] = config["glomeruli"] | {"split_min_depth_um": 15.0}
+    assert differences(scored(), scored(config=config)) == [
+        "Scoring setting glomeruli.split_min_depth_um: 25.0 at baseline, 15.0 at follow-up."]
+    assert differences(scored(), scored(tta=True, stain_reference=None)) == [
+        "Mirror-image test-time augmentation: off at baseline, on at follow-up.",
+        "Stain normalisation: on (reference haematoxylin 1.48, eosin 0.742) at baseline, off at "
+        "follow-up."]
+    assert differences(scored(mpp_search={"factor": 0.71}), scored(mpp_search={"factor": 1.41})) == [
+        "Pixel-size search: read at 0.71x the pixel size at baseline, read at 1.41x the pixel size "
+        "at follow-up."]
+    assert differences(scored(), scored(mpp_given=True)) == [
+        "Pixel size: read from the file at baseline, given by hand at follow-up."]
+    assert len(differences(scored(int8=True, scales=[1, 1.41]), scored(bf16=True))) == 3
 
 
 def test_a_pair_processed_differently_is_flagged_in_the_outputs(tmp_path, capsys):
@@ -230,9 +248,9 @@ def test_a_pair_processed_differently_is_flagged_in_the_outputs(tmp_path, capsys
     args = parser.parse_args(["compare", str(tmp_path / "alike" / "baseline"),
                               str(tmp_path / "alike" / "follow_up"), "--out", str(tmp_path / "out")])
     assert args.func(args) == 0
-    assert capsys.readouterr().err == ("warning: the biopsies were scored with different scoring "
-                                       "configurations\n")
+    expected = "Scoring setting glomeruli.min_area_um2: 1500.0 at baseline, 1000.0 at follow-up."
+    assert capsys.readouterr().err.splitlines()[1:] == [f"  {expected}"]
     assert json.loads((tmp_path / "out" / "comparison.json").read_text())[
-        "processing_differences"] == ["scored with different scoring configurations"]
+        "processing_differences"] == [expected]
     report = (tmp_path / "out" / "report.html").read_text()
-    assert "processed differently" in report and "different scoring configurations" in report
+    assert "processed differently" in report and expected in report

@@ -52,6 +52,22 @@ def slide_and_model(tmp_path_factory) -> tuple[Path, Path]:
     return slide, tiny_checkpoint(folder / "tiny.safetensors")
 
 
+def test_slides_scored_alike_are_not_flagged_and_otherwise_are(slide_and_model, tmp_path):
+    """compare.processing_differences on real folders: what the pipeline records is what it reads."""
+    from biopsy.scorefolder import read_score_folder
+
+    slide, checkpoint = slide_and_model
+    model, info, model_path = pipeline.load_model(checkpoint, "cpu")
+    for name, tta in (("first", False), ("again", False), ("mirrored", True)):
+        options = pipeline.InferenceOptions("cpu", batch_size=4, workers=0, tta=tta)
+        pipeline.score_slide_file(slide, tmp_path / name, model, info, model_path,
+                                  load_score_config(), options=options)
+    first, again, mirrored = (read_score_folder(tmp_path / n) for n in ("first", "again", "mirrored"))
+    assert compare.processing_differences(first, again) == []
+    assert compare.processing_differences(first, mirrored) == [
+        "Mirror-image test-time augmentation: off at baseline, on at follow-up."]
+
+
 def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model, tmp_path):
     slide, checkpoint = slide_and_model
     options = pipeline.InferenceOptions("cpu", batch_size=4, workers=0)

@@ -13,6 +13,7 @@ from biopsy.batch import slide_folder, write_cohort_outputs
 from biopsy.compare import write_comparison
 from biopsy.manifest import read_manifest
 from biopsy.pipeline import score_label_map_file
+from biopsy.report import render_report
 from biopsy.scorefolder import read_score_folder
 from biopsy.scoring import load_score_config
 
@@ -75,6 +76,16 @@ def test_user_strings_are_escaped(report):
     assert EVIL not in text and "&lt;script&gt;" in text
     assert comparison["patient_id"] == EVIL
     assert EVIL in "".join(parse(text).text)  # shown to the reader as text
+
+
+def test_processing_differences_are_shown_escaped(report):
+    out, comparison = report
+    assert comparison["processing_differences"] == []
+    assert "processed differently" not in (out / "report.html").read_text()
+    baseline, follow_up = (read_score_folder(out.parent / name) for name in ("pre", "post"))
+    text = render_report(comparison | {"processing_differences": [EVIL]}, baseline, follow_up)
+    assert "processed differently" in text and EVIL not in text
+    assert EVIL in "".join(parse(text).text)
 
 
 def test_report_shows_both_families_the_components_and_provenance(report):

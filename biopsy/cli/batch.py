@@ -35,7 +35,14 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, precision=None) -> None:
+WORKERS_DEFAULT = ("default 0 on CPU, where the model's threads take every core; up to 8 on CUDA, "
+                   "where decoding is the bottleneck")
+WORKERS_HELP = ("worker processes per slide reading its tiles (0: the main process reads them; "
+                f"{WORKERS_DEFAULT})")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, precision=None,
+                        workers_help: str = WORKERS_HELP) -> None:
     """Options of segmenting slides: model checkpoint, tiles per batch, workers, --int8 (in the
     mutually exclusive group ``precision`` when given), test-time augmentation."""
     parser.add_argument("--model", type=Path, metavar="CKPT",
@@ -43,11 +50,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, precision=None) -> None
                              "biopsy/models/default.safetensors)")
     parser.add_argument("--batch-size", type=count(1), default=16, metavar="N",
                         help="tiles per batch (default %(default)s)")
-    parser.add_argument("--workers", type=count(0), metavar="N",
-                        help="worker processes per slide reading its tiles (segment: then tracing "
-                             "the outlines of objects.geojson) (0: the main process does it; default 0 "
-                             "on CPU, where the model's threads take every core; up to 8 on CUDA, "
-                             "where decoding is the bottleneck)")
+    parser.add_argument("--workers", type=count(0), metavar="N", help=workers_help)
     add_int8_argument(parser if precision is None else precision)
     add_test_time_arguments(parser)
 
@@ -110,15 +113,17 @@ def count(least: int, most: int | None = None):
     return whole_number
 
 
-def number_between(least: float, most: float):
-    """An argparse type: a number from ``least`` to ``most`` (a resolution for tissue detection)."""
+def number_between(least: float, most: float = math.inf):
+    """An argparse type: a finite number from ``least`` to ``most`` (a resolution for tissue
+    detection, an area)."""
     def number(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not least <= value <= most:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {least:g} to {most:g}")
+        if not (least <= value <= most and math.isfinite(value)):
+            within = f">= {least:g}" if most == math.inf else f"from {least:g} to {most:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number {within}")
         return value
     return number
 
@@ -200,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     if context.rank == 0:
         cohort = json.loads((args.out / "cohort.json").read_text(encoding="utf-8"))
         compared = sum(c["status"] == "compared" for c in cohort["comparisons"])
-        print(f"{args.out}: {compared} of {len(cohort['comparisons'])} comparisons, "
+        different = sum(bool(c.get("processing_differences")) for c in cohort["comparisons"])
+        print(f"{args.out}: {compared} of {len(cohort['comparisons'])} comparisons"
+              f"{f' ({different} of pairs processed differently)' if different else ''}, "
               f"{failed} slide(s) failed (status.csv); cohort.html")
     return 1 if failed else 0

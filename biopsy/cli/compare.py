@@ -73,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{family}:")
         for m in (m for m in comparison["metrics"] if m["family"] == family):
             print("  " + format_metric(m))
-    for difference in comparison["processing_differences"]:
-        print(f"warning: the biopsies were {difference}", file=sys.stderr)
+    if comparison["processing_differences"]:
+        print("warning: the two biopsies were processed differently; a difference may owe to "
+              "that rather than to the tissue:", file=sys.stderr)
+        for difference in comparison["processing_differences"]:
+            print(f"  {difference}", file=sys.stderr)
     print(f"report: {args.out / 'report.html'}")
     return 0
 

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from biopsy.cli.batch import (add_device_argument, add_model_arguments, add_stain_argument,
-                              load_model_from_args, positive_number)
+from biopsy.cli.batch import (WORKERS_DEFAULT, add_device_argument, add_model_arguments,
+                              add_stain_argument, load_model_from_args, positive_number)
 
 
 def add_parser(subparsers) -> None:
@@ -24,10 +24,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
     precision = parser.add_mutually_exclusive_group()
+    add_model_arguments(parser, precision, workers_help=(
+        "worker processes per slide reading its tiles, then tracing the outlines of "
+        f"objects.geojson (0: the main process does it; {WORKERS_DEFAULT})"))
     precision.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                            help="bfloat16 autocast (default: on CUDA only; on CPUs with native "
                                 "bf16 --bf16 is ~2x faster, a few border pixels may change)")
-    add_model_arguments(parser, precision)
     add_device_argument(parser)
     parser.add_argument("--output-mpp", type=positive_number, metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mpp", type=float, help="pixel size in µm/px, overriding the file's")
     parser.add_argument("--tissue-mpp", type=number_between(1, 64), default=8.0,
                         help="resolution of the mask in µm/px, 1 to 64 (default 8)")
-    parser.add_argument("--min-area-um2", type=number_between(0, math.inf),
+    parser.add_argument("--min-area-um2", type=number_between(0),
                         help="smallest tissue piece kept, µm² (default 5000: a small glomerulus "
                              "alone on the glass is kept)")
     parser.set_defaults(func=run)
