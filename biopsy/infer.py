@@ -2,8 +2,9 @@
 
 The hot path (../shared/DESIGN.md): tissue tiles only (:mod:`biopsy.tiling`), read at the model's
 mpp in blocks of 4 tile rows x 16 tiles (cut from one read where that gives the same pixels), by
-DataLoader worker processes on CUDA and in this process on a CPU (:func:`default_workers`); uint8 blocks copied pinned and non-blocking to the device, each band
-of 4 tile rows put in row-major order there and normalised batch by batch; the model under
+DataLoader worker processes on CUDA and in this process on a CPU (:func:`default_workers`);
+uint8 blocks copied pinned and non-blocking to the device, each band of 4 tile rows put in
+row-major order there and normalised batch by batch; the model under
 ``torch.inference_mode()`` in channels_last memory (bf16 autocast on CUDA, optional on CPU;
 optional ``torch.compile``); softmax probabilities (optionally averaged over test-time
 augmentations: the tile's mirror images, and views of it read at other scales) Gaussian-blended
