@@ -51,11 +51,15 @@ class InferenceOptions:
 
     device: str = "cpu"
     batch_size: int = 16
-    workers: int = 0
+    workers: int | None = None  # None: biopsy.infer.default_workers for the device
     int8: bool = False
     tta: bool = False
     scales: tuple[float, ...] = (1.0,)
     mpp_search: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.workers is None:
+            object.__setattr__(self, "workers", default_workers(self.device))
 
 
 def resolve_device(device: str | None) -> str:
@@ -102,8 +106,6 @@ def inference_options(device: str | None = None, batch_size: int = 16,
     if int8 and device is not None and not device.startswith("cpu"):
         raise CheckpointError(f"--int8 runs on the CPU, not on {device}; drop --int8 or --device")
     device = "cpu" if int8 and device is None else resolve_device(device)
-    if workers is None:
-        workers = default_workers(device)
     return InferenceOptions(device, batch_size, workers, int8, tta, tuple(map(float, scales)),
                             mpp_search)
 

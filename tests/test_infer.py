@@ -14,7 +14,7 @@ from biopsy.errors import CheckpointError
 from biopsy.infer import (batch_probabilities, default_workers, prepare_model, segment_slide,
                           segment_slide_bands)
 from biopsy.model import build_model
-from biopsy.pipeline import inference_options
+from biopsy.pipeline import InferenceOptions, inference_options
 from biopsy.slide import open_slide
 from biopsy.stitch import BandStitcher
 from biopsy.subpixel import inference_unet
@@ -131,6 +131,7 @@ def test_tiles_are_read_in_process_on_a_cpu_and_by_workers_on_cuda(noise_slide, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert inference_options("cuda").workers == inference_options().workers == 8
+    assert (InferenceOptions("cuda").workers, InferenceOptions().workers) == (8, 0)
     started = []
     monkeypatch.setattr(biopsy.infer, "_start_reading",
                         lambda blocks, workers, device: started.append(workers) or iter(blocks))
