@@ -11,11 +11,12 @@ a ResNet18 U-Net, 11 classes, 256 px tiles at 1 µm/px; or ``--model``) go throu
    CPU the sub-pixel decoder); ``ours-bf16`` with bf16 autocast on CPU too; ``ours-int8`` with
    the int8 model built from the checkpoint's calibration (``biopsy calibrate``); preparing and
    building are part of loading the model, once per process (``biopsy.pipeline.load_model``),
-   so like loading they are reported beside the wall time, not in it; ``ours-compile`` (only when asked for) with
-   ``torch.compile``, its compilation in the wall time; stain normalisation off, as the peers have none (``--large-px`` keeps it: the production path);
+   so like loading they are reported beside the wall time, not in it; ``ours-compile`` (only
+   when asked for) with ``torch.compile``, its compilation in the wall time; stain normalisation off, as the peers have none (``--large-px`` keeps it: the production path);
 2. ``tiatoolbox``: ``SemanticSegmentor.run(patch_mode=False)`` with its automatic tissue mask and
-   the same tiles and stride, workers as ``method_workers`` says (needs ``tiatoolbox``; ``--tia-python`` names an interpreter
-   that has it, e.g. a separate environment, since it pins older torch/numpy);
+   the same tiles and stride, workers as ``method_workers`` says (needs ``tiatoolbox``;
+   ``--tia-python`` names an interpreter that has it, e.g. a separate environment, since it pins
+   older torch/numpy);
 3. ``monai``: ``SlidingWindowInferer(mode="gaussian", sigma_scale=0.125)`` over the slide read whole
    at the model's mpp;
 4. ``naive``: every tile (tissue or not) read with OpenSlide ``read_region`` and box-resized,

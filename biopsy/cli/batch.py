@@ -207,6 +207,6 @@ def run(args: argparse.Namespace) -> int:
         compared = sum(c["status"] == "compared" for c in cohort["comparisons"])
         different = sum(bool(c.get("processing_differences")) for c in cohort["comparisons"])
         print(f"{args.out}: {compared} of {len(cohort['comparisons'])} comparisons"
-              f"{f' ({different} of pairs processed differently)' if different else ''}, "
+              f"{f' ({different} of them processed differently)' if different else ''}, "
               f"{failed} slide(s) failed (status.csv); cohort.html")
     return 1 if failed else 0
