@@ -1,6 +1,7 @@
 """Cohort statistics over paired comparisons: did the metric change across patients?
 
-Per metric, over the patients whose metric was assessed at both timepoints: n, the paired Wilcoxon
+Per metric, over the patients whose comparison compared it (assessed at both timepoints, an index
+over the same components at both; verdict not "not assessed"): n, the paired Wilcoxon
 signed-rank test (two-sided, zero differences dropped as in Wilcoxon's original method), the median
 change with a 95% percentile-bootstrap interval (patients resampled, fixed seed), the number of
 patients whose own verdict was improved / unchanged / worsened, and Benjamini-Hochberg q-values
@@ -57,7 +58,7 @@ def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed
     rows = []
     for comparison in comparisons:
         metric = next((m for m in comparison["metrics"] if m["name"] == name), None)
-        if metric and metric["baseline"] is not None and metric["follow_up"] is not None:
+        if metric and metric["verdict"] != "not assessed":  # e.g. an index over other components
             rows.append((comparison["patient_id"], metric))
     first = next(m for c in comparisons for m in c["metrics"] if m["name"] == name)
     differences = np.array([m["follow_up"] - m["baseline"] for _, m in rows], dtype=float)

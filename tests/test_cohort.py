@@ -46,6 +46,15 @@ def test_unassessed_patients_are_left_out_and_all_zero_changes_are_not_tested():
     assert flat["patients_unchanged"] == 3
 
 
+def test_an_index_the_comparison_left_uncompared_is_left_out():
+    """Both values present but over other components (nuclei counted at baseline only): the
+    comparison says "not assessed", so the cohort must not count the drop as a change."""
+    cohort = [comparison(p, {"activity_index": (6.0, 3.0, "not assessed")}) for p in "ABCDEFGH"]
+    cohort.append(comparison("I", {"activity_index": (4.0, 1.0, "improved")}))
+    (index,) = cohort_statistics(cohort)
+    assert index["n"] == 1 and [p["patient_id"] for p in index["patients"]] == ["I"]
+
+
 def test_median_interval_is_deterministic_and_brackets_the_median():
     differences = np.random.default_rng(0).normal(-5, 3, 40)
     low, high = median_interval(differences)
