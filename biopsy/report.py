@@ -180,6 +180,8 @@ def _component_cells(c: dict) -> str:
 
 
 def _index_cells(index: dict) -> str:
+    if index["score"] is None:
+        return '<td class="na" colspan="3">not assessed (no component)</td>'
     partial = f" of {index['assessed_max']} assessed (partial)" if index["partial"] else ""
     return f'<td colspan="3">{e(index["score"])} / {index["max"]}{partial}</td>'
 

@@ -265,7 +265,11 @@ def call_lesions(glomerulus: GlomerulusMeasures, thresholds: LesionThresholds) -
 # --- slide scores ------------------------------------------------------------------------------
 
 def nih_bin(percent: float) -> int:
-    """NIH bin of a percentage: 0 absent, 1 below 25, 2 from 25 to 50 inclusive, 3 above 50."""
+    """NIH bin of a percentage: 0 absent, 1 below 25, 2 from 25 to 50 inclusive, 3 above 50.
+
+    Compared at 1e-9 %: an area share summed from per-tile areas in floating point can land a
+    rounding error below exactly 25 or 50 (24.999999999999996)."""
+    percent = round(percent, 9)
     if percent <= 0:
         return 0
     if percent < 25:
@@ -372,7 +376,8 @@ def _score_component(component: Component, calls: list[list[str]], cortex_tiles,
             return result | {"reason": NOT_SEGMENTED}
         percent = area_percent(cortex_tiles, ratio, class_names)
         if percent is None:
-            missing = [n for n in ratio.numerator + ratio.denominator if n not in class_names]
+            missing = [n for n in dict.fromkeys(ratio.numerator + ratio.denominator)
+                       if n not in class_names]
             reason = (f"model lacks class(es) {', '.join(missing)}" if missing
                       else "no cortex in the class map")
             return result | {"reason": reason}

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from biopsy.batch import slide_folder, write_cohort_outputs
-from biopsy.compare import write_comparison
+from biopsy.compare import compare_scored, write_comparison
 from biopsy.manifest import read_manifest
 from biopsy.pipeline import score_label_map_file
 from biopsy.report import render_report
@@ -100,6 +100,17 @@ def test_report_shows_both_families_the_components_and_provenance(report):
     written = json.loads((out / "comparison.json").read_text())
     assert written == comparison
     assert (out / "comparison.csv").read_text().splitlines()[0].startswith("name,label,family")
+
+
+def test_an_index_with_no_component_assessed_reads_not_assessed(tmp_path):
+    baseline = read_score_folder(scored_folder(tmp_path, "pre", ["normal"] * 3))
+    follow_up = read_score_folder(scored_folder(tmp_path, "post", ["normal"] * 3))
+    for slide in (baseline, follow_up):
+        activity = slide.summary["scores"]["activity_index"]
+        activity |= {"score": None, "assessed_max": 0, "partial": True}
+    html_text = render_report(compare_scored(baseline, follow_up), baseline, follow_up)
+    text = "".join(parse(html_text).text)
+    assert "None" not in text and text.count("not assessed (no component)") == 2
 
 
 def test_cohort_html_escapes_patient_ids(tmp_path):

@@ -3,11 +3,13 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from biopsy.classes import CLASS_NAMES
+from biopsy.cli.score import headline
 from biopsy.errors import ConfigError
-from biopsy.morphometry import CortexTile, GlomerulusMeasures
+from biopsy.morphometry import CortexTile, GlomerulusMeasures, measure_cortex_tiles
 from biopsy.scoring import (DEFAULT_CONFIG_PATH, call_lesions, load_score_config, nih_bin,
                             score_config_from_dict, score_slide)
 
@@ -32,6 +34,19 @@ def tile(**area_um2) -> CortexTile:
                                                (50.01, 3), (100, 3)])
 def test_nih_bins_at_their_boundaries(percent, expected):
     assert nih_bin(percent) == expected
+
+
+@pytest.mark.parametrize("mpp, seed", [(0.3114, 0), (0.3393, 0), (0.35, 4), (0.4213, 5)])
+def test_an_area_share_of_exactly_25_percent_over_several_tiles_bins_as_25(mpp, seed):
+    """The share is summed from per-tile areas in floating point: 24.99999999999999 at 0.35."""
+    labels = np.full((1200, 1200), CLASS_NAMES.index("tubule"), np.uint8)
+    atrophic = np.random.default_rng(seed).choice(labels.size, labels.size // 4, replace=False)
+    labels.flat[atrophic] = CLASS_NAMES.index("atrophic_tubule")
+    tiles = measure_cortex_tiles(labels, CLASS_NAMES, mpp, CONFIG.cortex.tile_um)
+    assert len(tiles) > 1
+    scores = score_slide([], tiles, CLASS_NAMES, CONFIG)
+    atrophy = scores["chronicity_index"]["components"]["tubular_atrophy"]
+    assert atrophy["percent"] == pytest.approx(25) and atrophy["bin"] == 2
 
 
 @pytest.mark.parametrize("changes, lesions", [
@@ -121,6 +136,16 @@ def test_adequacy_flag(count, adequacy):
     scores = score_slide([NORMAL] * count, [], CLASS_NAMES, CONFIG)
     assert scores["glomeruli"]["adequacy"] == adequacy
     assert scores["chronicity_index"]["components"]["glomerulosclerosis"]["bin"] == 0
+
+
+def test_a_glomerulus_only_model_names_each_missing_class_once_and_assesses_no_activity():
+    names = ("background", "tissue", "tuft", "sclerosis")
+    scores = score_slide(cohort(), [tile(tissue=500.0)], names, CONFIG)
+    atrophy = scores["chronicity_index"]["components"]["tubular_atrophy"]
+    assert atrophy["reason"] == "model lacks class(es) atrophic_tubule, tubule"
+    assert scores["activity_index"]["score"] is None
+    assert headline(scores)["activity_index"] == "not assessed"
+    assert headline(scores)["chronicity_index"] == f"{scores['chronicity_index']['score']}/12 (partial)"
 
 
 def test_no_glomeruli_and_no_cortex_are_not_assessed():

@@ -60,6 +60,8 @@ def headline(scores: dict) -> dict:
     """The numbers a reader looks for first, on one line."""
     def index(name: str) -> str:
         i = scores[name]
+        if i["score"] is None:
+            return "not assessed"
         return f"{i['score']}/{i['max']}" + (" (partial)" if i["partial"] else "")
 
     return {"glomeruli": scores["glomeruli"]["count"], "adequacy": scores["glomeruli"]["adequacy"],
