@@ -42,15 +42,15 @@ class GlomerulusMeasures:
     cellular_crescent_fraction, fibrous_crescent_fraction : ``n(that crescent) / |M|``.
     cellular_crescent_capsule_coverage, fibrous_crescent_capsule_coverage : fraction (0..1) of
         the outline of ``M`` (its outer boundary, holes filled), measured by the angle it subtends
-        at the centroid of the filled ``M``, whose nearest pixel inside ``M`` has that crescent
-        class. The outline is
-        the marching-squares contour at level 0.5 of the filled mask
+        at the centre of ``M``, whose nearest pixel inside ``M`` has that crescent class. The
+        outline is the marching-squares contour at level 0.5 of the filled mask
         (``skimage.measure.find_contours``); each contour segment counts with its signed angle
         and is given to the mask pixel nearest its midpoint (split equally on a tie). By angle,
         not length, so that it is the share of the capsule circumference whether or not
-        Bowman's space belongs to ``M``: a crescent's radial ends then add nothing. (A crescent
-        filling an otherwise unlabelled Bowman's space pulls the centroid towards itself and
-        reads about 5 % (relative) above its arc.)
+        Bowman's space belongs to ``M``: a crescent's radial ends then add nothing. The centre
+        is halfway between the centroids of the filled ``M`` and of its non-crescent pixels
+        (``_outline_class_fractions``): within ~3 % of the arc where Bowman's space is thin,
+        ~13 % above for a crescent 40 µm thick bulging out of a 90 µm tuft.
     hyaline_deposit_fraction : ``n(hyaline_deposit) / |M|``.
     lesions : lesion calls (``biopsy.scoring.call_lesions``); empty until called.
     tuft_nuclei_per_1000um2 : nuclei whose centre lies on a cellular-tuft pixel of ``M``
@@ -167,6 +167,7 @@ def measure_glomeruli(labels: np.ndarray, class_names, mpp: float,
     index = {name: class_index(class_names, name) for name in
              ("sclerosis", "cellular_crescent", "fibrous_crescent", "hyaline_deposit")}
     tuft_classes = _class_indices(class_names, CELLULAR_TUFT_CLASSES)
+    crescent_classes = _class_indices(class_names, ("cellular_crescent", "fibrous_crescent"))
     tuft_nuclei = None
     if nuclei_xy is not None:
         rows, cols = nuclear_pixels(nuclei_xy, labels.shape, origin_xy_px, scale)
@@ -180,7 +181,7 @@ def measure_glomeruli(labels: np.ndarray, class_names, mpp: float,
         classes = labels[box]
         pixels = int(mask.sum())
         counts = np.bincount(classes[mask], minlength=len(class_names))
-        coverage = _outline_class_fractions(mask, classes, len(class_names))
+        coverage = _outline_class_fractions(mask, classes, len(class_names), crescent_classes)
         area_fraction = counts / pixels
         rows, cols = np.nonzero(mask)
         area_um2 = pixels * mpp**2
@@ -224,19 +225,28 @@ def _of_class(per_class: np.ndarray, index: int | None) -> float:
     return float(per_class[index]) if index is not None else 0.0
 
 
-def _outline_class_fractions(mask: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+def _outline_class_fractions(mask: np.ndarray, classes: np.ndarray, n_classes: int,
+                             crescent_classes: list[int]) -> np.ndarray:
     """Share of the outer outline of ``mask``, by angle seen from its centre, against each class.
 
     The outline is the marching-squares contour (level 0.5) of the mask with holes filled; each
-    segment counts with the signed angle it subtends at the filled mask's centroid (at its
-    distance-transform peak if the centroid falls outside it) and belongs to the mask pixel nearest its midpoint
-    (split equally on a tie). For a closed outline around the centre the angles sum to 2 pi, so
-    the shares are fractions of the capsule circumference even where Bowman's space is not part of
-    the mask: a crescent's radial ends subtend no angle.
+    segment counts with the signed angle it subtends at the centre (below) and belongs to the
+    mask pixel nearest its midpoint (split equally on a tie). For a closed outline around the
+    centre the angles sum to 2 pi, so the shares are fractions of the capsule circumference even
+    where Bowman's space is not part of the mask: a crescent's radial ends subtend no angle.
+
+    The centre: halfway between the centroid of the filled mask and that of its pixels other than
+    ``crescent_classes`` (the distance-transform peak if it falls outside the mask). A crescent
+    pulls the first towards itself and, pushing the tuft inwards, the second away; on the
+    synthetic generator's crescents (30-60 % of the capsule) the first read 5.5 % (relative)
+    above the arc, the second 4.8 % below, halfway 0.2 % above (SD 1.2 %).
     """
     filled = np.pad(ndimage.binary_fill_holes(mask), 1)
     padded_classes = np.pad(classes, 1)
     centre = np.argwhere(filled).mean(axis=0)
+    rest = np.argwhere(np.pad(mask & ~np.isin(classes, crescent_classes), 1))
+    if len(rest):
+        centre = (centre + rest.mean(axis=0)) / 2
     if not filled[tuple(np.round(centre).astype(int))]:
         distance = ndimage.distance_transform_edt(filled)
         centre = np.array(np.unravel_index(np.argmax(distance), filled.shape), float)
