@@ -5,8 +5,9 @@ outlines of every glomerulus, ``gs`` = globally sclerotic) goes through the prod
 :func:`biopsy.infer.segment_slide` (Gaussian-blended tiles) and
 :func:`biopsy.scorefolder.score_class_map` (watershed-split instances, lesion calls from
 ``configs/score/nih-2018.yaml``). Predicted glomeruli are matched one-to-one to the outlines by
-IoU >= 0.5 (outlines under ``evaluate.min_glomerulus_area_um2`` left out, as ``training eval``
-does: one degenerate 4 µm² polygon); the table gives, per stain and over all, detection
+IoU >= 0.5 (each outline its own glomerulus, touching or not; outlines under
+``evaluate.min_glomerulus_area_um2`` left out, as ``training eval`` does: one degenerate 4 µm²
+polygon); the table gives, per stain and over all, detection
 precision / recall / F1, the global-sclerosis F1 (a hit is a matched pair where both are
 globally sclerotic) and the mean absolute error of the glomerulus count per image. Mirror images,
 reading scales and the pixel-size search are the config's ``evaluate`` ones unless given.
@@ -34,7 +35,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from biopsy.classes import GLOMERULAR_CLASSES  # noqa: E402
 from biopsy.cli.batch import add_test_time_arguments  # noqa: E402
 from biopsy.infer import segment_slide  # noqa: E402
 from biopsy.model import load_checkpoint, with_glomerulus_threshold  # noqa: E402
@@ -44,8 +44,8 @@ from training.cases import find_slides, split_by_case  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.__main__ import (add_glomerulus_threshold_argument,  # noqa: E402
                                with_test_time_options)
-from training.evaluate import (at_searched_mpp, fold_model, label_instances,  # noqa: E402
-                               match_instances)
+from training.evaluate import (at_searched_mpp, fold_model, glomerular_indices,  # noqa: E402
+                               kept_instances, match_instances)
 
 
 def image_counts(annotated, model, info, score_config, device: str, settings) -> np.ndarray:
@@ -62,9 +62,9 @@ def image_counts(annotated, model, info, score_config, device: str, settings) ->
                              level0_mpp=slide.mpp[0])
     height, width = class_map.labels.shape
     truth = annotated.labels.labels(0, 0, (width, height), class_map.mpp)
-    glomerular = [i for i, name in enumerate(info.class_names) if name in GLOMERULAR_CLASSES]
     min_area_px = settings.min_glomerulus_area_um2 / class_map.mpp**2
-    truth_instances = label_instances(np.isin(truth, glomerular), min_area_px)
+    truth_instances = kept_instances(annotated.labels.instances(
+        0, 0, (width, height), class_map.mpp, glomerular_indices(info.class_names)), min_area_px)
     sclerosis = info.class_names.index("sclerosis")
     truth_sclerotic = {i for i in range(1, truth_instances.max() + 1)
                        if (truth[truth_instances == i] == sclerosis).mean() >= 0.5}

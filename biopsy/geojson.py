@@ -144,6 +144,8 @@ def _annotation(path: Path, index: int, feature: object) -> Annotation:
         raise AnnotationError(f"{where} has empty or non-finite coordinates")
     if not polygon.is_valid:
         polygon = _as_polygonal(shapely.make_valid(polygon))
+    if polygon.area == 0:
+        raise AnnotationError(f"{where} has no area (fewer than 3 distinct points, or all on a line)")
     return Annotation(geometry=polygon, class_name=_class_name(where, feature.get("properties")))
 
 
@@ -189,23 +191,41 @@ def rasterise(
     unknown = sorted({a.class_name for a in annotations} - set(class_names))
     if unknown:
         raise AnnotationError(f"annotation classes {unknown} are not among the classes {list(class_names)}")
-    scale = level0_mpp / mpp
     labels = np.full(shape_px, unlabelled, np.uint8)
     for annotation in sorted(annotations, key=lambda a: a.geometry.area, reverse=True):
-        index = list(class_names).index(annotation.class_name)
-        for polygon in polygonal_parts(annotation.geometry):
-            rows, cols = _ring_pixels(polygon.exterior, scale, shape_px)
-            if not rows.size:
-                continue
-            top, left = rows.min(), cols.min()
-            inside = np.zeros((rows.max() - top + 1, cols.max() - left + 1), bool)
-            inside[rows - top, cols - left] = True
-            for hole in polygon.interiors:
-                hole_rows, hole_cols = _ring_pixels(hole, scale, shape_px)
-                inside[hole_rows - top, hole_cols - left] = False
-            window = labels[top : top + inside.shape[0], left : left + inside.shape[1]]
-            window[inside] = index
+        _draw(labels, annotation.geometry, list(class_names).index(annotation.class_name),
+              level0_mpp / mpp)
     return labels
+
+
+def rasterise_instances(geometries: Sequence, shape_px: tuple[int, int], mpp: float,
+                        level0_mpp: float) -> np.ndarray:
+    """Instance map (int32, ``shape_px`` at ``mpp``): geometry ``i`` drawn as ``i + 1``, 0 elsewhere.
+
+    Drawn as :func:`rasterise` draws (larger first), so a pixel two outlines share goes to the
+    smaller; outlines that touch or overlap stay separate instances.
+    """
+    instances = np.zeros(shape_px, np.int32)
+    for index in sorted(range(len(geometries)), key=lambda i: geometries[i].area, reverse=True):
+        _draw(instances, geometries[index], index + 1, level0_mpp / mpp)
+    return instances
+
+
+def _draw(labels: np.ndarray, geometry, value: int, scale: float) -> None:
+    """Set ``value`` on the pixels whose centres ``geometry`` (level-0 pixels times ``scale``)
+    holds."""
+    for polygon in polygonal_parts(geometry):
+        rows, cols = _ring_pixels(polygon.exterior, scale, labels.shape)
+        if not rows.size:
+            continue
+        top, left = rows.min(), cols.min()
+        inside = np.zeros((rows.max() - top + 1, cols.max() - left + 1), bool)
+        inside[rows - top, cols - left] = True
+        for hole in polygon.interiors:
+            hole_rows, hole_cols = _ring_pixels(hole, scale, labels.shape)
+            inside[hole_rows - top, hole_cols - left] = False
+        window = labels[top : top + inside.shape[0], left : left + inside.shape[1]]
+        window[inside] = value
 
 
 def _ring_pixels(ring, scale: float, shape_px: tuple[int, int]):

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from shapely.geometry import MultiPolygon, Polygon, box
+import shapely
+from shapely.geometry import MultiPolygon, Point, Polygon, box
 
 from biopsy.errors import AnnotationError
 from biopsy.geojson import (
@@ -13,6 +14,7 @@ from biopsy.geojson import (
     feature_text,
     make_feature,
     rasterise,
+    rasterise_instances,
     read_annotations,
     write_feature_collection,
 )
@@ -37,6 +39,20 @@ def test_rasterise_draws_nested_regions_on_top_and_marks_the_rest_unlabelled():
     assert (labels[40:, :] == IGNORE_INDEX).all()
     with pytest.raises(AnnotationError, match="'crescent'"):
         rasterise([Annotation(box(0, 0, 4, 4), "crescent")], ["tuft"], (5, 5), 1.0, 1.0)
+
+
+def test_instances_keep_overlapping_outlines_apart_and_match_point_in_polygon():
+    """Each outline its own id; a shared pixel goes to the smaller (drawn last)."""
+    big, small, apart = Point(30, 30).buffer(20), Point(58, 30).buffer(12), box(70, 70, 90, 94)
+    instances = rasterise_instances([big, small, apart], (60, 60), 2.0, 1.0)
+    assert instances.dtype == np.int32 and set(np.unique(instances)) == {0, 1, 2, 3}
+    rows, cols = np.mgrid[:60, :60]
+    centres = shapely.points((cols + 0.5) * 2, (rows + 0.5) * 2)
+    expected = np.zeros((60, 60), np.int32)
+    for value, geometry in ((1, big), (3, apart), (2, small)):  # larger first
+        expected[shapely.contains(geometry, centres)] = value
+    np.testing.assert_array_equal(instances, expected)
+    assert ((instances == 2) & shapely.contains(big, centres)).any()  # they overlap
 
 
 def test_features_are_written_as_they_come_and_the_file_is_whole_or_absent(tmp_path):
@@ -168,6 +184,10 @@ SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 4], [0
          "feature 0 has invalid coordinates"),
         (json.dumps([feature(SQUARE, {"objectType": "annotation"})]), "feature 0 has no classification"),
         (json.dumps([feature(SQUARE, {"classification": {"name": ""}})]), "feature 0 has no classification"),
+        (json.dumps([feature(SQUARE), feature({"type": "Polygon", "coordinates": [
+            [[5, 5], [40, 40], [5, 5], [5, 5]]]})]), "feature 1 has no area"),
+        (json.dumps([feature({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [2, 2], [0, 0]]]})]),
+         "feature 0 has no area"),
     ],
 )
 def test_malformed_geojson_names_the_file_and_the_problem(tmp_path, content, message):

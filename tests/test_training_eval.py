@@ -5,27 +5,32 @@ import csv
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
+from skimage.measure import label
 
 from biopsy.errors import ConfigError
+from biopsy.geojson import Annotation, rasterise
 from glomeruli_dataset import config_dict
 from biopsy.model import load_checkpoint
 from biopsy.restain import StainShift
 from biopsy.slide import open_slide
 from biopsy.stainnorm import stain_amounts
-from biopsy.tiling import TileDataset, make_grid
+from biopsy.tiling import TileDataset, grid_shape_px, make_grid
 from training import evaluate as evaluation
 from training.__main__ import main as training_main
 from training.cases import find_slides, set_stain_shifts, split_by_case
-from training.config import EvaluateConfig, config_from_dict, with_fold
+from training.config import EvaluateConfig, config_from_dict, load_config, with_fold
 from training.evaluate import (count_metrics, evaluate_checkpoint, metrics_from_counts, object_rows,
                                predict_image)
 from training.loop import fit, model_info
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_folds_hold_out_every_case_once(dataset_root, tmp_path):
@@ -71,6 +76,29 @@ def test_metrics_against_hand_made_masks():
     prediction[60:90, 60:90] = 2
     metrics = metrics_from_counts(count_metrics(truth, prediction, names, 1.0, settings), names)
     assert metrics["global_sclerosis_f1"] == 1.0 and metrics["glomerulus_f1"] == pytest.approx(0.8)
+
+
+def test_touching_annotated_glomeruli_are_two_true_glomeruli(real_glomeruli):
+    """20181355-PASM.jpg: two outlines that overlap. A prediction of each, 3 µm inside its outline
+    (so the two stay apart), finds both; taken from the class map, the truth was one glomerulus."""
+    config = load_config(REPO / "configs" / "train" / "real-glomeruli.yaml")
+    names, mpp = config.model.classes, config.model.input_mpp
+    [slide] = [s for s in find_slides(config.data, names, config.source)
+               if s.path.name == "20181355-PASM.jpg"]
+    height, width = grid_shape_px(slide.dimensions, (slide.mpp, slide.mpp), mpp)
+    truth = slide.labels.labels(0, 0, (width, height), mpp)
+    instances = slide.labels.instances(0, 0, (width, height), mpp, [1, 2])
+    annotations = slide.labels.annotations
+    assert len(annotations) == 2 and annotations[0].geometry.intersects(annotations[1].geometry)
+    assert len(np.unique(instances)) == 3 and len(np.unique(label(instances > 0))) == 2
+    shrunk = [Annotation(a.geometry.buffer(-3 / slide.mpp), a.class_name) for a in annotations]
+    prediction = rasterise(shrunk, names, (height, width), mpp, slide.mpp, unlabelled=0)
+    tp_fp_fn = slice(3 * len(names) + 3, 3 * len(names) + 6)
+    assert list(count_metrics(truth, prediction, names, mpp, config.evaluate, instances)[tp_fp_fn]) \
+        == [2, 0, 0]
+    assert list(count_metrics(truth, prediction, names, mpp, config.evaluate)[tp_fp_fn]) == [0, 2, 1]
+    rows = object_rows(truth, prediction, names, mpp, config.evaluate, instances)
+    assert [(r["side"], r["matched"]) for r in rows] == [("truth", True)] * 2 + [("predicted", True)] * 2
 
 
 def test_object_rows_say_what_each_miss_is():

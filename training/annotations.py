@@ -1,9 +1,9 @@
 """Annotations of one slide as labels at any µm/px: COCO or QuPath polygons, or a label map.
 
-Every source answers the same two questions in level-0 pixels of its slide: the class labels of a
-region (``labels``) and where its annotated objects are (``objects``). Classes are renamed to the
-model's through the config's class map; pixels no annotation covers take the ``unannotated`` class
-or :data:`IGNORE_INDEX`.
+Every source answers the same questions in level-0 pixels of its slide: the class labels of a
+region (``labels``), its annotated objects one by one (``instances``) and where they are
+(``objects``). Classes are renamed to the model's through the config's class map; pixels no
+annotation covers take the ``unannotated`` class or :data:`IGNORE_INDEX`.
 """
 
 import copy
@@ -17,7 +17,8 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from skimage.measure import label, regionprops
 
 from biopsy.errors import AnnotationError
-from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise, read_json_annotations
+from biopsy.geojson import (IGNORE_INDEX, Annotation, polygonal_parts, rasterise,
+                            rasterise_instances, read_json_annotations)
 from biopsy.labelmap import read_label_map
 from training.config import IGNORE
 
@@ -34,9 +35,10 @@ class AnnotatedObject:
 def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
     """Polygons of a COCO instance JSON by image file name (as written in the file).
 
-    Only polygon segmentations are read (an RLE mask raises: export polygons). Images listed with
-    no annotation map to an empty list. Raises :class:`AnnotationError` naming the file and the
-    problem.
+    Only polygon segmentations are read (an RLE mask raises: export polygons); an object's
+    several polygons are its parts (their union). A crowd (``iscrowd: 1``) is ``ignore``: neither
+    trained on nor counted. Images listed with no annotation map to an empty list. Raises
+    :class:`AnnotationError` naming the file and the problem.
     """
     path = Path(path)
     document = read_json_annotations(path, "COCO file", "export COCO instance JSON")
@@ -61,8 +63,9 @@ def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
         if entry.get("category_id") not in categories:
             raise AnnotationError(f"{where} refers to unknown category_id {entry.get('category_id')!r}")
         geometry = _coco_geometry(where, entry.get("segmentation"))
+        crowd = entry.get("iscrowd") in (1, True)  # a group not outlined one by one
         by_image[images[entry["image_id"]]].append(
-            Annotation(geometry=geometry, class_name=categories[entry["category_id"]]))
+            Annotation(geometry=geometry, class_name=IGNORE if crowd else categories[entry["category_id"]]))
     return by_image
 
 
@@ -77,9 +80,9 @@ def _coco_geometry(where: str, segmentation) -> Polygon | MultiPolygon:
                 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in ring)):
             raise AnnotationError(f"{where}: a polygon must be a flat list of at least 3 finite "
                                   "x, y pairs")
-        polygons.append(Polygon(np.reshape(ring, (-1, 2))))
-    geometry = shapely.make_valid(MultiPolygon(polygons) if len(polygons) > 1 else polygons[0])
-    parts = [g for g in getattr(geometry, "geoms", [geometry]) if isinstance(g, Polygon) and g.area > 0]
+        polygons.append(shapely.make_valid(Polygon(np.reshape(ring, (-1, 2)))))
+    # COCO's rings are the parts of one object: their union (pycocotools merges their masks).
+    parts = [p for p in polygonal_parts(shapely.union_all(polygons)) if p.area > 0]
     if not parts:
         raise AnnotationError(f"{where} has a polygon of zero area")
     return parts[0] if len(parts) == 1 else MultiPolygon(parts)
@@ -125,6 +128,19 @@ class PolygonLabels:
                    for i in sorted(hits)]
         return rasterise(shifted, _rasterise_names(self.class_names), (height, width), mpp,
                          self.level0_mpp, unlabelled=self.unannotated)
+
+    def instances(self, x: float, y: float, size_px: tuple[int, int], mpp: float,
+                  class_indices: list[int]) -> np.ndarray:
+        """(h, w) int32 instance map of the region (as :meth:`labels`): each annotation of the
+        given classes its own id, so that annotated objects which touch stay apart."""
+        width, height = size_px
+        scale = mpp / self.level0_mpp
+        patch = box(x, y, x + width * scale, y + height * scale)
+        hits = self._tree.query(patch) if self._tree is not None else []
+        wanted = {self.class_names[i] for i in class_indices}
+        geometries = [translate(self.annotations[i].geometry, -x, -y) for i in sorted(hits)
+                      if self.annotations[i].class_name in wanted]
+        return rasterise_instances(geometries, (height, width), mpp, self.level0_mpp)
 
     def objects(self, class_indices: list[int]) -> list[AnnotatedObject]:
         """A point inside every annotation of the given classes."""
@@ -186,6 +202,13 @@ class LabelMapLabels:
         out = labels[np.clip(rows, 0, labels.shape[0] - 1)[:, None],
                      np.clip(cols, 0, labels.shape[1] - 1)[None, :]]
         return np.where(inside, out, IGNORE_INDEX).astype(np.uint8)
+
+    def instances(self, x: float, y: float, size_px: tuple[int, int], mpp: float,
+                  class_indices: list[int]) -> np.ndarray:
+        """(h, w) int32 instance map of the region (as :meth:`labels`): the 8-connected regions
+        of the given classes (a label map does not say where touching objects part)."""
+        return label(np.isin(self.labels(x, y, size_px, mpp), class_indices), connectivity=2
+                     ).astype(np.int32)
 
     def objects(self, class_indices: list[int]) -> list[AnnotatedObject]:
         """A point (nearest the centroid) in every connected region of the given classes."""

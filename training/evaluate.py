@@ -65,29 +65,30 @@ def image_tiles(slide: AnnotatedSlide, info: ModelInfo, scales: tuple[float, ...
 
 
 def count_metrics(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str], mpp: float,
-                  settings: EvaluateConfig) -> np.ndarray:
+                  settings: EvaluateConfig, truth_instances: np.ndarray | None = None) -> np.ndarray:
     """Counts (3 * classes + 9) for :func:`metrics_from_counts` of one image.
 
     Per class [intersection, predicted, truth] pixels, the same for the glomerular union, then
     [TP, FP, FN] of glomerulus detection and of globally sclerotic glomeruli. ``truth`` may hold
-    IGNORE_INDEX (those pixels count nowhere).
+    IGNORE_INDEX (those pixels count nowhere). The true glomeruli are ``truth_instances`` (the
+    annotations one by one) or, without it, the connected regions of ``truth``.
     """
     valid = truth != IGNORE_INDEX
     counts = []
     for index in range(len(class_names)):
         t, p = (truth == index) & valid, (prediction == index) & valid
         counts += [(t & p).sum(), p.sum(), t.sum()]
-    glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
+    glomerular = glomerular_indices(class_names)
     t, p = np.isin(truth, glomerular), np.isin(prediction, glomerular) & valid
     counts += [(t & p).sum(), p.sum(), t.sum()]
-    counts += _detection_counts(truth, prediction, class_names, valid, mpp, settings)
+    counts += _detection_counts(truth, prediction, class_names, valid, mpp, settings, truth_instances)
     return np.array(counts, np.int64)
 
 
-def _detection_counts(truth, prediction, class_names, valid, mpp, settings) -> list[int]:
+def _detection_counts(truth, prediction, class_names, valid, mpp, settings, truth_instances) -> list[int]:
     """[TP, FP, FN] for glomeruli, then for globally sclerotic glomeruli (IoU >= threshold)."""
     truth_objects, predicted, truth_sclerotic, predicted_sclerotic = _glomeruli(
-        truth, prediction, class_names, valid, mpp, settings)
+        truth, prediction, class_names, valid, mpp, settings, truth_instances)
     matches = match_instances(truth_objects, predicted, settings.iou_threshold)
     n_truth, n_predicted = truth_objects.max(), predicted.max()
     hits = len(matches)
@@ -96,12 +97,13 @@ def _detection_counts(truth, prediction, class_names, valid, mpp, settings) -> l
             sclerotic_hits, len(predicted_sclerotic) - sclerotic_hits, len(truth_sclerotic) - sclerotic_hits]
 
 
-def _glomeruli(truth, prediction, class_names, valid, mpp, settings):
+def _glomeruli(truth, prediction, class_names, valid, mpp, settings, truth_instances):
     """Instance labels of the true and predicted glomeruli, and the ids of the globally sclerotic."""
-    glomerular = [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
+    glomerular = glomerular_indices(class_names)
     min_area_px = settings.min_glomerulus_area_um2 / mpp**2
     sclerosis = list(class_names).index("sclerosis") if "sclerosis" in class_names else None
-    truth_objects = label_instances(np.isin(truth, glomerular), min_area_px)
+    truth_objects = (label_instances(np.isin(truth, glomerular), min_area_px)
+                     if truth_instances is None else kept_instances(truth_instances, min_area_px))
     predicted = label_instances(np.isin(prediction, glomerular), min_area_px, inside=valid)
     return (truth_objects, predicted,
             _sclerotic(truth_objects, truth, sclerosis, settings.global_sclerosis_fraction),
@@ -109,14 +111,14 @@ def _glomeruli(truth, prediction, class_names, valid, mpp, settings):
 
 
 def object_rows(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str], mpp: float,
-                settings: EvaluateConfig) -> list[dict]:
+                settings: EvaluateConfig, truth_instances: np.ndarray | None = None) -> list[dict]:
     """One row per true and per predicted glomerulus of an image, as :func:`count_metrics` counts
     them: its area, whether it is globally sclerotic and matched (a hit; else a miss or a false
     positive), its best IoU with a glomerulus of the other side and that one's area (much larger:
     touching glomeruli taken as one, or a prediction spilling past the outline; smaller: found in
     part)."""
     truth_objects, predicted, truth_sclerotic, predicted_sclerotic = _glomeruli(
-        truth, prediction, class_names, truth != IGNORE_INDEX, mpp, settings)
+        truth, prediction, class_names, truth != IGNORE_INDEX, mpp, settings, truth_instances)
     matches = match_instances(truth_objects, predicted, settings.iou_threshold)
     pairs, iou = _overlaps(truth_objects, predicted)
     sides = (("truth", truth_objects, predicted, truth_sclerotic, {t for t, _ in matches}),
@@ -135,11 +137,21 @@ def object_rows(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence
     return rows
 
 
+def glomerular_indices(class_names: Sequence[str]) -> list[int]:
+    return [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
+
+
 def label_instances(mask: np.ndarray, min_area_px: float,
                     inside: np.ndarray | None = None) -> np.ndarray:
     """Instance labels 1..n of the connected regions of ``mask`` at least ``min_area_px`` large
     (and, given ``inside``, mostly within it)."""
-    instances = label(mask, connectivity=2)
+    return kept_instances(label(mask, connectivity=2), min_area_px, inside)
+
+
+def kept_instances(instances: np.ndarray, min_area_px: float,
+                   inside: np.ndarray | None = None) -> np.ndarray:
+    """``instances`` (0 = none) renumbered 1..n, keeping those at least ``min_area_px`` large
+    (and, given ``inside``, mostly within it)."""
     areas = np.bincount(instances.ravel())
     keep = areas >= min_area_px
     if inside is not None:
@@ -200,6 +212,24 @@ def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[
     return metrics
 
 
+def check_best_metric(best_metric: str, class_names: Sequence[str], stains: set[str],
+                      source: str) -> None:
+    """``train.best_metric`` names a metric that validation gives, over all or a stain it has.
+
+    Raises
+    ------
+    ConfigError : it does not (``best.safetensors`` would never be written).
+    """
+    stain, _, name = best_metric.partition("/")
+    names = list(metrics_from_counts(_no_counts(class_names), class_names))
+    if name not in names:
+        raise ConfigError(f"{source}: train.best_metric {best_metric!r}: no metric {name!r} "
+                          f"(one of {', '.join(names)})")
+    if stain != "all" and stain not in stains:
+        raise ConfigError(f"{source}: train.best_metric {best_metric!r}: no stain {stain!r} among "
+                          f"the validation slides (all, {', '.join(sorted(stains))})")
+
+
 def _ratio(numerator, denominator) -> float | None:
     return float(numerator / denominator) if denominator else None
 
@@ -242,14 +272,16 @@ def slide_counts(model: torch.nn.Module, info: ModelInfo, slides: list[Annotated
         tiles = image_tiles(slide, info, tuple(settings.scales))
         height, width = tiles.grid.shape_px
         truth = slide.labels.labels(0, 0, (width, height), info.input_mpp)
+        truth_instances = slide.labels.instances(0, 0, (width, height), info.input_mpp,
+                                                 glomerular_indices(info.class_names))
         prediction = predict_image(model, info, tiles, device, batch_size, bf16, settings.tta)
         counts[slide.stain] = counts.get(slide.stain, 0) + count_metrics(
-            truth, prediction, info.class_names, info.input_mpp, settings)
+            truth, prediction, info.class_names, info.input_mpp, settings, truth_instances)
         if objects is not None:
             where = {"image": str(slide.path), "case": slide.case, "stain": slide.stain,
                      "mpp_factor": factor}
             objects += [where | row for row in object_rows(truth, prediction, info.class_names,
-                                                            info.input_mpp, settings)]
+                                                            info.input_mpp, settings, truth_instances)]
     model.train(was_training)
     return counts
 
