@@ -18,7 +18,7 @@ from PIL import Image
 from shapely.geometry import box
 
 from biopsy.errors import AnnotationError, CheckpointError, ConfigError
-from biopsy.geojson import Annotation
+from biopsy.geojson import IGNORE_INDEX, Annotation
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint, read_model_info
 from cuda_syncs import cuda_syncs
@@ -71,6 +71,17 @@ def test_bundled_configs_load():
     (lambda d: d.update(augment=[{"transform": "Rotate180"}]), r"augment\[0\].*albumentations transform"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "sigma": 3}]), "GaussNoise has no argument 'sigma'"),
     (lambda d: d.update(augment=[{"transform": "GaussNoise", "std_range": "x"}]), "invalid arguments"),
+    (lambda d: d["model"].update(arguments={"encoder": "resnet99"}), "unknown encoder 'resnet99'"),
+    (lambda d: d["model"]["arguments"].update(depth=3), "unexpected keyword argument 'depth'"),
+    (lambda d: d["model"]["arguments"].update(decoder_channels=[8, 8]), "decoder_channels needs 5"),
+    (lambda d: d["model"].update(input_mpp=0), "model.input_mpp must be positive"),
+    (lambda d: d["model"].update(patch_size_px=16), "model.patch_size_px must be at least 32"),
+    (lambda d: d.update(sampling={"tissue_mpp": 0}), "sampling.tissue_mpp must be positive"),
+    (lambda d: d.update(seed=-1), "seed must be 0 or more"),
+    (lambda d: d["train"].update(workers=-1), "train.workers must be 0 or more"),
+    (lambda d: d["optim"].update(optimizer="sgd", momentum=0), "optim.momentum must be positive"),
+    (lambda d: d["train"].update(ema_decay=1.5), r"train.ema_decay must lie in \(0, 1\]"),
+    (lambda d: d["train"].update(best_metric="glomerulus_dice"), "'<stain or all>/<metric>'"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, change, message):
     data = config_dict(tmp_path, tmp_path / "out")
@@ -112,6 +123,40 @@ def test_malformed_coco_names_file_and_problem(tmp_path, document, message):
     with pytest.raises(AnnotationError, match=message) as caught:
         read_coco(path)
     assert str(path) in str(caught.value)
+
+
+def test_coco_parts_are_one_object_and_crowds_are_ignored(tmp_path):
+    """Several polygons of one COCO object are its union (two overlapping squares: 175 px, not
+    150; a ring inside another: filled); an ``iscrowd`` object is ignore, not a glomerulus."""
+    square = lambda x, y, side: [x, y, x + side, y, x + side, y + side, x, y + side]  # noqa: E731
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
+        "annotations": [
+            {"image_id": 0, "category_id": 0, "segmentation": [square(0, 0, 10), square(5, 5, 10)]},
+            {"image_id": 0, "category_id": 0, "segmentation": [square(30, 0, 30), square(40, 10, 5)]},
+            {"image_id": 0, "category_id": 0, "iscrowd": 1, "segmentation": [square(70, 0, 10)]}]}))
+    overlapping, nested, crowd = read_coco(path)["a.png"]
+    assert overlapping.geometry.area == 175 and nested.geometry.area == 900
+    assert (overlapping.class_name, crowd.class_name) == ("gn", "ignore")
+    labels = PolygonLabels([overlapping, nested, crowd], ["tissue", "tuft"], {"gn": "tuft"}, "tissue", 1.0, "t")
+    assert (labels.labels(0, 0, (80, 30), 1.0)[:10, 70:80] == IGNORE_INDEX).all()
+    assert len(labels.objects([1])) == 2
+    assert set(np.unique(labels.instances(0, 0, (80, 30), 1.0, [1]))) == {0, 1, 2}
+
+
+def test_unknown_validation_cases_and_best_metrics_are_config_errors(dataset_root, tmp_path):
+    data = config_dict(dataset_root, tmp_path)
+    data["data"]["split"]["validation_cases"] = ["case2", "case9"]
+    config = config_from_dict(data, "test")
+    with pytest.raises(ConfigError, match=r"validation_cases names case\(s\) \['case9'\]"):
+        fit(config)
+    for best, message in (("all/glomerulus_dise", "no metric 'glomerulus_dise'"),
+                          ("Masson/mean_dice", "no stain 'Masson'")):
+        config = config_from_dict(config_dict(dataset_root, tmp_path, best_metric=best), "test")
+        with pytest.raises(ConfigError, match=message):
+            fit(config)
+    assert not (tmp_path / "log.csv").exists()
 
 
 def test_malformed_geojson_names_file(tmp_path):
@@ -294,6 +339,27 @@ def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
     uncut, _ = load_checkpoint(tmp_path / "whole" / "last.safetensors")
     for (name, a), b in zip(resumed.state_dict().items(), uncut.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_validation_csv_holds_each_validated_step_once(dataset_root, tmp_path):
+    """A run resumed from a state older than its last validation validates that step again; a
+    fresh run into the same folder starts the file anew."""
+    config = config_from_dict(config_dict(dataset_root, tmp_path, validate_every=2, save_every=1),
+                              "test")
+
+    def validated_steps() -> list[int]:
+        with open(tmp_path / "validation.csv", newline="") as f:
+            return [int(row["step"]) for row in csv.DictReader(f) if row["stain"] == "all"]
+
+    fit(config, stop_at=3)
+    older = (tmp_path / "state.pt").read_bytes()  # step 3
+    fit(config, resume=True, stop_at=5)
+    assert validated_steps() == [2, 4]
+    (tmp_path / "state.pt").write_bytes(older)
+    fit(config, resume=True)
+    assert validated_steps() == [2, 4, 6]
+    fit(config, stop_at=2)
+    assert validated_steps() == [2]
 
 
 def test_tensorboard_gets_the_log_rows_and_validation_metrics(dataset_root, tmp_path):

@@ -156,6 +156,11 @@ def split_by_case(slides: list[AnnotatedSlide], split: SplitConfig
     cases = sorted({s.case for s in slides})
     if split.validation_cases is not None:
         validation = set(split.validation_cases)
+        unknown = sorted(validation - set(cases))
+        if unknown:
+            raise ConfigError(f"data.split.validation_cases names case(s) {unknown} that no slide "
+                              f"has (case ids from data.case_pattern: {cases[:5]}"
+                              f"{' ...' if len(cases) > 5 else ''})")
     elif split.folds is not None:
         if split.folds > len(cases):
             raise ConfigError(f"{split.folds} folds need at least as many cases; the slides have "

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 
 from biopsy.decision import check_glomerulus_threshold
 from biopsy.errors import ConfigError
 from biopsy.infer import check_scales
+from biopsy.model import build_model
 from biopsy.mppsearch import check_factors
 from biopsy.resources import read_yaml_mapping
 from training.augment import build_augmentation
@@ -337,3 +339,53 @@ def _check(config: Config, source: str) -> None:
         except ValueError as error:
             raise ConfigError(f"{source}: evaluate.mpp_search: {error}") from None
     build_augmentation(config.augment, source)
+    _check_ranges(config, source)
+    _check_architecture(model, source)
+
+
+def _check_ranges(config: Config, source: str) -> None:
+    """Sizes, rates and counts in their ranges (each of these crashed deep in training)."""
+    model, train, optim = config.model, config.train, config.optim
+    positive = {"model.input_mpp": model.input_mpp, "model.in_channels": model.in_channels,
+                "sampling.tissue_mpp": config.sampling.tissue_mpp,
+                "train.log_every": train.log_every, "train.validate_every": train.validate_every,
+                "train.save_every": train.save_every}
+    non_negative = {"seed": config.seed, "data.split.seed": config.data.split.seed,
+                    "train.workers": train.workers, "optim.lr": optim.lr,
+                    "optim.weight_decay": optim.weight_decay,
+                    "optim.warmup_steps": optim.warmup_steps,
+                    "sampling.object_jitter": config.sampling.object_jitter,
+                    "evaluate.min_glomerulus_area_um2": config.evaluate.min_glomerulus_area_um2}
+    fractions = {"evaluate.iou_threshold": config.evaluate.iou_threshold,
+                 "evaluate.global_sclerosis_fraction": config.evaluate.global_sclerosis_fraction}
+    if optim.grad_clip_norm is not None:
+        positive["optim.grad_clip_norm"] = optim.grad_clip_norm
+    if optim.optimizer == "sgd":
+        positive["optim.momentum"] = optim.momentum  # Nesterov momentum
+    if train.ema_decay is not None:
+        fractions["train.ema_decay"] = train.ema_decay
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{source}: {key} must be positive, got {value}")
+    for key, value in non_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{source}: {key} must be 0 or more, got {value}")
+    for key, value in fractions.items():
+        if not 0 < value <= 1:
+            raise ConfigError(f"{source}: {key} must lie in (0, 1], got {value}")
+    if model.patch_size_px < 32:
+        raise ConfigError(f"{source}: model.patch_size_px must be at least 32 (the encoder halves "
+                          f"it five times), got {model.patch_size_px}")
+    stain, _, metric = train.best_metric.partition("/")
+    if not stain or not metric:
+        raise ConfigError(f"{source}: train.best_metric must be '<stain or all>/<metric>', e.g. "
+                          f"'all/glomerulus_dice', got {train.best_metric!r}")
+
+
+def _check_architecture(model: ModelConfig, source: str) -> None:
+    """model.architecture and model.arguments build a model (on the meta device: no memory)."""
+    try:
+        with torch.device("meta"):
+            build_model(model.architecture, len(model.classes), model.in_channels, **model.arguments)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{source}: model.architecture / model.arguments: {error}") from None

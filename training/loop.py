@@ -31,7 +31,7 @@ from training.cases import find_slides, normalise_stains, split_by_case
 from training.config import Config
 from training.dataset import PatchDataset, default_object_classes
 from training.ema import ExponentialAverage
-from training.evaluate import evaluate_slides
+from training.evaluate import check_best_metric, evaluate_slides
 from training.losses import DiceCrossEntropyLoss
 
 
@@ -73,6 +73,8 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     torch.manual_seed(config.seed)
     slides = find_slides(config.data, config.model.classes, config.source)
     training_slides, validation_slides = split_by_case(slides, config.data.split)
+    check_best_metric(config.train.best_metric, config.model.classes,
+                      {s.stain for s in validation_slides}, config.source)
     info = model_info(config)
     if config.model.stain_normalisation:
         info.stain_reference = normalise_stains(training_slides, validation_slides)
@@ -103,6 +105,8 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         output.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     log = _CsvLog(output / "log.csv", start) if rank == 0 else None
+    if rank == 0:
+        _drop_validation_rows_after(output / "validation.csv", start)
     board = _TensorBoardLog(output, start) if rank == 0 and config.train.tensorboard else None
     progress = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fit", unit="step")
     bf16 = config.train.bf16(device.type)
@@ -274,6 +278,20 @@ def _save_checkpoints(output: Path, model, info: ModelInfo, metrics: dict, step:
                                             f"{values[n]:.4f}" if isinstance(values[n], float) else values[n]
                                             for n in names)])
     return best
+
+
+def _drop_validation_rows_after(path: Path, step: int) -> None:
+    """validation.csv as it was at ``step``: a resumed run validates the later steps again, and a
+    fresh run (step 0) starts the file anew."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *(r for r in rows if int(r[0]) <= step)])
 
 
 def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: float) -> None:
