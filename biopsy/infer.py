@@ -473,6 +473,11 @@ def tile_probabilities(logits: torch.Tensor, patch_px: int) -> torch.Tensor:
 
 
 def _check_channels(slide, info) -> None:
+    if slide.is_fluorescence != info.fluorescence:
+        kinds = ("a brightfield", "a fluorescence")
+        raise CheckpointError(
+            f"{slide.path}: {kinds[slide.is_fluorescence]} slide, and the model was trained on "
+            f"{kinds[info.fluorescence]} slides; use a model trained on this kind of slide")
     channels = len(slide.channel_names)
     if channels != info.in_channels:
         raise CheckpointError(

@@ -167,6 +167,7 @@ class ModelInfo:
     patch_size_px: int
     in_channels: int
     normalisation: dict[str, list[float]]  # {"mean": [...], "std": [...]} for inputs in 0..1
+    fluorescence: bool = False  # trained on fluorescence channels, not brightfield
     stain_reference: list[float] | None = None  # (haematoxylin, eosin) amounts: biopsy.stainnorm
     glomerulus_threshold: float | None = None  # decide glomerulus first: biopsy.decision
     int8_calibration: dict | None = None  # provenance of the stored one: biopsy.quantize

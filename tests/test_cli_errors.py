@@ -50,6 +50,16 @@ def test_bad_input_gives_one_line_error(name, case, bad_files, tmp_path, capsys)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_a_fluorescence_slide_is_not_scored_by_the_brightfield_model(qptiff_path, tmp_path, capsys):
+    """The real Vectra file has three channels, as the bundled model takes: it was scored (0
+    glomeruli, its tissue called artery) and the folder written."""
+    assert main(["score", str(qptiff_path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert str(qptiff_path) in error and "a fluorescence slide, and the model was trained on " \
+        "a brightfield slides" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_through_the_installed_command(bad_files, tmp_path):
     """The real process: exit status 2, one line on stderr, no traceback (run side by side)."""
     runs = [subprocess.Popen([sys.executable, "-m", "biopsy", *command(name, bad_files[case], tmp_path)],

@@ -3,6 +3,7 @@
 import copy
 import logging
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -356,6 +357,13 @@ def test_channel_mismatch_is_a_clear_error(noise_slide):
     with pytest.raises(CheckpointError, match="takes 4 channels, the slide has 3"):
         segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64, in_channels=4),
                       tissue=all_tissue(noise_slide))
+
+
+def test_a_brightfield_slide_and_a_fluorescence_model_are_refused(noise_slide):
+    info = replace(model_info(3, 1.0, 64), fluorescence=True)
+    with pytest.raises(CheckpointError, match="a brightfield slide, and the model was trained on "
+                                              "a fluorescence slides"):
+        segment_slide(noise_slide, random_cnn(3), info, tissue=all_tissue(noise_slide))
 
 
 @pytest.mark.parametrize("output_mpp", [1.0, 0.25])

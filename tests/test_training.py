@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from training.augment import build_augmentation
 from training.evaluate import evaluate_checkpoint
 from training.__main__ import main as training_main
 from training.ema import ExponentialAverage
+from training import loop
 from training.loop import fit
 from training.losses import DiceCrossEntropyLoss, cross_entropy, soft_dice
 
@@ -143,6 +145,17 @@ def test_coco_parts_are_one_object_and_crowds_are_ignored(tmp_path):
     assert (labels.labels(0, 0, (80, 30), 1.0)[:10, 70:80] == IGNORE_INDEX).all()
     assert len(labels.objects([1])) == 2
     assert set(np.unique(labels.instances(0, 0, (80, 30), 1.0, [1]))) == {0, 1, 2}
+
+
+def test_the_checkpoint_says_fluorescence_and_mixed_kinds_are_refused(dataset_root, tmp_path):
+    config = config_from_dict(config_dict(dataset_root, tmp_path, steps=1), "test")
+    slides = find_slides(config.data, config.model.classes, config.source)
+    assert not any(s.fluorescence for s in slides)
+    fit(config)
+    assert read_model_info(tmp_path / "last.safetensors").fluorescence is False
+    slides[0] = replace(slides[0], fluorescence=True)
+    with pytest.raises(ConfigError, match="mix brightfield and fluorescence"):
+        loop._fluorescence(slides, "test")
 
 
 def test_unknown_validation_cases_and_best_metrics_are_config_errors(dataset_root, tmp_path):

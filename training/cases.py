@@ -27,6 +27,7 @@ class AnnotatedSlide:
     dimensions: tuple[int, int]  # level-0 (width, height)
     labels: PolygonLabels | LabelMapLabels
     mpp_override: float | None = None
+    fluorescence: bool = False
     stain_shift: StainShift | None = None  # applied to every read (stain normalisation)
     _slide: Slide | None = field(default=None, repr=False)
 
@@ -92,14 +93,14 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
         relative = path.relative_to(root).as_posix()
         mpp_override = _mpp_override(data, relative)
         slide = open_slide(path, mpp=mpp_override)
-        mpp, dimensions = slide.mpp[0], slide.dimensions
+        mpp, dimensions, fluorescence = slide.mpp[0], slide.dimensions, slide.is_fluorescence
         slide.close()
         labels = _labels(data, root, path, relative, coco, class_names, mpp)
         if labels is None:
             continue
         found.append(AnnotatedSlide(path, _match(data.case_pattern, relative, "data.case_pattern", source),
                                     _stain(data.stain_pattern, relative), mpp, dimensions, labels,
-                                    mpp_override))
+                                    mpp_override, fluorescence))
     if not found:
         raise ConfigError(f"{source}: none of the {len(paths)} slides under {root} has annotations")
     return found

@@ -75,7 +75,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     training_slides, validation_slides = split_by_case(slides, config.data.split)
     check_best_metric(config.train.best_metric, config.model.classes,
                       {s.stain for s in validation_slides}, config.source)
-    info = model_info(config)
+    info = model_info(config, _fluorescence(training_slides + validation_slides, config.source))
     if config.model.stain_normalisation:
         info.stain_reference = normalise_stains(training_slides, validation_slides)
     model = build_model(info.architecture, len(info.class_names), info.in_channels,
@@ -162,15 +162,25 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     return metrics if rank == 0 else None
 
 
-def model_info(config: Config) -> ModelInfo:
-    """The checkpoint metadata a model trained with ``config`` carries (before validation)."""
+def _fluorescence(slides, source: str) -> bool:
+    """Whether the slides are fluorescence; refused when they mix it with brightfield."""
+    kinds = {s.fluorescence for s in slides}
+    if len(kinds) > 1:
+        raise ConfigError(f"{source}: the slides mix brightfield and fluorescence; train a model "
+                          "on one kind")
+    return kinds.pop()
+
+
+def model_info(config: Config, fluorescence: bool = False) -> ModelInfo:
+    """The checkpoint metadata a model trained with ``config`` (on fluorescence slides or not)
+    carries before validation."""
     model = config.model
     colours = {name: list(model.class_colours.get(name, CLASS_COLOURS.get(name, (128, 128, 128))))
                for name in model.classes}
     return ModelInfo(architecture=model.architecture, arguments=dict(model.arguments),
                      class_names=list(model.classes), class_colours=colours,
                      input_mpp=model.input_mpp, patch_size_px=model.patch_size_px,
-                     in_channels=model.in_channels,
+                     in_channels=model.in_channels, fluorescence=fluorescence,
                      glomerulus_threshold=model.glomerulus_threshold,
                      normalisation={"mean": list(model.normalisation_mean),
                                     "std": list(model.normalisation_std)},
