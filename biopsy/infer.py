@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import closing, nullcontext
@@ -43,7 +42,7 @@ from biopsy.labelmap import write_label_map
 from biopsy.model import ModelInfo, ResNetUNet
 from biopsy.probabilitymap import probability_map_writer
 from biopsy.restain import StainShift
-from biopsy.slide import Slide, single_threaded_opencv
+from biopsy.slide import GIVE_MPP, SCALE_RANGE, Slide, single_threaded_opencv
 from biopsy.stainnorm import slide_stain_shift
 from biopsy.stitch import Band, BandStitcher
 from biopsy.subpixel import inference_unet
@@ -449,11 +448,12 @@ def _onto_tile(probabilities: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def check_scales(scales: tuple[float, ...]) -> None:
-    """Raise ValueError unless ``scales`` are finite positive numbers, at least one >= 1 (so
-    that some view covers the whole tile)."""
-    if not scales or not all(math.isfinite(s) and s > 0 for s in scales) or max(scales) < 1:
-        raise ValueError(f"reading scales must be positive multiples of the model's mpp, at least "
-                         f"one >= 1; got {list(scales)}")
+    """Raise ValueError unless ``scales`` are in :data:`SCALE_RANGE`, at least one >= 1 (so that
+    some view covers the whole tile)."""
+    low, high = SCALE_RANGE
+    if not scales or not all(low <= s <= high for s in scales) or max(scales) < 1:
+        raise ValueError(f"reading scales must be multiples of the model's mpp from {low:g} to "
+                         f"{high:g}, at least one >= 1; got {list(scales)}")
 
 
 def tile_probabilities(logits: torch.Tensor, patch_px: int) -> torch.Tensor:
@@ -491,6 +491,6 @@ def _check_channels(slide, info) -> None:
 
 def _slide_mpp(slide) -> tuple[float, float]:
     if slide.mpp is None:
-        raise MppError(f"{slide.path}: pixel size unknown; give it with --mpp")
+        raise MppError(f"{slide.path}: pixel size unknown; {GIVE_MPP}")
     return slide.mpp
 

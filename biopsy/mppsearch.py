@@ -13,7 +13,6 @@ pixel size: they lean towards the sizes the model saw in training.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from biopsy.infer import tile_probabilities, tissue_tiles
 from biopsy.model import ModelInfo
-from biopsy.slide import Slide
+from biopsy.slide import SCALE_RANGE, Slide
 from biopsy.stitch import output_index
 from biopsy.tiling import cell_spans
 
@@ -46,9 +45,11 @@ def searches(factors: Sequence[float] | None) -> bool:
 
 
 def check_factors(factors: tuple[float, ...]) -> None:
-    """Raise ValueError unless ``factors`` are one or more finite positive numbers."""
-    if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
-        raise ValueError(f"pixel-size search factors must be positive numbers; got {list(factors)}")
+    """Raise ValueError unless ``factors`` are one or more numbers in :data:`SCALE_RANGE`."""
+    low, high = SCALE_RANGE
+    if not factors or not all(low <= f <= high for f in factors):
+        raise ValueError(f"pixel-size search factors must be from {low:g} to {high:g}; got "
+                         f"{list(factors)}")
 
 
 @torch.inference_mode()

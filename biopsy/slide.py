@@ -29,6 +29,12 @@ from biopsy.slide_readers import BRIGHTFIELD_CHANNELS, open_reader
 
 __all__ = ["BRIGHTFIELD_CHANNELS", "Level", "Slide", "open_slide"]
 
+GIVE_MPP = "give it with --mpp (in a batch manifest: the mpp column)"
+# A microscope slide's pixel: ~0.06 µm (100x oil) to ~8 µm (a 1.25x overview scan); outside this,
+# a pixel size is a slip or a print resolution (a 72 dpi TIFF would be 352.8 µm/px).
+SLIDE_MPP_RANGE_UM = (0.05, 20.0)
+# Reading scales and pixel-size search factors: multiples of a pixel size, within 4x either way.
+SCALE_RANGE = (0.25, 4.0)
 _LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than asked is used (pyramids round their sizes)
 _SNAP = 1e-3
 _BAND_ROWS = 512  # rows of a thumbnail read at a time, one band a thread
@@ -71,8 +77,10 @@ class Slide:
 
     def __init__(self, path: str | Path, mpp: float | None = None, mpp_required: bool = True):
         self.path = Path(path)
-        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-            raise MppError(f"{self.path}: --mpp must be a positive number of µm/px, got {mpp}")
+        low, high = SLIDE_MPP_RANGE_UM
+        if mpp is not None and not low <= mpp <= high:  # NaN too
+            raise MppError(f"{self.path}: --mpp must be a slide's pixel size, {low:g} to {high:g} "
+                           f"µm/px (a 20x scan is ~0.5), got {mpp}")
         self._reader = open_reader(self.path)
         self._reader_pid = os.getpid()
         reader = self._reader
@@ -91,10 +99,17 @@ class Slide:
         self.dtype = reader.dtype
         self.mpp: tuple[float, float] | None = (mpp, mpp) if mpp is not None else reader.mpp
         self._sha256: str | None = None
+        if self.mpp is not None and not all(low <= m <= high for m in self.mpp):
+            file_mpp, self.mpp = self.mpp, None
+            if mpp_required:
+                self.close()
+                raise MppError(f"{self.path}: the file's pixel size, {file_mpp[0]:.4g} x "
+                               f"{file_mpp[1]:.4g} µm, is no slide's ({low:g} to {high:g} µm/px; "
+                               f"a print resolution?); {GIVE_MPP}")
         if self.mpp is None and mpp_required:
             self.close()
             raise MppError(f"{self.path}: pixel size unknown (no µm/px in the file's metadata); "
-                           "give it with --mpp")
+                           f"{GIVE_MPP}")
 
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, {self.vendor}, {self.dimensions[0]}x{self.dimensions[1]}"
@@ -184,7 +199,7 @@ class Slide:
 
     def _scale(self, mpp: float) -> tuple[float, float]:
         if self.mpp is None:
-            raise MppError(f"{self.path}: pixel size unknown; give it with --mpp")
+            raise MppError(f"{self.path}: pixel size unknown; {GIVE_MPP}")
         if not (math.isfinite(mpp) and mpp > 0):
             raise ValueError(f"mpp must be positive, got {mpp}")
         return mpp / self.mpp[0], mpp / self.mpp[1]

@@ -60,6 +60,18 @@ def test_a_fluorescence_slide_is_not_scored_by_the_brightfield_model(qptiff_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--scales", "1", "1e6"], "--scales: '1e6' is not a number from 0.25 to 4"),
+    (["--mpp-search", "1", "1e9"], "--mpp-search: '1e9' is not a number from 0.25 to 4"),
+    (["--output-mpp", "1e-3"], "--output-mpp: '1e-3' is not a number from 0.05 to 20"),
+])
+def test_reading_options_outside_their_range_are_refused(svs_path, tmp_path, capsys, arguments,
+                                                         message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(svs_path), "--out", str(tmp_path / "out"), *arguments])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bad_input_through_the_installed_command(bad_files, tmp_path):
     """The real process: exit status 2, one line on stderr, no traceback (run side by side)."""
     runs = [subprocess.Popen([sys.executable, "-m", "biopsy", *command(name, bad_files[case], tmp_path)],
@@ -88,9 +100,9 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(name, svs_path
 BAD_OPTIONS = [
     ("segment", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
     ("segment", ["--workers", "-1"], "argument --workers: '-1' is not a whole number >= 0"),
-    ("segment", ["--output-mpp", "0"], "argument --output-mpp: '0' is not a positive number"),
+    ("segment", ["--output-mpp", "0"], "argument --output-mpp: '0' is not a number from 0.05 to 20"),
     ("score", ["--batch-size", "x"], "argument --batch-size: 'x' is not a whole number >= 1"),
-    ("segment", ["--output-mpp", "-8"], "argument --output-mpp: '-8' is not a positive number"),
+    ("segment", ["--output-mpp", "-8"], "argument --output-mpp: '-8' is not a number from 0.05 to 20"),
     ("segment", ["--device", "foo"], "--device foo: not a torch device"),
     ("segment", ["--device", "meta"], "--device meta: biopsy runs on cpu or cuda"),
     ("score", ["--device", "cuda:99"], "--device cuda:99: "),

@@ -151,9 +151,9 @@ def test_missing_model_file_is_a_one_line_error(slide_and_model, tmp_path, capsy
 
 
 @pytest.mark.parametrize("scales, message", [
-    (["1", "0"], "--scales: '0' is not a positive number"),
-    (["1", "inf"], "--scales: 'inf' is not a positive number"),
-    (["x"], "--scales: 'x' is not a positive number"),
+    (["1", "0"], "--scales: '0' is not a number from 0.25 to 4"),
+    (["1", "inf"], "--scales: 'inf' is not a number from 0.25 to 4"),
+    (["x"], "--scales: 'x' is not a number from 0.25 to 4"),
     (["0.5", "0.7"], "--scales: one scale at least must be >= 1, got [0.5, 0.7]"),
 ])
 def test_bad_reading_scales_are_a_usage_error(slide_and_model, tmp_path, capsys, scales, message):

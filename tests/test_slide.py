@@ -232,6 +232,23 @@ def test_plain_jpeg_needs_an_mpp(real_glomeruli):
                                   np.asarray(PIL.Image.open(image).convert("RGB")))
 
 
+@pytest.mark.parametrize("mpp", [1e-6, 0.049, 20.5, 1e9, float("nan"), float("inf"), -0.5, 0.0])
+def test_a_pixel_size_no_slide_has_is_refused(svs_path, mpp):
+    with pytest.raises(MppError, match="0.05 to 20 µm/px"):
+        open_slide(svs_path, mpp=mpp)
+
+
+def test_a_print_resolution_is_no_pixel_size(real_glomeruli, tmp_path):
+    """A TIFF saved at 72 dpi would be 352.8 µm/px: tissue detection asked for 7.6 GiB."""
+    image = sorted((real_glomeruli / "images").glob("*.jpg"))[0]
+    path = tmp_path / "dpi72.tif"
+    PIL.Image.open(image).save(path, dpi=(72, 72))
+    with pytest.raises(MppError, match=r"352.8 x 352.8 µm, is no slide's .* give it with --mpp"):
+        open_slide(path)
+    assert open_slide(path, mpp_required=False).mpp is None
+    assert open_slide(path, mpp=0.5).mpp == (0.5, 0.5)
+
+
 @pytest.mark.parametrize("case", ["missing", "directory", "empty", "random", "truncated_1000000",
                                   "truncated_1600000", "truncated_1900000"])
 def test_bad_files_raise_slide_error(case, tmp_path, svs_path):

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from biopsy.slide import SCALE_RANGE
+
 if TYPE_CHECKING:
     from biopsy.batch import Scorer
 
@@ -66,16 +68,16 @@ def add_test_time_arguments(parser, config_key: str | None = None) -> None:
                              "those of its three mirror images (4x the model time, slightly more "
                              "accurate)." + (f" Default: as {config_key}.tta says." if config_key
                                              else ""))
-    parser.add_argument("--scales", type=positive_number, nargs="+", metavar="S",
+    parser.add_argument("--scales", type=number_between(*SCALE_RANGE), nargs="+", metavar="S",
                         action=ReadingScales, default=None if config_key else [1.0],
                         help="multi-scale test-time augmentation: average each tile's "
                              "probabilities over views of it read at S times the model's mpp and "
-                             "centred on it, S > 0, one at least >= 1 (S > 1: a wider view, seen "
+                             "centred on it, 0.25 <= S <= 4, one at least >= 1 (S > 1: a wider view, seen "
                              "smaller; S < 1: a closer look at the centre); e.g. --scales 1 1.41 "
                              "(2x the model time; put it after the positional arguments)." +
                              (f" Default: as {config_key}.scales says." if config_key
                               else " Default: 1."))
-    parser.add_argument("--mpp-search", type=positive_number, nargs="+", metavar="F",
+    parser.add_argument("--mpp-search", type=number_between(*SCALE_RANGE), nargs="+", metavar="F",
                         help="for images whose pixel size is uncertain (photomicrographs): read "
                              "each slide as if its µm/px were F times the known or given one, "
                              "for each F, and segment it at the F under which the model is most "
@@ -85,17 +87,6 @@ def add_test_time_arguments(parser, config_key: str | None = None) -> None:
                              "--mpp-search 1: no search." +
                              (f" Default: as {config_key}.mpp_search says." if config_key
                               else ""))
-
-
-def positive_number(text: str) -> float:
-    """A positive number from the command line (a reading scale, a pixel-size factor, an mpp)."""
-    try:
-        scale = float(text)
-    except ValueError:
-        scale = 0.0
-    if not 0 < scale < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return scale
 
 
 def count(least: int, most: int | None = None):

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from biopsy.cli.batch import (WORKERS_DEFAULT, add_device_argument, add_model_arguments,
-                              add_stain_argument, load_model_from_args, positive_number)
+                              add_stain_argument, load_model_from_args, number_between)
+from biopsy.slide import SLIDE_MPP_RANGE_UM
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +32,7 @@ def add_parser(subparsers) -> None:
                            help="bfloat16 autocast (default: on CUDA only; on CPUs with native "
                                 "bf16 --bf16 is ~2x faster, a few border pixels may change)")
     add_device_argument(parser)
-    parser.add_argument("--output-mpp", type=positive_number, metavar="X",
+    parser.add_argument("--output-mpp", type=number_between(*SLIDE_MPP_RANGE_UM), metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write probabilities.ome.tif (one channel per class)")
