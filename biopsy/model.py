@@ -271,7 +271,10 @@ def save_int8_calibration(checkpoint: str | Path, out: str | Path,
 
 def _write(path: str | Path, tensors: dict[str, torch.Tensor], info: ModelInfo) -> None:
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={METADATA_KEY: info.to_json()})
+        try:
+            save_file(tensors, str(temporary), metadata={METADATA_KEY: info.to_json()})
+        except SafetensorError as error:  # an unwritable folder, a full disk
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({error})") from None
         temporary.chmod(0o644)  # safetensors creates it owner-only
 
 

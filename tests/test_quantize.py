@@ -6,7 +6,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
+from biopsy import model as model_module
 from biopsy.cli import main
 from biopsy.infer import segment_slide
 from biopsy.labelmap import read_label_map
@@ -114,3 +116,27 @@ def test_calibration_without_tissue_is_an_error(tmp_path, capsys):
                  str(tmp_path / "out.safetensors")]) == 2
     assert "no tissue" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_calibrate_takes_the_pixel_size_of_images_without_one(real_glomeruli, tmp_path, capsys):
+    image = real_glomeruli / "images" / "20180023-PASM.jpg"
+    out = tmp_path / "out.safetensors"
+    assert main(["calibrate", str(image), "--out", str(out), "--tiles-per-slide", "2"]) == 2
+    assert "give it with --mpp" in capsys.readouterr().err
+    assert main(["calibrate", str(image), "--mpp", "0.5", "--out", str(out),
+                 "--tiles-per-slide", "2"]) == 0
+    assert read_int8_calibration(out)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(svs_path, tmp_path, capsys,
+                                                                 monkeypatch):
+    """As in a read-only folder (root, who runs the tests, may write anywhere)."""
+    def refuse(*args, **kwargs):
+        raise SafetensorError("Permission denied (os error 13)")
+
+    monkeypatch.setattr(model_module, "save_file", refuse)
+    out = tmp_path / "out.safetensors"
+    assert main(["calibrate", str(svs_path), "--out", str(out), "--tiles-per-slide", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"{out}: cannot write the checkpoint (Permission denied" in error and "\n" not in error
+    assert not list(tmp_path.iterdir())

@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
                         help="model checkpoint (default: the bundled model)")
     parser.add_argument("--out", type=Path, required=True, metavar="CKPT",
                         help="checkpoint to write (may be --model itself)")
+    parser.add_argument("--mpp", type=float, metavar="X",
+                        help="pixel size in µm/px of every SLIDE, overriding their files' "
+                             "(needed for images that do not record one)")
     parser.add_argument("--tiles-per-slide", type=count(1), default=32, metavar="N",
                         help="tissue tiles read from each slide, spread over it (default "
                              "%(default)s)")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_path = checkpoint_path(args.model)
     model, info = load_checkpoint(model_path)
-    slides = [open_slide(path) for path in args.slides]
+    slides = [open_slide(path, mpp=args.mpp) for path in args.slides]
     calibration, provenance = calibrate(model, info, slides, args.tiles_per_slide)
     save_int8_calibration(model_path, args.out, calibration, provenance)
     print(json.dumps({"out": str(args.out), **provenance}))
