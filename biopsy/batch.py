@@ -286,6 +286,7 @@ def _compare_pairing(pairing: Pairing, out_dir: Path) -> tuple[dict, dict | None
               "status": "compared"}
     missing = [e for e in (baseline, follow_up) if not is_complete(slide_folder(out_dir, e))]
     if missing:
+        shutil.rmtree(out_dir / folder, ignore_errors=True)  # an earlier run's, now stale
         return record | {"status": "not compared: row(s) " + ", ".join(str(e.row) for e in missing)
                          + " not scored", "folder": None}, None
     try:
@@ -294,6 +295,7 @@ def _compare_pairing(pairing: Pairing, out_dir: Path) -> tuple[dict, dict | None
                                       read_score_folder(slide_folder(out_dir, follow_up)),
                                       baseline.patient_id)
     except BiopsyError as error:
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
         return record | {"status": f"not compared: {error}", "folder": None}, None
     return record | {"processing_differences": comparison["processing_differences"]}, comparison
 

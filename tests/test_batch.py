@@ -172,6 +172,23 @@ def test_rerun_scores_again_a_slide_file_that_changed(tmp_path, monkeypatch, cap
         (out / "slides" / "P1_pre_p1-pre" / "summary.json").read_text())["scores"]
 
 
+def test_a_pair_no_longer_compared_leaves_no_comparison_behind(tmp_path):
+    """The follow-up file broken after a first run: its folder goes, and so must the pair's
+    comparison (its report stayed beside a cohort.json that said "not compared")."""
+    manifest = write_cohort_manifest(tmp_path / "cohort", patients=2)
+    out = tmp_path / "out"
+    arguments = [str(manifest), "--from-labels", "--out", str(out), "--no-progress"]
+    assert batch_command(arguments) == 0
+    compared = out / "comparisons" / "P2_pre_p2-pre_vs_post"
+    assert (compared / "comparison.json").is_file()
+    (manifest.parent / "p2-post.ome.tif").write_bytes(b"not a tiff")
+    assert batch_command(arguments) == 1
+    statuses = {c["patient_id"]: c for c in json.loads((out / "cohort.json").read_text())["comparisons"]}
+    assert statuses["P2"]["status"].startswith("not compared") and statuses["P2"]["folder"] is None
+    assert not compared.exists()
+    assert (out / "comparisons" / "P1_pre_p1-pre_vs_post" / "comparison.json").is_file()
+
+
 def test_a_file_is_the_same_by_path_size_and_time_or_else_by_its_bytes(tmp_path):
     path = tmp_path / "slide.tif"
     path.write_bytes(b"abcd")
