@@ -97,6 +97,22 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(name, svs_path
     assert lines == [f"biopsy {name}: error: {out}: Not a directory"]
 
 
+@pytest.mark.parametrize("name", ["tissue", "score", "segment", "synth", "compare", "batch"])
+def test_an_empty_or_file_output_folder_is_refused(name, svs_path, tmp_path, capsys,
+                                                    monkeypatch):
+    """--out "" (an unset shell variable) wrote every output into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    inputs = {"synth": [], "compare": [str(svs_path)] * 2}.get(name, [str(svs_path)])
+    for out, message in (("", "an empty path; give the folder to write into"),
+                         (str(afile), f"{afile} is a file; give a folder to write into")):
+        with pytest.raises(SystemExit) as exit_:
+            main([name, *inputs, "--out", out])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 BAD_OPTIONS = [
     ("segment", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
     ("segment", ["--workers", "-1"], "argument --workers: '-1' is not a whole number >= 0"),

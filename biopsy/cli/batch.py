@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
                     "write cohort.csv, cohort.json and cohort.html. Failures are listed in "
                     "OUT/status.csv and give exit status 1.")
     parser.add_argument("manifest", type=Path, metavar="MANIFEST.csv")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="output folder")
     add_scoring_arguments(parser, "the manifest's slide column lists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -87,6 +87,25 @@ def add_test_time_arguments(parser, config_key: str | None = None) -> None:
                              "--mpp-search 1: no search." +
                              (f" Default: as {config_key}.mpp_search says." if config_key
                               else ""))
+
+
+def output_folder(text: str) -> Path:
+    """An argparse type: a folder to write into, not an empty path (an unset shell variable
+    would write into the current folder) nor an existing file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give the folder to write into")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder to write into")
+    return Path(text)
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file to write, not an empty path nor an existing folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give the file to write")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return Path(text)
 
 
 def count(least: int, most: int | None = None):

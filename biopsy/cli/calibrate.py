@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from biopsy.cli.batch import count
+from biopsy.cli.batch import count, output_file
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("slides", type=Path, nargs="+", metavar="SLIDE", help="slide files")
     parser.add_argument("--model", type=Path, metavar="CKPT",
                         help="model checkpoint (default: the bundled model)")
-    parser.add_argument("--out", type=Path, required=True, metavar="CKPT",
+    parser.add_argument("--out", type=output_file, required=True, metavar="CKPT",
                         help="checkpoint to write (may be --model itself)")
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="pixel size in µm/px of every SLIDE, overriding their files' "

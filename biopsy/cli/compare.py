@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from biopsy.cli.batch import add_device_argument, add_scoring_arguments, count, make_scorer
+from biopsy.cli.batch import (add_device_argument, add_scoring_arguments, count, make_scorer,
+                              output_folder)
 from biopsy.errors import BiopsyError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> None:
                     "Writes comparison.json, comparison.csv and report.html to --out.")
     parser.add_argument("baseline", type=Path, metavar="PRE")
     parser.add_argument("follow_up", type=Path, metavar="POST")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--patient", default="", metavar="ID", help="patient id for the report")
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="slide pixel size in µm/px, overriding (or standing in for) the files'")

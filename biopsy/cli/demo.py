@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from biopsy.cli.batch import add_device_argument, add_model_arguments, count
+from biopsy.cli.batch import add_device_argument, add_model_arguments, count, output_folder
 from biopsy.cli.compare import format_metric
 
 BASELINE_PRESET = "active-ln"
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
                     f"{FOLLOW_UP_PRESET}) into OUT/slides, score both slides with the model, "
                     "compare them and write OUT/report.html. Complete outputs of an earlier run "
                     "are reused.")
-    parser.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR",
+    parser.add_argument("--out", type=output_folder, default=Path("demo-output"), metavar="DIR",
                         help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=count(0), default=1,
                         help="synthetic patient seed (default %(default)s; the follow-up uses "

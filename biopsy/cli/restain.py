@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from biopsy.cli.batch import count
+from biopsy.cli.batch import count, output_file
 
 
 def add_parser(subparsers) -> None:
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
                     "deconvolution) and the hue turned. Score SLIDE and OUT with `biopsy score`: "
                     "the scores should agree. OUT's format follows its suffix: .svs, .tif or .ome.tif.")
     parser.add_argument("slide", type=Path, metavar="SLIDE", help="brightfield slide to copy")
-    parser.add_argument("out", type=Path, metavar="OUT", help="copy to write (.svs, .tif, .ome.tif)")
+    parser.add_argument("out", type=output_file, metavar="OUT", help="copy to write (.svs, .tif, .ome.tif)")
     parser.add_argument("--turns", type=int, default=0, metavar="K",
                         help="counter-clockwise quarter turns (default 0; -1 turns clockwise)")
     parser.add_argument("--haematoxylin", type=float, default=1.0, metavar="F",

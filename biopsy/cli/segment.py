@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from biopsy.cli.batch import (WORKERS_DEFAULT, add_device_argument, add_model_arguments,
-                              add_stain_argument, load_model_from_args, number_between)
+                              add_stain_argument, load_model_from_args, number_between,
+                              output_folder)
 from biopsy.slide import SLIDE_MPP_RANGE_UM
 
 
@@ -20,7 +21,7 @@ def add_parser(subparsers) -> None:
                     "objects.geojson, overview.png, optionally probabilities.ome.tif, and "
                     "segment.json last to --out.")
     parser.add_argument("slide", type=Path, metavar="SLIDE", help="slide file")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+    parser.add_argument("--out", type=output_folder, required=True, metavar="DIR",
                         help="output folder (segment.json is written last)")
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")

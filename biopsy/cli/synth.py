@@ -4,7 +4,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from biopsy.cli.batch import count
+from biopsy.cli.batch import count, output_folder
 
 # CLI flag -> profile key, for the flags that override a profile value.
 OVERRIDES = {
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
                     "profile.yaml and truth.json (last: the folder is whole when it exists). "
                     "With --pair, OUT/baseline (active-ln) and OUT/followup (remission) of one "
                     "synthetic patient: different tissue, one stain drift between them.")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--preset", metavar="NAME", help="lesion profile preset, a file name "
                         "of configs/synth/ (default: active-ln, or none when --profile is given)")
     parser.add_argument("--profile", type=Path, metavar="YAML",

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 
 from biopsy.atomic import atomic_path, write_text_atomic
-from biopsy.cli.batch import number_between
+from biopsy.cli.batch import number_between, output_folder
 
 if TYPE_CHECKING:
     from biopsy.slide import Slide
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
         description="Detect tissue at low resolution and write tissue_mask.png, "
                     "tissue_overlay.png and tissue.json (written last) into --out.")
     parser.add_argument("slide", type=Path, help="slide file")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=output_folder, required=True, help="output folder")
     parser.add_argument("--mpp", type=float, help="pixel size in µm/px, overriding the file's")
     parser.add_argument("--tissue-mpp", type=number_between(1, 64), default=8.0,
                         help="resolution of the mask in µm/px, 1 to 64 (default 8)")
