@@ -55,6 +55,8 @@ class StainShift:
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"StainShift.{name} must be a non-negative factor, got {value}")
+        if not np.isfinite(self.hue_deg):
+            raise ValueError(f"StainShift.hue_deg must be a number of degrees, got {self.hue_deg}")
 
     def density_matrix(self) -> np.ndarray:
         """(3, 3) map of optical density row vectors: ``od_shifted = od @ matrix``.

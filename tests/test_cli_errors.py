@@ -126,6 +126,8 @@ BAD_OPTIONS = [
     ("tissue", ["--min-area-um2", "-5"], "argument --min-area-um2: '-5' is not a number >= 0"),
     ("tissue", ["--min-area-um2", "inf"], "argument --min-area-um2: 'inf' is not a number >= 0"),
     ("restain", ["--quality", "101"], "argument --quality: '101' is not a whole number from 1 to 100"),
+    ("restain", ["--hue", "nan"], "argument --hue: 'nan' is not a number from -360 to 360"),
+    ("restain", ["--haematoxylin", "-1"], "argument --haematoxylin: '-1' is not a number >= 0"),
     ("synth", ["--seed", "-1"], "argument --seed: '-1' is not a whole number >= 0"),
 ]
 

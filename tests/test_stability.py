@@ -126,6 +126,8 @@ def test_user_errors(source, tmp_path):
         restain_slide(anisotropic, tmp_path / "copy.tif")
     with pytest.raises(ValueError):
         StainShift(eosin=-1)
+    with pytest.raises(ValueError, match="hue_deg"):
+        StainShift(hue_deg=float("nan"))  # wrote a corrupt copy
     assert not (tmp_path / "copy.tif").exists()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from biopsy.cli.batch import count, output_file
+from biopsy.cli.batch import count, number_between, output_file
 
 
 def add_parser(subparsers) -> None:
@@ -19,14 +19,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("out", type=output_file, metavar="OUT", help="copy to write (.svs, .tif, .ome.tif)")
     parser.add_argument("--turns", type=int, default=0, metavar="K",
                         help="counter-clockwise quarter turns (default 0; -1 turns clockwise)")
-    parser.add_argument("--haematoxylin", type=float, default=1.0, metavar="F",
+    parser.add_argument("--haematoxylin", type=number_between(0), default=1.0, metavar="F",
                         help="haematoxylin amount factor (default 1; 0.8 = 20%% fainter)")
-    parser.add_argument("--eosin", type=float, default=1.0, metavar="F",
+    parser.add_argument("--eosin", type=number_between(0), default=1.0, metavar="F",
                         help="eosin amount factor, also PAS magenta (default 1)")
-    parser.add_argument("--dab", type=float, default=1.0, metavar="F",
+    parser.add_argument("--dab", type=number_between(0), default=1.0, metavar="F",
                         help="DAB (third HED axis) amount factor (default 1)")
-    parser.add_argument("--hue", type=float, default=0.0, metavar="DEG",
-                        help="HSV hue turn in degrees (default 0)")
+    parser.add_argument("--hue", type=number_between(-360, 360), default=0.0, metavar="DEG",
+                        help="HSV hue turn in degrees, -360 to 360 (default 0)")
     parser.add_argument("--mpp", type=float, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
     parser.add_argument("--quality", type=count(1, 100), default=90, metavar="Q",
@@ -35,13 +35,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biopsy.errors import BiopsyError
     from biopsy.restain import StainShift, restain_slide
 
-    try:
-        shift = StainShift(args.haematoxylin, args.eosin, args.dab, args.hue)
-    except ValueError as error:
-        raise BiopsyError(str(error)) from None
+    shift = StainShift(args.haematoxylin, args.eosin, args.dab, args.hue)
     restain_slide(args.slide, args.out, shift, quarter_turns=args.turns, mpp=args.mpp,
                   quality=args.quality)
     print(args.out)
