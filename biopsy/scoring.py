@@ -12,12 +12,14 @@ Endocapillary hypercellularity and interstitial inflammation are assessed from n
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from biopsy.classes import CLASS_NAMES
 from biopsy.resources import CONFIG_DIR, read_yaml_mapping
 from biopsy.errors import ConfigError
 
@@ -206,8 +208,11 @@ def _section(cls, values: dict, where, prefix: str):
     for field in fields(cls):
         value = values[field.name]
         if field.type in ("float", "int"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 <= value < math.inf):
                 raise ConfigError(f"{where}: {prefix}.{field.name} = {value!r}; give a number >= 0")
+            if field.type == "int" and value != int(value):
+                raise ConfigError(f"{where}: {prefix}.{field.name} = {value!r}; give a whole number")
             value = int(value) if field.type == "int" else float(value)
         kwargs[field.name] = value
     return cls(**kwargs)
@@ -216,6 +221,10 @@ def _section(cls, values: dict, where, prefix: str):
 def _class_list(value, where, name: str) -> tuple[str, ...]:
     if not (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
         raise ConfigError(f"{where}: {name} must be a non-empty list of class names")
+    unknown = [v for v in value if v not in CLASS_NAMES]
+    if unknown:
+        raise ConfigError(f"{where}: {name} names {unknown[0]!r}, not a class of "
+                          f"{', '.join(CLASS_NAMES)}")
     return tuple(value)
 
 

@@ -173,6 +173,10 @@ def test_user_config_is_merged_over_the_default(tmp_path):
     ("cortex:\n  tubular_atrophy:\n    numerator: []\n", "non-empty list"),
     ("lesions: [1, 2\n", "not valid YAML"),
     ("cortex:\n  tubular_atrophy: 5\n", "malformed scoring config"),
+    ("cortex:\n  tile_um: .nan\n", "cortex.tile_um = nan; give a number >= 0"),
+    ("cortex:\n  interstitial_fibrosis:\n    numerator: [fibroses]\n",
+     "cortex.interstitial_fibrosis.numerator names 'fibroses', not a class of"),
+    ("glomeruli:\n  adequate_min_count: 2.5\n", "adequate_min_count = 2.5; give a whole number"),
 ])
 def test_bad_configs_raise_config_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
