@@ -160,6 +160,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     """
     with open_slide(slide_path, mpp=mpp) as slide:
         started = time.perf_counter()
+        mpp_given = slide.mpp_given  # before the search sets another
         searched = search_mpp(slide, model, info, options)
         tissue = detect_tissue(slide)  # at the pixel size searched; for the nuclei too
         class_map = segment_slide(slide, model, info, batch_size=options.batch_size,
@@ -170,7 +171,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         nuclei_xy, nuclei = _find_nuclei(slide, tissue)
         level0_mpp = slide.mpp[0]
         source = {"kind": "slide", **file_identity(slide_path), "sha256": slide.sha256,
-                  "mpp": list(slide.mpp), "mpp_given": mpp is not None}
+                  "mpp": list(slide.mpp), "mpp_given": mpp_given}
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, config,
                              level0_mpp=level0_mpp, nuclei_xy=nuclei_xy)
     label_map = LabelMap(class_map.labels, class_map.mpp, class_map.class_names,

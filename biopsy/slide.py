@@ -97,6 +97,7 @@ class Slide:
         self.reads_regions: bool = reader.reads_regions
         self.background_value: int = 0 if reader.is_fluorescence else 255
         self.dtype = reader.dtype
+        self.file_mpp: tuple[float, float] | None = reader.mpp  # as the file says, if it does
         self.mpp: tuple[float, float] | None = (mpp, mpp) if mpp is not None else reader.mpp
         self._sha256: str | None = None
         if self.mpp is not None and not all(low <= m <= high for m in self.mpp):
@@ -129,6 +130,13 @@ class Slide:
         scaled = copy.copy(self)
         scaled.mpp = (self.mpp[0] * factor, self.mpp[1] * factor)
         return scaled
+
+    @property
+    def mpp_given(self) -> bool:
+        """Whether the pixel size in use was given by hand and differs from the file's own."""
+        if self.mpp is None or self.file_mpp is None:
+            return self.mpp is not None
+        return not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(self.mpp, self.file_mpp))
 
     @property
     def sha256(self) -> str:

@@ -58,14 +58,19 @@ def test_slides_scored_alike_are_not_flagged_and_otherwise_are(slide_and_model, 
 
     slide, checkpoint = slide_and_model
     model, info, model_path = pipeline.load_model(checkpoint, "cpu")
-    for name, tta in (("first", False), ("again", False), ("mirrored", True)):
+    runs = {"first": (False, None), "again": (False, None), "mirrored": (True, None),
+            "file's mpp by hand": (False, MPP), "other mpp": (False, MPP * 1.05)}
+    for name, (tta, mpp) in runs.items():
         options = pipeline.InferenceOptions("cpu", batch_size=4, workers=0, tta=tta)
         pipeline.score_slide_file(slide, tmp_path / name, model, info, model_path,
-                                  load_score_config(), options=options)
-    first, again, mirrored = (read_score_folder(tmp_path / n) for n in ("first", "again", "mirrored"))
+                                  load_score_config(), mpp=mpp, options=options)
+    first, again, mirrored, same_mpp, other_mpp = (read_score_folder(tmp_path / n) for n in runs)
     assert compare.processing_differences(first, again) == []
     assert compare.processing_differences(first, mirrored) == [
         "Mirror-image test-time augmentation: off at baseline, on at follow-up."]
+    assert compare.processing_differences(first, same_mpp) == []  # the file's own, typed again
+    assert compare.processing_differences(first, other_mpp) == [
+        "Pixel size: read from the file at baseline, given by hand at follow-up."]
 
 
 def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model, tmp_path):
@@ -111,7 +116,7 @@ def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, caps
     printed = json.loads(capsys.readouterr().out)
     summary = json.loads((out / "summary.json").read_text())
     assert printed["glomeruli"] == summary["scores"]["glomeruli"]["count"]
-    assert summary["provenance"]["source"]["mpp_given"] is True
+    assert summary["provenance"]["source"]["mpp_given"] is False  # the file's own
     assert summary["provenance"]["inference"]["tta"] is True
     assert summary["provenance"]["inference"]["scales"] == [1.0, 1.5]
     # the slide was scored at twice its pixel size, the one factor searched, and says so
