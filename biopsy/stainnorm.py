@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -113,15 +114,17 @@ def _percentile(counts: np.ndarray) -> float:
     return float(round((index + 1) * _BIN_OD, 6))
 
 
-def normalising_shift(amounts: Sequence[float] | None, reference: Sequence[float]) -> StainShift:
-    """The shift that brings ``amounts`` to ``reference`` (the identity without tissue)."""
+def normalising_shift(amounts: Sequence[float] | None, reference: Sequence[float],
+                      source: str | Path = "slide") -> StainShift:
+    """The shift that brings ``amounts`` (of ``source``, named in a warning) to ``reference``
+    (the identity without tissue)."""
     if amounts is None:
         return StainShift()
     ratios = [r / a for r, a in zip(reference, amounts)]
     factors = [float(np.clip(ratio, *FACTOR_LIMITS)) for ratio in ratios]
     if factors != ratios:
-        log.warning("stain amounts %s are far from the model's %s: factors kept to %s",
-                    amounts, list(reference), FACTOR_LIMITS)
+        log.warning("%s: stain amounts %s are far from the model's %s: factors kept to %s",
+                    source, amounts, list(reference), FACTOR_LIMITS)
     return StainShift(haematoxylin=factors[0], eosin=factors[1])
 
 
@@ -131,4 +134,4 @@ def slide_stain_shift(slide: Slide, reference: Sequence[float] | None,
     model has no reference or the slide is not 8-bit RGB."""
     if reference is None or not is_brightfield(slide):
         return None
-    return normalising_shift(stain_amounts(slide, tissue), reference)
+    return normalising_shift(stain_amounts(slide, tissue), reference, slide.path)

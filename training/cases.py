@@ -64,7 +64,7 @@ def normalise_stains(training: list[AnnotatedSlide], others: list[AnnotatedSlide
         raise ConfigError("model.stain_normalisation: no tissue found on the training slides")
     reference = [float(v) for v in np.mean(measured, axis=0)]
     for slide, slide_amounts in zip(training + others, amounts):
-        slide.stain_shift = normalising_shift(slide_amounts, reference)
+        slide.stain_shift = normalising_shift(slide_amounts, reference, slide.path)
     return reference
 
 
