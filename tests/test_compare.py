@@ -10,6 +10,7 @@ import pytest
 from biopsy import compare, scoring
 from biopsy.cli import compare as compare_cli
 from biopsy.classes import CLASS_NAMES
+from biopsy.errors import BiopsyError
 from biopsy.morphometry import CortexTile, GlomerulusMeasures
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -254,3 +255,14 @@ def test_a_pair_processed_differently_is_flagged_in_the_outputs(tmp_path, capsys
         "processing_differences"] == [expected]
     report = (tmp_path / "out" / "report.html").read_text()
     assert "processed differently" in report and expected in report
+
+
+def test_a_missing_follow_up_is_refused_before_the_baseline_is_scored(tmp_path):
+    pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["normal"] * 3))
+    parser = argparse.ArgumentParser()
+    compare_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["compare", str(pre), str(tmp_path / "post.ome.tif"), "--from-labels",
+                              "--out", str(tmp_path / "out")])
+    with pytest.raises(BiopsyError, match="post.ome.tif: not found"):
+        args.func(args)
+    assert not (tmp_path / "out").exists()

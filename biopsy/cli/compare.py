@@ -52,8 +52,6 @@ def scored_input(path: Path, folder: Path, args: argparse.Namespace,
 
     if path.is_dir():
         return read_score_folder(path)
-    if not path.is_file():
-        raise BiopsyError(f"{path}: not found; give a scored-slide folder or a slide file")
     entry = ManifestEntry(row=0, patient_id=args.patient, timepoint=folder.name,
                           slide=path.resolve(), mpp=args.mpp)
     scorer()(entry, folder)
@@ -65,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.replicates < 100:
         raise BiopsyError(f"--replicates {args.replicates}: give at least 100 (default 2000)")
+    for path in (args.baseline, args.follow_up):  # both, before either is scored
+        if not (path.is_dir() or path.is_file()):
+            raise BiopsyError(f"{path}: not found; give a scored-slide folder or a slide file")
     scorer = functools.cache(lambda: make_scorer(args, args.device))  # loads a model once, if any
     baseline = scored_input(args.baseline, args.out / "baseline", args, scorer)
     follow_up = scored_input(args.follow_up, args.out / "follow_up", args, scorer)
