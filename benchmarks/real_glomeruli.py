@@ -103,7 +103,7 @@ def models_and_slides(args, config):
         model, info = load_checkpoint(args.checkpoint, args.device)
         info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
         yield model, info, split_by_case(find_slides(config.data, info.class_names, config.source),
-                                         config.data.split)[1]
+                                         config.data.split, config.source)[1]
     else:
         for fold in range(args.folds):
             yield fold_model(config, fold, args.folds, args.device, args.glomerulus_threshold)

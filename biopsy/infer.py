@@ -250,7 +250,7 @@ def tissue_tiles(slide: Slide, info: ModelInfo, overlap: float = 0.5,
     ValueError : a scale not positive, or none >= 1.
     """
     check_scales(scales)
-    _check_channels(slide, info)
+    check_slide_for_model(slide, info)
     if tissue is None:
         tissue = detect_tissue(slide)
     shape_px = grid_shape_px(slide.dimensions, _slide_mpp(slide), info.input_mpp)
@@ -472,11 +472,13 @@ def tile_probabilities(logits: torch.Tensor, patch_px: int) -> torch.Tensor:
     return logits.div_(logits.sum(dim=1, keepdim=True))
 
 
-def _check_channels(slide, info) -> None:
+def check_slide_for_model(slide, info) -> None:
+    """Raise unless the model takes the slide: brightfield or fluorescence alike, as many
+    channels, 8 bits (:class:`CheckpointError`, :class:`SlideError`)."""
     if slide.is_fluorescence != info.fluorescence:
-        kinds = ("a brightfield", "a fluorescence")
+        kinds = ("brightfield", "fluorescence")
         raise CheckpointError(
-            f"{slide.path}: {kinds[slide.is_fluorescence]} slide, and the model was trained on "
+            f"{slide.path}: a {kinds[slide.is_fluorescence]} slide, and the model was trained on "
             f"{kinds[info.fluorescence]} slides; use a model trained on this kind of slide")
     channels = len(slide.channel_names)
     if channels != info.in_channels:

@@ -84,6 +84,8 @@ class ResNetUNet(nn.Module):
             raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(RESNET_ENCODERS)}")
         if len(decoder_channels) != 5:
             raise ValueError(f"decoder_channels needs 5 entries, got {list(decoder_channels)}")
+        if not all(isinstance(c, int) and c >= 1 for c in decoder_channels):
+            raise ValueError(f"decoder_channels must be whole numbers >= 1, got {list(decoder_channels)}")
         constructor, encoder_channels = RESNET_ENCODERS[encoder]
         backbone = constructor(weights=None)
         if encoder_weights is not None:

@@ -56,7 +56,7 @@ def test_a_fluorescence_slide_is_not_scored_by_the_brightfield_model(qptiff_path
     assert main(["score", str(qptiff_path), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert str(qptiff_path) in error and "a fluorescence slide, and the model was trained on " \
-        "a brightfield slides" in error
+        "brightfield slides" in error
     assert not (tmp_path / "out").exists()
 
 

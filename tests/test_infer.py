@@ -362,7 +362,7 @@ def test_channel_mismatch_is_a_clear_error(noise_slide):
 def test_a_brightfield_slide_and_a_fluorescence_model_are_refused(noise_slide):
     info = replace(model_info(3, 1.0, 64), fluorescence=True)
     with pytest.raises(CheckpointError, match="a brightfield slide, and the model was trained on "
-                                              "a fluorescence slides"):
+                                              "fluorescence slides"):
         segment_slide(noise_slide, random_cnn(3), info, tissue=all_tissue(noise_slide))
 
 

@@ -1,6 +1,7 @@
 """Training pipeline: configs, annotations, patch sampling, loop (resume, DDP, fine-tuning)."""
 
 import csv
+import itertools
 import json
 import os
 import pickle
@@ -19,7 +20,7 @@ from PIL import Image
 from shapely.geometry import box
 
 from biopsy.errors import AnnotationError, CheckpointError, ConfigError
-from biopsy.geojson import IGNORE_INDEX, Annotation
+from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise
 from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint, read_model_info
 from cuda_syncs import cuda_syncs
@@ -62,8 +63,8 @@ def test_bundled_configs_load():
     (lambda d: d["data"]["annotations"]["class_map"].update(gs="crescent"), "'crescent'.*not in model.classes"),
     (lambda d: d["data"].update(case_pattern="(case"), "data.case_pattern is not a regular expression"),
     (lambda d: d["data"].update(slide_mpp_by_path={"[": 0.25}), r"slide_mpp_by_path\['\['\] is not a regular"),
-    (lambda d: d["data"].update(slide_mpp_by_path={"x": -1}), r"slide_mpp_by_path\['x'\] must be a pixel size"),
-    (lambda d: d["data"].update(slide_mpp=0), r"data.slide_mpp must be a pixel size"),
+    (lambda d: d["data"].update(slide_mpp_by_path={"x": -1}), r"slide_mpp_by_path\['x'\] must be a slide's pixel size"),
+    (lambda d: d["data"].update(slide_mpp=0), r"data.slide_mpp must be a slide's pixel size"),
     (lambda d: d.update(sampling={"mpp_scale": [2.0, 0.5]}), r"sampling.mpp_scale must be \[low, high\]"),
     (lambda d: d.update(evaluate={"scales": [0.9, 0.5]}), r"evaluate.scales: .* at least one >= 1"),
     (lambda d: d.update(evaluate={"scales": [1.0, float("nan")]}), r"evaluate.scales: .*from 0.25 to 4"),
@@ -83,7 +84,9 @@ def test_bundled_configs_load():
     (lambda d: d.update(seed=-1), "seed must be 0 or more"),
     (lambda d: d["train"].update(workers=-1), "train.workers must be 0 or more"),
     (lambda d: d["optim"].update(optimizer="sgd", momentum=0), "optim.momentum must be positive"),
-    (lambda d: d["train"].update(ema_decay=1.5), r"train.ema_decay must lie in \(0, 1\]"),
+    (lambda d: d["train"].update(ema_decay=1.5), r"train.ema_decay must lie in \[0, 1\)"),
+    (lambda d: d["model"]["arguments"].update(decoder_channels=[0, 8, 8, 8, 8]), ">= 1"),
+    (lambda d: d["model"]["arguments"].update(decoder_channels=[-8, 8, 8, 8, 8]), ">= 1"),
     (lambda d: d["train"].update(best_metric="glomerulus_dice"), "'<stain or all>/<metric>'"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, change, message):
@@ -118,7 +121,11 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
      "unknown image_id 7"),
     (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
                  "annotations": [{"image_id": 0, "category_id": 0, "segmentation": {"counts": "x"}}]}),
-     "RLE"),
+     "annotation 0: malformed RLE mask"),
+    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
+                 "annotations": [{"image_id": 0, "category_id": 0,
+                                  "segmentation": {"size": [4, 4], "counts": [3, 2]}}]}),
+     "RLE runs cover 5 pixels, not 4 x 4"),
 ])
 def test_malformed_coco_names_file_and_problem(tmp_path, document, message):
     path = tmp_path / "coco.json"
@@ -159,18 +166,64 @@ def test_the_checkpoint_says_fluorescence_and_mixed_kinds_are_refused(dataset_ro
         loop._fluorescence(slides, "test")
 
 
+def test_coco_run_length_masks_read_as_pycocotools_writes_them(tmp_path):
+    """Compressed (pycocotools.mask.encode) and plain run lists, a crowd among them: each
+    outline rasterises back to its mask, pixel for pixel."""
+    coco_mask = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(5)
+    masks, annotations = [], []
+    for index in range(6):
+        mask = np.zeros((40, 56), np.uint8)
+        top, left = rng.integers(0, 20, 2)
+        mask[top:top + 15, left:left + 30] = rng.random((15, 30)) < 0.8
+        rle = coco_mask.encode(np.asfortranarray(mask))
+        counts = rle["counts"].decode() if index % 2 else \
+            [len(run) for run in _runs(mask.T.ravel())]  # plain runs, column by column
+        masks.append(mask.astype(bool))
+        annotations.append({"image_id": 0, "category_id": 0, "iscrowd": int(index == 5),
+                            "segmentation": {"size": [40, 56], "counts": counts}})
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({"images": [{"id": 0, "file_name": "a.png"}],
+                                "categories": [{"id": 0, "name": "gn"}], "annotations": annotations}))
+    read = read_coco(path)["a.png"]
+    assert [a.class_name for a in read] == ["gn"] * 5 + ["ignore"]
+    for annotation, mask in zip(read, masks):
+        drawn = rasterise([annotation], ["", "gn", "ignore"], (40, 56), 1.0, 1.0, unlabelled=0)
+        np.testing.assert_array_equal(drawn > 0, mask)
+
+
+def _runs(values: np.ndarray):
+    """Runs of equal values, the first of zeros (empty when the values start with ones)."""
+    groups = [list(g) for _, g in itertools.groupby(values)]
+    return ([[]] if values[0] else []) + groups
+
+
 def test_unknown_validation_cases_and_best_metrics_are_config_errors(dataset_root, tmp_path):
     data = config_dict(dataset_root, tmp_path)
     data["data"]["split"]["validation_cases"] = ["case2", "case9"]
     config = config_from_dict(data, "test")
-    with pytest.raises(ConfigError, match=r"validation_cases names case\(s\) \['case9'\]"):
+    with pytest.raises(ConfigError, match=r"data.split.validation_cases names case\(s\) \['case9'\]"):
         fit(config)
     for best, message in (("all/glomerulus_dise", "no metric 'glomerulus_dise'"),
-                          ("Masson/mean_dice", "no stain 'Masson'")):
+                          ("Masson/mean_dice", "no stain 'Masson' in the data")):
         config = config_from_dict(config_dict(dataset_root, tmp_path, best_metric=best), "test")
         with pytest.raises(ConfigError, match=message):
             fit(config)
     assert not (tmp_path / "log.csv").exists()
+
+
+def test_a_best_metric_this_validation_does_not_give_is_a_warning(dataset_root, tmp_path, caplog):
+    """The validation case holds both stains; one fold of another split may hold one, and then
+    gives no per-stain figures: that fold keeps last.safetensors only (eval --folds uses it)."""
+    data = config_dict(dataset_root, tmp_path, steps=1, best_metric="PAS/glomerulus_dice")
+    data["data"]["stain_pattern"] = r"-(PAS)M?\."  # every slide "PAS": one stain, no PAS figures
+    with caplog.at_level("WARNING"):
+        fit(config_from_dict(data, "test"))
+    assert "validation gives no PAS figures" in caplog.text
+    assert (tmp_path / "last.safetensors").exists() and not (tmp_path / "best.safetensors").exists()
+    settings = config_dict(dataset_root, tmp_path / "zero", steps=1, ema_decay=0)
+    settings["optim"]["grad_clip_norm"] = 0  # 0 turns each off, as null does
+    fit(config_from_dict(settings, "test"))
 
 
 def test_malformed_geojson_names_file(tmp_path):

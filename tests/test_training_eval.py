@@ -15,14 +15,17 @@ from PIL import Image
 from skimage.measure import label
 
 from biopsy.errors import ConfigError
-from biopsy.geojson import Annotation, rasterise
+from biopsy.classes import CLASS_NAMES
+from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise, read_annotations
 from glomeruli_dataset import config_dict
 from biopsy.model import load_checkpoint
 from biopsy.restain import StainShift
 from biopsy.slide import open_slide
 from biopsy.stainnorm import stain_amounts
+from biopsy.synth import LesionProfile, generate_slide
 from biopsy.tiling import TileDataset, grid_shape_px, make_grid
 from training import evaluate as evaluation
+from training.annotations import LabelMapLabels, PolygonLabels
 from training.__main__ import main as training_main
 from training.cases import find_slides, set_stain_shifts, split_by_case
 from training.config import EvaluateConfig, config_from_dict, load_config, with_fold
@@ -99,6 +102,38 @@ def test_touching_annotated_glomeruli_are_two_true_glomeruli(real_glomeruli):
     assert list(count_metrics(truth, prediction, names, mpp, config.evaluate)[tp_fp_fn]) == [0, 2, 1]
     rows = object_rows(truth, prediction, names, mpp, config.evaluate, instances)
     assert [(r["side"], r["matched"]) for r in rows] == [("truth", True)] * 2 + [("predicted", True)] * 2
+
+
+def test_lesions_outlined_inside_a_glomerulus_are_part_of_it(tmp_path):
+    """The generator's truth.geojson outlines each glomerulus and, inside it, its sclerosis,
+    crescent and deposits: one true glomerulus each, as many as the label map's regions, all
+    found by a perfect prediction."""
+    profile = LesionProfile(name="nested", glomeruli=6, global_sclerosis=0.3, segmental_sclerosis=0.2,
+                            cellular_crescent=0.3, fibrous_crescent=0.2, hyaline_deposit=0.5,
+                            core_length_mm=1.0, seed=7)
+    truth = generate_slide(profile, tmp_path)
+    level0_mpp, (height0, width0) = truth["slide"]["mpp"], truth["slide"]["shape_px"]
+    names, mpp = list(CLASS_NAMES), 2.0
+    outlines = PolygonLabels(read_annotations(tmp_path / "truth.geojson"), names, {}, "ignore",
+                             level0_mpp, "truth.geojson")
+    regions = LabelMapLabels(tmp_path / "labels.ome.tif", names, {}, level0_mpp)
+    size = (int(width0 * level0_mpp / mpp), int(height0 * level0_mpp / mpp))
+    labels = regions.labels(0, 0, size, mpp)
+    glomerular = evaluation.glomerular_indices(names)
+    instances = outlines.instances(0, 0, size, mpp, glomerular)
+    assert instances.max() == regions.instances(0, 0, size, mpp, glomerular).max() == 6
+    perfect = np.where(labels == IGNORE_INDEX, 0, labels)
+    tp_fp_fn = slice(3 * len(names) + 3, 3 * len(names) + 6)
+    counts = count_metrics(labels, perfect, names, mpp, EvaluateConfig(), instances)
+    assert list(counts[tp_fp_fn]) == [6, 0, 0]
+
+
+def test_an_outline_over_no_pixel_is_no_glomerulus():
+    """Id 2 drew no pixel (too small, or drawn over): with no minimum area it was a phantom miss."""
+    instances = np.zeros((20, 20), np.int32)
+    instances[2:8, 2:8], instances[10:18, 10:18] = 1, 3
+    kept = evaluation.kept_instances(instances, min_area_px=0)
+    assert kept.max() == 2 and set(np.unique(kept)) == {0, 1, 2}
 
 
 def test_object_rows_say_what_each_miss_is():

@@ -20,6 +20,7 @@ from biopsy.errors import AnnotationError
 from biopsy.geojson import (IGNORE_INDEX, Annotation, polygonal_parts, rasterise,
                             rasterise_instances, read_json_annotations)
 from biopsy.labelmap import read_label_map
+from biopsy.outlines import polygons_from_mask
 from training.config import IGNORE
 
 
@@ -35,9 +36,8 @@ class AnnotatedObject:
 def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
     """Polygons of a COCO instance JSON by image file name (as written in the file).
 
-    Only polygon segmentations are read (an RLE mask raises: export polygons); an object's
-    several polygons are its parts (their union). A crowd (``iscrowd: 1``) is ``ignore``: neither
-    trained on nor counted. Images listed with no annotation map to an empty list. Raises
+    Polygon and run-length (RLE) segmentations are read; an object's several polygons are its
+    parts (their union). A crowd (``iscrowd: 1``) is ``ignore``: neither trained on nor counted. Images listed with no annotation map to an empty list. Raises
     :class:`AnnotationError` naming the file and the problem.
     """
     path = Path(path)
@@ -71,7 +71,7 @@ def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
 
 def _coco_geometry(where: str, segmentation) -> Polygon | MultiPolygon:
     if isinstance(segmentation, dict):
-        raise AnnotationError(f"{where} has an RLE mask; only polygon segmentations are supported")
+        return _rle_geometry(where, segmentation)
     if not isinstance(segmentation, list) or not segmentation:
         raise AnnotationError(f"{where} has no polygon segmentation")
     polygons = []
@@ -86,6 +86,44 @@ def _coco_geometry(where: str, segmentation) -> Polygon | MultiPolygon:
     if not parts:
         raise AnnotationError(f"{where} has a polygon of zero area")
     return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def _rle_geometry(where: str, segmentation: dict) -> Polygon | MultiPolygon:
+    """The outline of a COCO run-length mask: ``counts`` a list of runs or pycocotools'
+    compressed string, column by column over ``size`` = [height, width], off pixels first."""
+    try:
+        height, width = (int(v) for v in segmentation["size"])
+        counts = segmentation["counts"]
+        runs = _compressed_runs(counts) if isinstance(counts, str) else [int(c) for c in counts]
+    except (KeyError, TypeError, ValueError) as error:
+        raise AnnotationError(f"{where}: malformed RLE mask ({error!r})") from None
+    if min(runs, default=0) < 0 or sum(runs) != height * width:
+        raise AnnotationError(f"{where}: RLE runs cover {sum(runs)} pixels, not {height} x {width}")
+    mask = np.repeat(np.arange(len(runs)) % 2 == 1, runs).reshape(width, height).T
+    parts = list(polygons_from_mask(mask, 1.0, 1.0, simplify_tolerance_px=0.0))
+    if not parts:
+        raise AnnotationError(f"{where} has an empty RLE mask")
+    return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def _compressed_runs(text: str) -> list[int]:
+    """pycocotools' string form of RLE counts: each run in 5-bit groups (ASCII 48 + group, bit 6
+    set while more follow, sign in the last group's bit 5), from the third on as the difference
+    from the run two before."""
+    runs: list[int] = []
+    position = 0
+    while position < len(text):
+        value = shift = 0
+        more = True
+        while more:
+            group = ord(text[position]) - 48
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
 
 
 def _rasterise_names(class_names: list[str]) -> list[str]:
@@ -131,8 +169,9 @@ class PolygonLabels:
 
     def instances(self, x: float, y: float, size_px: tuple[int, int], mpp: float,
                   class_indices: list[int]) -> np.ndarray:
-        """(h, w) int32 instance map of the region (as :meth:`labels`): each annotation of the
-        given classes its own id, so that annotated objects which touch stay apart."""
+        """(h, w) int32 instance map of the region (as :meth:`labels`): each object that the
+        annotations of the given classes outline (:func:`outlined_objects`) its own id, so that
+        annotated objects which touch stay apart."""
         width, height = size_px
         scale = mpp / self.level0_mpp
         patch = box(x, y, x + width * scale, y + height * scale)
@@ -140,13 +179,35 @@ class PolygonLabels:
         wanted = {self.class_names[i] for i in class_indices}
         geometries = [translate(self.annotations[i].geometry, -x, -y) for i in sorted(hits)
                       if self.annotations[i].class_name in wanted]
-        return rasterise_instances(geometries, (height, width), mpp, self.level0_mpp)
+        return rasterise_instances(outlined_objects(geometries), (height, width), mpp,
+                                   self.level0_mpp)
 
     def objects(self, class_indices: list[int]) -> list[AnnotatedObject]:
         """A point inside every annotation of the given classes."""
         return [AnnotatedObject(self.class_names.index(a.class_name), *_inside_point(a.geometry))
                 for a in self.annotations
                 if a.class_name != IGNORE and self.class_names.index(a.class_name) in class_indices]
+
+
+def outlined_objects(geometries: list) -> list:
+    """The objects that ``geometries`` outline, each the union of its outlines: an outline lying
+    mostly (over half its area) inside a larger one is part of it (a lesion drawn inside its
+    glomerulus); one that touches or overlaps another less is an object of its own (two
+    glomeruli side by side)."""
+    order = sorted(range(len(geometries)), key=lambda i: geometries[i].area, reverse=True)
+    rank = {index: position for position, index in enumerate(order)}
+    tree = shapely.STRtree(geometries)
+    owner: dict[int, int] = {}
+    for index in order:
+        geometry = geometries[index]
+        larger = sorted((int(j) for j in tree.query(geometry) if rank[int(j)] < rank[index]),
+                        key=rank.get)
+        owner[index] = next((owner[j] for j in larger if geometry.area > 0 and
+                             geometries[j].intersection(geometry).area > geometry.area / 2), index)
+    parts: dict[int, list] = {}
+    for index in order:
+        parts.setdefault(owner[index], []).append(geometries[index])
+    return [shapely.union_all(group) for group in parts.values()]
 
 
 def _inside_point(geometry) -> tuple[float, float]:

@@ -150,7 +150,7 @@ def _stain(pattern: str | None, text: str) -> str:
     return match.group(1) if match and match.groups() else "all"
 
 
-def split_by_case(slides: list[AnnotatedSlide], split: SplitConfig
+def split_by_case(slides: list[AnnotatedSlide], split: SplitConfig, source: str = "config"
                   ) -> tuple[list[AnnotatedSlide], list[AnnotatedSlide]]:
     """(training, validation) slides; all slides of a case land on the same side. The validation
     cases are those listed, else one fold of a k-fold split, else a fraction of the cases."""
@@ -159,8 +159,8 @@ def split_by_case(slides: list[AnnotatedSlide], split: SplitConfig
         validation = set(split.validation_cases)
         unknown = sorted(validation - set(cases))
         if unknown:
-            raise ConfigError(f"data.split.validation_cases names case(s) {unknown} that no slide "
-                              f"has (case ids from data.case_pattern: {cases[:5]}"
+            raise ConfigError(f"{source}: data.split.validation_cases names case(s) {unknown} "
+                              f"that no slide has (case ids from data.case_pattern: {cases[:5]}"
                               f"{' ...' if len(cases) > 5 else ''})")
     elif split.folds is not None:
         if split.folds > len(cases):

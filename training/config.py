@@ -21,6 +21,7 @@ from biopsy.infer import check_scales
 from biopsy.model import build_model
 from biopsy.mppsearch import check_factors
 from biopsy.resources import read_yaml_mapping
+from biopsy.slide import SLIDE_MPP_RANGE_UM
 from training.augment import build_augmentation
 
 IGNORE = "ignore"
@@ -275,9 +276,11 @@ def _check_data(data: DataConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key} is not a regular expression: {error}") from None
     sizes = {"data.slide_mpp": data.slide_mpp}
     sizes.update({f"data.slide_mpp_by_path[{p!r}]": mpp for p, mpp in data.slide_mpp_by_path.items()})
+    low, high = SLIDE_MPP_RANGE_UM
     for key, mpp in sizes.items():
-        if mpp is not None and not 0 < mpp < 1000:
-            raise ConfigError(f"{source}: {key} must be a pixel size in µm (0 < mpp < 1000), got {mpp}")
+        if mpp is not None and not low <= mpp <= high:
+            raise ConfigError(f"{source}: {key} must be a slide's pixel size ({low:g} to {high:g} "
+                              f"µm/px), got {mpp}")
 
 
 def _check_split(split: SplitConfig, source: str) -> None:
@@ -359,11 +362,12 @@ def _check_ranges(config: Config, source: str) -> None:
     fractions = {"evaluate.iou_threshold": config.evaluate.iou_threshold,
                  "evaluate.global_sclerosis_fraction": config.evaluate.global_sclerosis_fraction}
     if optim.grad_clip_norm is not None:
-        positive["optim.grad_clip_norm"] = optim.grad_clip_norm
+        non_negative["optim.grad_clip_norm"] = optim.grad_clip_norm  # 0: off, as null
     if optim.optimizer == "sgd":
         positive["optim.momentum"] = optim.momentum  # Nesterov momentum
-    if train.ema_decay is not None:
-        fractions["train.ema_decay"] = train.ema_decay
+    if train.ema_decay is not None and not 0 <= train.ema_decay < 1:
+        raise ConfigError(f"{source}: train.ema_decay must lie in [0, 1) (0 or null: no average), "
+                          f"got {train.ema_decay}")
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{source}: {key} must be positive, got {value}")
@@ -387,5 +391,5 @@ def _check_architecture(model: ModelConfig, source: str) -> None:
     try:
         with torch.device("meta"):
             build_model(model.architecture, len(model.classes), model.in_channels, **model.arguments)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, RuntimeError) as error:
         raise ConfigError(f"{source}: model.architecture / model.arguments: {error}") from None

@@ -4,6 +4,7 @@ Metrics are sums of counts (intersections, true/false positives) over images, so
 images, stains and DDP ranks: Dice is pooled over pixels, not averaged over images.
 """
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from biopsy.classes import GLOMERULAR_CLASSES
 from biopsy.decision import decide_classes
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.errors import CheckpointError, ConfigError
-from biopsy.infer import batch_probabilities
+from biopsy.infer import batch_probabilities, check_slide_for_model
 from biopsy.model import ModelInfo, load_checkpoint, with_glomerulus_threshold
 from biopsy.mppsearch import most_confident_mpp, searches
 from biopsy.tiling import TileDataset, cell_spans, grid_shape_px, make_grid
 from training.cases import AnnotatedSlide, find_slides, set_stain_shifts, split_by_case
 from training.config import Config, EvaluateConfig, with_fold
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -58,7 +61,13 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, tiles: TileDataset, d
 def image_tiles(slide: AnnotatedSlide, info: ModelInfo, scales: tuple[float, ...] = (1.0,)
                 ) -> TileDataset:
     """Every tile of a slide at the model's mpp and patch size, step half a patch, read at
-    ``scales`` as inference reads them (stain-normalised where the slide says so)."""
+    ``scales`` as inference reads them (stain-normalised where the slide says so).
+
+    Raises
+    ------
+    CheckpointError, SlideError : the model does not take the slide (:func:`check_slide_for_model`).
+    """
+    check_slide_for_model(slide.slide(), info)
     shape_px = grid_shape_px(slide.dimensions, (slide.mpp, slide.mpp), info.input_mpp)
     grid = make_grid(shape_px, info.input_mpp, info.patch_size_px, overlap=0.5)
     return TileDataset(slide.slide(), grid, slide.stain_shift, scales)
@@ -153,7 +162,7 @@ def kept_instances(instances: np.ndarray, min_area_px: float,
     """``instances`` (0 = none) renumbered 1..n, keeping those at least ``min_area_px`` large
     (and, given ``inside``, mostly within it)."""
     areas = np.bincount(instances.ravel())
-    keep = areas >= min_area_px
+    keep = (areas >= min_area_px) & (areas > 0)  # an outline over no pixel centre is none
     if inside is not None:
         keep &= np.bincount(instances.ravel(), weights=inside.ravel(), minlength=len(areas)) > areas / 2
     keep[0] = False
@@ -213,12 +222,14 @@ def metrics_from_counts(counts: np.ndarray, class_names: Sequence[str]) -> dict[
 
 
 def check_best_metric(best_metric: str, class_names: Sequence[str], stains: set[str],
-                      source: str) -> None:
-    """``train.best_metric`` names a metric that validation gives, over all or a stain it has.
+                      validation_stains: set[str], source: str) -> None:
+    """``train.best_metric`` names a metric that validation gives, over all or one of the data's
+    ``stains``; a warning when this run's validation gives no figures for that stain (one stain
+    of several, or a fold without it): ``best.safetensors`` is then not written.
 
     Raises
     ------
-    ConfigError : it does not (``best.safetensors`` would never be written).
+    ConfigError : no such metric, or no such stain in the data.
     """
     stain, _, name = best_metric.partition("/")
     names = list(metrics_from_counts(_no_counts(class_names), class_names))
@@ -226,8 +237,12 @@ def check_best_metric(best_metric: str, class_names: Sequence[str], stains: set[
         raise ConfigError(f"{source}: train.best_metric {best_metric!r}: no metric {name!r} "
                           f"(one of {', '.join(names)})")
     if stain != "all" and stain not in stains:
-        raise ConfigError(f"{source}: train.best_metric {best_metric!r}: no stain {stain!r} among "
-                          f"the validation slides (all, {', '.join(sorted(stains))})")
+        raise ConfigError(f"{source}: train.best_metric {best_metric!r}: no stain {stain!r} in the "
+                          f"data (all, {', '.join(sorted(stains))})")
+    if stain != "all" and (stain not in validation_stains or len(validation_stains) < 2):
+        log.warning("%s: train.best_metric %r: validation gives no %s figures (its stains: %s); "
+                    "no best.safetensors, last.safetensors only", source, best_metric, stain,
+                    ", ".join(sorted(validation_stains)))
 
 
 def _ratio(numerator, denominator) -> float | None:
@@ -319,7 +334,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
     model, info = _load(checkpoint, device, glomerulus_threshold)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
-        slides = split_by_case(slides, config.data.split)[1]
+        slides = split_by_case(slides, config.data.split, config.source)[1]
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
     return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, objects=objects)
@@ -369,7 +384,7 @@ def fold_model(config: Config, fold: int, folds: int, device: str | torch.device
                               f"fit {config.source} --folds {folds} --fold {fold}`")
     model, info = _load(checkpoint, device, glomerulus_threshold)
     slides = split_by_case(find_slides(config.data, info.class_names, config.source),
-                           fold_config.data.split)[1]
+                           fold_config.data.split, config.source)[1]
     if (info.validation_metrics or {}).get("validation_cases") != sorted({s.case for s in slides}):
         raise CheckpointError(f"{checkpoint}: trained holding out other cases than fold {fold} of "
                               f"{folds} (another number of folds or data.split.seed?)")

@@ -72,8 +72,8 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     output = Path(config.output_dir)
     torch.manual_seed(config.seed)
     slides = find_slides(config.data, config.model.classes, config.source)
-    training_slides, validation_slides = split_by_case(slides, config.data.split)
-    check_best_metric(config.train.best_metric, config.model.classes,
+    training_slides, validation_slides = split_by_case(slides, config.data.split, config.source)
+    check_best_metric(config.train.best_metric, config.model.classes, {s.stain for s in slides},
                       {s.stain for s in validation_slides}, config.source)
     info = model_info(config, _fluorescence(training_slides + validation_slides, config.source))
     if config.model.stain_normalisation:
