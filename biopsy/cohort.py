@@ -98,7 +98,7 @@ def _add_q_values(results: list[dict]) -> None:
 def render_cohort(cohort: dict) -> str:
     """The HTML of ``cohort.html``: per group and metric, statistics and a slope chart."""
     sections = ["<h1>Cohort: baseline against follow-up</h1>",
-                "<p>Per metric over patients assessed at both timepoints: paired Wilcoxon "
+                "<p>Per metric over the patients whose comparison compared it: paired Wilcoxon "
                 "signed-rank test (two-sided), Benjamini-Hochberg q-value across the metrics of a "
                 "group, median change (follow-up − baseline) with its 95% bootstrap interval. "
                 "Thin lines: one patient each, coloured by that patient's own verdict; thick black "

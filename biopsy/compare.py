@@ -310,9 +310,16 @@ def _inference_settings(base: dict, follow: dict):
         yield "Stain normalisation", tuple(_stain_words(i["stain_reference"]) for i in inference)
     yield "Pixel-size search", tuple(
         f"read at {_field(i, 'mpp_search', 'factor') or 1:g}x the pixel size" for i in inference)
-    given = [_field(provenance, "source", "mpp_given") for provenance in (base, follow)]
+    given = [_mpp_given(provenance) for provenance in (base, follow)]
     if None not in given:
         yield "Pixel size", tuple("given by hand" if g else "read from the file" for g in given)
+
+
+def _mpp_given(provenance: dict) -> bool | None:
+    """Whether a pixel size other than the file's own was given; None where unknown: folders
+    from before ``file_mpp`` was recorded set ``mpp_given`` for any --mpp, even the file's own."""
+    given = _field(provenance, "source", "mpp_given")
+    return given if not given or "file_mpp" in provenance["source"] else None
 
 
 def _stain_words(reference: list[float] | None) -> str:

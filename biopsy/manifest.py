@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from biopsy.errors import ManifestError
+from biopsy.slide import SLIDE_MPP_RANGE_UM
 
 REQUIRED_COLUMNS = ("patient_id", "timepoint", "slide")
 OPTIONAL_COLUMNS = ("stain", "mpp")
@@ -122,9 +123,10 @@ def _parse_mpp(where: str, text: str) -> float | None:
         mpp = float(text)
     except ValueError:
         mpp = float("nan")
-    if not 0 < mpp < 1000:
-        raise ManifestError(f"{where}: mpp {text!r} is not a positive number of µm per pixel; "
-                            "leave it empty to use the slide's metadata")
+    low, high = SLIDE_MPP_RANGE_UM
+    if not low <= mpp <= high:
+        raise ManifestError(f"{where}: mpp {text!r} is not a slide's pixel size ({low:g} to "
+                            f"{high:g} µm/px); leave it empty to use the slide's metadata")
     return mpp
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from biopsy.infer import tile_probabilities, tissue_tiles
 from biopsy.model import ModelInfo
-from biopsy.slide import SCALE_RANGE, Slide
+from biopsy.slide import SCALE_RANGE, SLIDE_MPP_RANGE_UM, Slide
 from biopsy.stitch import output_index
 from biopsy.tiling import cell_spans
 
@@ -59,7 +59,9 @@ def most_confident_mpp(slide: Slide, model: nn.Module, info: ModelInfo,
                        max_tiles: int = MAX_TILES) -> MppChoice:
     """The factor of ``factors`` (the first of equals) under which ``model`` is most confident on
     ``slide``'s tissue read at the slide's pixel size times the factor; factor 1 when no
-    candidate has tissue. ``model`` must be in eval mode on ``device``.
+    candidate has tissue. A factor that takes the pixel size out of
+    :data:`biopsy.slide.SLIDE_MPP_RANGE_UM` is not tried (confidence None). ``model`` must be in
+    eval mode on ``device``.
 
     Raises
     ------
@@ -68,8 +70,11 @@ def most_confident_mpp(slide: Slide, model: nn.Module, info: ModelInfo,
     """
     check_factors(factors)
     device = torch.device(device)
+    low, high = SLIDE_MPP_RANGE_UM
     confidence = {factor: _mean_confidence(slide.with_mpp_scaled(factor), model, info, device,
-                                           batch_size, bf16, max_tiles) for factor in factors}
+                                           batch_size, bf16, max_tiles)
+                  if all(low <= mpp * factor <= high for mpp in slide.mpp) else None
+                  for factor in factors}
     found = [factor for factor in factors if confidence[factor] is not None]
     factor = max(found, key=confidence.get) if found else 1.0
     return MppChoice(factor, (slide.mpp[0] * factor, slide.mpp[1] * factor), confidence)

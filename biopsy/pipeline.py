@@ -97,7 +97,7 @@ def inference_options(device: str | None = None, batch_size: int = 16,
     ------
     CheckpointError : int8 asked for on another device than the CPU.
     DeviceError : the device is no torch device, or not on this machine.
-    ValueError : a reading scale not positive, or none >= 1; a search factor not positive.
+    ValueError : a reading scale or search factor outside 0.25-4, or no reading scale >= 1.
     """
     check_scales(scales)
     if mpp_search is not None:
@@ -171,7 +171,8 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
         nuclei_xy, nuclei = _find_nuclei(slide, tissue)
         level0_mpp = slide.mpp[0]
         source = {"kind": "slide", **file_identity(slide_path), "sha256": slide.sha256,
-                  "mpp": list(slide.mpp), "mpp_given": mpp_given}
+                  "mpp": list(slide.mpp), "mpp_given": mpp_given,
+                  "file_mpp": list(slide.file_mpp) if slide.file_mpp else None}
     scored = score_class_map(class_map.labels, class_map.class_names, class_map.mpp, config,
                              level0_mpp=level0_mpp, nuclei_xy=nuclei_xy)
     label_map = LabelMap(class_map.labels, class_map.mpp, class_map.class_names,

@@ -79,8 +79,8 @@ class Slide:
         self.path = Path(path)
         low, high = SLIDE_MPP_RANGE_UM
         if mpp is not None and not low <= mpp <= high:  # NaN too
-            raise MppError(f"{self.path}: --mpp must be a slide's pixel size, {low:g} to {high:g} "
-                           f"µm/px (a 20x scan is ~0.5), got {mpp}")
+            raise MppError(f"{self.path}: the pixel size given (--mpp, a manifest's mpp) must be "
+                           f"a slide's, {low:g} to {high:g} µm/px (a 20x scan is ~0.5), got {mpp}")
         self._reader = open_reader(self.path)
         self._reader_pid = os.getpid()
         reader = self._reader

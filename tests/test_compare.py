@@ -178,10 +178,14 @@ def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, caps
             == (tmp_path / "out" / "comparison.json").read_text())
 
 
-def scored(model="a" * 64, config=None, mpp_given=False, **inference) -> SimpleNamespace:
-    """A slide scored by a model, as compare reads it: its folder's provenance."""
+def scored(model="a" * 64, config=None, mpp_given=False, file_mpp=(0.5, 0.5),
+           **inference) -> SimpleNamespace:
+    """A slide scored by a model, as compare reads it: its folder's provenance (``file_mpp``
+    None: a folder from before it was recorded)."""
+    source = {"kind": "slide", "mpp_given": mpp_given} | (
+        {} if file_mpp is None else {"file_mpp": list(file_mpp)})
     return SimpleNamespace(folder=Path("scored"), summary={"provenance": {
-        "source": {"kind": "slide", "mpp_given": mpp_given},
+        "source": source,
         "model": {"sha256": model}, "config": config or CONFIG.as_dict(),
         "inference": {"int8": False, "bf16": False, "tta": False, "scales": [1.0],
                       "stain_reference": [1.478, 0.7424]} | inference}})
@@ -226,6 +230,10 @@ def test_processing_differences_name_what_was_done_differently():
         "at follow-up."]
     assert differences(scored(), scored(mpp_given=True)) == [
         "Pixel size: read from the file at baseline, given by hand at follow-up."]
+    # an older folder's mpp_given was set by any --mpp, the file's own too: not known to differ
+    assert differences(scored(mpp_given=True, file_mpp=None), scored()) == []
+    assert differences(scored(file_mpp=None), scored(mpp_given=True)) == [
+        "Pixel size: read from the file at baseline, given by hand at follow-up."]
     assert len(differences(scored(int8=True, scales=[1, 1.41]), scored(bf16=True))) == 3
 
 
@@ -264,5 +272,10 @@ def test_a_missing_follow_up_is_refused_before_the_baseline_is_scored(tmp_path):
     args = parser.parse_args(["compare", str(pre), str(tmp_path / "post.ome.tif"), "--from-labels",
                               "--out", str(tmp_path / "out")])
     with pytest.raises(BiopsyError, match="post.ome.tif: not found"):
+        args.func(args)
+    (tmp_path / "not-scored").mkdir()
+    args = parser.parse_args(["compare", str(pre), str(tmp_path / "not-scored"), "--from-labels",
+                              "--out", str(tmp_path / "out")])
+    with pytest.raises(BiopsyError, match="not-scored"):
         args.func(args)
     assert not (tmp_path / "out").exists()

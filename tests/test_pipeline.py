@@ -87,7 +87,8 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
     assert provenance["source"] == {"kind": "slide", "path": str(slide), "sha256": sha256(slide),
                                     "size_bytes": slide.stat().st_size,
                                     "mtime_ns": slide.stat().st_mtime_ns,
-                                    "mpp": [MPP, MPP], "mpp_given": False}
+                                    "mpp": [MPP, MPP], "mpp_given": False,
+                                    "file_mpp": [MPP, MPP]}
     assert provenance["model"]["sha256"] == sha256(checkpoint)
     assert provenance["model"]["path"] == str(checkpoint)
     assert provenance["model"]["class_names"] == list(CLASS_NAMES)

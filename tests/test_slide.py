@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from biopsy import slide as slide_module
+from biopsy.cli import main
 from biopsy.errors import MppError, SlideError
 from biopsy.slide import open_slide
 
@@ -238,7 +239,7 @@ def test_a_pixel_size_no_slide_has_is_refused(svs_path, mpp):
         open_slide(svs_path, mpp=mpp)
 
 
-def test_a_print_resolution_is_no_pixel_size(real_glomeruli, tmp_path):
+def test_a_print_resolution_is_no_pixel_size(real_glomeruli, tmp_path, capsys):
     """A TIFF saved at 72 dpi would be 352.8 µm/px: tissue detection asked for 7.6 GiB."""
     image = sorted((real_glomeruli / "images").glob("*.jpg"))[0]
     path = tmp_path / "dpi72.tif"
@@ -247,6 +248,8 @@ def test_a_print_resolution_is_no_pixel_size(real_glomeruli, tmp_path):
         open_slide(path)
     assert open_slide(path, mpp_required=False).mpp is None
     assert open_slide(path, mpp=0.5).mpp == (0.5, 0.5)
+    assert main(["info", str(path)]) == 0
+    assert "unknown (give --mpp) (the file says 352.8 x 352.8 µm/px, no slide's)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "empty", "random", "truncated_1000000",

@@ -46,12 +46,10 @@ def add_parser(subparsers) -> None:
 
 def scored_input(path: Path, folder: Path, args: argparse.Namespace,
                  scorer: Callable[[], Scorer]) -> ScoredSlide:
-    """A scored-slide folder as given, or the slide (label map) ``path`` scored into ``folder``."""
+    """The slide (label map) ``path`` scored into ``folder``."""
     from biopsy.manifest import ManifestEntry
     from biopsy.scorefolder import read_score_folder
 
-    if path.is_dir():
-        return read_score_folder(path)
     entry = ManifestEntry(row=0, patient_id=args.patient, timepoint=folder.name,
                           slide=path.resolve(), mpp=args.mpp)
     scorer()(entry, folder)
@@ -60,15 +58,20 @@ def scored_input(path: Path, folder: Path, args: argparse.Namespace,
 
 def run(args: argparse.Namespace) -> int:
     from biopsy import compare
+    from biopsy.scorefolder import read_score_folder
 
     if args.replicates < 100:
         raise BiopsyError(f"--replicates {args.replicates}: give at least 100 (default 2000)")
-    for path in (args.baseline, args.follow_up):  # both, before either is scored
-        if not (path.is_dir() or path.is_file()):
+    inputs = {}
+    for path in (args.baseline, args.follow_up):  # folders read, files found, before any scoring
+        if path.is_dir():
+            inputs[path] = read_score_folder(path)
+        elif not path.is_file():
             raise BiopsyError(f"{path}: not found; give a scored-slide folder or a slide file")
     scorer = functools.cache(lambda: make_scorer(args, args.device))  # loads a model once, if any
-    baseline = scored_input(args.baseline, args.out / "baseline", args, scorer)
-    follow_up = scored_input(args.follow_up, args.out / "follow_up", args, scorer)
+    baseline, follow_up = (inputs.get(path) or scored_input(path, args.out / name, args, scorer)
+                           for path, name in ((args.baseline, "baseline"),
+                                              (args.follow_up, "follow_up")))
     comparison = compare.write_comparison(args.out, baseline, follow_up, args.patient,
                                           args.replicates, args.seed)
     for family in ("activity", "chronicity"):

@@ -23,12 +23,14 @@ def add_parser(subparsers) -> None:
 
 
 def slide_info(slide: Slide) -> dict:
-    """The slide's metadata as a JSON-ready dict (``mpp`` is null when unknown)."""
+    """The slide's metadata as a JSON-ready dict (``mpp`` is null when unknown; ``file_mpp`` is
+    the file's own, null when it records none)."""
     return {
         "path": str(slide.path),
         "vendor": slide.vendor,
         "dimensions": list(slide.dimensions),
         "mpp": list(slide.mpp) if slide.mpp else None,
+        "file_mpp": list(slide.file_mpp) if slide.file_mpp else None,
         "objective_power": slide.objective_power,
         "levels": [{"dimensions": list(level.dimensions), "downsample": list(level.downsample)}
                    for level in slide.levels],
@@ -50,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     width, height = info["dimensions"]
-    mpp = "unknown (give --mpp)" if info["mpp"] is None else "{:.4g} x {:.4g} µm/px".format(*info["mpp"])
+    mpp = "{:.4g} x {:.4g} µm/px".format(*info["mpp"]) if info["mpp"] else "unknown (give --mpp)"
+    if info["mpp"] is None and info["file_mpp"]:
+        mpp += " (the file says {:.4g} x {:.4g} µm/px, no slide's)".format(*info["file_mpp"])
     print(f"{info['path']}")
     print(f"  format      {info['vendor']}")
     print(f"  size        {width} x {height} px")
