@@ -42,6 +42,8 @@ def test_reads_rows_resolves_paths_and_orders_timepoints(tmp_path):
     ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,post,missing.svs\n", "row 3: slide file"),
     ("patient_id,timepoint,slide\nP1,pre,a.svs\n,post,b.svs\n", "row 3: empty patient_id"),
     ("patient_id,timepoint,slide,mpp\nP1,pre,a.svs,-1\n", "row 2: mpp '-1'"),
+    ("patient_id,timepoint,slide,mpp\nP1,pre,a.svs,25\n",
+     "row 2: mpp '25' is not a slide's pixel size (0.05 to 20 µm/px)"),
     ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,2024-01-01,b.svs\n",
      "row 3: patient 'P1' mixes pre/post and dates (rows 2 and 3)"),
     ("patient_id,timepoint,slide\nP1,pre,a.svs,extra\n", "row 2: more cells than header"),

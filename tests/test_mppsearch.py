@@ -1,6 +1,7 @@
 """Pixel-size search: the confidence it ranks by, against a whole-image computation; the choice it
 makes; the commands and the evaluation that use it."""
 
+import copy
 import json
 
 import numpy as np
@@ -70,6 +71,17 @@ def test_the_search_keeps_the_factor_under_which_the_model_is_surest(blocky_slid
         assert choice.confidence[max(factors)] > choice.confidence[min(factors)] + 0.01
     # fewer tiles, evenly spread, still rank the factors alike
     assert most_confident_mpp(blocky_slide, model, info, FACTORS, max_tiles=3).factor == 1.41
+
+
+def test_a_factor_that_leaves_the_slide_range_is_not_tried(blocky_slide):
+    """0.5 µm/px x 4 is 2, in range; 6 µm/px x 4 would be 24, outside (0.05 to 20)."""
+    model, info = _SureAwayFromGrey(), _info()
+    assert most_confident_mpp(blocky_slide, model, info, (1.0, 4.0)).confidence[4.0] is not None
+    coarse = copy.copy(blocky_slide)
+    coarse.mpp = (6.0, 6.0)
+    choice = most_confident_mpp(coarse, model, info, (1.0, 4.0))
+    assert choice.confidence[4.0] is None and choice.confidence[1.0] is not None
+    assert choice.factor == 1.0
 
 
 def test_without_tissue_the_pixel_size_stays(tmp_path):
