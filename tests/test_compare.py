@@ -279,3 +279,19 @@ def test_a_missing_follow_up_is_refused_before_the_baseline_is_scored(tmp_path):
     with pytest.raises(BiopsyError, match="not-scored"):
         args.func(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_scored_folder_where_the_other_input_would_be_scored_is_refused(tmp_path):
+    pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["normal"] * 3))
+    parser = argparse.ArgumentParser()
+    compare_cli.add_parser(parser.add_subparsers())
+    first = parser.parse_args(["compare", str(pre), str(pre), "--from-labels", "--out",
+                               str(tmp_path / "out")])
+    assert first.func(first) == 0
+    scored = tmp_path / "out" / "baseline"
+    summary = (scored / "summary.json").read_bytes()
+    again = parser.parse_args(["compare", str(pre), str(scored), "--from-labels", "--out",
+                               str(tmp_path / "out")])
+    with pytest.raises(BiopsyError, match="would overwrite it; give another --out"):
+        again.func(again)
+    assert (scored / "summary.json").read_bytes() == summary

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+import shapely
 from shapely.geometry import box
 
 from biopsy.errors import AnnotationError, CheckpointError, ConfigError
@@ -25,7 +26,7 @@ from biopsy.labelmap import write_label_map
 from biopsy.model import load_checkpoint, read_model_info
 from cuda_syncs import cuda_syncs
 from glomeruli_dataset import SIZE_PX, config_dict
-from training.annotations import LabelMapLabels, PolygonLabels, read_coco
+from training.annotations import LabelMapLabels, PolygonLabels, outlined_objects, read_coco
 from training.cases import find_slides, split_by_case
 from training.config import config_from_dict, load_config
 from training.dataset import PatchDataset
@@ -192,10 +193,51 @@ def test_coco_run_length_masks_read_as_pycocotools_writes_them(tmp_path):
         np.testing.assert_array_equal(drawn > 0, mask)
 
 
+def test_a_small_rle_object_on_a_whole_slide_is_laid_out_alone(tmp_path):
+    """An 11 x 11 px object at column 5000, row 100 of a 30,000 x 20,000 px image: only the
+    columns and rows it covers are laid out (the whole image would be 600 MB of booleans)."""
+    height, width, size = 20_000, 30_000, 11
+    runs = [5000 * height + 100]
+    for _ in range(size - 1):
+        runs += [size, height - size]
+    runs += [size, height * width - sum(runs) - size]
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 0, "file_name": "a.svs"}], "categories": [{"id": 0, "name": "gn"}],
+        "annotations": [{"image_id": 0, "category_id": 0,
+                         "segmentation": {"size": [height, width], "counts": runs}},
+                        {"image_id": 0, "category_id": 0,
+                         "segmentation": {"size": [4, 4], "counts": "0P"}}]}))
+    with pytest.raises(AnnotationError, match="annotation 1: malformed RLE mask"):
+        read_coco(path)  # a compressed string cut short
+    document = json.loads(path.read_text())
+    del document["annotations"][1]
+    path.write_text(json.dumps(document))
+    [annotation] = read_coco(path)["a.svs"]
+    assert annotation.geometry.bounds == (5000, 100, 5011, 111)
+    assert annotation.geometry.area == pytest.approx(size * size - 0.5, abs=0.5)  # marching squares
+
+
 def _runs(values: np.ndarray):
     """Runs of equal values, the first of zeros (empty when the values start with ones)."""
     groups = [list(g) for _, g in itertools.groupby(values)]
     return ([[]] if values[0] else []) + groups
+
+
+@pytest.mark.parametrize("outlines, objects", [
+    ([(box(0, 0, 100, 100), "tuft"), (box(100, 0, 120, 100), "cellular_crescent")], 1),  # beside
+    ([(box(0, 0, 100, 100), "tuft"), (box(105, 0, 120, 100), "cellular_crescent")], 2),  # apart
+    ([(box(0, 0, 100, 100).difference(box(40, 40, 60, 60)), "tuft"),
+      (box(40, 40, 60, 60), "sclerosis")], 1),  # in the tuft's hole
+    ([(box(0, 0, 100, 100), "tuft"), (box(100, 0, 200, 100), "tuft")], 2),  # glomeruli touching
+    ([(box(0, 0, 100, 100), "sclerosis"), (box(100, 0, 150, 100), "tuft")], 2),
+    ([(box(0, 0, 100, 100), "tuft"), (box(100, 0, 200, 100), "tuft"),
+      (box(90, 40, 130, 60), "hyaline_deposit")], 2),  # a deposit over two: the one it covers most
+])
+def test_outlines_make_glomeruli(outlines, objects):
+    made = outlined_objects(outlines)
+    assert len(made) == objects
+    assert shapely.union_all(made).area == pytest.approx(shapely.union_all([g for g, _ in outlines]).area)
 
 
 def test_unknown_validation_cases_and_best_metrics_are_config_errors(dataset_root, tmp_path):

@@ -90,26 +90,43 @@ def _coco_geometry(where: str, segmentation) -> Polygon | MultiPolygon:
 
 def _rle_geometry(where: str, segmentation: dict) -> Polygon | MultiPolygon:
     """The outline of a COCO run-length mask: ``counts`` a list of runs or pycocotools'
-    compressed string, column by column over ``size`` = [height, width], off pixels first."""
+    compressed string, column by column over ``size`` = [height, width], off pixels first. Only
+    the rows and columns the mask covers are laid out (a whole-slide image's size is not)."""
     try:
-        height, width = (int(v) for v in segmentation["size"])
+        height, width = (_whole(v) for v in segmentation["size"])
         counts = segmentation["counts"]
-        runs = _compressed_runs(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    except (KeyError, TypeError, ValueError) as error:
+        runs = np.array(_compressed_runs(counts) if isinstance(counts, str) else
+                        [_whole(c) for c in counts], np.int64)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
         raise AnnotationError(f"{where}: malformed RLE mask ({error!r})") from None
-    if min(runs, default=0) < 0 or sum(runs) != height * width:
-        raise AnnotationError(f"{where}: RLE runs cover {sum(runs)} pixels, not {height} x {width}")
-    mask = np.repeat(np.arange(len(runs)) % 2 == 1, runs).reshape(width, height).T
-    parts = list(polygons_from_mask(mask, 1.0, 1.0, simplify_tolerance_px=0.0))
-    if not parts:
+    if runs.min(initial=0) < 0 or runs.sum() != height * width:
+        raise AnnotationError(f"{where}: RLE runs cover {runs.sum()} pixels, not {height} x {width}")
+    ends = np.cumsum(runs)
+    starts, on = ends - runs, (np.arange(len(runs)) % 2 == 1) & (runs > 0)
+    if not on.any():
         raise AnnotationError(f"{where} has an empty RLE mask")
+    first_col, end_col = starts[on].min() // height, (ends[on].max() - 1) // height + 1
+    low, high = first_col * height, end_col * height  # the columns the mask covers
+    window = np.repeat(on, np.clip(ends, low, high) - np.clip(starts, low, high))
+    mask = window.reshape(end_col - first_col, height).T
+    rows = np.flatnonzero(mask.any(axis=1))
+    mask = mask[rows[0]:rows[-1] + 1]
+    parts = list(polygons_from_mask(mask, 1.0, 1.0, simplify_tolerance_px=0.0,
+                                    origin_xy_px=(float(first_col), float(rows[0]))))
     return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def _whole(value) -> int:
+    """A count or size: a whole number (a float with a fraction is malformed, not cut)."""
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
 
 
 def _compressed_runs(text: str) -> list[int]:
     """pycocotools' string form of RLE counts: each run in 5-bit groups (ASCII 48 + group, bit 6
-    set while more follow, sign in the last group's bit 5), from the third on as the difference
-    from the run two before."""
+    set while more follow, sign in the last group's bit 5), from the fourth on as the difference
+    from the run two before. A string cut short raises IndexError."""
     runs: list[int] = []
     position = 0
     while position < len(text):
@@ -177,9 +194,9 @@ class PolygonLabels:
         patch = box(x, y, x + width * scale, y + height * scale)
         hits = self._tree.query(patch) if self._tree is not None else []
         wanted = {self.class_names[i] for i in class_indices}
-        geometries = [translate(self.annotations[i].geometry, -x, -y) for i in sorted(hits)
-                      if self.annotations[i].class_name in wanted]
-        return rasterise_instances(outlined_objects(geometries), (height, width), mpp,
+        outlines = [(translate(self.annotations[i].geometry, -x, -y), self.annotations[i].class_name)
+                    for i in sorted(hits) if self.annotations[i].class_name in wanted]
+        return rasterise_instances(outlined_objects(outlines), (height, width), mpp,
                                    self.level0_mpp)
 
     def objects(self, class_indices: list[int]) -> list[AnnotatedObject]:
@@ -189,21 +206,38 @@ class PolygonLabels:
                 if a.class_name != IGNORE and self.class_names.index(a.class_name) in class_indices]
 
 
-def outlined_objects(geometries: list) -> list:
-    """The objects that ``geometries`` outline, each the union of its outlines: an outline lying
-    mostly (over half its area) inside a larger one is part of it (a lesion drawn inside its
-    glomerulus); one that touches or overlaps another less is an object of its own (two
-    glomeruli side by side)."""
-    order = sorted(range(len(geometries)), key=lambda i: geometries[i].area, reverse=True)
+# Classes outlined as parts of a glomerulus, never a glomerulus alone (a globally sclerotic one
+# is outlined as sclerosis, a normal one as tuft).
+PART_CLASSES = ("cellular_crescent", "fibrous_crescent", "hyaline_deposit")
+_TOUCH_PX = 1.0  # level-0 px: outlines this close are drawn against each other
+
+
+def outlined_objects(outlines: list[tuple[object, str]]) -> list:
+    """The objects that ``(geometry, class name)`` outlines draw, each the union of its outlines.
+
+    An outline lying mostly (over half its area) inside a larger one, holes filled, is part of
+    it (a lesion drawn inside its glomerulus); an outline of :data:`PART_CLASSES` is part of the
+    object it overlaps most, or else touches (a crescent drawn beside its tuft). Otherwise an
+    outline is an object of its own, even where it touches another (two glomeruli side by side).
+    """
+    geometries = [geometry for geometry, _ in outlines]
+    filled = [shapely.union_all([Polygon(part.exterior) for part in polygonal_parts(g)])
+              for g in geometries]
+    order = sorted(range(len(outlines)), key=lambda i: geometries[i].area, reverse=True)
+    order.sort(key=lambda i: outlines[i][1] in PART_CLASSES)  # parts last, each onto a whole
     rank = {index: position for position, index in enumerate(order)}
-    tree = shapely.STRtree(geometries)
+    tree = shapely.STRtree(filled)
     owner: dict[int, int] = {}
     for index in order:
-        geometry = geometries[index]
-        larger = sorted((int(j) for j in tree.query(geometry) if rank[int(j)] < rank[index]),
-                        key=rank.get)
-        owner[index] = next((owner[j] for j in larger if geometry.area > 0 and
-                             geometries[j].intersection(geometry).area > geometry.area / 2), index)
+        geometry, is_part = geometries[index], outlines[index][1] in PART_CLASSES
+        near = sorted((int(j) for j in tree.query(geometry.buffer(_TOUCH_PX))
+                       if rank[int(j)] < rank[index]), key=rank.get)
+        overlap = {j: filled[j].intersection(geometry).area for j in near}
+        inside = [j for j in near if geometry.area > 0 and overlap[j] > geometry.area / 2]
+        if is_part and not inside and near:
+            inside = [max(near, key=lambda j: (overlap[j], -filled[j].distance(geometry)))]
+            inside = [j for j in inside if overlap[j] > 0 or filled[j].distance(geometry) <= _TOUCH_PX]
+        owner[index] = owner[inside[0]] if inside else index
     parts: dict[int, list] = {}
     for index in order:
         parts.setdefault(owner[index], []).append(geometries[index])

@@ -62,16 +62,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.replicates < 100:
         raise BiopsyError(f"--replicates {args.replicates}: give at least 100 (default 2000)")
+    sides = ((args.baseline, args.out / "baseline"), (args.follow_up, args.out / "follow_up"))
     inputs = {}
-    for path in (args.baseline, args.follow_up):  # folders read, files found, before any scoring
+    for path, _ in sides:  # folders read, files found, before any scoring
         if path.is_dir():
             inputs[path] = read_score_folder(path)
         elif not path.is_file():
             raise BiopsyError(f"{path}: not found; give a scored-slide folder or a slide file")
+    for file, target in ((path, target) for path, target in sides if path not in inputs):
+        for folder in inputs:
+            if folder.resolve() == target.resolve() or target.resolve() in folder.resolve().parents:
+                raise BiopsyError(f"{folder}: scoring {file} into {target} would overwrite it; "
+                                  "give another --out")
     scorer = functools.cache(lambda: make_scorer(args, args.device))  # loads a model once, if any
-    baseline, follow_up = (inputs.get(path) or scored_input(path, args.out / name, args, scorer)
-                           for path, name in ((args.baseline, "baseline"),
-                                              (args.follow_up, "follow_up")))
+    baseline, follow_up = (inputs.get(path) or scored_input(path, target, args, scorer)
+                           for path, target in sides)
     comparison = compare.write_comparison(args.out, baseline, follow_up, args.patient,
                                           args.replicates, args.seed)
     for family in ("activity", "chronicity"):
