@@ -61,7 +61,8 @@ class ClassMap:
 
     ``labels`` (h, w) uint8 class indices at ``mpp`` µm/px, covering the whole slide (pixel
     (row, col) covers level-0 ``[col * s, (col + 1) * s)`` with ``s = mpp / slide mpp``);
-    ``probabilities`` (C, h, w) uint8 (255 = 1; all 0 outside tissue) when asked for;
+    ``probabilities`` (C, h, w) uint8 (255 = 1; outside tissue 255 for the background class
+    that the labels give there, 0 for the rest) when asked for;
     ``tile_count`` tiles were run; ``stain_factors`` (haematoxylin, eosin) scaled each tile's
     stains to the model's reference (None: not normalised).
     """

@@ -238,18 +238,22 @@ def _find_nuclei(slide, tissue: TissueMask) -> tuple:
                        "seconds": round(time.perf_counter() - started, 2)}
 
 
-def score_label_map_file(labels_path: str | Path, out_dir: str | Path,
-                         config: ScoreConfig) -> dict:
-    """Score an existing class map (``.ome.tif`` written by biopsy) into ``out_dir``; its scores."""
+def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: ScoreConfig,
+                         level0_mpp: float | None = None) -> dict:
+    """Score an existing class map (``.ome.tif`` written by biopsy) into ``out_dir``; its scores.
+    ``level0_mpp``: µm/px of the slide the map covers, so that the outlines and positions are in
+    that slide's level-0 pixels (None: the map's own pixels)."""
     label_map = read_label_map(labels_path)
-    scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config)
+    scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config,
+                             level0_mpp=level0_mpp)
     provenance = {"source": {"kind": "label_map", **file_identity(labels_path),
                              "sha256": file_sha256(labels_path), "mpp": label_map.mpp},
                   "model": None,
                   "nuclei": {"counted": False, "reason": "a label map has no slide pixels"},
-                  "recipe_sha256": label_map_recipe(config)}
+                  "recipe_sha256": label_map_recipe(config, level0_mpp)}
     write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
-                       provenance, instances=scored.instances, config=config)
+                       provenance, instances=scored.instances, config=config,
+                       level0_mpp=level0_mpp)
     return scored.scores
 
 
@@ -269,9 +273,11 @@ def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions
                           "config": config.as_dict()})
 
 
-def label_map_recipe(config: ScoreConfig) -> str:
-    """Fingerprint of what decides a label map's scores beyond its pixels: the scoring config."""
-    return recipe_sha256({"config": config.as_dict()})
+def label_map_recipe(config: ScoreConfig, level0_mpp: float | None = None) -> str:
+    """Fingerprint of what decides a label map's folder beyond its pixels: the scoring config,
+    and the slide pixel size its positions are given in, where one is."""
+    return recipe_sha256({"config": config.as_dict()}
+                         | ({} if level0_mpp is None else {"level0_mpp": level0_mpp}))
 
 
 @dataclass(frozen=True, eq=False)
@@ -300,7 +306,7 @@ class LabelMapScorer:
     config: ScoreConfig
 
     def __call__(self, entry: ManifestEntry, out_dir: Path) -> None:
-        score_label_map_file(entry.slide, out_dir, self.config)
+        score_label_map_file(entry.slide, out_dir, self.config, level0_mpp=entry.mpp)
 
     def recipe(self, entry: ManifestEntry) -> str:
-        return label_map_recipe(self.config)
+        return label_map_recipe(self.config, entry.mpp)

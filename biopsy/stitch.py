@@ -45,7 +45,8 @@ def output_index(size_px: int, grid_mpp: float, output_mpp: float, grid_size_px:
 @dataclass(frozen=True)
 class Band:
     """Consecutive finished rows at the output mpp: class indices (h, w) uint8 and, if asked,
-    class probabilities (C, h, w) uint8 scaled so that 255 = 1 (all 0 where no tile ran).
+    class probabilities (C, h, w) uint8 scaled so that 255 = 1 (where no tile ran: 1 for the
+    background class the label there gives, 0 for the rest).
     Writable: their consumer may edit them in place."""
 
     labels: np.ndarray
@@ -174,6 +175,7 @@ class BandStitcher:
         if self.keep_probabilities:
             normalised = sampled[: self.num_classes] / weights.clamp(min=MIN_WEIGHT**2)
             probabilities = (normalised * 255).round_().to(torch.uint8).masked_fill_(untouched, 0)
+            probabilities[self.background_index].masked_fill_(untouched, 255)
         self._hold(labels, probabilities)
 
     def _sample(self, output_rows: np.ndarray) -> torch.Tensor:
@@ -208,13 +210,15 @@ class BandStitcher:
                                             for host in hosts))))
 
     def _background_band(self, end: int) -> None:
-        """Hold the rows that no tile touched: background, with zero probabilities."""
+        """Hold the rows that no tile touched: background, probability 1 (255)."""
         rows = self._take_output_rows(end)
         if not len(rows):
             return
         shape = (len(rows), self.output_width_px)
-        probabilities = (np.zeros((self.num_classes,) + shape, np.uint8)
-                         if self.keep_probabilities else None)
+        probabilities = None
+        if self.keep_probabilities:
+            probabilities = np.zeros((self.num_classes,) + shape, np.uint8)
+            probabilities[self.background_index] = 255
         self.pending.append((None, Band(np.full(shape, self.background_index, np.uint8),
                                         probabilities)))
 

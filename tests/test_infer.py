@@ -269,8 +269,9 @@ def test_stitcher_finishes_rows_as_tiles_arrive_in_bounded_memory():
 
 
 def test_stitcher_sets_pixels_outside_tissue_to_background():
-    """Output pixels whose nearest tissue-mask pixel is off are background with zero
-    probabilities (mask, grid and output at three pixel sizes); the rest keep the blend."""
+    """Output pixels whose nearest tissue-mask pixel is off are background, with probability 1
+    for it and 0 for the rest (mask, grid and output at three pixel sizes); the rest keep the
+    blend."""
     patch, height, width = 32, 96, 128  # grid at 1 µm/px; output at 1.5, mask at 8
     mask = np.zeros((12, 16), bool)
     mask[2:9, 3:11] = True
@@ -290,7 +291,8 @@ def test_stitcher_sets_pixels_outside_tissue_to_background():
     inside = mask[np.ix_(centres_row, centres_col)]
     np.testing.assert_array_equal(labels, np.where(inside, 2, 0))
     np.testing.assert_array_equal(kept[2], np.where(inside, 255, 0))
-    assert not kept[:2].any()
+    np.testing.assert_array_equal(kept[0], np.where(inside, 0, 255))
+    assert not kept[1].any()
 
 
 class _CopyInFlight:
@@ -350,7 +352,8 @@ def test_slide_without_tissue_gives_background_and_a_warning(noise_slide, caplog
                                tissue=empty, return_probabilities=True)
     assert "no tissue" in caplog.text
     assert result.tile_count == 0 and result.labels.shape == (300, 420)
-    assert not result.labels.any() and not result.probabilities.any()
+    assert not result.labels.any() and (result.probabilities[0] == 255).all()
+    assert not result.probabilities[1:].any()
 
 
 def test_channel_mismatch_is_a_clear_error(noise_slide):

@@ -130,6 +130,27 @@ def test_cli_scores_a_label_map(tmp_path, label_map, capsys):
     assert glomerulosclerosis["count"] == 1 and math.isclose(glomerulosclerosis["percent"], 100 / 3)
 
 
+def test_cli_puts_a_label_maps_outlines_on_its_slide_given_the_slides_mpp(tmp_path, label_map,
+                                                                          capsys):
+    """--mpp with --from-labels: the slide's pixel size, so that objects.geojson and the
+    positions are in its level-0 pixels (they were left in the map's, at half scale here)."""
+    path = tmp_path / "truth.ome.tif"
+    write_label_map(path, label_map.labels, MPP, CLASS_NAMES, CLASS_COLOURS)
+    for name, extra in (("map", []), ("slide", ["--mpp", str(MPP / 2)])):
+        assert main(["score", "--from-labels", str(path), "--out", str(tmp_path / name), *extra]) == 0
+    on_map, on_slide = (read_score_folder(tmp_path / name) for name in ("map", "slide"))
+    assert on_slide.summary["label_map"]["level0_mpp"] == MPP / 2
+    assert on_slide.summary["scores"] == on_map.summary["scores"]
+    for a, b in zip(on_map.glomeruli, on_slide.glomeruli):
+        assert (2 * a.centroid_x_px, 2 * a.centroid_y_px) == pytest.approx((b.centroid_x_px, b.centroid_y_px))
+    features = [json.loads((tmp_path / name / "objects.geojson").read_text())["features"]
+                for name in ("map", "slide")]
+    for a, b in zip(*features):
+        assert shape(b["geometry"]).area == pytest.approx(4 * shape(a["geometry"]).area)
+    assert main(["score", "--from-labels", str(path), "--out", str(tmp_path / "x"), "--mpp", "50"]) == 2
+    assert "--mpp must be a slide's pixel size" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["score", "--from-labels", str(tmp_path / "none.ome.tif"),
                  "--out", str(tmp_path / "out")]) == 2

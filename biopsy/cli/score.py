@@ -27,7 +27,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=output_folder, required=True, metavar="DIR",
                         help="output folder (summary.json is written last)")
     parser.add_argument("--mpp", type=float, metavar="X",
-                        help="slide pixel size in µm/px, overriding (or supplying) the file's")
+                        help="slide pixel size in µm/px, overriding (or supplying) the file's; "
+                             "with --from-labels, that of the slide the map covers, so that "
+                             "objects.geojson and the positions are in its pixels")
     add_model_arguments(parser)
     add_device_argument(parser)
     parser.add_argument("--config", type=Path, metavar="YAML",
@@ -45,7 +47,13 @@ def run(args: argparse.Namespace) -> int:
     if args.from_labels is not None:
         from biopsy.pipeline import score_label_map_file
 
-        scores = score_label_map_file(args.from_labels, args.out, config)
+        from biopsy.slide import SLIDE_MPP_RANGE_UM
+
+        low, high = SLIDE_MPP_RANGE_UM
+        if args.mpp is not None and not low <= args.mpp <= high:
+            raise BiopsyError(f"--mpp must be a slide's pixel size, {low:g} to {high:g} µm/px, "
+                              f"got {args.mpp}")
+        scores = score_label_map_file(args.from_labels, args.out, config, level0_mpp=args.mpp)
     else:
         from biopsy import pipeline
 

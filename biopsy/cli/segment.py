@@ -36,7 +36,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output-mpp", type=number_between(*SLIDE_MPP_RANGE_UM), metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")
     parser.add_argument("--probabilities", action="store_true",
-                        help="also write probabilities.ome.tif (one channel per class)")
+                        help="also write probabilities.ome.tif (one channel per class, 255 = 1; "
+                             "outside the tissue 1 for the background class, as the labels)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     add_stain_argument(parser)
     parser.set_defaults(func=run)
