@@ -80,7 +80,8 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
 
 def region_features(class_map: ClassMap, level0_mpp: float, workers: int = 0) -> Iterator[str]:
     """One QuPath detection (JSON text) per connected region of each non-background class,
-    simplified to one map pixel, with its area in µm², made as they are written; ``workers``
+    simplified to one map pixel, with its outline's area in µm² (below its pixels' for a region
+    of a few pixels: a lone pixel's outline is a diamond), made as they are written; ``workers``
     processes trace them (0: this one), the next class's found on a thread and traced while this
     one's are written (two classes' held). Closed early, the tracing still queued is dropped."""
     background = class_index(class_map.class_names, "background")

@@ -67,6 +67,7 @@ def test_segment_command_writes_the_folder(tissue_slide, checkpoints, tmp_path):
     summary = json.loads((out / "segment.json").read_text())
     assert summary["tile_count"] == expected.tile_count > 0
     assert summary["model"]["sha256"] == info.sha256
+    assert summary["slide"]["mpp_given"] is False and summary["slide"]["file_mpp"] == [0.5, 0.5]
     assert Image.open(out / "overview.png").size == (384, 256)
     with tifffile.TiffFile(out / "probabilities.ome.tif") as tif:
         probabilities = tif.series[0].asarray()

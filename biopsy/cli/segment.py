@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     labels_path = begin_segmentation(args.out)
     probabilities_path = args.out / PROBABILITIES_FILE if args.probabilities else None
     started = time.perf_counter()
+    mpp_given = slide.mpp_given  # before the search sets another
     searched = search_mpp(slide, model, info, options, args.bf16)
     class_map = segment_slide(slide, model, info, batch_size=args.batch_size,
                               workers=args.workers, device=args.device,
@@ -65,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
                               progress=args.verbose, labels_path=labels_path)
     seconds = time.perf_counter() - started
     provenance = {
-        "slide": {"path": str(args.slide), "sha256": slide.sha256, "mpp": list(slide.mpp)},
+        "slide": {"path": str(args.slide), "sha256": slide.sha256, "mpp": list(slide.mpp),
+                  "mpp_given": mpp_given,
+                  "file_mpp": list(slide.file_mpp) if slide.file_mpp else None},
         "model": {"path": str(model_path), "sha256": info.sha256, "input_mpp": info.input_mpp,
                   "patch_size_px": info.patch_size_px,
                   "glomerulus_threshold": info.glomerulus_threshold},
