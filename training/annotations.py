@@ -37,8 +37,9 @@ def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
     """Polygons of a COCO instance JSON by image file name (as written in the file).
 
     Polygon and run-length (RLE) segmentations are read; an object's several polygons are its
-    parts (their union). A crowd (``iscrowd: 1``) is ``ignore``: neither trained on nor counted. Images listed with no annotation map to an empty list. Raises
-    :class:`AnnotationError` naming the file and the problem.
+    parts (their union). A crowd (``iscrowd: 1``) is ``ignore``: neither trained on nor counted.
+    Images listed with no annotation map to an empty list. Raises :class:`AnnotationError`
+    naming the file and the problem.
     """
     path = Path(path)
     document = read_json_annotations(path, "COCO file", "export COCO instance JSON")
@@ -64,8 +65,8 @@ def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
             raise AnnotationError(f"{where} refers to unknown category_id {entry.get('category_id')!r}")
         geometry = _coco_geometry(where, entry.get("segmentation"))
         crowd = entry.get("iscrowd") in (1, True)  # a group not outlined one by one
-        by_image[images[entry["image_id"]]].append(
-            Annotation(geometry=geometry, class_name=IGNORE if crowd else categories[entry["category_id"]]))
+        name = IGNORE if crowd else categories[entry["category_id"]]
+        by_image[images[entry["image_id"]]].append(Annotation(geometry=geometry, class_name=name))
     return by_image
 
 
