@@ -141,7 +141,8 @@ def read_label_map(path: str | Path, level: int = 0) -> LabelMap:
 
 def _class_table(path: Path, ome_xml: str | None) -> dict:
     """The class table stored in the OME-XML, validated."""
-    hint = "not a biopsy label map (no class table in its OME-XML); write it with write_label_map"
+    hint = ("not a biopsy label map (no class table in its OME-XML: not written by "
+            "write_label_map, or cut short)")
     if not ome_xml:
         raise AnnotationError(f"{path}: {hint}")
     try:

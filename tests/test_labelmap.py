@@ -61,6 +61,12 @@ def test_files_that_are_not_label_maps_raise_annotation_error(tmp_path):
     tifffile.imwrite(plain, np.zeros((8, 8), np.uint8))
     with pytest.raises(AnnotationError, match="plain.tif: not a biopsy label map"):
         read_label_map(plain)
+    whole = tmp_path / "whole.ome.tif"
+    write_label_map(whole, np.zeros((2000, 2000), np.uint8), 1.0, CLASS_NAMES, CLASS_COLOURS)
+    cut = tmp_path / "cut.ome.tif"  # its OME-XML's offset now past the end
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(AnnotationError, match="cut.ome.tif: not a biopsy label map .* or cut short"):
+        read_label_map(cut)
     text = tmp_path / "notes.ome.tif"
     text.write_text("not a tiff")
     with pytest.raises(AnnotationError, match="notes.ome.tif: cannot read a label map"):
