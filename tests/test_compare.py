@@ -156,13 +156,18 @@ def test_verdict_follows_the_favourable_direction():
     assert compare.verdict(1, 3, favourable="higher") == "improved"
 
 
+def compare_args(*argv: str) -> argparse.Namespace:
+    """``biopsy compare ARGV`` parsed by its own parser (the CLI maps a BiopsyError to exit 2)."""
+    parser = argparse.ArgumentParser()
+    compare_cli.add_parser(parser.add_subparsers())
+    return parser.parse_args(["compare", *argv])
+
+
 def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, capsys):
     pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["hyaline_deposits"] * 12))
     post = write_label_map_file(tmp_path / "post.ome.tif", paint_label_map(["normal"] * 12))
-    parser = argparse.ArgumentParser()
-    compare_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["compare", str(pre), str(post), "--from-labels", "--patient", "P7",
-                              "--out", str(tmp_path / "out")])
+    args = compare_args(str(pre), str(post), "--from-labels", "--patient", "P7",
+                        "--out", str(tmp_path / "out"))
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "Glomeruli with hyaline deposits: 100.0 -> 0.0 % of glomeruli, -100.0" in printed
@@ -170,9 +175,9 @@ def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, caps
                  "follow_up/summary.json"):
         assert (tmp_path / "out" / name).is_file()
     # the scored folders it wrote are accepted as inputs in turn, giving the same comparison
-    again = parser.parse_args(["compare", str(tmp_path / "out" / "baseline"),
-                               str(tmp_path / "out" / "follow_up"), "--patient", "P7",
-                               "--out", str(tmp_path / "again")])
+    again = compare_args(str(tmp_path / "out" / "baseline"),
+                         str(tmp_path / "out" / "follow_up"), "--patient", "P7",
+                         "--out", str(tmp_path / "again"))
     assert again.func(again) == 0
     assert ((tmp_path / "again" / "comparison.json").read_text()
             == (tmp_path / "out" / "comparison.json").read_text())
@@ -240,10 +245,8 @@ def test_processing_differences_name_what_was_done_differently():
 def test_a_pair_processed_differently_is_flagged_in_the_outputs(tmp_path, capsys):
     pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["hyaline_deposits"] * 12))
     post = write_label_map_file(tmp_path / "post.ome.tif", paint_label_map(["normal"] * 12))
-    parser = argparse.ArgumentParser()
-    compare_cli.add_parser(parser.add_subparsers())
-    alike = parser.parse_args(["compare", str(pre), str(post), "--from-labels", "--out",
-                               str(tmp_path / "alike")])
+    alike = compare_args(str(pre), str(post), "--from-labels", "--out",
+                         str(tmp_path / "alike"))
     assert alike.func(alike) == 0
     assert "warning" not in capsys.readouterr().err
     assert json.loads((tmp_path / "alike" / "comparison.json").read_text())[
@@ -254,8 +257,8 @@ def test_a_pair_processed_differently_is_flagged_in_the_outputs(tmp_path, capsys
     summary = json.loads(summary_path.read_text())
     summary["provenance"]["config"]["glomeruli"]["min_area_um2"] = 1000.0
     summary_path.write_text(json.dumps(summary))
-    args = parser.parse_args(["compare", str(tmp_path / "alike" / "baseline"),
-                              str(tmp_path / "alike" / "follow_up"), "--out", str(tmp_path / "out")])
+    args = compare_args(str(tmp_path / "alike" / "baseline"),
+                        str(tmp_path / "alike" / "follow_up"), "--out", str(tmp_path / "out"))
     assert args.func(args) == 0
     expected = "Scoring setting glomeruli.min_area_um2: 1500.0 at baseline, 1000.0 at follow-up."
     assert capsys.readouterr().err.splitlines()[1:] == [f"  {expected}"]
@@ -267,15 +270,13 @@ def test_a_pair_processed_differently_is_flagged_in_the_outputs(tmp_path, capsys
 
 def test_a_missing_follow_up_is_refused_before_the_baseline_is_scored(tmp_path):
     pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["normal"] * 3))
-    parser = argparse.ArgumentParser()
-    compare_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["compare", str(pre), str(tmp_path / "post.ome.tif"), "--from-labels",
-                              "--out", str(tmp_path / "out")])
+    args = compare_args(str(pre), str(tmp_path / "post.ome.tif"), "--from-labels",
+                        "--out", str(tmp_path / "out"))
     with pytest.raises(BiopsyError, match="post.ome.tif: not found"):
         args.func(args)
     (tmp_path / "not-scored").mkdir()
-    args = parser.parse_args(["compare", str(pre), str(tmp_path / "not-scored"), "--from-labels",
-                              "--out", str(tmp_path / "out")])
+    args = compare_args(str(pre), str(tmp_path / "not-scored"), "--from-labels",
+                        "--out", str(tmp_path / "out"))
     with pytest.raises(BiopsyError, match="not-scored"):
         args.func(args)
     assert not (tmp_path / "out").exists()
@@ -283,15 +284,14 @@ def test_a_missing_follow_up_is_refused_before_the_baseline_is_scored(tmp_path):
 
 def test_a_scored_folder_where_the_other_input_would_be_scored_is_refused(tmp_path):
     pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["normal"] * 3))
-    parser = argparse.ArgumentParser()
-    compare_cli.add_parser(parser.add_subparsers())
-    first = parser.parse_args(["compare", str(pre), str(pre), "--from-labels", "--out",
-                               str(tmp_path / "out")])
+    first = compare_args(str(pre), str(pre), "--from-labels", "--out",
+                         str(tmp_path / "out"))
     assert first.func(first) == 0
     scored = tmp_path / "out" / "baseline"
     summary = (scored / "summary.json").read_bytes()
-    again = parser.parse_args(["compare", str(pre), str(scored), "--from-labels", "--out",
-                               str(tmp_path / "out")])
+    again = compare_args(str(pre), str(scored), "--from-labels", "--out",
+                         str(tmp_path / "out"))
     with pytest.raises(BiopsyError, match="would overwrite it; give another --out"):
         again.func(again)
     assert (scored / "summary.json").read_bytes() == summary
+
