@@ -1,8 +1,7 @@
-"""Training pipeline: configs, annotations, patch sampling, loop (resume, DDP, fine-tuning)."""
+"""Training pipeline: configs, cases, patch sampling, loop (resume, DDP, fine-tuning); the
+annotation readers are tested in test_annotations.py."""
 
 import csv
-import itertools
-import json
 import os
 import pickle
 import signal
@@ -16,17 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
-import shapely
-from shapely.geometry import box
 
-from biopsy.errors import AnnotationError, CheckpointError, ConfigError
-from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise
-from biopsy.labelmap import write_label_map
+from biopsy.errors import CheckpointError, ConfigError
 from biopsy.model import load_checkpoint, read_model_info
 from cuda_syncs import cuda_syncs
 from glomeruli_dataset import SIZE_PX, config_dict
-from training.annotations import LabelMapLabels, PolygonLabels, outlined_objects, read_coco
 from training.cases import find_slides, split_by_case
 from training.config import config_from_dict, load_config
 from training.dataset import PatchDataset
@@ -39,7 +32,6 @@ from training.loop import fit
 from training.losses import DiceCrossEntropyLoss, cross_entropy, soft_dice
 
 REPO = Path(__file__).resolve().parents[1]
-
 
 def losses(output: Path) -> list[float]:
     with open(output / "log.csv", newline="") as f:
@@ -109,52 +101,7 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
-# --- annotations and cases -------------------------------------------------------------------
-
-@pytest.mark.parametrize("document,message", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"images": []}), "needs lists"),
-    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
-                 "annotations": [{"image_id": 0, "category_id": 0, "segmentation": [[1, 2, 3]]}]}),
-     "annotation 0: a polygon must be"),
-    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
-                 "annotations": [{"image_id": 7, "category_id": 0, "segmentation": [[1, 2, 3, 4, 5, 6]]}]}),
-     "unknown image_id 7"),
-    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
-                 "annotations": [{"image_id": 0, "category_id": 0, "segmentation": {"counts": "x"}}]}),
-     "annotation 0: malformed RLE mask"),
-    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
-                 "annotations": [{"image_id": 0, "category_id": 0,
-                                  "segmentation": {"size": [4, 4], "counts": [3, 2]}}]}),
-     "RLE runs cover 5 pixels, not 4 x 4"),
-])
-def test_malformed_coco_names_file_and_problem(tmp_path, document, message):
-    path = tmp_path / "coco.json"
-    path.write_text(document)
-    with pytest.raises(AnnotationError, match=message) as caught:
-        read_coco(path)
-    assert str(path) in str(caught.value)
-
-
-def test_coco_parts_are_one_object_and_crowds_are_ignored(tmp_path):
-    """Several polygons of one COCO object are its union (two overlapping squares: 175 px, not
-    150; a ring inside another: filled); an ``iscrowd`` object is ignore, not a glomerulus."""
-    square = lambda x, y, side: [x, y, x + side, y, x + side, y + side, x, y + side]  # noqa: E731
-    path = tmp_path / "coco.json"
-    path.write_text(json.dumps({
-        "images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
-        "annotations": [
-            {"image_id": 0, "category_id": 0, "segmentation": [square(0, 0, 10), square(5, 5, 10)]},
-            {"image_id": 0, "category_id": 0, "segmentation": [square(30, 0, 30), square(40, 10, 5)]},
-            {"image_id": 0, "category_id": 0, "iscrowd": 1, "segmentation": [square(70, 0, 10)]}]}))
-    overlapping, nested, crowd = read_coco(path)["a.png"]
-    assert overlapping.geometry.area == 175 and nested.geometry.area == 900
-    assert (overlapping.class_name, crowd.class_name) == ("gn", "ignore")
-    labels = PolygonLabels([overlapping, nested, crowd], ["tissue", "tuft"], {"gn": "tuft"}, "tissue", 1.0, "t")
-    assert (labels.labels(0, 0, (80, 30), 1.0)[:10, 70:80] == IGNORE_INDEX).all()
-    assert len(labels.objects([1])) == 2
-    assert set(np.unique(labels.instances(0, 0, (80, 30), 1.0, [1]))) == {0, 1, 2}
-
+# --- cases -----------------------------------------------------------------------------------
 
 def test_the_checkpoint_says_fluorescence_and_mixed_kinds_are_refused(dataset_root, tmp_path):
     config = config_from_dict(config_dict(dataset_root, tmp_path, steps=1), "test")
@@ -165,79 +112,6 @@ def test_the_checkpoint_says_fluorescence_and_mixed_kinds_are_refused(dataset_ro
     slides[0] = replace(slides[0], fluorescence=True)
     with pytest.raises(ConfigError, match="mix brightfield and fluorescence"):
         loop._fluorescence(slides, "test")
-
-
-def test_coco_run_length_masks_read_as_pycocotools_writes_them(tmp_path):
-    """Compressed (pycocotools.mask.encode) and plain run lists, a crowd among them: each
-    outline rasterises back to its mask, pixel for pixel."""
-    coco_mask = pytest.importorskip("pycocotools.mask")
-    rng = np.random.default_rng(5)
-    masks, annotations = [], []
-    for index in range(6):
-        mask = np.zeros((40, 56), np.uint8)
-        top, left = rng.integers(0, 20, 2)
-        mask[top:top + 15, left:left + 30] = rng.random((15, 30)) < 0.8
-        rle = coco_mask.encode(np.asfortranarray(mask))
-        counts = rle["counts"].decode() if index % 2 else \
-            [len(run) for run in _runs(mask.T.ravel())]  # plain runs, column by column
-        masks.append(mask.astype(bool))
-        annotations.append({"image_id": 0, "category_id": 0, "iscrowd": int(index == 5),
-                            "segmentation": {"size": [40, 56], "counts": counts}})
-    path = tmp_path / "coco.json"
-    path.write_text(json.dumps({"images": [{"id": 0, "file_name": "a.png"}],
-                                "categories": [{"id": 0, "name": "gn"}], "annotations": annotations}))
-    read = read_coco(path)["a.png"]
-    assert [a.class_name for a in read] == ["gn"] * 5 + ["ignore"]
-    for annotation, mask in zip(read, masks):
-        drawn = rasterise([annotation], ["", "gn", "ignore"], (40, 56), 1.0, 1.0, unlabelled=0)
-        np.testing.assert_array_equal(drawn > 0, mask)
-
-
-def test_a_small_rle_object_on_a_whole_slide_is_laid_out_alone(tmp_path):
-    """An 11 x 11 px object at column 5000, row 100 of a 30,000 x 20,000 px image: only the
-    columns and rows it covers are laid out (the whole image would be 600 MB of booleans)."""
-    height, width, size = 20_000, 30_000, 11
-    runs = [5000 * height + 100]
-    for _ in range(size - 1):
-        runs += [size, height - size]
-    runs += [size, height * width - sum(runs) - size]
-    path = tmp_path / "coco.json"
-    path.write_text(json.dumps({
-        "images": [{"id": 0, "file_name": "a.svs"}], "categories": [{"id": 0, "name": "gn"}],
-        "annotations": [{"image_id": 0, "category_id": 0,
-                         "segmentation": {"size": [height, width], "counts": runs}},
-                        {"image_id": 0, "category_id": 0,
-                         "segmentation": {"size": [4, 4], "counts": "0P"}}]}))
-    with pytest.raises(AnnotationError, match="annotation 1: malformed RLE mask"):
-        read_coco(path)  # a compressed string cut short
-    document = json.loads(path.read_text())
-    del document["annotations"][1]
-    path.write_text(json.dumps(document))
-    [annotation] = read_coco(path)["a.svs"]
-    assert annotation.geometry.bounds == (5000, 100, 5011, 111)
-    assert annotation.geometry.area == pytest.approx(size * size - 0.5, abs=0.5)  # marching squares
-
-
-def _runs(values: np.ndarray):
-    """Runs of equal values, the first of zeros (empty when the values start with ones)."""
-    groups = [list(g) for _, g in itertools.groupby(values)]
-    return ([[]] if values[0] else []) + groups
-
-
-@pytest.mark.parametrize("outlines, objects", [
-    ([(box(0, 0, 100, 100), "tuft"), (box(100, 0, 120, 100), "cellular_crescent")], 1),  # beside
-    ([(box(0, 0, 100, 100), "tuft"), (box(105, 0, 120, 100), "cellular_crescent")], 2),  # apart
-    ([(box(0, 0, 100, 100).difference(box(40, 40, 60, 60)), "tuft"),
-      (box(40, 40, 60, 60), "sclerosis")], 1),  # in the tuft's hole
-    ([(box(0, 0, 100, 100), "tuft"), (box(100, 0, 200, 100), "tuft")], 2),  # glomeruli touching
-    ([(box(0, 0, 100, 100), "sclerosis"), (box(100, 0, 150, 100), "tuft")], 2),
-    ([(box(0, 0, 100, 100), "tuft"), (box(100, 0, 200, 100), "tuft"),
-      (box(90, 40, 130, 60), "hyaline_deposit")], 2),  # a deposit over two: the one it covers most
-])
-def test_outlines_make_glomeruli(outlines, objects):
-    made = outlined_objects(outlines)
-    assert len(made) == objects
-    assert shapely.union_all(made).area == pytest.approx(shapely.union_all([g for g, _ in outlines]).area)
 
 
 def test_unknown_validation_cases_and_best_metrics_are_config_errors(dataset_root, tmp_path):
@@ -266,21 +140,6 @@ def test_a_best_metric_this_validation_does_not_give_is_a_warning(dataset_root, 
     settings = config_dict(dataset_root, tmp_path / "zero", steps=1, ema_decay=0)
     settings["optim"]["grad_clip_norm"] = 0  # 0 turns each off, as null does
     fit(config_from_dict(settings, "test"))
-
-
-def test_malformed_geojson_names_file(tmp_path):
-    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "slide1.png")
-    geojson = tmp_path / "slide1.geojson"
-    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]},
-         "properties": {"classification": {"name": "tuft"}}}]}))
-    data = config_dict(tmp_path, tmp_path / "out")["data"]
-    data.update(slides="*.png", annotations={"format": "geojson", "path": "{stem}.geojson"},
-                case_pattern="(slide\\d)")
-    config = config_from_dict({**config_dict(tmp_path, tmp_path / "out"), "data": data}, "test")
-    with pytest.raises(AnnotationError, match="Point") as caught:
-        find_slides(config.data, config.model.classes, config.source)
-    assert str(geojson) in str(caught.value)
 
 
 def test_slides_split_by_case_and_unannotated_images_left_out(dataset_root, tmp_path):
@@ -606,30 +465,6 @@ def test_bad_option_values_are_refused(capsys):
         training_main(["synth", str(REPO / "configs/train/synthetic-pas.yaml"), "--slides", "0"])
     assert refused.value.code == 2
     assert "argument --slides: '0' is not a whole number >= 1" in capsys.readouterr().err
-
-
-def test_label_map_and_geojson_sources_give_labels_at_the_model_mpp(tmp_path):
-    truth = np.zeros((40, 60), np.uint8)  # at 2 µm/px
-    truth[10:20, 30:50] = 2
-    names = ["background", "tissue", "tuft"]
-    write_label_map(tmp_path / "labels.ome.tif", truth, 2.0, names,
-                    {"background": (255, 255, 255), "tissue": (1, 1, 1), "tuft": (2, 2, 2)})
-    source = LabelMapLabels(tmp_path / "labels.ome.tif", ["tissue", "tuft"], {"background": "ignore"}, 0.5)
-    labels = source.labels(x=100, y=60, size_px=(30, 20), mpp=1.0)  # level-0 at 0.5 µm/px
-    expected = np.repeat(np.repeat(np.where(truth == 2, 1, 255), 2, 0), 2, 1)[30:50, 50:80]
-    assert np.array_equal(labels, expected)
-    (obj,) = source.objects([0, 1])
-    assert (obj.class_index, obj.x, obj.y) == (1, pytest.approx(160, abs=4), pytest.approx(60, abs=4))
-    # the slide taken at 1.5x its pixel size: the same level-0 pixels read at 1.5x the µm/px
-    scaled = source.with_mpp_scaled(1.5)
-    assert np.array_equal(scaled.labels(x=100, y=60, size_px=(30, 20), mpp=1.5), labels)
-    assert scaled.objects([0, 1]) == [obj] and source.level0_mpp == 0.5
-    polygons = PolygonLabels([Annotation(box(120, 40, 200, 80), "glom")], ["tissue", "tuft"],
-                             {"glom": "tuft"}, "tissue", 0.5, "test")
-    expected = np.zeros((20, 30), np.uint8)
-    expected[:10, 10:] = 1  # output pixel centres (101 + 2 col, 61 + 2 row) inside the box
-    assert np.array_equal(polygons.labels(100, 60, (30, 20), 1.0), expected)
-    assert np.array_equal(polygons.with_mpp_scaled(1.5).labels(100, 60, (30, 20), 1.5), expected)
 
 
 def test_synthetic_training_set_trains_end_to_end(tmp_path):
