@@ -117,6 +117,7 @@ BAD_OPTIONS = [
     ("segment", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
     ("segment", ["--workers", "-1"], "argument --workers: '-1' is not a whole number >= 0"),
     ("segment", ["--output-mpp", "0"], "argument --output-mpp: '0' is not a number from 0.05 to 20"),
+    ("tissue", ["--mpp", "352.8"], "argument --mpp: '352.8' is not a number from 0.05 to 20"),
     ("score", ["--batch-size", "x"], "argument --batch-size: 'x' is not a whole number >= 1"),
     ("segment", ["--output-mpp", "-8"], "argument --output-mpp: '-8' is not a number from 0.05 to 20"),
     ("segment", ["--device", "foo"], "--device foo: not a torch device"),

@@ -147,8 +147,10 @@ def test_cli_puts_a_label_maps_outlines_on_its_slide_given_the_slides_mpp(tmp_pa
                 for name in ("map", "slide")]
     for a, b in zip(*features):
         assert shape(b["geometry"]).area == pytest.approx(4 * shape(a["geometry"]).area)
-    assert main(["score", "--from-labels", str(path), "--out", str(tmp_path / "x"), "--mpp", "50"]) == 2
-    assert "--mpp must be a slide's pixel size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["score", "--from-labels", str(path), "--out", str(tmp_path / "x"), "--mpp", "50"])
+    assert refused.value.code == 2
+    assert "--mpp: '50' is not a number from 0.05 to 20" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):

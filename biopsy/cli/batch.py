@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from biopsy.slide import SCALE_RANGE
+from biopsy.slide import SCALE_RANGE, SLIDE_MPP_RANGE_UM
 
 if TYPE_CHECKING:
     from biopsy.batch import Scorer
@@ -106,6 +106,11 @@ def output_file(text: str) -> Path:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
     return Path(text)
+
+
+def slide_mpp(text: str) -> float:
+    """An argparse type: a slide's pixel size in µm/px (:data:`biopsy.slide.SLIDE_MPP_RANGE_UM`)."""
+    return number_between(*SLIDE_MPP_RANGE_UM)(text)
 
 
 def count(least: int, most: int | None = None):

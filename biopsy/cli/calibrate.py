@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from biopsy.cli.batch import count, output_file
+from biopsy.cli.batch import count, output_file, slide_mpp
 
 
 def add_parser(subparsers) -> None:
@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
                         help="model checkpoint (default: the bundled model)")
     parser.add_argument("--out", type=output_file, required=True, metavar="CKPT",
                         help="checkpoint to write (may be --model itself)")
-    parser.add_argument("--mpp", type=float, metavar="X",
+    parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="pixel size in µm/px of every SLIDE, overriding their files' "
                              "(needed for images that do not record one)")
     parser.add_argument("--tiles-per-slide", type=count(1), default=32, metavar="N",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from biopsy.cli.batch import (add_device_argument, add_scoring_arguments, count, make_scorer,
-                              output_folder)
+                              output_folder, slide_mpp)
 from biopsy.errors import BiopsyError
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("follow_up", type=Path, metavar="POST")
     parser.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--patient", default="", metavar="ID", help="patient id for the report")
-    parser.add_argument("--mpp", type=float, metavar="X",
+    parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or standing in for) the files'")
     add_scoring_arguments(parser, "PRE and POST files are")
     add_device_argument(parser)

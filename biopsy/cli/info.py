@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from biopsy.cli.batch import slide_mpp
+
 if TYPE_CHECKING:
     from biopsy.slide import Slide
 
@@ -17,7 +19,7 @@ def add_parser(subparsers) -> None:
         description="Open a slide, decode its coarsest level (so a damaged file is reported now) "
                     "and print its metadata.")
     parser.add_argument("slide", type=Path, help="slide file (SVS, NDPI, MRXS, TIFF, QPTIFF, JPEG, ...)")
-    parser.add_argument("--mpp", type=float, help="pixel size in µm/px, overriding the file's")
+    parser.add_argument("--mpp", type=slide_mpp, help="pixel size in µm/px, overriding the file's")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(func=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from biopsy.cli.batch import count, number_between, output_file
+from biopsy.cli.batch import count, number_between, output_file, slide_mpp
 
 
 def add_parser(subparsers) -> None:
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
                         help="DAB (third HED axis) amount factor (default 1)")
     parser.add_argument("--hue", type=number_between(-360, 360), default=0.0, metavar="DEG",
                         help="HSV hue turn in degrees, -360 to 360 (default 0)")
-    parser.add_argument("--mpp", type=float, metavar="X",
+    parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
     parser.add_argument("--quality", type=count(1, 100), default=90, metavar="Q",
                         help="JPEG quality of the copy, 1 to 100 (default 90)")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from biopsy.cli.batch import (add_device_argument, add_model_arguments, add_stain_argument,
-                              load_model_from_args, output_folder)
+                              load_model_from_args, output_folder, slide_mpp)
 from biopsy.errors import BiopsyError
 
 
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
                              "or a map from another tool converted with biopsy.labelmap)")
     parser.add_argument("--out", type=output_folder, required=True, metavar="DIR",
                         help="output folder (summary.json is written last)")
-    parser.add_argument("--mpp", type=float, metavar="X",
+    parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's; "
                              "with --from-labels, that of the slide the map covers, so that "
                              "objects.geojson and the positions are in its pixels")
@@ -47,12 +47,6 @@ def run(args: argparse.Namespace) -> int:
     if args.from_labels is not None:
         from biopsy.pipeline import score_label_map_file
 
-        from biopsy.slide import SLIDE_MPP_RANGE_UM
-
-        low, high = SLIDE_MPP_RANGE_UM
-        if args.mpp is not None and not low <= args.mpp <= high:
-            raise BiopsyError(f"--mpp must be a slide's pixel size, {low:g} to {high:g} µm/px, "
-                              f"got {args.mpp}")
         scores = score_label_map_file(args.from_labels, args.out, config, level0_mpp=args.mpp)
     else:
         from biopsy import pipeline

@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 
 from biopsy.cli.batch import (WORKERS_DEFAULT, add_device_argument, add_model_arguments,
-                              add_stain_argument, load_model_from_args, number_between,
-                              output_folder)
-from biopsy.slide import SLIDE_MPP_RANGE_UM
+                              add_stain_argument, load_model_from_args, output_folder, slide_mpp)
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +21,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("slide", type=Path, metavar="SLIDE", help="slide file")
     parser.add_argument("--out", type=output_folder, required=True, metavar="DIR",
                         help="output folder (segment.json is written last)")
-    parser.add_argument("--mpp", type=float, metavar="X",
+    parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
     precision = parser.add_mutually_exclusive_group()
     add_model_arguments(parser, precision, workers_help=(
@@ -33,7 +31,7 @@ def add_parser(subparsers) -> None:
                            help="bfloat16 autocast (default: on CUDA only; on CPUs with native "
                                 "bf16 --bf16 is ~2x faster, a few border pixels may change)")
     add_device_argument(parser)
-    parser.add_argument("--output-mpp", type=number_between(*SLIDE_MPP_RANGE_UM), metavar="X",
+    parser.add_argument("--output-mpp", type=slide_mpp, metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write probabilities.ome.tif (one channel per class, 255 = 1; "

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 
 from biopsy.atomic import atomic_path, write_text_atomic
-from biopsy.cli.batch import number_between, output_folder
+from biopsy.cli.batch import number_between, output_folder, slide_mpp
 
 if TYPE_CHECKING:
     from biopsy.slide import Slide
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
                     "tissue_overlay.png and tissue.json (written last) into --out.")
     parser.add_argument("slide", type=Path, help="slide file")
     parser.add_argument("--out", type=output_folder, required=True, help="output folder")
-    parser.add_argument("--mpp", type=float, help="pixel size in µm/px, overriding the file's")
+    parser.add_argument("--mpp", type=slide_mpp, help="pixel size in µm/px, overriding the file's")
     parser.add_argument("--tissue-mpp", type=number_between(1, 64), default=8.0,
                         help="resolution of the mask in µm/px, 1 to 64 (default 8)")
     parser.add_argument("--min-area-um2", type=number_between(0),
