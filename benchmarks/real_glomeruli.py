@@ -44,8 +44,9 @@ from training.cases import find_slides, split_by_case  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.__main__ import (add_glomerulus_threshold_argument,  # noqa: E402
                                with_test_time_options)
-from training.evaluate import (at_searched_mpp, fold_model, glomerular_indices,  # noqa: E402
-                               kept_instances, match_instances)
+from biopsy.classes import glomerular_indices  # noqa: E402
+from training.evaluate import (at_searched_mpp, fold_model, kept_instances,  # noqa: E402
+                               match_instances)
 
 
 def image_counts(annotated, model, info, score_config, device: str, settings) -> np.ndarray:

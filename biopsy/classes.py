@@ -37,6 +37,11 @@ GLOMERULAR_CLASSES: frozenset[str] = frozenset(
 )
 
 
+def glomerular_indices(class_names) -> list[int]:
+    """Indices of the glomerular classes among ``class_names``."""
+    return [i for i, name in enumerate(class_names) if name in GLOMERULAR_CLASSES]
+
+
 def class_index(class_names: tuple[str, ...] | list[str], name: str) -> int | None:
     """Index of ``name`` in a model's class list, or None when the model does not carry it."""
     return list(class_names).index(name) if name in class_names else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from biopsy.errors import ManifestError
-from biopsy.slide import SLIDE_MPP_RANGE_UM
+from biopsy.slide import SLIDE_MPP_RANGE_UM, is_slide_mpp
 
 REQUIRED_COLUMNS = ("patient_id", "timepoint", "slide")
 OPTIONAL_COLUMNS = ("stain", "mpp")
@@ -123,8 +123,8 @@ def _parse_mpp(where: str, text: str) -> float | None:
         mpp = float(text)
     except ValueError:
         mpp = float("nan")
-    low, high = SLIDE_MPP_RANGE_UM
-    if not low <= mpp <= high:
+    if not is_slide_mpp(mpp):
+        low, high = SLIDE_MPP_RANGE_UM
         raise ManifestError(f"{where}: mpp {text!r} is not a slide's pixel size ({low:g} to "
                             f"{high:g} µm/px); leave it empty to use the slide's metadata")
     return mpp

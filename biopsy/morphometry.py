@@ -20,7 +20,7 @@ from skimage.measure import find_contours
 from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import watershed
 
-from biopsy.classes import GLOMERULAR_CLASSES, class_index
+from biopsy.classes import class_index, glomerular_indices
 from biopsy.scoring import CELLULAR_TUFT_CLASSES, INTERSTITIAL_CLASSES, load_score_config
 
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
@@ -109,7 +109,7 @@ def find_glomeruli(labels: np.ndarray, class_names, mpp: float, *,
         min_area_um2 = settings.min_area_um2 if min_area_um2 is None else min_area_um2
         split_min_depth_um = (settings.split_min_depth_um if split_min_depth_um is None
                               else split_min_depth_um)
-    glomerular = [i for i, name in enumerate(class_names) if name in GLOMERULAR_CLASSES]
+    glomerular = glomerular_indices(class_names)
     regions, _ = ndimage.label(np.isin(labels, glomerular), structure=_EIGHT_CONNECTED)
     instances = np.zeros(labels.shape, np.int32)
     min_area_px = min_area_um2 / mpp**2

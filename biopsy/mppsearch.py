@@ -22,7 +22,7 @@ from torch import nn
 
 from biopsy.infer import tile_probabilities, tissue_tiles
 from biopsy.model import ModelInfo
-from biopsy.slide import SCALE_RANGE, SLIDE_MPP_RANGE_UM, Slide
+from biopsy.slide import SCALE_RANGE, Slide, is_slide_mpp
 from biopsy.stitch import output_index
 from biopsy.tiling import cell_spans
 
@@ -70,10 +70,9 @@ def most_confident_mpp(slide: Slide, model: nn.Module, info: ModelInfo,
     """
     check_factors(factors)
     device = torch.device(device)
-    low, high = SLIDE_MPP_RANGE_UM
     confidence = {factor: _mean_confidence(slide.with_mpp_scaled(factor), model, info, device,
                                            batch_size, bf16, max_tiles)
-                  if all(low <= mpp * factor <= high for mpp in slide.mpp) else None
+                  if all(is_slide_mpp(mpp * factor) for mpp in slide.mpp) else None
                   for factor in factors}
     found = [factor for factor in factors if confidence[factor] is not None]
     factor = max(found, key=confidence.get) if found else 1.0

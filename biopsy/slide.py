@@ -35,6 +35,13 @@ GIVE_MPP = "give it with --mpp (in a batch manifest: the mpp column)"
 SLIDE_MPP_RANGE_UM = (0.05, 20.0)
 # Reading scales and pixel-size search factors: multiples of a pixel size, within 4x either way.
 SCALE_RANGE = (0.25, 4.0)
+
+
+def is_slide_mpp(mpp: float) -> bool:
+    """Whether ``mpp`` µm/px lies in :data:`SLIDE_MPP_RANGE_UM` (NaN does not)."""
+    return SLIDE_MPP_RANGE_UM[0] <= mpp <= SLIDE_MPP_RANGE_UM[1]
+
+
 _LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than asked is used (pyramids round their sizes)
 _SNAP = 1e-3
 _BAND_ROWS = 512  # rows of a thumbnail read at a time, one band a thread
@@ -78,7 +85,7 @@ class Slide:
     def __init__(self, path: str | Path, mpp: float | None = None, mpp_required: bool = True):
         self.path = Path(path)
         low, high = SLIDE_MPP_RANGE_UM
-        if mpp is not None and not low <= mpp <= high:  # NaN too
+        if mpp is not None and not is_slide_mpp(mpp):
             raise MppError(f"{self.path}: the pixel size given (--mpp, a manifest's mpp) must be "
                            f"a slide's, {low:g} to {high:g} µm/px (a 20x scan is ~0.5), got {mpp}")
         self._reader = open_reader(self.path)
@@ -100,7 +107,7 @@ class Slide:
         self.file_mpp: tuple[float, float] | None = reader.mpp  # as the file says, if it does
         self.mpp: tuple[float, float] | None = (mpp, mpp) if mpp is not None else reader.mpp
         self._sha256: str | None = None
-        if self.mpp is not None and not all(low <= m <= high for m in self.mpp):
+        if self.mpp is not None and not all(map(is_slide_mpp, self.mpp)):
             file_mpp, self.mpp = self.mpp, None
             if mpp_required:
                 self.close()

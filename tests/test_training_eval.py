@@ -15,7 +15,7 @@ from PIL import Image
 from skimage.measure import label
 
 from biopsy.errors import ConfigError
-from biopsy.classes import CLASS_NAMES
+from biopsy.classes import CLASS_NAMES, glomerular_indices
 from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise, read_annotations
 from glomeruli_dataset import config_dict
 from biopsy.model import load_checkpoint
@@ -119,7 +119,7 @@ def test_lesions_outlined_inside_a_glomerulus_are_part_of_it(tmp_path):
     regions = LabelMapLabels(tmp_path / "labels.ome.tif", names, {}, level0_mpp)
     size = (int(width0 * level0_mpp / mpp), int(height0 * level0_mpp / mpp))
     labels = regions.labels(0, 0, size, mpp)
-    glomerular = evaluation.glomerular_indices(names)
+    glomerular = glomerular_indices(names)
     instances = outlines.instances(0, 0, size, mpp, glomerular)
     assert instances.max() == regions.instances(0, 0, size, mpp, glomerular).max() == 6
     perfect = np.where(labels == IGNORE_INDEX, 0, labels)

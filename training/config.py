@@ -21,7 +21,7 @@ from biopsy.infer import check_scales
 from biopsy.model import build_model
 from biopsy.mppsearch import check_factors
 from biopsy.resources import read_yaml_mapping
-from biopsy.slide import SLIDE_MPP_RANGE_UM
+from biopsy.slide import SLIDE_MPP_RANGE_UM, is_slide_mpp
 from training.augment import build_augmentation
 
 IGNORE = "ignore"
@@ -278,7 +278,7 @@ def _check_data(data: DataConfig, source: str) -> None:
     sizes.update({f"data.slide_mpp_by_path[{p!r}]": mpp for p, mpp in data.slide_mpp_by_path.items()})
     low, high = SLIDE_MPP_RANGE_UM
     for key, mpp in sizes.items():
-        if mpp is not None and not low <= mpp <= high:
+        if mpp is not None and not is_slide_mpp(mpp):
             raise ConfigError(f"{source}: {key} must be a slide's pixel size ({low:g} to {high:g} "
                               f"µm/px), got {mpp}")
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from skimage.measure import label
 
-from biopsy.classes import GLOMERULAR_CLASSES
+from biopsy.classes import glomerular_indices
 from biopsy.decision import decide_classes
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.errors import CheckpointError, ConfigError
@@ -144,10 +144,6 @@ def object_rows(truth: np.ndarray, prediction: np.ndarray, class_names: Sequence
                          "partner_area_um2": None if best is None else
                          round(float(other_areas[pairs[1 - side, best]] * mpp**2))})
     return rows
-
-
-def glomerular_indices(class_names: Sequence[str]) -> list[int]:
-    return [i for i, n in enumerate(class_names) if n in GLOMERULAR_CLASSES]
 
 
 def label_instances(mask: np.ndarray, min_area_px: float,
