@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from skimage import draw
 
 from biopsy.classes import CLASS_NAMES
@@ -137,6 +138,26 @@ def test_outline_ignores_holes():
     labels[rim & (angle_deg(shape, centre) < 180)] = I["cellular_crescent"]
     [g] = measure_glomeruli(labels, CLASS_NAMES, 1.0)
     assert g.cellular_crescent_capsule_coverage == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_two_crescent_kinds_cover_a_whole_crescent_glomerulus_of_any_shape():
+    """Small 8-connected regions of random shape, all crescent: the two kinds' coverages sum to 1.
+    Pixels joined only at a corner once split the outline in pieces, and a centre outside a thin
+    region read 0 or NaN (found by a fuzz: 677 of 20,000 regions)."""
+    rng = np.random.default_rng(1)
+    sums = []
+    for _ in range(300):
+        size = int(rng.integers(2, 8))
+        region = rng.random((size, size)) < rng.uniform(0.2, 0.7)
+        instances, count = ndimage.label(region, np.ones((3, 3)))
+        if count == 0:
+            continue
+        labels = np.where(instances == 1, rng.choice([I["cellular_crescent"], I["fibrous_crescent"]],
+                                                      size=region.shape), I["tissue"]).astype(np.uint8)
+        [g] = measure_glomeruli(labels, CLASS_NAMES, 1.0, (instances == 1).astype(np.int32))
+        sums.append(g.cellular_crescent_capsule_coverage + g.fibrous_crescent_capsule_coverage)
+    assert len(sums) > 250
+    np.testing.assert_allclose(sums, 1.0, atol=1e-9)
 
 
 @pytest.mark.parametrize("radii_px", [(100, 100), (60, 110), (45, 100)])
