@@ -15,7 +15,8 @@
 #            and resume on CUDA (train.deterministic);
 #   train    training images/s and GPU utilisation against a plain PyTorch loop at batch 64 with
 #            15 workers (stop 23 also ran 8 workers, batch 8 and compiled: dropped to fit the
-#            time), and the patch stream one worker feeds on one of this machine's cores;
+#            time), the patch stream one worker feeds on one of this machine's cores, and a
+#            cProfile of the loop's main thread over the same steps (train.prof: where it spends);
 #   segment  inference on the quick slide, eager and compiled, with where the time goes and the
 #            ratio of end to end to the model alone on pre-decoded tiles; the sub-pixel decoder
 #            against the folded model alone (on CUDA only once this says it is faster);
@@ -43,8 +44,8 @@ for name in "${steps[@]}"; do
     echo "== $name ($(date +%T))"
     case $name in
       train)
-        timeout 110 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 15 \
-          --steps 200 2>&1 | grep -v 'fit:' | tee "$out/train.txt" ;;
+        timeout 170 python3 benchmarks/train.py --device cuda --batch-size 64 --workers 15 \
+          --steps 200 --profile "$out/train.prof" 2>&1 | grep -v 'fit:' | tee "$out/train.txt" ;;
       segment)
         timeout 150 python3 benchmarks/segment.py --device cuda --quick --parts \
           --methods ours ours-compile --workers 14 2>&1 | tee "$out/segment.txt"

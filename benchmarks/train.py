@@ -6,9 +6,9 @@
    synth`` code, so every batch goes through the real pipeline: patch sampling, SVS reads in
    DataLoader workers, albumentations, pinned copies, normalisation on the device. One row per
    ``--workers`` value.
-2. ``plain``: the same model, loss (Dice + CE), AdamW, gradient clipping, batch size, precision
-   and channels_last, on one random batch already on the device: forward, backward, clip, step and
-   nothing else, the upper bound without data loading.
+2. ``plain``: the same model, loss (Dice + CE), optimiser (the loop's fused AdamW), gradient
+   clipping, batch size, precision and channels_last, on one random batch already on the device:
+   forward, backward, clip, step and nothing else, the upper bound without data loading.
 
 Warm-up steps (``--warmup``, including any ``torch.compile`` time) are not timed. The table gives
 images/s, the ratio ours/plain, the mean GPU utilisation over the timed window (NVML's
@@ -18,19 +18,23 @@ images/s, the ratio ours/plain, the mean GPU utilisation over the timed window (
 short wait can overlap GPU work; GPU utilisation is the measure of starvation, the wait says why.
 Below the table, the patch stream alone (one worker's work, in this process on one core) and
 what that many workers could feed at most, against the plain loop.
-Slides are generated once into ``--data`` and reused.
+Slides are generated once into ``--data`` and reused. ``--profile FILE`` then runs ours once more
+under cProfile (the main thread: what launches the GPU's work) and prints where its time goes.
 
     python benchmarks/train.py --quick                          # CPU smoke run: ~2 min on 2 busy cores
     python benchmarks/train.py --device cuda --workers 4 8 15   # GPU, the config's batch of 8
     python benchmarks/train.py --device cuda --workers 15 --batch-size 32 --compile
+    python benchmarks/train.py --device cuda --workers 15 --batch-size 64 --profile train.prof
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import csv
 import importlib.util
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -49,13 +53,14 @@ from biopsy.model import build_model  # noqa: E402
 from biopsy.slide import single_threaded_opencv  # noqa: E402
 from training.config import Config, config_from_dict  # noqa: E402
 from training.cases import find_slides, normalise_stains  # noqa: E402
-from training.loop import fit, model_info, patch_dataset  # noqa: E402
+from training.loop import build_optimiser, fit, model_info, patch_dataset  # noqa: E402
 from training.losses import DiceCrossEntropyLoss  # noqa: E402
 from training.synthetic import generate_training_set  # noqa: E402
 
 CONFIG = REPO / "configs" / "train" / "synthetic-pas.yaml"
 QUICK_PROFILE = {"core_length_mm": 1.0, "core_width_mm": 0.5, "glomeruli": 3}
 GPU_TARGET_PERCENT = 90
+PROFILE_ROWS = 25
 
 
 @dataclass
@@ -159,15 +164,14 @@ def summarise_log(path: Path, warmup: int, batch_size: int) -> tuple[float, floa
 
 
 def run_plain(args, device: torch.device) -> Result:
-    """forward, loss, backward, clip, AdamW step on one batch already on the device."""
+    """forward, loss, backward, clip, optimiser step on one batch already on the device."""
     config = benchmark_config(args)
     info = model_info(config)
     torch.manual_seed(config.seed)
     model = build_model(info.architecture, len(info.class_names), info.in_channels, **info.arguments)
     model = model.to(device, memory_format=torch.channels_last)
     network = torch.compile(model) if config.train.compile else model
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
-                                  weight_decay=config.optim.weight_decay)
+    optimiser = build_optimiser(config, model)
     loss_function = DiceCrossEntropyLoss(config.loss.dice_weight, config.loss.ce_weight).to(device)
     size_px = info.patch_size_px
     images = torch.randint(0, 256, (args.batch_size, size_px, size_px, info.in_channels), dtype=torch.uint8)
@@ -195,6 +199,19 @@ def run_plain(args, device: torch.device) -> Result:
         _synchronise(device)
         elapsed, current[0] = time.perf_counter() - start, 2
     return Result("plain", None, args.batch_size * args.steps / elapsed, sampler.timed_mean(), None)
+
+
+def profile_ours(args, workers: int, path: Path) -> None:
+    """cProfile of the main thread over a run of ours as timed (warm-up included), written to
+    ``path``; prints the functions that took most of its time."""
+    with tempfile.TemporaryDirectory(prefix="trainprofile-") as folder:
+        config = benchmark_config(args, workers, Path(folder))
+        profiler = cProfile.Profile()
+        profiler.runcall(fit, config, stop_at=args.warmup + args.steps)
+    profiler.dump_stats(path)
+    print(f"\nmain thread of ours, {workers} workers, {args.warmup} + {args.steps} steps under "
+          f"cProfile ({path}), by time in each function itself:")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(PROFILE_ROWS)
 
 
 def run_patch_stream(args) -> float:
@@ -263,6 +280,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--compile", action="store_true", help="torch.compile both loops")
     parser.add_argument("--slides", type=int, help="synthetic slides (default 6, 2 quick)")
     parser.add_argument("--data", type=Path, help="slide folder, reused (default: a folder in /tmp)")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="then run ours (the last --workers) again under cProfile, saving "
+                             "its statistics in FILE")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before any CUDA call: fit() takes a GPU if it sees one
@@ -298,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(run_ours(args, workers, device))
         print(f"ours with {workers} workers: {results[-1].images_per_s:.2f} images/s", file=sys.stderr)
     print_table(results, run_patch_stream(args), args, device)
+    if args.profile:
+        profile_ours(args, args.workers[-1], args.profile)
 
 
 if __name__ == "__main__":
