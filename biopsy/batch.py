@@ -2,20 +2,23 @@
 
 Layout of the output folder ``OUT``::
 
-    slides/<patient>_<timepoint>_<stem>/   one scored slide (summary.json written last)
+    slides/<patient>_<timepoint>[_<stain>]_<stem>/   one scored slide (summary.json written last)
     slides/.partial-<name>/                 a slide being scored; renamed into place when whole
     status/rank-<r>.csv                     each rank's progress, rewritten after every slide
     status.csv                              every slide: done or failed, with the error
-    comparisons/<baseline>_vs_<timepoint>/  comparison.json, comparison.csv, report.html
-    cohort.json, cohort.csv, cohort.html    per-metric statistics over patients
+    comparisons/<baseline>_vs_<timepoint>/  comparison.json, comparison.csv, report.html (only
+                                            the manifest's pairs: others are removed)
+    cohort.json, cohort.csv, cohort.html    per-metric statistics over patients; every patient
+                                            and stain, compared or not (and why)
 
 A slide folder is scored in a ``.partial-`` folder and renamed into place only once its
 ``summary.json`` exists, so a folder under its final name is always complete: a rerun (or a rank
 that restarts after a crash) skips it and scores the rest. A folder is skipped only when its
 provenance records the scorer's recipe (model, int8, bf16, test-time augmentation, pixel-size
 search, stain reference, given mpp, scoring config: :func:`biopsy.pipeline.slide_recipe`); one
-scored another way is scored again, its folder removed when its turn comes, so the cohort never
-mixes recipes.
+scored another way is scored again, and replaced once the new folder is whole. A slide that fails
+keeps its earlier folder (a wrong option on a rerun must not delete a cohort's work), but its row
+is failed and its pairs are not compared, so the cohort never mixes recipes.
 So is a folder whose slide file has changed since (a slide scanned again under the same name):
 unchanged size and time say it has not without reading it, else its SHA-256 is compared.
 Under ``torchrun`` the manifest is sharded by rank (``entries[rank::world_size]``); rank 0 writes
@@ -40,7 +43,7 @@ from biopsy.atomic import write_text_atomic
 from biopsy.cohort import cohort_statistics, render_cohort
 from biopsy.compare import write_comparison
 from biopsy.errors import BiopsyError
-from biopsy.manifest import ManifestEntry, Pairing, pair_timepoints, read_manifest
+from biopsy.manifest import ManifestEntry, Pairing, pair_timepoints, read_manifest, unpaired
 from biopsy.provenance import is_same_file
 from biopsy.scorefolder import read_score_folder
 
@@ -120,14 +123,16 @@ def is_complete(folder: Path) -> bool:
 
 
 def why_score(folder: Path, entry: ManifestEntry, recipe: str) -> str | None:
-    """Why ``entry``'s folder must be scored (again), or None when it may be kept: it is whole,
-    of ``recipe``, and made from the bytes the manifest's slide file holds now."""
+    """Why ``entry``'s folder must be scored (again), or None when it may be kept: it is whole
+    and readable, of ``recipe``, and made from the bytes the manifest's slide file holds now."""
     if not is_complete(folder):
         return "not scored"
     try:
-        provenance = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))["provenance"]
+        provenance = read_score_folder(folder).summary["provenance"]
         recorded, source = provenance["recipe_sha256"], provenance["source"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except BiopsyError as error:
+        return str(error)
+    except (KeyError, TypeError):
         return "summary.json is not a scored slide's"
     if recorded != recipe:
         return ("scored another way (model, int8, bf16, tta, scales, mpp search, stain reference, "
@@ -140,15 +145,14 @@ def why_score(folder: Path, entry: ManifestEntry, recipe: str) -> str | None:
 
 
 def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> None:
-    """Score one slide into a ``.partial-`` folder, renamed to its final name once whole.
-
-    What is under the final name (incomplete, or scored another way) is removed first, so that a
-    slide that fails leaves no folder of another recipe for the comparisons to use.
+    """Score one slide into a ``.partial-`` folder, which then takes the place of what is under
+    the final name (incomplete, or scored another way). A slide that fails leaves that as it was.
     """
     folder = slide_folder(out_dir, entry)
-    shutil.rmtree(folder, ignore_errors=True)
     partial = folder.with_name(f".partial-{folder.name}")
-    shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while scoring this slide
+    replaced = folder.with_name(f".replaced-{folder.name}")
+    for leftover in (partial, replaced):  # left by a run killed while scoring this slide
+        shutil.rmtree(leftover, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         score(entry, partial)
@@ -157,7 +161,10 @@ def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> Non
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    if folder.exists():
+        os.rename(folder, replaced)
     os.rename(partial, folder)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
@@ -244,26 +251,37 @@ def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,
         merged.update(read_status(out_dir / "status" / f"rank-{rank}.csv"))
     all_statuses = [SlideStatus(e, slide_folder(out_dir, e), *merged[e.row]) for e in entries]
     write_status(out_dir / "status.csv", all_statuses)
-    write_cohort_outputs(entries, out_dir)
     failed = [s for s in all_statuses if s.status == "failed"]
+    write_cohort_outputs(entries, out_dir, {s.entry.row for s in failed})
     for s in failed:
         log.error("row %d (%s) failed: %s", s.entry.row, s.entry.slide, s.error)
     return len(failed)
 
 
-def write_cohort_outputs(entries: list[ManifestEntry], out_dir: Path) -> dict:
+def write_cohort_outputs(entries: list[ManifestEntry], out_dir: Path,
+                         failed_rows: set[int] = frozenset()) -> dict:
     """Compare each patient's baseline with each follow-up, then write the cohort statistics.
 
     Statistics are computed per group of comparisons that are independent across patients: one
-    group per stain and follow-up number (first follow-up after baseline, second, ...).
+    group per stain and follow-up number (first follow-up after baseline, second, ...). A pair
+    with a row in ``failed_rows`` is not compared; nor is a slide with no other timepoint of its
+    patient and stain, which is listed as such.
     """
     pairs = []
     groups: dict[tuple[str, int], list[dict]] = {}
     for pairing in pair_timepoints(entries):
-        record, comparison = _compare_pairing(pairing, out_dir)
+        record, comparison = _compare_pairing(pairing, out_dir, failed_rows)
         pairs.append(record)
         if comparison is not None:
             groups.setdefault((pairing.baseline.stain, pairing.follow_up_number), []).append(comparison)
+    for entry in unpaired(entries):
+        log.warning("row %d: patient %s has no other timepoint%s; not compared", entry.row,
+                    entry.patient_id, f" of stain {entry.stain}" if entry.stain else "")
+        pairs.append({"patient_id": entry.patient_id, "stain": entry.stain,
+                      "baseline": entry.timepoint, "follow_up": None, "follow_up_number": None,
+                      "folder": None, "status": "not compared: no other timepoint of this patient "
+                                                "and stain"})
+    _remove_other_comparisons(out_dir, {p["folder"] for p in pairs})
     cohort = {
         "format": COHORT_FORMAT,
         "groups": [{"stain": stain, "follow_up_number": number, "patients": len(comparisons),
@@ -277,16 +295,24 @@ def write_cohort_outputs(entries: list[ManifestEntry], out_dir: Path) -> dict:
     return cohort
 
 
-def _compare_pairing(pairing: Pairing, out_dir: Path) -> tuple[dict, dict | None]:
+def _remove_other_comparisons(out_dir: Path, kept: set[str | None]) -> None:
+    """Remove the comparison folders of pairs the manifest no longer makes (an earlier run's)."""
+    for folder in (out_dir / "comparisons").glob("*"):
+        if folder.is_dir() and f"comparisons/{folder.name}" not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _compare_pairing(pairing: Pairing, out_dir: Path, failed_rows: set[int]
+                     ) -> tuple[dict, dict | None]:
     baseline, follow_up = pairing.baseline, pairing.follow_up
     folder = Path("comparisons") / f"{baseline.folder_name}_vs_{follow_up.timepoint}"
     record = {"patient_id": baseline.patient_id, "stain": baseline.stain,
               "baseline": baseline.timepoint, "follow_up": follow_up.timepoint,
               "follow_up_number": pairing.follow_up_number, "folder": folder.as_posix(),
               "status": "compared"}
-    missing = [e for e in (baseline, follow_up) if not is_complete(slide_folder(out_dir, e))]
+    missing = [e for e in (baseline, follow_up)
+               if e.row in failed_rows or not is_complete(slide_folder(out_dir, e))]
     if missing:
-        shutil.rmtree(out_dir / folder, ignore_errors=True)  # an earlier run's, now stale
         return record | {"status": "not compared: row(s) " + ", ".join(str(e.row) for e in missing)
                          + " not scored", "folder": None}, None
     try:
@@ -295,7 +321,6 @@ def _compare_pairing(pairing: Pairing, out_dir: Path) -> tuple[dict, dict | None
                                       read_score_folder(slide_folder(out_dir, follow_up)),
                                       baseline.patient_id)
     except BiopsyError as error:
-        shutil.rmtree(out_dir / folder, ignore_errors=True)
         return record | {"status": f"not compared: {error}", "folder": None}, None
     return record | {"processing_differences": comparison["processing_differences"]}, comparison
 

@@ -152,7 +152,7 @@ def _comparison_list(comparisons: list[dict]) -> str:
         link = (f'<a href="{e(c["folder"])}/report.html">report</a>' if c["folder"] else "")
         differences = "<br>".join(e(d) for d in c.get("processing_differences") or [])
         rows.append(f"<tr><td>{e(c['patient_id'])}</td><td>{e(c['stain'])}</td>"
-                    f"<td>{e(c['baseline'])}</td><td>{e(c['follow_up'])}</td>"
+                    f"<td>{e(c['baseline'])}</td><td>{e(c['follow_up'] or 'none')}</td>"
                     f"<td>{e(c['status'])}</td><td>{differences}</td><td>{link}</td></tr>")
     return ("<table><tr><th>patient</th><th>stain</th><th>baseline</th><th>follow-up</th>"
             "<th>status</th><th>processed differently</th><th></th></tr>" + "".join(rows)

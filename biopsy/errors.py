@@ -18,6 +18,10 @@ class MppError(SlideError):
     """A slide whose pixel size (µm/px) is neither in its metadata nor given by the user."""
 
 
+class TissueError(SlideError):
+    """A slide (or label map) in which no tissue is found: nothing to score."""
+
+
 class ConfigError(BiopsyError):
     """A YAML configuration that is missing, malformed or holds an invalid value."""
 

@@ -2,16 +2,18 @@
 
 Columns: ``patient_id``, ``timepoint`` (``pre``/``post`` or an ISO date ``YYYY-MM-DD``),
 ``slide`` (path relative to the manifest, or absolute), and optionally ``stain`` and ``mpp``.
-Other columns are ignored. Errors name the spreadsheet row (the header is row 1).
+Other columns are ignored, and so are rows with every cell empty (a spreadsheet's trailing
+``,,,``). Errors name the spreadsheet row (the header is row 1).
 
 A patient's baseline is its earliest timepoint (``pre`` before ``post``; dates in calendar order);
-slides of different stains are compared stain with stain.
+slides of different stains are compared stain with stain. Stain names match whatever their case:
+each is spelled as on its first row.
 """
 
 import csv
 import datetime
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from biopsy.errors import ManifestError
@@ -20,7 +22,8 @@ from biopsy.slide import SLIDE_MPP_RANGE_UM, is_slide_mpp
 REQUIRED_COLUMNS = ("patient_id", "timepoint", "slide")
 OPTIONAL_COLUMNS = ("stain", "mpp")
 NAMED_TIMEPOINTS = ("pre", "post")
-_UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE_FILENAME_CHARS = re.compile(r"[^\w.-]+")  # \w: letters and digits of any script
+SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif")  # a double suffix left out of folder names
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,13 @@ class ManifestEntry:
 
     @property
     def folder_name(self) -> str:
-        """Output folder name ``<patient>_<timepoint>_<slide stem>``, made safe for file systems."""
-        stem = self.slide.name.split(".")[0] or self.slide.name
-        return "_".join(_safe(part) for part in (self.patient_id, self.timepoint, stem))
+        """Output folder name ``<patient>_<timepoint>[_<stain>]_<slide name without its suffix>``,
+        made safe for file systems."""
+        name = self.slide.name
+        stem = next((name[:-len(s)] for s in SLIDE_SUFFIXES if name.lower().endswith(s)),
+                    self.slide.stem) or name
+        parts = (self.patient_id, self.timepoint, *([self.stain] if self.stain else []), stem)
+        return "_".join(_safe(part) for part in parts)
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,16 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
                                     f"needs {', '.join(REQUIRED_COLUMNS)} (optional: stain, mpp)")
             reader.fieldnames = columns
             entries = [_parse_row(path, row_number, row)
-                       for row_number, row in enumerate(reader, start=2)]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+                       for row_number, row in enumerate(reader, start=2)
+                       if any((cell or "").strip() for cell in row.values())]
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path}: not UTF-8 text ({error}); save the manifest as CSV UTF-8"
+                            ) from error
+    except (OSError, csv.Error) as error:
         raise ManifestError(f"{path}: cannot read the manifest ({error})") from error
     if not entries:
         raise ManifestError(f"{path}: the manifest lists no slides; add one row per slide")
+    entries = _spell_stains_alike(entries)
     _check_unique(path, entries)
     _check_timepoints_comparable(path, entries)
     return entries
@@ -130,18 +142,26 @@ def _parse_mpp(where: str, text: str) -> float | None:
     return mpp
 
 
+def _spell_stains_alike(entries: list[ManifestEntry]) -> list[ManifestEntry]:
+    """Each stain as first spelled: "pas" on a later row becomes "PAS"."""
+    spelling: dict[str, str] = {}
+    return [replace(e, stain=spelling.setdefault(e.stain.casefold(), e.stain)) for e in entries]
+
+
 def _check_unique(path: Path, entries: list[ManifestEntry]) -> None:
     seen: dict[tuple, int] = {}
     for entry in entries:
         keys = (
             ("patient, timepoint and stain", entry.patient_id, entry.timepoint, entry.stain),
             ("slide file", entry.slide),
-            ("output folder name", entry.folder_name),
+            (f"output folder name {entry.folder_name}", entry.folder_name),
         )
         for key in keys:
             if key in seen:
+                fix = ("rename one of the two slide files" if key[1] == entry.folder_name
+                       else "remove one of the two rows")
                 raise ManifestError(f"{path} row {entry.row}: duplicate of row {seen[key]} (same "
-                                    f"{key[0]}); remove one of the two rows")
+                                    f"{key[0]}); {fix}")
             seen[key] = entry.row
 
 
@@ -157,11 +177,20 @@ def _check_timepoints_comparable(path: Path, entries: list[ManifestEntry]) -> No
 
 def pair_timepoints(entries: list[ManifestEntry]) -> list[Pairing]:
     """Each patient's (and stain's) baseline paired with every later timepoint, in manifest order."""
-    groups: dict[tuple[str, str], list[ManifestEntry]] = {}
-    for entry in entries:
-        groups.setdefault((entry.patient_id, entry.stain), []).append(entry)
     pairings = []
-    for group in groups.values():
+    for group in _by_patient_and_stain(entries):
         baseline, *follow_ups = sorted(group, key=lambda e: e.order_key)
         pairings += [Pairing(baseline, f, number) for number, f in enumerate(follow_ups, start=1)]
     return pairings
+
+
+def unpaired(entries: list[ManifestEntry]) -> list[ManifestEntry]:
+    """The slides with no other timepoint of their patient and stain: nothing to compare with."""
+    return [group[0] for group in _by_patient_and_stain(entries) if len(group) == 1]
+
+
+def _by_patient_and_stain(entries: list[ManifestEntry]) -> list[list[ManifestEntry]]:
+    groups: dict[tuple[str, str], list[ManifestEntry]] = {}
+    for entry in entries:
+        groups.setdefault((entry.patient_id, entry.stain), []).append(entry)
+    return list(groups.values())

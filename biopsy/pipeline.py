@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from biopsy.errors import CheckpointError, DeviceError
+from biopsy.classes import class_index
+from biopsy.errors import CheckpointError, DeviceError, TissueError
 from biopsy.infer import check_scales, default_workers, prepare_model, segment_slide
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
@@ -156,6 +157,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     Raises
     ------
     SlideError, MppError : the slide cannot be read, or its pixel size is unknown.
+    TissueError : no tissue is found in it.
     CheckpointError : the model takes another number of channels than the slide has.
     """
     with open_slide(slide_path, mpp=mpp) as slide:
@@ -168,6 +170,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                                   overlap=TILE_OVERLAP, tissue=tissue, bf16=_bf16(options.device),
                                   tta=options.tta, scales=options.scales)
         seconds = time.perf_counter() - started
+        require_tissue(class_map.labels, class_map.class_names, slide_path)
         nuclei_xy, nuclei = _find_nuclei(slide, tissue)
         level0_mpp = slide.mpp[0]
         source = {"kind": "slide", **file_identity(slide_path), "sha256": slide.sha256,
@@ -244,6 +247,7 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
     ``level0_mpp``: µm/px of the slide the map covers, so that the outlines and positions are in
     that slide's level-0 pixels (None: the map's own pixels)."""
     label_map = read_label_map(labels_path)
+    require_tissue(label_map.labels, label_map.class_names, labels_path)
     scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config,
                              level0_mpp=level0_mpp)
     provenance = {"source": {"kind": "label_map", **file_identity(labels_path),
@@ -255,6 +259,13 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
                        provenance, instances=scored.instances, config=config,
                        level0_mpp=level0_mpp)
     return scored.scores
+
+
+def require_tissue(labels, class_names, source: str | Path) -> None:
+    """Refuse a class map that is all background: nothing to score (a blank or wrong file)."""
+    if (labels == class_index(class_names, "background")).all():
+        raise TissueError(f"{source}: no tissue found (the class map is all background); check "
+                          "that it is the biopsy's slide")
 
 
 def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions,

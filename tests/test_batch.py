@@ -138,13 +138,18 @@ def test_rerun_with_another_recipe_scores_again_and_never_mixes_recipes(cohort, 
     assert len(summaries) == 6
     assert {s["provenance"]["config"]["name"] for s in summaries} == {"other thresholds"}
 
-    # Back to the first recipe, but one slide fails: its folder of the other recipe is gone, so
-    # its patient is not compared rather than compared across recipes.
+    # Back to the first recipe, but one slide fails (as every slide would with a wrong option):
+    # its folder of the other recipe is kept, not deleted before its new one is whole, and its
+    # patient is not compared rather than compared across recipes.
     assert run_batch(cohort, out, FailingScorer(markers, "P2_post_p2-post"), progress=False) == 1
-    assert not (out / "slides" / "P2_post_p2-post").exists()
+    kept = json.loads((out / "slides" / "P2_post_p2-post" / "summary.json").read_text())
+    assert kept["provenance"]["config"]["name"] == "other thresholds"
+    assert not [p for p in (out / "slides").iterdir() if p.name.startswith(".")]
     cohort_json = json.loads((out / "cohort.json").read_text())
     statuses = {c["patient_id"]: c["status"] for c in cohort_json["comparisons"]}
     assert statuses == {"P1": "compared", "P2": "not compared: row(s) 5 not scored", "P3": "compared"}
+    assert sorted(p.name for p in (out / "comparisons").iterdir()) == [
+        "P1_pre_p1-pre_vs_post", "P3_pre_p3-pre_vs_post"]
 
 
 def test_rerun_scores_again_a_slide_file_that_changed(tmp_path, monkeypatch, caplog):
@@ -187,6 +192,49 @@ def test_a_pair_no_longer_compared_leaves_no_comparison_behind(tmp_path):
     assert statuses["P2"]["status"].startswith("not compared") and statuses["P2"]["folder"] is None
     assert not compared.exists()
     assert (out / "comparisons" / "P1_pre_p1-pre_vs_post" / "comparison.json").is_file()
+
+
+def test_every_patient_is_listed_and_pairs_the_manifest_drops_leave_no_comparison(tmp_path):
+    """Patients without a follow-up vanished from cohort.json, and an earlier run's comparisons
+    of patients taken out of the manifest stayed in comparisons/."""
+    manifest = write_cohort_manifest(tmp_path / "cohort", patients=3)
+    out = tmp_path / "out"
+    assert run_batch(manifest, out, CountingScorer(tmp_path / "markers"), progress=False) == 0
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(line for line in lines if not line.startswith(("P3,", "P2,post")))
+                        + "\n")
+    assert run_batch(manifest, out, CountingScorer(tmp_path / "markers"), progress=False) == 0
+    cohort_json = json.loads((out / "cohort.json").read_text())
+    assert [(c["patient_id"], c["follow_up"], c["status"]) for c in cohort_json["comparisons"]] == [
+        ("P1", "post", "compared"),
+        ("P2", None, "not compared: no other timepoint of this patient and stain")]
+    assert [p.name for p in (out / "comparisons").iterdir()] == ["P1_pre_p1-pre_vs_post"]
+    assert "not compared: no other timepoint" in (out / "cohort.html").read_text()
+
+
+def test_a_scored_folder_that_cannot_be_read_back_is_scored_again(cohort, tmp_path):
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
+    (out / "slides" / "P2_post_p2-post" / "glomeruli.csv").unlink()
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
+    counts = marker_counts(markers, "completed")
+    assert counts.pop("P2_post_p2-post") == 2 and set(counts.values()) == {1}
+    statuses = {c["patient_id"]: c["status"] for c in json.loads((out / "cohort.json").read_text())["comparisons"]}
+    assert set(statuses.values()) == {"compared"}
+
+
+def test_a_blank_slide_is_a_failed_row_not_a_comparison(tmp_path):
+    """A slide without tissue is an error for scoring (DESIGN.md), so its pair is not compared."""
+    manifest = write_cohort_manifest(tmp_path / "cohort", patients=2)
+    write_label_map_file(manifest.parent / "p2-post.ome.tif",
+                         np.zeros((200, 200), np.uint8))  # all background
+    out = tmp_path / "out"
+    assert batch_command([str(manifest), "--from-labels", "--out", str(out), "--no-progress"]) == 1
+    rows = {r["patient_id"] + r["timepoint"]: r for r in status_rows(out)}
+    assert rows["P2post"]["status"] == "failed"
+    assert "TissueError" in rows["P2post"]["error"] and "no tissue found" in rows["P2post"]["error"]
+    statuses = {c["patient_id"]: c["status"] for c in json.loads((out / "cohort.json").read_text())["comparisons"]}
+    assert statuses == {"P1": "compared", "P2": "not compared: row(s) 5 not scored"}
 
 
 def test_a_file_is_the_same_by_path_size_and_time_or_else_by_its_bytes(tmp_path):

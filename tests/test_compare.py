@@ -295,3 +295,24 @@ def test_a_scored_folder_where_the_other_input_would_be_scored_is_refused(tmp_pa
         again.func(again)
     assert (scored / "summary.json").read_bytes() == summary
 
+
+
+def test_a_failed_comparison_leaves_no_earlier_one_beside_it(tmp_path, svs_path):
+    """A second compare into the same --out that fails: an earlier run's follow-up, comparison
+    and report stood beside the new baseline."""
+    pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["normal"] * 3))
+    first = compare_args(str(pre), str(pre), "--from-labels", "--out", str(tmp_path / "out"))
+    assert first.func(first) == 0
+    (tmp_path / "broken.ome.tif").write_bytes(b"not a tiff")
+    again = compare_args(str(pre), str(tmp_path / "broken.ome.tif"), "--from-labels", "--out",
+                         str(tmp_path / "out"))
+    with pytest.raises(BiopsyError, match="broken.ome.tif"):
+        again.func(again)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["baseline"]
+    # A slide that cannot be opened is refused before the other is scored.
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(svs_path.read_bytes()[:4096])
+    slides = compare_args(str(svs_path), str(truncated), "--out", str(tmp_path / "slides"))
+    with pytest.raises(BiopsyError, match="truncated.svs"):
+        slides.func(slides)
+    assert not (tmp_path / "slides").exists()

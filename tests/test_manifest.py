@@ -1,7 +1,7 @@
 import pytest
 
 from biopsy.errors import ManifestError
-from biopsy.manifest import pair_timepoints, read_manifest
+from biopsy.manifest import pair_timepoints, read_manifest, unpaired
 
 
 def write_manifest(folder, text, slides=("a.svs", "b.svs", "c.svs", "d.svs")):
@@ -70,5 +70,37 @@ def test_unsafe_patient_ids_give_safe_distinct_folder_names(tmp_path):
     # "P/1" and "P_1" are different patients whose folder names would collide at the same timepoint
     path = write_manifest(tmp_path, "patient_id,timepoint,slide\nP/1,pre,a.svs\nP_1,pre,a.ome.tif\n",
                           slides=("a.svs", "a.ome.tif"))
-    with pytest.raises(ManifestError, match="row 3: duplicate of row 2 \\(same output folder name\\)"):
+    with pytest.raises(ManifestError, match="row 3: duplicate of row 2 \\(same output folder name "
+                                            "P_1_pre_a\\); rename one of the two slide files"):
+        read_manifest(path)
+    # Ids in other scripts keep their letters: two such patients are not both "1".
+    path = write_manifest(tmp_path, "patient_id,timepoint,slide\n患者1,pre,a.svs\n病人1,pre,b.svs\n")
+    assert [e.folder_name for e in read_manifest(path)] == ["患者1_pre_a", "病人1_pre_b"]
+
+
+def test_stains_of_one_patient_and_timepoint_get_their_own_folders_and_pairs(tmp_path):
+    """PAS and HE slides of one biopsy, named alike in a folder per stain or by a dotted name,
+    and the stain spelled in another case at follow-up (it was refused, or left unpaired)."""
+    for stain in ("pas", "he"):
+        (tmp_path / stain).mkdir()
+    path = write_manifest(tmp_path, "patient_id,timepoint,slide,stain\n"
+                                    "P1,pre,pas/S1.A1.svs,PAS\n"
+                                    "P1,pre,he/S1.A1.svs,HE\n"
+                                    "P1,post,B21-123.PAS.ome.tif,pas\n"
+                                    "P1,post,B21-123.HE.ome.tif,he\n"
+                                    ",,,\n",  # a spreadsheet's empty trailing row
+                          slides=("pas/S1.A1.svs", "he/S1.A1.svs", "B21-123.PAS.ome.tif",
+                                  "B21-123.HE.ome.tif"))
+    entries = read_manifest(path)
+    assert [e.folder_name for e in entries] == [
+        "P1_pre_PAS_S1.A1", "P1_pre_HE_S1.A1", "P1_post_PAS_B21-123.PAS", "P1_post_HE_B21-123.HE"]
+    assert [(p.baseline.row, p.follow_up.row) for p in pair_timepoints(entries)] == [(2, 4), (3, 5)]
+    assert unpaired(entries) == []
+    assert unpaired(entries[:3]) == [entries[1]]
+
+
+def test_a_manifest_not_in_utf8_says_how_to_save_it(tmp_path):
+    path = write_manifest(tmp_path, "")
+    path.write_bytes("patient_id,timepoint,slide\nRen\xe9,pre,a.svs\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match="not UTF-8 text .*; save the manifest as CSV UTF-8"):
         read_manifest(path)

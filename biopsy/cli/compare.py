@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,9 +57,19 @@ def scored_input(path: Path, folder: Path, args: argparse.Namespace,
     return read_score_folder(folder)
 
 
+def remove_earlier_outputs(out: Path, targets: list[Path]) -> None:
+    """An earlier comparison in ``out``, and the folders about to be scored again: a run that
+    fails halfway must not leave a new baseline beside an old follow-up and report."""
+    for name in ("comparison.json", "comparison.csv", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    for target in targets:
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from biopsy import compare
     from biopsy.scorefolder import read_score_folder
+    from biopsy.slide import open_slide
 
     if args.replicates < 100:
         raise BiopsyError(f"--replicates {args.replicates}: give at least 100 (default 2000)")
@@ -69,11 +80,16 @@ def run(args: argparse.Namespace) -> int:
             inputs[path] = read_score_folder(path)
         elif not path.is_file():
             raise BiopsyError(f"{path}: not found; give a scored-slide folder or a slide file")
-    for file, target in ((path, target) for path, target in sides if path not in inputs):
+    files = [(path, target) for path, target in sides if path not in inputs]
+    for file, target in files:
         for folder in inputs:
             if folder.resolve() == target.resolve() or target.resolve() in folder.resolve().parents:
                 raise BiopsyError(f"{folder}: scoring {file} into {target} would overwrite it; "
                                   "give another --out")
+        if not args.from_labels:
+            with open_slide(file, mpp=args.mpp):  # unreadable: refused before any scoring
+                pass
+    remove_earlier_outputs(args.out, [target for _, target in files])
     scorer = functools.cache(lambda: make_scorer(args, args.device))  # loads a model once, if any
     baseline, follow_up = (inputs.get(path) or scored_input(path, target, args, scorer)
                            for path, target in sides)
