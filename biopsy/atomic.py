@@ -1,6 +1,7 @@
 """Write files so that they are complete or absent: write to a temporary name, then rename."""
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,3 +29,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file."""
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def remove_temporaries(folder: str | Path) -> None:
+    """Remove what a killed writer left in ``folder``: :func:`atomic_path`'s temporary files and
+    :mod:`biopsy.pyramid`'s spool folders (hidden names: ``.<name>.tmp-<pid>...``,
+    ``.<name>.spool-...``)."""
+    for leftover in Path(folder).glob(".*"):
+        if ".tmp-" in leftover.name and leftover.is_file():
+            leftover.unlink(missing_ok=True)
+        elif ".spool-" in leftover.name and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)

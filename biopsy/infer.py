@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from contextlib import closing, nullcontext
@@ -42,7 +43,8 @@ from biopsy.labelmap import write_label_map
 from biopsy.model import ModelInfo, ResNetUNet
 from biopsy.probabilitymap import probability_map_writer
 from biopsy.restain import StainShift
-from biopsy.slide import GIVE_MPP, SCALE_RANGE, Slide, single_threaded_opencv
+from biopsy.slide import (GIVE_MPP, SCALE_RANGE, SLIDE_MPP_RANGE_UM, Slide, is_slide_mpp,
+                          single_threaded_opencv)
 from biopsy.stainnorm import slide_stain_shift
 from biopsy.stitch import Band, BandStitcher
 from biopsy.subpixel import inference_unet
@@ -123,7 +125,8 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     ------
     CheckpointError : the model takes another number of channels than the slide has.
     MppError : the slide's pixel size is unknown.
-    ValueError : a scale not positive, or none >= 1.
+    ValueError : a scale not positive, or none >= 1; a batch size under 1; an output pixel
+        size outside the slide range.
     """
     grid, stain, bands = _run(slide, model, info, batch_size=batch_size, workers=workers,
                               device=device, output_mpp=output_mpp, overlap=overlap, tissue=tissue,
@@ -193,6 +196,12 @@ def _run(slide, model, info, *, batch_size=16, workers=None, device="cpu", outpu
          tta=False, scales=(1.0,), progress=False
          ) -> tuple[TileGrid, StainShift | None, Iterator[Band]]:
     device = torch.device(device)
+    if not (isinstance(batch_size, numbers.Integral) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if output_mpp is not None and not is_slide_mpp(output_mpp):
+        low, high = SLIDE_MPP_RANGE_UM
+        raise ValueError(f"output_mpp must be from {low:g} to {high:g} µm/px (None: the "
+                         f"model's), got {output_mpp!r}")
     output_mpp = output_mpp or info.input_mpp
     stain_later = measures_stain_later(device)
     tissue, tiles = tissue_tiles(slide, info, overlap, tissue, scales,
@@ -478,9 +487,11 @@ def check_slide_for_model(slide, info) -> None:
     channels, 8 bits (:class:`CheckpointError`, :class:`SlideError`)."""
     if slide.is_fluorescence != info.fluorescence:
         kinds = ("brightfield", "fluorescence")
+        one_channel = (" (one channel: a label map written by biopsy is scored with --from-labels)"
+                       if len(slide.channel_names) == 1 else "")
         raise CheckpointError(
-            f"{slide.path}: a {kinds[slide.is_fluorescence]} slide, and the model was trained on "
-            f"{kinds[info.fluorescence]} slides; use a model trained on this kind of slide")
+            f"{slide.path}: a {kinds[slide.is_fluorescence]} slide{one_channel}, and the model was "
+            f"trained on {kinds[info.fluorescence]} slides; use a model trained on this kind of slide")
     channels = len(slide.channel_names)
     if channels != info.in_channels:
         raise CheckpointError(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from biopsy.atomic import atomic_path, write_text_atomic
+from biopsy.atomic import atomic_path, remove_temporaries, write_text_atomic
 from biopsy.classes import class_index
 from biopsy.geojson import feature_text, write_feature_collection
 from biopsy.infer import ClassMap
@@ -40,6 +40,7 @@ def begin_segmentation(out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "segment.json").unlink(missing_ok=True)  # the folder is whole again only at the end
     (out_dir / PROBABILITIES_FILE).unlink(missing_ok=True)
+    remove_temporaries(out_dir)
     return out_dir / "labels.ome.tif"
 
 

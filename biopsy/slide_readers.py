@@ -30,6 +30,11 @@ _TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 _OPENSLIDE_TIFF_FLAVOURS = ("svs", "ndpi", "scn", "bif", "philips")  # tifffile's names
 _WHOLE_LEVEL_BYTES = 1 << 29  # strip-organised levels up to 512 MiB are decoded whole, once
 _SUPPORTED = "OpenSlide formats, TIFF/OME-TIFF/QPTIFF, DICOM, JPEG, PNG"
+ASSOCIATED_ALPHA, UNASSOCIATED_ALPHA = 1, 2  # TIFF ExtraSamples values
+MAX_IMAGE_PIXELS = 1_000_000_000  # a plain image is decoded whole: 3 GB of RGB at most
+# Pillow's guard against decompression bombs refused photomicrographs from 179 Mpx (twice its
+# 89 Mpx default); it warns above this and refuses above twice this.
+PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 def open_reader(path: Path):
@@ -106,10 +111,10 @@ class _TiffLevel:
     """
 
     def __init__(self, array, axes: str, channel_axis: str | None, n_channels: int,
-                 load_whole: bool):
+                 load_whole: bool, alpha: int = 0):
         self._array, self._axes, self._channel_axis = array, axes, channel_axis
-        self._load_whole = load_whole
-        self._channels = slice(0, n_channels)
+        self._load_whole, self._alpha = load_whole, alpha
+        self._channels = slice(0, n_channels + bool(alpha))
         self.shape = (array.shape[axes.index("Y")], array.shape[axes.index("X")], n_channels)
         self.dtype = array.dtype
         kept = [axis for axis in axes if axis in ("Y", "X", channel_axis)]
@@ -123,7 +128,17 @@ class _TiffLevel:
         index = tuple(rows if axis == "Y" else cols if axis == "X"
                       else self._channels if axis == self._channel_axis else 0 for axis in self._axes)
         data = np.transpose(self._array[index], self._order)
+        if self._alpha:
+            data = _on_white_array(data, premultiplied=self._alpha == ASSOCIATED_ALPHA)
         return np.ascontiguousarray(data if self._channel_axis else data[..., None])
+
+
+def _on_white_array(rgba: np.ndarray, premultiplied: bool) -> np.ndarray:
+    """uint8 RGB of uint8 RGBA shown on white (glass), as OpenSlide composites its slides."""
+    rgb, alpha = rgba[..., :3].astype(np.uint16), rgba[..., 3:].astype(np.uint16)
+    if premultiplied:
+        return np.minimum(rgb + (255 - alpha), 255).astype(np.uint8)
+    return (255 - ((255 - rgb) * alpha + 127) // 255).astype(np.uint8)
 
 
 class _TiffReader:
@@ -150,7 +165,8 @@ class _TiffReader:
         n_channels = 3 if is_rgb else series.shape[axes.index(channel_axis)] if channel_axis else 1
         load_whole = [not level.keyframe.is_tiled and level.nbytes <= _WHOLE_LEVEL_BYTES
                       for level in levels]
-        self._levels = [_TiffLevel(array, axes, channel_axis, n_channels, whole)
+        alpha = _alpha_kind(series) if is_rgb else 0
+        self._levels = [_TiffLevel(array, axes, channel_axis, n_channels, whole, alpha)
                         for array, whole in zip(arrays, load_whole, strict=True)]
         self.reads_regions = not any(load_whole)
         self.level_dimensions = [(level.shape[1], level.shape[0]) for level in self._levels]
@@ -186,6 +202,16 @@ class _TiffReader:
 
     def close(self) -> None:
         self._tiff.close()
+
+
+def _alpha_kind(series) -> int:
+    """TIFF ExtraSamples of an 8-bit RGBA image's fourth sample, when it is alpha: associated
+    (premultiplied, 1) or unassociated (2); else 0."""
+    page = series.keyframe
+    extra = tuple(page.extrasamples or ())
+    if series.dtype != np.uint8 or page.samplesperpixel != 4 or not extra:
+        return 0
+    return extra[0] if extra[0] in (ASSOCIATED_ALPHA, UNASSOCIATED_ALPHA) else 0
 
 
 def _tiff_levels(tiff) -> list:
@@ -263,11 +289,15 @@ class _ImageReader:
         try:
             with PIL.Image.open(path) as image:
                 self.vendor = (image.format or "image").lower()
-                self._array = np.asarray(image.convert("RGB"))
+                _check_image(path, image)
+                self._array = np.asarray(_on_white(image))
         except PIL.UnidentifiedImageError as error:
             raise SlideError(f"{path}: not a slide or image format this toolkit reads "
                              f"({_SUPPORTED})") from error
-        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+        except PIL.Image.DecompressionBombError as error:
+            raise SlideError(f"{path}: too large to decode whole ({error}); save it as a tiled "
+                             "pyramidal TIFF") from error
+        except (OSError, ValueError) as error:
             raise SlideError(f"{path}: cannot decode image ({error}); the file is damaged or "
                              "truncated") from error
         self.level_dimensions = [(self._array.shape[1], self._array.shape[0])]
@@ -277,6 +307,26 @@ class _ImageReader:
 
     def close(self) -> None:
         self._array = None
+
+
+def _check_image(path: Path, image: PIL.Image.Image) -> None:
+    """Refuse what cannot be read as 8-bit RGB: 16- or 32-bit greyscale (clipped to white),
+    and an image too large to decode whole."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        raise SlideError(f"{path}: {image.mode} pixels (16- or 32-bit greyscale); the models take "
+                         "8-bit images, convert it to 8 bits per channel")
+    pixels = image.width * image.height
+    if pixels > MAX_IMAGE_PIXELS:
+        raise SlideError(f"{path}: {pixels:,} pixels, more than a plain image decoded whole may "
+                         f"hold ({MAX_IMAGE_PIXELS:,}); save it as a tiled pyramidal TIFF")
+
+
+def _on_white(image: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB, transparent pixels shown on white (glass), as OpenSlide composites its slides."""
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    white = PIL.Image.new("RGBA", image.size, "white")
+    return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 def _open_dicom(path: Path):

@@ -369,6 +369,18 @@ def test_a_brightfield_slide_and_a_fluorescence_model_are_refused(noise_slide):
         segment_slide(noise_slide, random_cnn(3), info, tissue=all_tissue(noise_slide))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1"),  # divided by zero
+    ({"batch_size": 2.5}, "batch_size must be a whole number >= 1"),
+    ({"output_mpp": -1.0}, "output_mpp must be from 0.05 to 20"),  # a 1 x 1 map at -1 µm/px
+    ({"output_mpp": float("nan")}, "output_mpp must be from 0.05 to 20"),
+    ({"output_mpp": 0.0}, "output_mpp must be from 0.05 to 20"),  # quietly the model's
+])
+def test_options_out_of_range_are_refused(noise_slide, options, message):
+    with pytest.raises(ValueError, match=message):
+        segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64), **options)
+
+
 @pytest.mark.parametrize("output_mpp", [1.0, 0.25])
 def test_the_map_and_probabilities_are_written_as_they_are_made(noise_slide, tmp_path, output_mpp):
     import tifffile

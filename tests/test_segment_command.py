@@ -158,3 +158,47 @@ def test_segment_command_errors_are_one_line(tissue_slide, checkpoints, tmp_path
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and str(slide) in message and expected in message
     assert not (tmp_path / "out" / "segment.json").exists()
+
+
+def test_a_refused_slide_leaves_an_earlier_run_whole(tissue_slide, checkpoints, tmp_path):
+    """The model's check ran after the folder was marked unfinished: an earlier, valid run's
+    segment.json was gone."""
+    from biopsy.cli import main
+
+    out = tmp_path / "out"
+    assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
+                 str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[4]), "--out",
+                 str(out)]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_a_later_run_sweeps_what_kill_9_left(
+        tissue_slide, checkpoints, tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, SLURM, docker stop) left the hidden temporary label map behind."""
+    import os
+    import signal
+
+    from biopsy import infer
+    from biopsy.atomic import atomic_path
+    from biopsy.cli import main
+
+    def terminated_while_writing(*args, labels_path, **kwargs):
+        with atomic_path(labels_path) as temporary:
+            temporary.write_bytes(b"half a label map")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patched:
+        patched.setattr(infer, "segment_slide", terminated_while_writing)
+        assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]),
+                     "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "segment: terminated" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the CLI's alone
+    (out / ".labels.tmp-99999.ome.tif").write_bytes(b"left by kill -9")
+    (out / ".labels.ome.tif.spool-abc").mkdir()
+    assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
+                 str(out)]) == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

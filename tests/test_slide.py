@@ -308,3 +308,53 @@ def test_ome_tiff_with_many_uint16_channels(tmp_path):
     shifted = slide.read(101, 61, (50, 40), 1.3)  # fractional origin, sparse path
     assert shifted.shape == (40, 50, 6) and shifted.dtype == np.uint16
     assert slide.read(0, 0, (20, 10), 0.2).shape == (10, 20, 6)  # enlarging, > 4 channels
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff-unassociated", "tiff-associated"])
+def test_transparent_pixels_are_glass(tmp_path, kind):
+    """An RGBA image's transparent margin read as black was segmented as tissue (sclerosis,
+    artery); shown on white, as OpenSlide composites, against Pillow's own compositing."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (120, 160, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:30, :, 3] = 0
+    rgba[30:60, :, 3] = 100
+    straight = PIL.Image.fromarray(rgba)
+    expected = np.asarray(PIL.Image.alpha_composite(PIL.Image.new("RGBA", straight.size, "white"),
+                                                    straight).convert("RGB"))
+    path = tmp_path / ("slide.png" if kind == "png" else "slide.tif")
+    if kind == "png":
+        straight.save(path)
+    else:
+        stored = rgba.copy()
+        if kind == "tiff-associated":  # premultiplied by alpha
+            stored[..., :3] = (rgba[..., :3].astype(np.uint16) * rgba[..., 3:] + 127) // 255
+        extra = "assocalpha" if kind == "tiff-associated" else "unassalpha"
+        tifffile.imwrite(path, stored, photometric="rgb", extrasamples=[extra], tile=(64, 64))
+    slide = open_slide(path, mpp=0.5)
+    assert slide.channel_names == ["red", "green", "blue"] and not slide.is_fluorescence
+    got = slide.read(0, 0, (160, 120), 0.5)
+    assert (got[:30] == 255).all()
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_a_16_bit_greyscale_image_is_refused_not_read_as_glass(tmp_path):
+    path = tmp_path / "grey16.png"
+    PIL.Image.fromarray(np.full((50, 60), 30000, np.uint16)).save(path)
+    with pytest.raises(SlideError, match="16- or 32-bit greyscale.*convert it to 8 bits"):
+        open_slide(path, mpp=0.5)
+
+
+def test_a_photomicrograph_too_large_to_decode_whole_says_so(tmp_path, monkeypatch):
+    """Pillow's default guard refused images from 179 Mpx as damaged files; the limit is now
+    1 Gpx, and above it the message says what to do."""
+    from biopsy import slide_readers
+
+    assert PIL.Image.MAX_IMAGE_PIXELS == slide_readers.MAX_IMAGE_PIXELS == 1_000_000_000
+    path = tmp_path / "big.png"
+    PIL.Image.new("1", (300, 200), 1).save(path)
+    for limit in (50_000, 20_000):  # ours refuses above it, Pillow's above twice Pillow's
+        monkeypatch.setattr(slide_readers, "MAX_IMAGE_PIXELS", limit)
+        monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(SlideError, match="save it as a tiled pyramidal TIFF"):
+            open_slide(path, mpp=0.5)

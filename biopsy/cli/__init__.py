@@ -6,8 +6,11 @@ are printed on one line and exit with status 2; nothing else is caught.
 """
 
 import argparse
+import functools
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from biopsy import __version__
@@ -27,10 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, SLURM, ``docker stop``), unwound as Ctrl-C is, so that the partial
+    outputs a command was writing are removed."""
+
+
+def _terminate(main_pid: int, signal_number: int, frame) -> None:
+    if os.getpid() != main_pid:  # a forked worker inherited the handler: end as SIGTERM does
+        signal.signal(signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), signal_number)
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
     try:
         return args.func(args) or 0
     except USER_ERRORS as error:
@@ -38,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"biopsy {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"biopsy {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(f"biopsy {args.command}: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biopsy.infer import segment_slide
+    from biopsy.infer import check_slide_for_model, segment_slide
     from biopsy.pipeline import search_mpp
     from biopsy.segment_outputs import (PROBABILITIES_FILE, begin_segmentation,
                                          write_segmentation)
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     slide = open_slide(args.slide, mpp=args.mpp)
     options, model, info, model_path = load_model_from_args(args, args.device)
     args.device, args.workers = options.device, options.workers
+    check_slide_for_model(slide, info)  # before an earlier run's outputs are touched
     labels_path = begin_segmentation(args.out)
     probabilities_path = args.out / PROBABILITIES_FILE if args.probabilities else None
     started = time.perf_counter()
