@@ -39,15 +39,10 @@ px: ~1 GB, ~1-2 min), and where its time goes.
     python benchmarks/segment.py --device cuda --parts --rss-check --large-px 60000  # GPU machine
 
 TIAToolbox 2.1 pins torch < 2.13 and older numpy, tifffile and openslide, so it lives in its own
-environment layered over the project's (nothing of ours is downgraded)::
+environment layered over the project's (nothing of ours is downgraded): ``make tia-venv`` makes
+``.venv-tia``, and ``make bench`` then passes ``--tia-python .venv-tia/bin/python``::
 
-    python3.11 -m venv .venv-tia
-    echo "$PWD/.venv/lib/python3.11/site-packages" > .venv-tia/lib/python3.11/site-packages/main.pth
-    .venv/bin/pip freeze --exclude-editable > /tmp/constraints.txt
-    .venv-tia/bin/pip install --no-deps tiatoolbox==2.1.3
-    .venv-tia/bin/pip install -c /tmp/constraints.txt aiohttp click dask defusedxml joblib \
-        matplotlib numba pandas psutil scikit-learn zarr timm huggingface-hub transformers \
-        umap-learn glymur simpleitk
+    make tia-venv
     python benchmarks/segment.py --quick --tia-python .venv-tia/bin/python
 """
 

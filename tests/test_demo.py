@@ -25,7 +25,7 @@ def test_demo_writes_the_report_prints_the_headline_and_reruns_from_its_outputs(
     comparison = json.loads((out / "comparison.json").read_text())
     assert (out / "report.html").stat().st_size > 0 and (out / "comparison.csv").is_file()
     assert comparison["patient_id"] == "demo-3"
-    for folder, seed in (("baseline", 3), ("followup", 4)):
+    for folder, seed in (("baseline", 3), ("follow_up", 4)):
         assert (out / "slides" / folder / "truth.json").is_file()
         assert f"seed: {seed}" in (out / "slides" / folder / "profile.yaml").read_text()
     summaries = [json.loads((out / name / "summary.json").read_text())

@@ -203,7 +203,7 @@ def test_pair_is_different_tissue_with_a_stain_drift(tmp_path):
                        fibrous_crescent=0.5)
     before, after = generate_pair(baseline, followup, tmp_path)
     assert (tmp_path / "baseline" / "truth.json").is_file()
-    assert (tmp_path / "followup" / "truth.json").is_file()
+    assert (tmp_path / "follow_up" / "truth.json").is_file()
     assert before["profile"]["seed"] != after["profile"]["seed"]
     assert after["scores"]["activity_index"]["components"]["hyaline_deposits"]["percent"] == 0
     assert after["scores"]["chronicity_index"]["components"]["fibrous_crescents"]["percent"] == 50

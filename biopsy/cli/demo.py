@@ -1,6 +1,6 @@
 """``biopsy demo``: one synthetic patient end to end, from slides to the comparison report.
 
-OUT/slides/{baseline,followup}/  the synthetic slides with their truth (``biopsy synth --pair``)
+OUT/slides/{baseline,follow_up}/  the synthetic slides with their truth (``biopsy synth --pair``)
 OUT/{baseline,follow_up}/        the scored slides (``biopsy score``)
 OUT/report.html, comparison.*    the comparison (``biopsy compare``)
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = load_profile(None, BASELINE_PRESET, **shared, seed=args.seed)
     follow_up = replace(load_profile(None, FOLLOW_UP_PRESET, **shared), seed=args.seed + 1)
     slides = args.out / "slides"
-    slide_dirs = (slides / "baseline", slides / "followup")
+    slide_dirs = (slides / "baseline", slides / "follow_up")
     fresh = not all(_synthesised(d, p) for d, p in zip(slide_dirs, (baseline, follow_up)))
     if fresh:
         _step(f"synthesising the patient into {slides}")

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
         "synth", help="write a synthetic slide (or a baseline/follow-up pair) with exact truth",
         description="Write OUT/slide.svs (or slide.tiff), labels.ome.tif, truth.geojson, "
                     "profile.yaml and truth.json (last: the folder is whole when it exists). "
-                    "With --pair, OUT/baseline (active-ln) and OUT/followup (remission) of one "
+                    "With --pair, OUT/baseline (active-ln) and OUT/follow_up (remission) of one "
                     "synthetic patient: different tissue, one stain drift between them.")
     parser.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--preset", metavar="NAME", help="lesion profile preset, a file name "
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         followup = load_profile(None, "remission", **shared)
         followup = replace(followup, seed=baseline.seed + 1)
         generate_pair(baseline, followup, args.out, slide_format=args.slide_format)
-        print(f"{args.out}/baseline and {args.out}/followup written")
+        print(f"{args.out}/baseline and {args.out}/follow_up written")
         return 0
     preset = args.preset or (None if args.profile else "active-ln")
     profile = load_profile(args.profile, preset, **overrides, seed=args.seed)

@@ -98,7 +98,7 @@ def generate_slide(profile: LesionProfile, out_dir: str | Path, *, slide_format:
 
 def generate_pair(baseline: LesionProfile, followup: LesionProfile, out_dir: str | Path, *,
                   slide_format: SlideFormat = "aperio") -> tuple[dict, dict]:
-    """One synthetic patient: ``out_dir/baseline`` and ``out_dir/followup``.
+    """One synthetic patient: ``out_dir/baseline`` and ``out_dir/follow_up``.
 
     The two biopsies are different tissue (each profile's own seed) stained with the same
     protocol, the follow-up with a consistent drift (fainter main stain, shifted balance), as
@@ -111,7 +111,7 @@ def generate_pair(baseline: LesionProfile, followup: LesionProfile, out_dir: str
     drifted = drift_stain(stain, np.random.default_rng([baseline.seed, 2]))
     out_dir = Path(out_dir)
     return (generate_slide(baseline, out_dir / "baseline", slide_format=slide_format, stain=stain),
-            generate_slide(followup, out_dir / "followup", slide_format=slide_format, stain=drifted))
+            generate_slide(followup, out_dir / "follow_up", slide_format=slide_format, stain=drifted))
 
 
 def _write_labels(path: Path, layout: Layout, profile: LesionProfile, tile_um: float) -> list[CortexTile]:
