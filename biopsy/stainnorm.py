@@ -123,9 +123,14 @@ def normalising_shift(amounts: Sequence[float] | None, reference: Sequence[float
     ratios = [r / a for r, a in zip(reference, amounts)]
     factors = [float(np.clip(ratio, *FACTOR_LIMITS)) for ratio in ratios]
     if factors != ratios:
-        log.warning("%s: stain amounts %s are far from the model's %s: factors kept to %s",
-                    source, amounts, list(reference), FACTOR_LIMITS)
+        log.warning("%s: stain amounts (%s) are far from the model's (%s): factors kept to %s",
+                    source, _amounts_text(amounts), _amounts_text(reference), FACTOR_LIMITS)
     return StainShift(haematoxylin=factors[0], eosin=factors[1])
+
+
+def _amounts_text(amounts: Sequence[float]) -> str:
+    """Haematoxylin and eosin amounts to three significant digits."""
+    return ", ".join(f"{amount:.3g}" for amount in amounts)
 
 
 def slide_stain_shift(slide: Slide, reference: Sequence[float] | None,
