@@ -167,6 +167,19 @@ def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> Non
     shutil.rmtree(replaced, ignore_errors=True)
 
 
+def _clean_up_after_a_kill(folder: Path) -> None:
+    """What a run killed in :func:`score_into_folder` left of ``folder``: its ``.partial-`` folder
+    removed; the old folder it was replacing put back where the new one never arrived, or removed
+    where it did."""
+    shutil.rmtree(folder.with_name(f".partial-{folder.name}"), ignore_errors=True)
+    replaced = folder.with_name(f".replaced-{folder.name}")
+    if replaced.exists():
+        if folder.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.rename(replaced, folder)
+
+
 def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
                 rank: int = 0, progress: bool = True) -> list[SlideStatus]:
     """Score this rank's slides one by one; a failure is recorded and the next slide goes on."""
@@ -174,6 +187,7 @@ def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
     reasons = {}
     for entry in entries:
         folder = statuses[entry.row].folder
+        _clean_up_after_a_kill(folder)
         reasons[entry.row] = why_score(folder, entry, score.recipe(entry))
         if reasons[entry.row] is None:
             statuses[entry.row] = SlideStatus(entry, folder, "done")
@@ -226,10 +240,15 @@ def read_status(path: Path) -> dict[int, tuple[str, str]]:
 
 
 def wait_for_all_ranks(context: DistributedContext) -> None:
+    """The barrier, polled: a rank that waits hours for the slowest one still ends on SIGTERM
+    (Python runs signal handlers only between its own instructions, not inside gloo's wait)."""
     if context.world_size > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        waiting = dist.barrier(async_op=True)
+        while not waiting.is_completed():
+            time.sleep(0.2)
+        waiting.wait()  # raises what the barrier met
 
 
 def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,

@@ -49,12 +49,13 @@ class ManifestEntry:
 
     @property
     def folder_name(self) -> str:
-        """Output folder name ``<patient>_<timepoint>[_<stain>]_<slide name without its suffix>``,
-        made safe for file systems."""
+        """Output folder name ``<patient>_<timepoint>[_<stain, lower case>]_<slide name without
+        its suffix>``, made safe for file systems."""
         name = self.slide.name
         stem = next((name[:-len(s)] for s in SLIDE_SUFFIXES if name.lower().endswith(s)),
                     self.slide.stem) or name
-        parts = (self.patient_id, self.timepoint, *([self.stain] if self.stain else []), stem)
+        stain = [self.stain.casefold()] if self.stain else []  # the same whichever row spells it
+        parts = (self.patient_id, self.timepoint, *stain, stem)
         return "_".join(_safe(part) for part in parts)
 
 
@@ -85,7 +86,7 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
             reader.fieldnames = columns
             entries = [_parse_row(path, row_number, row)
                        for row_number, row in enumerate(reader, start=2)
-                       if any((cell or "").strip() for cell in row.values())]
+                       if None in row or any((cell or "").strip() for cell in row.values())]
     except UnicodeDecodeError as error:
         raise ManifestError(f"{path}: not UTF-8 text ({error}); save the manifest as CSV UTF-8"
                             ) from error

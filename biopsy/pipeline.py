@@ -263,7 +263,7 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
 
 def require_tissue(labels, class_names, source: str | Path) -> None:
     """Refuse a class map that is all background: nothing to score (a blank or wrong file)."""
-    if (labels == class_index(class_names, "background")).all():
+    if (labels == (class_index(class_names, "background") or 0)).all():  # as the stitcher's
         raise TissueError(f"{source}: no tissue found (the class map is all background); check "
                           "that it is the biopsy's slide")
 

@@ -194,7 +194,7 @@ def test_a_pair_no_longer_compared_leaves_no_comparison_behind(tmp_path):
     assert (out / "comparisons" / "P1_pre_p1-pre_vs_post" / "comparison.json").is_file()
 
 
-def test_every_patient_is_listed_and_pairs_the_manifest_drops_leave_no_comparison(tmp_path):
+def test_every_patient_is_listed_and_pairs_the_manifest_drops_leave_no_comparison(tmp_path, capsys):
     """Patients without a follow-up vanished from cohort.json, and an earlier run's comparisons
     of patients taken out of the manifest stayed in comparisons/."""
     manifest = write_cohort_manifest(tmp_path / "cohort", patients=3)
@@ -203,13 +203,35 @@ def test_every_patient_is_listed_and_pairs_the_manifest_drops_leave_no_compariso
     lines = manifest.read_text().splitlines()
     manifest.write_text("\n".join(line for line in lines if not line.startswith(("P3,", "P2,post")))
                         + "\n")
-    assert run_batch(manifest, out, CountingScorer(tmp_path / "markers"), progress=False) == 0
+    assert batch_command([str(manifest), "--from-labels", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{out}: 1 of 1 comparisons, 0 slide(s) failed (status.csv), 1 slide(s) with no other "
+        "timepoint; cohort.html")
     cohort_json = json.loads((out / "cohort.json").read_text())
     assert [(c["patient_id"], c["follow_up"], c["status"]) for c in cohort_json["comparisons"]] == [
         ("P1", "post", "compared"),
         ("P2", None, "not compared: no other timepoint of this patient and stain")]
     assert [p.name for p in (out / "comparisons").iterdir()] == ["P1_pre_p1-pre_vs_post"]
     assert "not compared: no other timepoint" in (out / "cohort.html").read_text()
+
+
+def test_a_run_killed_between_replacing_renames_keeps_the_old_folder(cohort, tmp_path):
+    """Killed after the old folder was moved aside, before the new one took its name: the next
+    run put nothing back, and removed both."""
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
+    slides = out / "slides"
+    old = (slides / "P2_post_p2-post" / "summary.json").read_bytes()
+    os.rename(slides / "P2_post_p2-post", slides / ".replaced-P2_post_p2-post")
+    shutil.copytree(slides / ".replaced-P2_post_p2-post", slides / ".partial-P2_post_p2-post")
+    assert run_batch(cohort, out, FailingScorer(markers, "P2_post_p2-post"), progress=False) == 0
+    assert (slides / "P2_post_p2-post" / "summary.json").read_bytes() == old  # put back, kept
+    assert not [p.name for p in slides.iterdir() if p.name.startswith(".")]
+    # killed after the new folder took its name: the old one is removed
+    shutil.copytree(slides / "P1_pre_p1-pre", slides / ".replaced-P1_pre_p1-pre")
+    assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
+    assert not [p.name for p in slides.iterdir() if p.name.startswith(".")]
+    assert set(marker_counts(markers, "completed").values()) == {1}
 
 
 def test_a_scored_folder_that_cannot_be_read_back_is_scored_again(cohort, tmp_path):

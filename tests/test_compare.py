@@ -309,6 +309,15 @@ def test_a_failed_comparison_leaves_no_earlier_one_beside_it(tmp_path, svs_path)
     with pytest.raises(BiopsyError, match="broken.ome.tif"):
         again.func(again)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["baseline"]
+    # A bad option is refused before the earlier comparison is removed.
+    assert first.func(first) == 0
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    (tmp_path / "bad.yaml").write_text("glomeruli: {min_area_um2: -1}\n")
+    bad = compare_args(str(pre), str(pre), "--from-labels", "--config", str(tmp_path / "bad.yaml"),
+                       "--out", str(tmp_path / "out"))
+    with pytest.raises(BiopsyError, match="bad.yaml"):
+        bad.func(bad)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == outputs
     # A slide that cannot be opened is refused before the other is scored.
     truncated = tmp_path / "truncated.svs"
     truncated.write_bytes(svs_path.read_bytes()[:4096])

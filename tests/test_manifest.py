@@ -47,6 +47,7 @@ def test_reads_rows_resolves_paths_and_orders_timepoints(tmp_path):
     ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,2024-01-01,b.svs\n",
      "row 3: patient 'P1' mixes pre/post and dates (rows 2 and 3)"),
     ("patient_id,timepoint,slide\nP1,pre,a.svs,extra\n", "row 2: more cells than header"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\n,,,\n", "row 3: more cells than header"),
     ("patient_id,timepoint,slide\n", "lists no slides"),
 ])
 def test_malformed_manifest_is_refused_with_row_and_reason(tmp_path, text, message):
@@ -92,8 +93,10 @@ def test_stains_of_one_patient_and_timepoint_get_their_own_folders_and_pairs(tmp
                           slides=("pas/S1.A1.svs", "he/S1.A1.svs", "B21-123.PAS.ome.tif",
                                   "B21-123.HE.ome.tif"))
     entries = read_manifest(path)
+    # the stain in lower case: the names stay when another spelling comes first
     assert [e.folder_name for e in entries] == [
-        "P1_pre_PAS_S1.A1", "P1_pre_HE_S1.A1", "P1_post_PAS_B21-123.PAS", "P1_post_HE_B21-123.HE"]
+        "P1_pre_pas_S1.A1", "P1_pre_he_S1.A1", "P1_post_pas_B21-123.PAS", "P1_post_he_B21-123.HE"]
+    assert [e.stain for e in entries] == ["PAS", "HE", "PAS", "HE"]
     assert [(p.baseline.row, p.follow_up.row) for p in pair_timepoints(entries)] == [(2, 4), (3, 5)]
     assert unpaired(entries) == []
     assert unpaired(entries[:3]) == [entries[1]]

@@ -219,9 +219,12 @@ def run(args: argparse.Namespace) -> int:
         leave_process_group()
     if context.rank == 0:
         cohort = json.loads((args.out / "cohort.json").read_text(encoding="utf-8"))
-        compared = sum(c["status"] == "compared" for c in cohort["comparisons"])
-        different = sum(bool(c.get("processing_differences")) for c in cohort["comparisons"])
-        print(f"{args.out}: {compared} of {len(cohort['comparisons'])} comparisons"
+        pairs = [c for c in cohort["comparisons"] if c["follow_up"] is not None]
+        compared = sum(c["status"] == "compared" for c in pairs)
+        different = sum(bool(c.get("processing_differences")) for c in pairs)
+        unpaired = len(cohort["comparisons"]) - len(pairs)
+        print(f"{args.out}: {compared} of {len(pairs)} comparisons"
               f"{f' ({different} of them processed differently)' if different else ''}, "
-              f"{failed} slide(s) failed (status.csv); cohort.html")
+              f"{failed} slide(s) failed (status.csv)"
+              f"{f', {unpaired} slide(s) with no other timepoint' if unpaired else ''}; cohort.html")
     return 1 if failed else 0

@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.from_labels:
             with open_slide(file, mpp=args.mpp):  # unreadable: refused before any scoring
                 pass
-    remove_earlier_outputs(args.out, [target for _, target in files])
     scorer = functools.cache(lambda: make_scorer(args, args.device))  # loads a model once, if any
+    if files:
+        scorer()  # a bad --config or --model is refused before an earlier comparison is removed
+    remove_earlier_outputs(args.out, [target for _, target in files])
     baseline, follow_up = (inputs.get(path) or scored_input(path, target, args, scorer)
                            for path, target in sides)
     comparison = compare.write_comparison(args.out, baseline, follow_up, args.patient,
