@@ -43,8 +43,8 @@ bench: venv
 
 tia-venv: venv
 	test -x $(TIA_VENV)/bin/python || $(PYTHON) -m venv $(TIA_VENV)
-	echo "$(CURDIR)/$(VENV)/lib/python3.11/site-packages" \
-		> $(TIA_VENV)/lib/python3.11/site-packages/main.pth
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+		> $$($(TIA_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/main.pth
 	$(BIN)/python -m pip freeze --exclude-editable > $(TIA_VENV)/constraints.txt
 	$(TIA_VENV)/bin/pip install --quiet --no-deps tiatoolbox==2.1.3
 	$(TIA_VENV)/bin/pip install --quiet -c $(TIA_VENV)/constraints.txt aiohttp click dask \

@@ -1,7 +1,9 @@
 """Write files so that they are complete or absent: write to a temporary name, then rename."""
 
 import os
+import re
 import shutil
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,8 +17,7 @@ def atomic_path(path: str | Path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    stem, suffix = _stem_and_suffix(path)
     temporary = path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
     try:
         yield temporary
@@ -31,12 +32,37 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
-def remove_temporaries(folder: str | Path) -> None:
-    """Remove what a killed writer left in ``folder``: :func:`atomic_path`'s temporary files and
-    :mod:`biopsy.pyramid`'s spool folders (hidden names: ``.<name>.tmp-<pid>...``,
-    ``.<name>.spool-...``)."""
-    for leftover in Path(folder).glob(".*"):
-        if ".tmp-" in leftover.name and leftover.is_file():
-            leftover.unlink(missing_ok=True)
-        elif ".spool-" in leftover.name and leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
+def remove_temporaries(folder: str | Path, names: Sequence[str]) -> None:
+    """Remove what writers of the files ``names`` in ``folder`` left when killed: their
+    :func:`atomic_path` temporaries and :mod:`biopsy.pyramid`'s spool folders, each named with
+    the process id of its writer (``.<stem>.tmp-<pid><suffix>``, ``.<name>.spool-<pid>-...``),
+    where that process has ended."""
+    folder = Path(folder)
+    for name in names:
+        stem, suffix = _stem_and_suffix(Path(name))
+        patterns = (rf"\.{re.escape(stem)}\.tmp-(\d+){re.escape(suffix)}",
+                    rf"\.{re.escape(name)}\.spool-(\d+)-.*")
+        for leftover in folder.glob(".*"):
+            match = next((m for p in patterns if (m := re.fullmatch(p, leftover.name))), None)
+            if match is None or _is_running(int(match.group(1))):
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _stem_and_suffix(path: Path) -> tuple[str, str]:
+    """``labels.ome.tif`` -> (``labels``, ``.ome.tif``)."""
+    suffix = "".join(path.suffixes)
+    return (path.name[: len(path.name) - len(suffix)] if suffix else path.name), suffix

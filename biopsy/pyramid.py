@@ -28,6 +28,7 @@ at least ``min_level_px`` (level 0 always exists).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import tempfile
 import threading
@@ -171,7 +172,7 @@ def _write_levels(path: Path, bands: Iterator[np.ndarray], shapes: list[tuple[in
                   background: int, resample: Resample, description_extra: dict | None) -> None:
     """Write the pyramid of ``shapes`` from ``bands`` (level 0) and its spooled downsamples."""
     with atomic_path(path) as temporary, tempfile.TemporaryDirectory(
-        dir=path.parent, prefix=f".{path.name}.spool-"
+        dir=path.parent, prefix=f".{path.name}.spool-{os.getpid()}-"  # atomic.remove_temporaries
     ) as spool_dir:
         rows = _tile_rows(bands, shapes[0], tile_px)
         first = next(rows)

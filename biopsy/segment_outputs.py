@@ -29,6 +29,8 @@ from biopsy.probabilitymap import write_probability_map
 
 SEGMENTATION_FORMAT = "biopsy.segmentation/1"
 PROBABILITIES_FILE = "probabilities.ome.tif"
+SEGMENT_FILES = ("labels.ome.tif", "objects.geojson", "overview.png", "segment.json",
+                 PROBABILITIES_FILE)
 OVERVIEW_MAX_PX = 2048
 
 
@@ -40,7 +42,7 @@ def begin_segmentation(out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "segment.json").unlink(missing_ok=True)  # the folder is whole again only at the end
     (out_dir / PROBABILITIES_FILE).unlink(missing_ok=True)
-    remove_temporaries(out_dir)
+    remove_temporaries(out_dir, SEGMENT_FILES)  # a killed run's
     return out_dir / "labels.ome.tif"
 
 

@@ -33,8 +33,9 @@ _SUPPORTED = "OpenSlide formats, TIFF/OME-TIFF/QPTIFF, DICOM, JPEG, PNG"
 ASSOCIATED_ALPHA, UNASSOCIATED_ALPHA = 1, 2  # TIFF ExtraSamples values
 MAX_IMAGE_PIXELS = 1_000_000_000  # a plain image is decoded whole: 3 GB of RGB at most
 # Pillow's guard against decompression bombs refused photomicrographs from 179 Mpx (twice its
-# 89 Mpx default); it warns above this and refuses above twice this.
-PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# 89 Mpx default); it warns above its limit and refuses above twice it. Raised, never lowered.
+if PIL.Image.MAX_IMAGE_PIXELS is not None:
+    PIL.Image.MAX_IMAGE_PIXELS = max(PIL.Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS)
 
 
 def open_reader(path: Path):
@@ -135,6 +136,8 @@ class _TiffLevel:
 
 def _on_white_array(rgba: np.ndarray, premultiplied: bool) -> np.ndarray:
     """uint8 RGB of uint8 RGBA shown on white (glass), as OpenSlide composites its slides."""
+    if (rgba[..., 3] == 255).all():  # opaque: as it is
+        return rgba[..., :3]
     rgb, alpha = rgba[..., :3].astype(np.uint16), rgba[..., 3:].astype(np.uint16)
     if premultiplied:
         return np.minimum(rgb + (255 - alpha), 255).astype(np.uint8)
@@ -165,9 +168,9 @@ class _TiffReader:
         n_channels = 3 if is_rgb else series.shape[axes.index(channel_axis)] if channel_axis else 1
         load_whole = [not level.keyframe.is_tiled and level.nbytes <= _WHOLE_LEVEL_BYTES
                       for level in levels]
-        alpha = _alpha_kind(series) if is_rgb else 0
-        self._levels = [_TiffLevel(array, axes, channel_axis, n_channels, whole, alpha)
-                        for array, whole in zip(arrays, load_whole, strict=True)]
+        self._levels = [_TiffLevel(array, axes, channel_axis, n_channels, whole,
+                                   _alpha_kind(level) if is_rgb else 0)
+                        for array, whole, level in zip(arrays, load_whole, levels, strict=True)]
         self.reads_regions = not any(load_whole)
         self.level_dimensions = [(level.shape[1], level.shape[0]) for level in self._levels]
         self.is_fluorescence = not is_rgb
@@ -204,12 +207,12 @@ class _TiffReader:
         self._tiff.close()
 
 
-def _alpha_kind(series) -> int:
-    """TIFF ExtraSamples of an 8-bit RGBA image's fourth sample, when it is alpha: associated
-    (premultiplied, 1) or unassociated (2); else 0."""
-    page = series.keyframe
+def _alpha_kind(level) -> int:
+    """TIFF ExtraSamples of an 8-bit RGBA level's fourth sample, when it is alpha: associated
+    (premultiplied, 1) or unassociated (2); else 0. Per level: a pyramid may mix RGB and RGBA."""
+    page = level.keyframe
     extra = tuple(page.extrasamples or ())
-    if series.dtype != np.uint8 or page.samplesperpixel != 4 or not extra:
+    if level.dtype != np.uint8 or page.samplesperpixel != 4 or not extra:
         return 0
     return extra[0] if extra[0] in (ASSOCIATED_ALPHA, UNASSOCIATED_ALPHA) else 0
 

@@ -190,3 +190,14 @@ def test_devices_are_checked(device, refusal, monkeypatch):
             resolve_device(device)
     with pytest.raises(Exception, match="--int8 runs on the CPU"):  # said first, GPU or none
         inference_options("cuda:1", int8=True)
+
+
+def test_the_command_runs_from_a_thread_other_than_the_main_one(tmp_path, capsys):
+    """main() set its SIGTERM handler, which only the main thread may: it raised ValueError."""
+    import threading
+
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(main(["info", str(tmp_path / "none.svs")])))
+    worker.start()
+    worker.join()
+    assert codes == [2] and "none.svs" in capsys.readouterr().err

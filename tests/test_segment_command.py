@@ -179,6 +179,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_a_later_run_sweeps_what_kill_9_left(
     """SIGTERM (timeout, SLURM, docker stop) left the hidden temporary label map behind."""
     import os
     import signal
+    import subprocess
 
     from biopsy import infer
     from biopsy.atomic import atomic_path
@@ -197,8 +198,14 @@ def test_sigterm_unwinds_like_ctrl_c_and_a_later_run_sweeps_what_kill_9_left(
     assert "segment: terminated" in capsys.readouterr().err
     assert list(out.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the CLI's alone
-    (out / ".labels.tmp-99999.ome.tif").write_bytes(b"left by kill -9")
-    (out / ".labels.ome.tif.spool-abc").mkdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a process id no longer running
+    (out / f".labels.tmp-{ended.pid}.ome.tif").write_bytes(b"left by kill -9")
+    (out / f".labels.ome.tif.spool-{ended.pid}-abc").mkdir()
+    kept = [f".labels.tmp-{os.getppid()}.ome.tif",  # another writer, still running
+            ".my-notes.tmp-1.txt", f".notes.ome.tif.spool-{ended.pid}-x"]  # not ours
+    for name in kept:
+        (out / name).write_bytes(b"")
     assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
                  str(out)]) == 0
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted(kept)

@@ -338,6 +338,22 @@ def test_transparent_pixels_are_glass(tmp_path, kind):
     assert np.abs(got.astype(int) - expected).max() <= 1
 
 
+def test_alpha_is_read_per_pyramid_level(tmp_path):
+    """A pyramid whose level 0 is RGBA and its reduced level RGB: the level's own samples."""
+    rgba = np.full((256, 256, 4), 200, np.uint8)
+    rgba[..., 3] = 255
+    rgba[:64, :, 3] = 0
+    path = tmp_path / "mixed.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgba, photometric="rgb", extrasamples=["unassalpha"], tile=(64, 64), subifds=1)
+        tif.write(np.full((128, 128, 3), 100, np.uint8), photometric="rgb", tile=(64, 64),
+                  subfiletype=1)
+    slide = open_slide(path, mpp=0.5)
+    assert (slide.read_level(0, 0, 0, 256, 64) == 255).all()
+    assert (slide.read_level(0, 0, 64, 256, 192) == 200).all()
+    assert (slide.read_level(1, 0, 0, 128, 128) == 100).all()
+
+
 def test_a_16_bit_greyscale_image_is_refused_not_read_as_glass(tmp_path):
     path = tmp_path / "grey16.png"
     PIL.Image.fromarray(np.full((50, 60), 30000, np.uint16)).save(path)

@@ -309,6 +309,23 @@ def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_state_saved_by_the_unfused_optimiser_resumes_fused(tmp_path):
+    """state.pt of earlier versions holds "fused": None, which load_state_dict put over ours."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    unfused = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    unfused.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(unfused, lambda step: 1.0)
+    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5)
+    fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(fused, lambda step: 1.0)
+    assert loop._load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu") == (1, 0.5)
+    assert fused.param_groups[0]["fused"] is True
+    assert fused.state[model.weight]["step"].dtype == torch.float32
+    fused.step()  # the fused kernel takes the loaded state
+
+
 def test_validation_csv_holds_each_validated_step_once(dataset_root, tmp_path):
     """A run resumed from a state older than its last validation validates that step again; a
     fresh run into the same folder starts the file anew."""

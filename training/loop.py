@@ -327,6 +327,8 @@ def _load_state(path: Path, model, ema, optimiser, scheduler, device) -> tuple[i
         raise CheckpointError(f"{path}: no training state to resume from; run without --resume")
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
+    for group in state["optimiser"]["param_groups"]:  # a state saved unfused: its steps moved
+        group["fused"] = True                            # to the device, as fused ones take them
     optimiser.load_state_dict(state["optimiser"])
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from biopsy import __version__
 from biopsy.errors import USER_ERRORS, user_message
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
+    handling = (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+    if handling:
+        previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
     try:
         return args.func(args) or 0
     except USER_ERRORS as error:
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if handling:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
