@@ -34,7 +34,7 @@ from biopsy.provenance import file_identity, file_sha256, package_versions, reci
 from biopsy.quantize import quantized_model
 from biopsy.scorefolder import score_class_map, write_score_folder
 from biopsy.scoring import ScoreConfig
-from biopsy.slide import open_slide
+from biopsy.slide import open_slide, require_square_pixels
 from biopsy.tissue import TissueMask, detect_tissue
 
 TILE_OVERLAP = 0.5  # segment_slide's default, recorded in the provenance
@@ -161,6 +161,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     CheckpointError : the model takes another number of channels than the slide has.
     """
     with open_slide(slide_path, mpp=mpp) as slide:
+        require_square_pixels(slide, "scoring (positions and outlines in level-0 pixels)")
         started = time.perf_counter()
         mpp_given = slide.mpp_given  # before the search sets another
         searched = search_mpp(slide, model, info, options)

@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 from skimage.color import hed_from_rgb, hsv2rgb, rgb2hsv, rgb_from_hed
 
-from biopsy.errors import MppError, SlideError
+from biopsy.errors import SlideError
 from biopsy.pyramid import write_pyramid
-from biopsy.slide import BRIGHTFIELD_CHANNELS, Slide, open_slide
+from biopsy.slide import BRIGHTFIELD_CHANNELS, Slide, open_slide, require_square_pixels
 
 STYLES = {".svs": "aperio", ".ome.tif": "ome", ".ome.tiff": "ome", ".tif": "generic",
           ".tiff": "generic"}  # by suffix, the longer ones first
-_SQUARE_TOLERANCE = 1e-3  # relative difference of mpp x and y still taken as square pixels
 # each 8-bit level's optical density, -ln(level / 255), level 0 read as 1 (float32)
 DENSITY_OF_LEVEL = (-np.log(np.maximum(np.arange(256), 1) / 255)).astype(np.float32)
 _CHUNK_PX = 4096  # columns of a band re-coloured at a time (bounds the float copies)
@@ -125,15 +124,12 @@ def restain_slide(source: str | Path, destination: str | Path, shift: StainShift
         if slide.channel_names != BRIGHTFIELD_CHANNELS or slide.dtype != np.uint8:
             raise SlideError(f"{source}: restaining needs a brightfield 8-bit RGB slide, this one "
                              f"has channels {slide.channel_names} ({slide.dtype})")
-        mpp_x, mpp_y = slide.mpp[::-1] if quarter_turns % 2 else slide.mpp
-        if abs(mpp_x / mpp_y - 1) > _SQUARE_TOLERANCE:
-            raise MppError(f"{source}: pixels are not square ({slide.mpp[0]} x {slide.mpp[1]} µm); "
-                           "the restained copy can only be written with square pixels")
+        require_square_pixels(slide, "the restained copy")
         width, height = slide.dimensions
         shape_px = (width, height) if quarter_turns % 2 else (height, width)
         record = {"restained_from": source.name, "quarter_turns": quarter_turns % 4,
                   "stain_shift": asdict(shift)}
-        write_pyramid(destination, _bands(slide, shift, quarter_turns, band_px), shape_px, mpp_x,
+        write_pyramid(destination, _bands(slide, shift, quarter_turns, band_px), shape_px, slide.mpp[0],
                       style=style, compression=compression, quality=quality,
                       description_extra=_description(style, record))
 

@@ -42,6 +42,15 @@ def is_slide_mpp(mpp: float) -> bool:
     return SLIDE_MPP_RANGE_UM[0] <= mpp <= SLIDE_MPP_RANGE_UM[1]
 
 
+def require_square_pixels(slide: "Slide", needed_for: str) -> None:
+    """Raise :class:`MppError` unless the slide's pixels are square (x and y within 0.1 %)."""
+    mpp_x, mpp_y = slide.mpp
+    if abs(mpp_x / mpp_y - 1) > SQUARE_TOLERANCE:
+        raise MppError(f"{slide.path}: pixels are not square ({mpp_x:.4g} x {mpp_y:.4g} µm); "
+                       f"{needed_for} needs square ones (give --mpp if the file's size is wrong)")
+
+
+SQUARE_TOLERANCE = 1e-3  # relative difference of mpp x and y still taken as square pixels
 _LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than asked is used (pyramids round their sizes)
 _SNAP = 1e-3
 _BAND_ROWS = 512  # rows of a thumbnail read at a time, one band a thread

@@ -209,3 +209,18 @@ def test_sigterm_unwinds_like_ctrl_c_and_a_later_run_sweeps_what_kill_9_left(
     assert main(["segment", str(tissue_slide.path), "--model", str(checkpoints[3]), "--out",
                  str(out)]) == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted(kept)
+
+
+@pytest.mark.parametrize("command", ["segment", "score"])
+def test_non_square_pixels_are_refused_where_outputs_are_in_level0_pixels(tmp_path, capsys, command):
+    """0.5 x 0.6 µm pixels: the map was right, objects.geojson's y 20 % too large. --mpp, when the
+    file's size is wrong, makes them square."""
+    from biopsy.cli import main
+
+    path = tmp_path / "anisotropic.tif"
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), tile=(32, 32),
+                     resolution=(1e4 / 0.5, 1e4 / 0.6), resolutionunit="CENTIMETER")
+    assert main([command, str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "pixels are not square (0.5 x 0.6 µm)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["segment", str(path), "--mpp", "0.5", "--out", str(tmp_path / "out")]) == 0

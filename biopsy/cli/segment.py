@@ -46,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from biopsy.pipeline import search_mpp
     from biopsy.segment_outputs import (PROBABILITIES_FILE, begin_segmentation,
                                          write_segmentation)
-    from biopsy.slide import open_slide
+    from biopsy.slide import open_slide, require_square_pixels
 
     slide = open_slide(args.slide, mpp=args.mpp)
     options, model, info, model_path = load_model_from_args(args, args.device)
     args.device, args.workers = options.device, options.workers
     check_slide_for_model(slide, info)  # before an earlier run's outputs are touched
+    require_square_pixels(slide, "objects.geojson (outlines in level-0 pixels)")
     labels_path = begin_segmentation(args.out)
     probabilities_path = args.out / PROBABILITIES_FILE if args.probabilities else None
     started = time.perf_counter()
