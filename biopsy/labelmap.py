@@ -13,7 +13,9 @@ The channel is named ``class`` and the image ``label map``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -120,7 +122,7 @@ def read_label_map(path: str | Path, level: int = 0) -> LabelMap:
     """
     path = Path(path)
     try:
-        with tifffile.TiffFile(path) as tif:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tif:
             table = _class_table(path, tif.ome_metadata)
             levels = tif.series[0].levels
             if not 0 <= level < len(levels):
@@ -137,6 +139,18 @@ def read_label_map(path: str | Path, level: int = 0) -> LabelMap:
         class_names=tuple(table["class_names"]),
         class_colours={name: tuple(rgb) for name, rgb in table["class_colours"].items()},
     )
+
+
+@contextlib.contextmanager
+def quiet_tifffile():
+    """tifffile's log kept quiet: what it logs of a damaged file is told in our error instead."""
+    log = logging.getLogger("tifffile")
+    previous = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
 
 
 def _class_table(path: Path, ome_xml: str | None) -> dict:

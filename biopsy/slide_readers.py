@@ -10,7 +10,6 @@ is_fluorescence, dtype, and read(level, col, row, width, height) -> (h, w, C) of
 level.
 """
 
-import logging
 import math
 from pathlib import Path
 from xml.etree import ElementTree
@@ -24,6 +23,7 @@ import zarr
 
 from biopsy.dicom_wsi import DicomWsiReader
 from biopsy.errors import SlideError
+from biopsy.labelmap import quiet_tifffile
 
 BRIGHTFIELD_CHANNELS = ["red", "green", "blue"]
 _TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
@@ -146,22 +146,18 @@ def _on_white_array(rgba: np.ndarray, premultiplied: bool) -> np.ndarray:
 
 class _TiffReader:
     def __init__(self, path: Path):
-        tifffile_log = logging.getLogger("tifffile")  # its warnings on damaged files become our error
-        previous_level = tifffile_log.level
-        tifffile_log.setLevel(logging.CRITICAL)
         try:
-            self._tiff = tifffile.TiffFile(path)
-            series = self._tiff.series[0]
-            levels = _tiff_levels(self._tiff)
-            arrays = [zarr.open(level.aszarr(level=0), mode="r") for level in levels]
+            with quiet_tifffile():  # its warnings on damaged files become our error
+                self._tiff = tifffile.TiffFile(path)
+                series = self._tiff.series[0]
+                levels = _tiff_levels(self._tiff)
+                arrays = [zarr.open(level.aszarr(level=0), mode="r") for level in levels]
             self._check_complete(path, levels)
         except SlideError:
             raise
         except Exception as error:  # tifffile raises many types for damaged files
             raise SlideError(f"{path}: cannot read this TIFF ({error}); the file is damaged, "
                              "truncated or not a TIFF image") from error
-        finally:
-            tifffile_log.setLevel(previous_level)
         axes = series.axes
         is_rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4)
         channel_axis = next((axis for axis in "SCI" if axis in axes), None)

@@ -56,7 +56,7 @@ def test_file_is_a_plain_pyramidal_ome_tiff(tmp_path, labels):
     assert pixels.find("{*}Channel").get("Name") == "class"
 
 
-def test_files_that_are_not_label_maps_raise_annotation_error(tmp_path):
+def test_files_that_are_not_label_maps_raise_annotation_error(tmp_path, caplog):
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, np.zeros((8, 8), np.uint8))
     with pytest.raises(AnnotationError, match="plain.tif: not a biopsy label map"):
@@ -67,6 +67,7 @@ def test_files_that_are_not_label_maps_raise_annotation_error(tmp_path):
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(AnnotationError, match="cut.ome.tif: not a biopsy label map .* or cut short"):
         read_label_map(cut)
+    assert not [r for r in caplog.records if r.name == "tifffile"]  # an ERROR line beside ours
     text = tmp_path / "notes.ome.tif"
     text.write_text("not a tiff")
     with pytest.raises(AnnotationError, match="notes.ome.tif: cannot read a label map"):
