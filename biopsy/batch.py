@@ -341,7 +341,10 @@ def _compare_pairing(pairing: Pairing, out_dir: Path, failed_rows: set[int]
                                       baseline.patient_id)
     except BiopsyError as error:
         return record | {"status": f"not compared: {error}", "folder": None}, None
-    return record | {"processing_differences": comparison["processing_differences"]}, comparison
+    biopsies = (comparison["baseline"], comparison["follow_up"])
+    return record | {"glomeruli": [b["glomeruli"] for b in biopsies],
+                     "adequacy": [b["adequacy"] for b in biopsies],
+                     "processing_differences": comparison["processing_differences"]}, comparison
 
 
 def _cohort_csv(cohort: dict) -> str:

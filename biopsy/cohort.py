@@ -8,10 +8,12 @@ patients whose own verdict was improved / unchanged / worsened, and Benjamini-Ho
 across the metrics tested. ``cohort.html`` shows them with a slope chart per metric.
 """
 
+from collections import Counter
+
 import numpy as np
 from scipy import stats
 
-from biopsy.report import VERDICT_COLOURS, e, number, page
+from biopsy.report import VERDICT_COLOURS, VERDICT_DASHES, e, number, page
 
 BOOTSTRAP_REPLICATES = 2000
 BOOTSTRAP_SEED = 0
@@ -61,6 +63,7 @@ def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed
         if metric and metric["verdict"] != "not assessed":  # e.g. an index over other components
             rows.append((comparison["patient_id"], metric))
     first = next(m for c in comparisons for m in c["metrics"] if m["name"] == name)
+    rows, components, left_out = _same_components(rows)
     differences = np.array([m["follow_up"] - m["baseline"] for _, m in rows], dtype=float)
     statistic, p_value = wilcoxon_signed_rank(differences) if rows else (None, None)
     low, high = median_interval(differences, replicates, seed) if rows else (None, None)
@@ -72,6 +75,9 @@ def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed
         "unit": first["unit"],
         "favourable": first["favourable"],
         "n": len(rows),
+        "n_nonzero": int(np.count_nonzero(differences)),  # what the Wilcoxon test ranks
+        "components": components,
+        "patients_left_out": left_out,
         "wilcoxon_statistic": statistic,
         "p_value": p_value,
         "median_change": float(np.median(differences)) if rows else None,
@@ -82,6 +88,18 @@ def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed
         "patients": [{"patient_id": patient, "baseline": m["baseline"], "follow_up": m["follow_up"],
                       "verdict": m["verdict"]} for patient, m in rows],
     }
+
+
+def _same_components(rows: list[tuple[str, dict]]) -> tuple[list, list[str] | None, int]:
+    """For an index, the patients whose index sums the components most of them share (ties: the
+    most components), those components, and how many patients were left out; other metrics as
+    they are. An index over 2 components pooled with one over 4 would mix scales."""
+    if not rows or "components" not in rows[0][1]:
+        return rows, None, 0
+    counts = Counter(tuple(m["components"] or ()) for _, m in rows)
+    chosen = max(counts, key=lambda components: (counts[components], len(components)))
+    kept = [(patient, m) for patient, m in rows if tuple(m["components"] or ()) == chosen]
+    return kept, list(chosen), len(rows) - len(kept)
 
 
 def _add_q_values(results: list[dict]) -> None:
@@ -101,8 +119,10 @@ def render_cohort(cohort: dict) -> str:
                 "<p>Per metric over the patients whose comparison compared it: paired Wilcoxon "
                 "signed-rank test (two-sided), Benjamini-Hochberg q-value across the metrics of a "
                 "group, median change (follow-up − baseline) with its 95% bootstrap interval. "
-                "Thin lines: one patient each, coloured by that patient's own verdict; thick black "
-                "line: the medians. Lower is better for every metric.</p>"]
+                "Thin lines: one patient each, by that patient's own verdict (improved: solid "
+                "blue, worsened: dashed orange, unchanged: dotted grey); thick black line: the "
+                "medians. Lower is better for every metric. An index is pooled over the patients "
+                "whose index sums the same components.</p>"]
     for group in cohort["groups"]:
         stain = f", stain {e(group['stain'])}" if group["stain"] else ""
         sections.append(f"<h2>Follow-up {group['follow_up_number']}{stain}: "
@@ -120,7 +140,8 @@ def _slope_chart(m: dict, width: int = 250, height: int = 210) -> str:
     y = lambda v: height - 30 - v / top * (height - 50)  # noqa: E731
     lines = "".join(
         f'<line x1="60" y1="{y(p["baseline"]):.1f}" x2="{width - 60}" y2="{y(p["follow_up"]):.1f}" '
-        f'stroke="{VERDICT_COLOURS[p["verdict"]]}" stroke-width="1.5" opacity="0.8">'
+        f'stroke="{VERDICT_COLOURS[p["verdict"]]}" stroke-width="1.5" opacity="0.8" '
+        f'stroke-dasharray="{VERDICT_DASHES[p["verdict"]]}">'
         f'<title>{e(p["patient_id"])}: {number(p["baseline"])} → {number(p["follow_up"])} '
         f'({e(p["verdict"])})</title></line>' for p in m["patients"])
     if m["patients"]:
@@ -138,12 +159,25 @@ def _slope_chart(m: dict, width: int = 250, height: int = 210) -> str:
     interval = f" [{number(ci[0])}, {number(ci[1])}]" if ci else ""
     p_value = "—" if m["p_value"] is None else f"{m['p_value']:.3g}"
     q_value = "—" if m["q_value"] is None else f"{m['q_value']:.3g}"
-    caption = (f"<b>{e(m['label'])}</b> ({e(m['unit'])})<br>n = {m['n']}, median change "
+    zero = m["n"] - m.get("n_nonzero", m["n"])
+    ranked = f" ({zero} without change, left out of the test)" if zero else ""
+    caption = (f"<b>{e(m['label'])}</b> ({e(m['unit'])})<br>n = {m['n']}{ranked}, median change "
                f"{number(m['median_change'])}{interval}<br>Wilcoxon p = {p_value}, q = {q_value}; "
                f"{m['patients_improved']} improved, {m['patients_unchanged']} unchanged, "
-               f"{m['patients_worsened']} worsened")
-    return (f'<figure><svg width="{width}" height="{height}" role="img">{axis}{lines}</svg>'
+               f"{m['patients_worsened']} worsened{_components_note(m)}")
+    return (f'<figure><svg width="{width}" height="{height}" role="img"><title>{e(m["label"])}: '
+            f"each patient's baseline and follow-up</title>{axis}{lines}</svg>"
             f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _components_note(m: dict) -> str:
+    """Which components an index sums here, and the patients left out for summing others."""
+    if not m.get("components"):
+        return ""
+    note = f"<br>over {', '.join(c.replace('_', ' ') for c in m['components'])}"
+    if m.get("patients_left_out"):
+        note += f"; {m['patients_left_out']} patient(s) left out (their index sums other components)"
+    return note
 
 
 def _comparison_list(comparisons: list[dict]) -> str:
@@ -153,7 +187,17 @@ def _comparison_list(comparisons: list[dict]) -> str:
         differences = "<br>".join(e(d) for d in c.get("processing_differences") or [])
         rows.append(f"<tr><td>{e(c['patient_id'])}</td><td>{e(c['stain'])}</td>"
                     f"<td>{e(c['baseline'])}</td><td>{e(c['follow_up'] or 'none')}</td>"
+                    f"<td>{_glomeruli_cell(c)}</td>"
                     f"<td>{e(c['status'])}</td><td>{differences}</td><td>{link}</td></tr>")
     return ("<table><tr><th>patient</th><th>stain</th><th>baseline</th><th>follow-up</th>"
-            "<th>status</th><th>processed differently</th><th></th></tr>" + "".join(rows)
-            + "</table>")
+            "<th>glomeruli</th><th>status</th><th>processed differently</th><th></th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _glomeruli_cell(c: dict) -> str:
+    """Glomeruli at baseline -> follow-up, with either biopsy's adequacy when it is not adequate."""
+    if "glomeruli" not in c:
+        return "—"
+    flags = [f"{when}: {adequacy}" for when, adequacy in zip(("baseline", "follow-up"), c["adequacy"])
+             if adequacy != "adequate"]
+    return e(f"{c['glomeruli'][0]} → {c['glomeruli'][1]}" + (f" ({'; '.join(flags)})" if flags else ""))

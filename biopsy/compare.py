@@ -54,6 +54,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("deposit_burden", "Mean hyaline-deposit area", "activity", "% of glomerular area",
            "glomeruli"),
     Metric("cellular_crescents", "Cellular crescents", "activity", "% of glomeruli", "glomeruli"),
+    Metric("endocapillary_hypercellularity", "Endocapillary hypercellularity", "activity",
+           "% of glomeruli", "glomeruli"),
+    Metric("interstitial_inflammation", "Interstitial inflammation", "activity", "% of cortex",
+           "cortex tiles"),
     Metric("chronicity_index", "NIH chronicity index", "chronicity", "points",
            "glomeruli and cortex tiles"),
     Metric("glomerulosclerosis", "Glomerulosclerosis (global + segmental)", "chronicity",
@@ -120,9 +124,7 @@ def metric_values(sample: SlideSample, glomerulus_index: np.ndarray,
         components[component.name] = _component_percent(sample, component, glomerulus_index,
                                                          tile_index)
     values: dict[str, np.ndarray | None] = {
-        name: components[name] for name in ("hyaline_deposits", "cellular_crescents",
-                                            "glomerulosclerosis", "fibrous_crescents",
-                                            "interstitial_fibrosis", "tubular_atrophy")}
+        metric.name: components[metric.name] for metric in METRICS if metric.name in components}
     for name, (_, required_class) in BURDEN_FIELDS.items():
         assessable = required_class in sample.class_names and sample.glomerulus_count > 0
         values[name] = (100.0 * sample.burden_fraction[name][glomerulus_index].mean(axis=1)
@@ -226,6 +228,10 @@ def compare_samples(baseline: SlideSample, follow_up: SlideSample,
             not metric.name.endswith("_index") or _same_components(metric.family, *assessed))
         row = asdict(metric) | {"baseline": base, "follow_up": follow, "difference": None,
                                 "ci_low": None, "ci_high": None, "verdict": "not assessed"}
+        if metric.name.endswith("_index"):  # which components it sums: cohorts pool like with like
+            row["components"] = ([c.name for c in scoring.COMPONENTS
+                                  if c.index == metric.family and assessed[0][c.name]]
+                                 if comparable else None)
         if comparable:
             low, high = _percentile_interval(follow_boot[metric.name] - base_boot[metric.name])
             row |= {"difference": follow - base, "ci_low": low, "ci_high": high,

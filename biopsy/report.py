@@ -29,12 +29,16 @@ OVERVIEW_MAX_PX = 760
 CROP_PX = 128
 CROPS_PER_LESION = 8
 # Outline colour of each lesion call; a glomerulus with several takes the first in this order.
+# Okabe and Ito's palette, told apart by colour-blind readers too.
 LESION_COLOURS: dict[str, tuple[int, int, int]] = {
-    "cellular_crescent": (220, 20, 20), "hyaline_deposits": (0, 90, 255),
-    "global_sclerosis": (80, 0, 110), "fibrous_crescent": (150, 90, 0),
-    "segmental_sclerosis": (255, 140, 0), "normal": (0, 140, 60)}
-VERDICT_COLOURS = {"improved": "#1b7f3b", "worsened": "#c62828", "unchanged": "#666",
+    "cellular_crescent": (213, 94, 0), "endocapillary_hypercellularity": (204, 121, 167),
+    "hyaline_deposits": (0, 114, 178), "global_sclerosis": (0, 0, 0),
+    "fibrous_crescent": (86, 180, 233), "segmental_sclerosis": (230, 159, 0),
+    "normal": (0, 158, 115)}
+VERDICT_COLOURS = {"improved": "#0072b2", "worsened": "#d55e00", "unchanged": "#666",
                    "not assessed": "#aaa"}
+VERDICT_DASHES = {"improved": "none", "worsened": "6 3", "unchanged": "2 3", "not assessed": "1 4"}
+BASELINE_COLOUR, FOLLOW_UP_COLOUR = "#9e9e9e", "#0072b2"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
@@ -115,34 +119,51 @@ def _metric_tables(comparison: dict) -> str:
     parts = []
     for family in ("activity", "chronicity"):
         metrics = [m for m in comparison["metrics"] if m["family"] == family]
-        rows = "".join(_metric_row(m) for m in metrics)
+        rows = "".join(_metric_row(m, comparison) for m in metrics)
         parts.append(f"<h2>{family.capitalize()}</h2><table><tr><th>metric</th><th>unit</th>"
                      "<th>baseline</th><th>follow-up</th><th>values</th><th>difference</th>"
                      "<th>95% interval</th><th>change</th><th>verdict</th></tr>"
                      f"{rows}</table>")
+    parts.append(f'<p class="legend">Values: <i class="swatch" style="border-color:'
+                 f'{BASELINE_COLOUR};background:{BASELINE_COLOUR}"></i>baseline, '
+                 f'<i class="swatch" style="border-color:{FOLLOW_UP_COLOUR};background:'
+                 f'{FOLLOW_UP_COLOUR}"></i>follow-up, each row on its own scale from 0. Change: '
+                 "the difference (dot) and its interval (bar) about zero (grey line). An index "
+                 "marked partial sums only the components assessed; two indices over different "
+                 "components are not compared.</p>")
     return "\n".join(parts)
 
 
-def _metric_row(m: dict) -> str:
+def _metric_row(m: dict, comparison: dict) -> str:
     interval = (f"[{number(m['ci_low'])}, {number(m['ci_high'])}]" if m["ci_low"] is not None
                 else "—")
     colour = VERDICT_COLOURS[m["verdict"]]
-    return (f"<tr><td>{e(m['label'])}</td><td>{e(m['unit'])}</td><td>{number(m['baseline'])}</td>"
-            f"<td>{number(m['follow_up'])}</td><td>{_value_bars(m)}</td>"
+    values = [number(m[key]) + _partial(m, key, comparison) for key in ("baseline", "follow_up")]
+    return (f"<tr><td>{e(m['label'])}</td><td>{e(m['unit'])}</td><td>{values[0]}</td>"
+            f"<td>{values[1]}</td><td>{_value_bars(m)}</td>"
             f"<td>{number(m['difference'])}</td><td>{interval}</td><td>{_interval_svg(m, colour)}</td>"
             f'<td class="verdict" style="color:{colour}">{e(m["verdict"])}</td></tr>')
 
 
+def _partial(m: dict, key: str, comparison: dict) -> str:
+    """" (partial)" after an index value that sums only some of its components."""
+    partial = (m["name"].endswith("_index") and m[key] is not None
+               and comparison[key].get(f"{m['family']}_partial"))
+    return " (partial)" if partial else ""
+
+
 def _value_bars(m: dict, width: int = 160) -> str:
-    """Baseline (grey) and follow-up (blue) as two horizontal bars on the same scale."""
+    """Baseline and follow-up as two horizontal bars on the same scale; none when the two are
+    not compared (an index over other components)."""
+    if m["verdict"] == "not assessed":
+        return ""
     values = [m["baseline"], m["follow_up"]]
-    top = max([v for v in values if v is not None] + [1e-9]) * 1.15
-    bars = []
-    for row, (value, colour) in enumerate(zip(values, ("#9e9e9e", "#1565c0"))):
-        if value is not None:
-            bars.append(f'<rect x="0" y="{2 + row * 11}" width="{value / top * width:.1f}" '
-                        f'height="9" fill="{colour}"/>')
-    return f'<svg width="{width}" height="24" role="img">{"".join(bars)}</svg>'
+    top = max(values + [1e-9]) * 1.15
+    bars = [f'<rect x="0" y="{2 + row * 11}" width="{value / top * width:.1f}" height="9" '
+            f'fill="{colour}"/>'
+            for row, (value, colour) in enumerate(zip(values, (BASELINE_COLOUR, FOLLOW_UP_COLOUR)))]
+    return (f'<svg width="{width}" height="24" role="img"><title>baseline {number(values[0])}, '
+            f'follow-up {number(values[1])}</title>{"".join(bars)}</svg>')
 
 
 def _interval_svg(m: dict, colour: str, width: int = 170) -> str:
@@ -151,8 +172,9 @@ def _interval_svg(m: dict, colour: str, width: int = 170) -> str:
         return ""
     reach = max(abs(m["ci_low"]), abs(m["ci_high"]), abs(m["difference"]), 1e-9) * 1.1
     x = lambda v: (v / reach + 1) * (width - 10) / 2 + 5  # noqa: E731
-    return (f'<svg width="{width}" height="22" role="img">'
-            f'<line x1="{x(0):.1f}" y1="1" x2="{x(0):.1f}" y2="21" stroke="#bbb"/>'
+    return (f'<svg width="{width}" height="22" role="img"><title>difference '
+            f'{number(m["difference"])}, interval [{number(m["ci_low"])}, {number(m["ci_high"])}]'
+            f'</title><line x1="{x(0):.1f}" y1="1" x2="{x(0):.1f}" y2="21" stroke="#bbb"/>'
             f'<line x1="{x(m["ci_low"]):.1f}" y1="11" x2="{x(m["ci_high"]):.1f}" y2="11" '
             f'stroke="{colour}" stroke-width="3"/>'
             f'<circle cx="{x(m["difference"]):.1f}" cy="11" r="4" fill="{colour}"/></svg>')
@@ -182,7 +204,8 @@ def _component_cells(c: dict) -> str:
 def _index_cells(index: dict) -> str:
     if index["score"] is None:
         return '<td class="na" colspan="3">not assessed (no component)</td>'
-    partial = f" of {index['assessed_max']} assessed (partial)" if index["partial"] else ""
+    partial = (f" (partial: components worth {index['assessed_max']} assessed)"
+               if index["partial"] else "")
     return f'<td colspan="3">{e(index["score"])} / {index["max"]}{partial}</td>'
 
 

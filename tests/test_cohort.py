@@ -55,6 +55,23 @@ def test_an_index_the_comparison_left_uncompared_is_left_out():
     assert index["n"] == 1 and [p["patient_id"] for p in index["patients"]] == ["I"]
 
 
+def test_an_index_is_pooled_over_patients_whose_index_sums_the_same_components():
+    """Nuclei counted for some patients only: their activity index sums 4 components, the
+    others' 2 (at most 15 against 9 points). Pooled, the scales mixed without a word."""
+    four, two = ["endocapillary_hypercellularity", "hyaline_deposits", "cellular_crescents",
+                 "interstitial_inflammation"], ["hyaline_deposits", "cellular_crescents"]
+    cohort = []
+    for patient, components, change in (("A", four, -5.0), ("B", four, -6.0), ("C", four, -4.0),
+                                        ("D", two, -1.0), ("E", two, -2.0)):
+        item = comparison(patient, {"activity_index": (10.0, 10.0 + change, "improved")})
+        item["metrics"][0]["components"] = components
+        cohort.append(item)
+    (index,) = cohort_statistics(cohort)
+    assert [p["patient_id"] for p in index["patients"]] == ["A", "B", "C"]
+    assert index["components"] == four and index["patients_left_out"] == 2
+    assert index["median_change"] == -5.0 and index["n"] == index["n_nonzero"] == 3
+
+
 def test_median_interval_is_deterministic_and_brackets_the_median():
     differences = np.random.default_rng(0).normal(-5, 3, 40)
     low, high = median_interval(differences)

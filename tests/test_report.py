@@ -113,6 +113,29 @@ def test_an_index_with_no_component_assessed_reads_not_assessed(tmp_path):
     assert "None" not in text and text.count("not assessed (no component)") == 2
 
 
+def test_every_lesion_call_has_its_own_outline_colour():
+    """Endocapillary hypercellularity fell back to the colour of normal glomeruli."""
+    from biopsy.report import LESION_COLOURS, lesion_colour
+    from biopsy.scoring import LESIONS
+
+    assert set(LESION_COLOURS) == set(LESIONS)
+    assert len(set(LESION_COLOURS.values())) == len(LESIONS)
+    assert lesion_colour(("endocapillary_hypercellularity",)) != LESION_COLOURS["normal"]
+
+
+def test_indices_over_other_components_are_marked_partial_and_not_drawn_as_a_change(tmp_path):
+    """No glomeruli at follow-up: its chronicity index sums 2 of 4 components. The values stood
+    side by side as bars, as if one fell from the other."""
+    baseline = read_score_folder(scored_folder(tmp_path, "pre", ["segmental_sclerosis"] * 6))
+    follow_up = read_score_folder(scored_folder(tmp_path, "post", []))
+    comparison = compare_scored(baseline, follow_up)
+    chronicity = next(m for m in comparison["metrics"] if m["name"] == "chronicity_index")
+    assert chronicity["verdict"] == "not assessed" and chronicity["components"] is None
+    html_text = render_report(comparison, baseline, follow_up)
+    row = next(r for r in html_text.split("<tr>") if r.startswith("<td>NIH chronicity index"))
+    assert "(partial)" in row and "<rect" not in row
+
+
 def test_cohort_html_escapes_patient_ids(tmp_path):
     lines = ["patient_id,timepoint,slide"]
     for patient, lesions in ((EVIL, ["hyaline_deposits"] * 12), ("P&2", ["normal"] * 12)):
