@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 COHORT_FORMAT = "biopsy.cohort/1"
 COHORT_COLUMNS = ("stain", "follow_up_number", "name", "label", "family", "unit", "n",
-                  "median_change", "ci_low", "ci_high", "wilcoxon_statistic", "p_value", "q_value",
-                  "patients_improved", "patients_unchanged", "patients_worsened")
+                  "n_nonzero", "median_change", "ci_low", "ci_high", "wilcoxon_statistic",
+                  "p_value", "q_value", "patients_improved", "patients_unchanged",
+                  "patients_worsened", "patients_left_out")
 STATUS_COLUMNS = ("row", "patient_id", "timepoint", "stain", "slide", "folder", "status", "error")
 
 
