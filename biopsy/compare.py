@@ -145,11 +145,13 @@ def _component_percent(sample: SlideSample, component: scoring.Component,
     if component.name == "interstitial_inflammation":  # as scoring.inflamed_percent
         ratio = sample.config.cortex.interstitial_fibrosis
         if sample.tile_inflamed is None or any(
-                n not in sample.class_names for n in scoring.INTERSTITIAL_CLASSES + ratio.denominator):
+                n not in sample.class_names
+                for n in scoring.INTERSTITIAL_CLASSES + ratio.denominator + scoring.GLASS):
             return None
     else:
         ratio = getattr(sample.config.cortex, component.name, None)
-        if ratio is None or any(n not in sample.class_names for n in ratio.numerator + ratio.denominator):
+        if ratio is None or any(n not in sample.class_names
+                                for n in ratio.numerator + ratio.denominator + scoring.GLASS):
             return None
     tile_denominator = sum(sample.tile_areas_um2[n] for n in ratio.denominator)
     if sample.tile_count == 0 or not tile_denominator.sum() > 0:

@@ -33,6 +33,7 @@ LESIONS = ("normal", "segmental_sclerosis", "global_sclerosis", "cellular_cresce
 # Classes whose pixels count as the cellular tuft (nuclei per tuft area) and as interstitium.
 CELLULAR_TUFT_CLASSES = ("tuft", "hyaline_deposit")
 INTERSTITIAL_CLASSES = ("tissue", "fibrosis")
+GLASS = ("background",)  # a model without it calls glass some tissue class: no cortex areas then
 
 
 @dataclass(frozen=True)
@@ -290,9 +291,10 @@ def area_percent(cortex_tiles: list[CortexTile], ratio: AreaRatio,
                  class_names) -> float | None:
     """100 * numerator area / denominator area summed over tiles; None when not assessable.
 
-    Not assessable: a class of ``ratio`` missing from ``class_names``, or no denominator area.
+    Not assessable: a class of ``ratio`` (or ``background``: glass would count as cortex)
+    missing from ``class_names``, or no denominator area.
     """
-    if any(name not in class_names for name in ratio.numerator + ratio.denominator):
+    if any(name not in class_names for name in ratio.numerator + ratio.denominator + GLASS):
         return None
     numerator = sum(t.area_um2.get(name, 0.0) for t in cortex_tiles for name in ratio.numerator)
     denominator = sum(t.area_um2.get(name, 0.0) for t in cortex_tiles for name in ratio.denominator)
@@ -308,7 +310,7 @@ def inflamed_percent(cortex_tiles: list[CortexTile], denominator: tuple[str, ...
     ``settings.min_interstitium_um2`` and holds more than ``settings.nuclei_per_mm2`` nuclei per mm2.
     """
     if (not cortex_tiles or any(t.interstitial_nuclei is None for t in cortex_tiles)
-            or any(name not in class_names for name in INTERSTITIAL_CLASSES + denominator)):
+            or any(name not in class_names for name in INTERSTITIAL_CLASSES + denominator + GLASS)):
         return None
     inflamed = total = 0.0
     for tile in cortex_tiles:
@@ -378,14 +380,14 @@ def _score_component(component: Component, calls: list[list[str]], cortex_tiles,
         if percent is None:
             counted = cortex_tiles and all(t.interstitial_nuclei is not None for t in cortex_tiles)
             return result | {"reason": "no cortex in the class map or model lacks an interstitial "
-                             "class" if counted else NOT_COUNTED}
+                             "or the background class" if counted else NOT_COUNTED}
     elif component.denominator == "cortex":
         ratio = getattr(config.cortex, component.name, None)
         if ratio is None:
             return result | {"reason": NOT_SEGMENTED}
         percent = area_percent(cortex_tiles, ratio, class_names)
         if percent is None:
-            missing = [n for n in dict.fromkeys(ratio.numerator + ratio.denominator)
+            missing = [n for n in dict.fromkeys(ratio.numerator + ratio.denominator + GLASS)
                        if n not in class_names]
             reason = (f"model lacks class(es) {', '.join(missing)}" if missing
                       else "no cortex in the class map")

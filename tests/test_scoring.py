@@ -131,6 +131,17 @@ def test_a_missing_class_is_not_assessed_never_zero():
     assert scores["burdens"]["deposit_mean_area_fraction"] is None
 
 
+def test_a_model_without_background_assesses_no_cortex_area():
+    """Without a background class glass is some tissue class, counted as cortex: a model trained
+    on [tissue, tuft, sclerosis] called a 71 %-glass slide all tissue."""
+    names = CLASS_NAMES[1:]
+    scores = score_slide(cohort(), [tile(tissue=500.0, tubule=500.0, fibrosis=100.0)], names, CONFIG)
+    for name in ("interstitial_fibrosis", "tubular_atrophy"):
+        component = scores["chronicity_index"]["components"][name]
+        assert component["assessed"] is False and component["reason"] == "model lacks class(es) background"
+    assert scores["chronicity_index"]["components"]["glomerulosclerosis"]["assessed"] is True
+
+
 @pytest.mark.parametrize("count, adequacy", [(9, "limited sample"), (10, "adequate")])
 def test_adequacy_flag(count, adequacy):
     scores = score_slide([NORMAL] * count, [], CLASS_NAMES, CONFIG)
