@@ -17,13 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from biopsy.errors import ManifestError
-from biopsy.slide import SLIDE_MPP_RANGE_UM, is_slide_mpp
+from biopsy.slide import SLIDE_MPP_RANGE_UM, file_stem, is_slide_mpp
 
 REQUIRED_COLUMNS = ("patient_id", "timepoint", "slide")
 OPTIONAL_COLUMNS = ("stain", "mpp")
 NAMED_TIMEPOINTS = ("pre", "post")
 _UNSAFE_FILENAME_CHARS = re.compile(r"[^\w.-]+")  # \w: letters and digits of any script
-SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif")  # a double suffix left out of folder names
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,7 @@ class ManifestEntry:
     def folder_name(self) -> str:
         """Output folder name ``<patient>_<timepoint>[_<stain, lower case>]_<slide name without
         its suffix>``, made safe for file systems."""
-        name = self.slide.name
-        stem = next((name[:-len(s)] for s in SLIDE_SUFFIXES if name.lower().endswith(s)),
-                    self.slide.stem) or name
+        stem = file_stem(self.slide)
         stain = [self.stain.casefold()] if self.stain else []  # the same whichever row spells it
         parts = (self.patient_id, self.timepoint, *stain, stem)
         return "_".join(_safe(part) for part in parts)

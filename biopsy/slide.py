@@ -42,6 +42,16 @@ def is_slide_mpp(mpp: float) -> bool:
     return SLIDE_MPP_RANGE_UM[0] <= mpp <= SLIDE_MPP_RANGE_UM[1]
 
 
+def file_stem(path: str | Path) -> str:
+    """A slide's file name without its suffix, ``.ome.tif`` / ``.ome.tiff`` counting as one:
+    ``S19.0001-PAS.ome.tif`` -> ``S19.0001-PAS``."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return Path(name).stem or name
+
+
 def require_square_pixels(slide: "Slide", needed_for: str) -> None:
     """Raise :class:`MppError` unless the slide's pixels are square (x and y within 0.1 %)."""
     mpp_x, mpp_y = slide.mpp

@@ -10,7 +10,7 @@ import shapely
 from PIL import Image
 from shapely.geometry import box
 
-from biopsy.errors import AnnotationError
+from biopsy.errors import AnnotationError, ConfigError
 from biopsy.geojson import IGNORE_INDEX, Annotation, rasterise
 from biopsy.labelmap import write_label_map
 from glomeruli_dataset import config_dict
@@ -35,6 +35,9 @@ from training.config import config_from_dict
                  "annotations": [{"image_id": 0, "category_id": 0,
                                   "segmentation": {"size": [4, 4], "counts": [3, 2]}}]}),
      "RLE runs cover 5 pixels, not 4 x 4"),
+    (json.dumps({"images": [{"id": 0, "file_name": "Masson.jpg"}, {"id": 1, "file_name": "Masson.jpg"}],
+                 "categories": [], "annotations": []}),  # two cases' images: outlines mixed
+     "images 0 and 1 are both 'Masson.jpg'; give each image its path relative to data.root"),
 ])
 def test_malformed_coco_names_file_and_problem(tmp_path, document, message):
     path = tmp_path / "coco.json"
@@ -150,6 +153,41 @@ def test_malformed_geojson_names_file(tmp_path):
     with pytest.raises(AnnotationError, match="Point") as caught:
         find_slides(config.data, config.model.classes, config.source)
     assert str(geojson) in str(caught.value)
+
+
+def test_geojson_beside_a_dotted_slide_name_is_found_and_a_slide_without_is_named(tmp_path,
+                                                                                  caplog):
+    """{stem} stopped at the first dot: S19.0001-PAS.png looked for S19.geojson and was left out
+    without a word."""
+    for name in ("S19.0001-PAS", "S19.0002-PAS"):
+        Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "S19.0001-PAS.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[2, 2], [20, 2], [20, 20], [2, 2]]]},
+         "properties": {"classification": {"name": "tuft"}}}]}))
+    data = config_dict(tmp_path, tmp_path / "out")["data"]
+    data.update(slides="*.png", annotations={"format": "geojson", "path": "{stem}.geojson"},
+                case_pattern="(S\\d+\\.\\d+)", stain_pattern="(PAS)")
+    config = config_from_dict({**config_dict(tmp_path, tmp_path / "out"), "data": data}, "test")
+    with caplog.at_level("WARNING"):
+        [slide] = find_slides(config.data, config.model.classes, config.source)
+    assert slide.case == "S19.0001"
+    assert "1 of the 2 slides have no annotations and are left out (e.g. S19.0002-PAS.png" in caplog.text
+
+
+def test_two_slides_matching_one_coco_image_by_file_name_are_refused(tmp_path):
+    """caseA/Masson.jpg and caseB/Masson.jpg, the COCO file naming one Masson.jpg: both slides
+    took its outlines."""
+    for case in ("case1", "case2"):
+        (tmp_path / case).mkdir()
+        Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / case / "Masson.png")
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 0, "file_name": "Masson.png"}], "categories": [{"id": 0, "name": "gn"}],
+        "annotations": [{"image_id": 0, "category_id": 0, "segmentation": [[2, 2, 20, 2, 20, 20]]}]}))
+    data = config_dict(tmp_path, tmp_path / "out")["data"]
+    data.update(slides="*/*.png", case_pattern="(case\\d)/", stain_pattern="(Masson)")
+    config = config_from_dict({**config_dict(tmp_path, tmp_path / "out"), "data": data}, "test")
+    with pytest.raises(ConfigError, match="would both take the outlines of COCO image 'Masson.png'"):
+        find_slides(config.data, config.model.classes, config.source)
 
 
 def test_label_map_and_geojson_sources_give_labels_at_the_model_mpp(tmp_path):

@@ -19,7 +19,7 @@ import yaml
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.model import load_checkpoint, read_model_info
 from cuda_syncs import cuda_syncs
-from glomeruli_dataset import SIZE_PX, config_dict
+from glomeruli_dataset import SIZE_PX, config_dict, make_dataset
 from training.cases import find_slides, split_by_case
 from training.config import config_from_dict, load_config
 from training.dataset import PatchDataset
@@ -81,6 +81,9 @@ def test_bundled_configs_load():
     (lambda d: d["model"]["arguments"].update(decoder_channels=[0, 8, 8, 8, 8]), ">= 1"),
     (lambda d: d["model"]["arguments"].update(decoder_channels=[-8, 8, 8, 8, 8]), ">= 1"),
     (lambda d: d["train"].update(best_metric="glomerulus_dice"), "'<stain or all>/<metric>'"),
+    (lambda d: d["model"].update(class_colours={"tuft": [300, 0, 0]}),  # segment: OverflowError
+     r"model.class_colours.tuft must be .*\[red, green, blue\] from 0 to 255"),
+    (lambda d: d["model"].update(class_colours={"glomerulus": [1, 2, 3]}), "must be a class of"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, change, message):
     data = config_dict(tmp_path, tmp_path / "out")
@@ -151,6 +154,16 @@ def test_slides_split_by_case_and_unannotated_images_left_out(dataset_root, tmp_
     config.data.split.validation_fraction = 0.3
     training, validation = split_by_case(slides, config.data.split)
     assert len(validation) == 2 and not {s.case for s in training} & {s.case for s in validation}
+
+
+def test_slides_without_a_pixel_size_name_the_config_key_that_gives_it(dataset_root, tmp_path):
+    """The slide's own error told to give --mpp, which training has not."""
+    config = config_dict(dataset_root, tmp_path)
+    del config["data"]["slide_mpp"]  # PNG images carry none
+    config = config_from_dict(config, "test")
+    with pytest.raises(ConfigError, match="case0-PAS.png: pixel size unknown; give it with "
+                                          "data.slide_mpp"):
+        find_slides(config.data, config.model.classes, config.source)
 
 
 def test_pixel_size_by_file_name_sets_each_slide_mpp_and_its_labels(dataset_root, tmp_path):
@@ -317,13 +330,52 @@ def test_a_state_saved_by_the_unfused_optimiser_resumes_fused(tmp_path):
     model(torch.randn(3, 4)).sum().backward()
     unfused.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(unfused, lambda step: 1.0)
-    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5)
+    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5, {})
     fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(fused, lambda step: 1.0)
-    assert loop._load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu") == (1, 0.5)
+    assert loop._load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu", {}) == (1, 0.5)
     assert fused.param_groups[0]["fused"] is True
     assert fused.state[model.weight]["step"].dtype == torch.float32
     fused.step()  # the fused kernel takes the loaded state
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"classes": ["tissue", "sclerosis", "tuft"]},  # reordered: trained on silently, head swapped
+     "class_names \\['tissue', 'tuft', 'sclerosis'\\] -> \\['tissue', 'sclerosis', 'tuft'\\]"),
+    ({"classes": ["tissue", "tuft", "sclerosis", "fibrosis"]}, "class_names"),  # a traceback
+])
+def test_resuming_with_another_model_is_refused(dataset_root, tmp_path, change, message):
+    config = config_dict(dataset_root, tmp_path)
+    fit(config_from_dict(config, "test"), stop_at=2)
+    config["model"] |= change
+    with pytest.raises(CheckpointError, match=f"saved by a run of another model \\({message}"):
+        fit(config_from_dict(config, "test"), resume=True)
+
+
+def test_a_split_with_nothing_to_train_on_is_refused_and_one_with_nothing_held_out_warned(
+        dataset_root, tmp_path, caplog):
+    config = config_dict(dataset_root, tmp_path / "all")
+    config["data"]["split"] = {"validation_cases": ["case0", "case1", "case2"]}
+    with pytest.raises(ConfigError, match="holds out every case for validation"):  # a traceback
+        fit(config_from_dict(config, "test"))
+    make_dataset(tmp_path / "one", cases=1)
+    config = config_dict(tmp_path / "one", tmp_path / "out")
+    config["data"]["split"] = {}
+    with caplog.at_level("WARNING"):
+        fit(config_from_dict(config, "test"))  # silently validated on nothing
+    assert "no case held out for validation" in caplog.text
+    assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+def test_classes_the_scorer_does_not_know_are_warned_of(dataset_root, tmp_path, caplog):
+    """A lab's own "glomerulus" class trained without a word, and gave no glomerulus metrics."""
+    config = config_dict(dataset_root, tmp_path)
+    config["model"]["classes"] = ["tissue", "glomerulus"]
+    config["data"]["annotations"]["class_map"] = {"gn": "glomerulus", "gs": "glomerulus"}
+    with caplog.at_level("WARNING"):
+        fit(config_from_dict(config, "test"), stop_at=1)
+    assert "model.classes ['glomerulus'] are not biopsy's classes" in caplog.text
+    assert "model.classes has no glomerular class" in caplog.text
 
 
 def test_validation_csv_holds_each_validated_step_once(dataset_root, tmp_path):

@@ -54,6 +54,12 @@ def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
     except (KeyError, TypeError) as error:
         raise AnnotationError(f"{path}: category or image without 'id'/'name'/'file_name' "
                               f"({error!r})") from error
+    first_id: dict[str, object] = {}
+    for image_id, name in images.items():
+        if first_id.setdefault(name, image_id) != image_id:
+            raise AnnotationError(f"{path}: images {first_id[name]!r} and {image_id!r} are both "
+                                  f"{name!r}; give each image its path relative to data.root, so "
+                                  "that their outlines stay apart")
     by_image: dict[str, list[Annotation]] = {name: [] for name in images.values()}
     for index, entry in enumerate(document["annotations"]):
         where = f"{path}: annotation {index}"

@@ -1,5 +1,6 @@
 """The annotated slides of a data config, and their split into training and validation by case."""
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -7,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from biopsy.errors import ConfigError
+from biopsy.errors import ConfigError, MppError
 from biopsy.geojson import read_annotations
 from biopsy.restain import StainShift
-from biopsy.slide import Slide, open_slide
+from biopsy.slide import Slide, file_stem, open_slide
 from biopsy.stainnorm import is_brightfield, normalising_shift, slide_stain_shift, stain_amounts
 from training.annotations import LabelMapLabels, PolygonLabels, read_coco
 from training.config import DataConfig, SplitConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,28 +91,43 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
     if not paths:
         raise ConfigError(f"{source}: no slides match data.slides {data.slides!r} under {root}")
     coco = read_coco(root / data.annotations.path) if data.annotations.format == "coco" else None
-    found = []
+    found, by_file_name, unannotated = [], {}, []
     for path in paths:
         relative = path.relative_to(root).as_posix()
+        if coco is not None and relative not in coco and path.name in coco:  # matched by name alone
+            other = by_file_name.setdefault(path.name, path)
+            if other != path:
+                raise ConfigError(f"{source}: {other} and {path} would both take the outlines of "
+                                  f"COCO image {path.name!r}; name the images in "
+                                  f"{data.annotations.path} by their paths relative to {root}")
         mpp_override = _mpp_override(data, relative)
-        slide = open_slide(path, mpp=mpp_override)
+        try:
+            slide = open_slide(path, mpp=mpp_override)
+        except MppError:
+            raise ConfigError(f"{source}: {path}: pixel size unknown; give it with data.slide_mpp "
+                              "(or data.slide_mpp_by_path, by path)") from None
         mpp, dimensions, fluorescence = slide.mpp[0], slide.dimensions, slide.is_fluorescence
         slide.close()
         labels = _labels(data, root, path, relative, coco, class_names, mpp)
         if labels is None:
+            unannotated.append(relative)
             continue
         found.append(AnnotatedSlide(path, _match(data.case_pattern, relative, "data.case_pattern", source),
                                     _stain(data.stain_pattern, relative), mpp, dimensions, labels,
                                     mpp_override, fluorescence))
     if not found:
         raise ConfigError(f"{source}: none of the {len(paths)} slides under {root} has annotations")
+    if unannotated:
+        log.warning("%s: %d of the %d slides have no annotations and are left out (e.g. %s; "
+                    "data.annotations.path says where they are looked for)", source,
+                    len(unannotated), len(paths), unannotated[0])
     return found
 
 
 def _labels(data: DataConfig, root: Path, path: Path, relative: str, coco, class_names, mpp):
     annotations = data.annotations
     if annotations.format == "labelmap":
-        label_path = path.parent / annotations.path.format(stem=_stem(path))
+        label_path = path.parent / annotations.path.format(stem=file_stem(path))
         if not label_path.is_file():
             return None  # a slide without truth is not a negative
         return LabelMapLabels(label_path, class_names, annotations.class_map, mpp)
@@ -117,7 +135,7 @@ def _labels(data: DataConfig, root: Path, path: Path, relative: str, coco, class
         polygons = coco.get(relative, coco.get(path.name))
         annotation_path = root / annotations.path
     else:
-        annotation_path = path.parent / annotations.path.format(stem=_stem(path))
+        annotation_path = path.parent / annotations.path.format(stem=file_stem(path))
         polygons = read_annotations(annotation_path) if annotation_path.is_file() else None
     if not polygons and data.require_annotations:
         return None
@@ -132,10 +150,6 @@ def _mpp_override(data: DataConfig, relative: str) -> float | None:
         if re.search(pattern, relative):
             return mpp
     return data.slide_mpp
-
-
-def _stem(path: Path) -> str:
-    return path.name.split(".")[0]
 
 
 def _match(pattern: str, text: str, key: str, source: str) -> str:

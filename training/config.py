@@ -32,7 +32,8 @@ class AnnotationConfig:
     """Where a slide's annotations are and how their classes map to the model's.
 
     ``path``: COCO, one file relative to ``data.root``; GeoJSON and label maps, a template relative to
-    the slide's folder where ``{stem}`` is the slide's file name without suffixes.
+    the slide's folder where ``{stem}`` is the slide's file name without its suffix
+    (``.ome.tif`` as one: ``S19.0001-PAS.ome.tif`` -> ``S19.0001-PAS``).
     ``class_map``: annotation class (COCO category, QuPath classification, label-map class) → model
     class name or ``ignore``; classes not listed keep their name (and must be model classes).
     """
@@ -327,6 +328,10 @@ def _check(config: Config, source: str) -> None:
     unknown = sorted(set(config.loss.class_weights) - set(model.classes))
     if unknown:
         raise ConfigError(f"{source}: loss.class_weights names '{unknown[0]}', not in model.classes")
+    for name, colour in model.class_colours.items():
+        if name not in model.classes or len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+            raise ConfigError(f"{source}: model.class_colours.{name} must be a class of "
+                              f"model.classes with [red, green, blue] from 0 to 255, got {colour}")
     if model.glomerulus_threshold is not None:
         try:
             check_glomerulus_threshold(model.glomerulus_threshold, model.classes)

@@ -12,6 +12,7 @@ import albumentations as A
 import numpy as np
 import torch
 
+from biopsy.errors import ConfigError
 from biopsy.geojson import IGNORE_INDEX
 from training.cases import AnnotatedSlide
 from training.config import IGNORE, ModelConfig, SamplingConfig
@@ -33,7 +34,8 @@ class PatchDataset(torch.utils.data.Dataset):
         self.cells = [_labelled_cells(s, sampling.tissue_mpp, excluded) for s in slides]
         self.cell_weights = np.array([len(c) for c in self.cells], float)
         if self.cell_weights.sum() == 0:
-            raise ValueError("no labelled tissue in any training slide")
+            raise ConfigError("no labelled tissue in any training slide: check data.annotations "
+                              "and data.unannotated (every pixel ignore?)")
         self.cell_weights /= self.cell_weights.sum()
 
     def __len__(self) -> int:

@@ -323,17 +323,35 @@ def metrics_by_stain(counts: dict[str, np.ndarray], class_names: Sequence[str]
 def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str | Path | None = None,
                         objects: list[dict] | None = None, glomerulus_threshold: float | None = None
                         ) -> dict[str, dict[str, float | None]]:
-    """Metrics of a checkpoint on the config's validation cases, or on every slide under ``data_root``
+    """Metrics of a checkpoint on its validation cases, or on every slide under ``data_root``
     (as ``config.evaluate`` says); a row per glomerulus appended to ``objects`` when given.
-    ``glomerulus_threshold`` replaces the checkpoint's (:mod:`biopsy.decision`)."""
+    ``glomerulus_threshold`` replaces the checkpoint's (:mod:`biopsy.decision`).
+
+    Its validation cases: those the checkpoint records, when the data holds them all (a split
+    made again over data that has grown since would hold out cases it trained on); else the
+    config's split (a model trained on other data)."""
     device = _default_device()
     model, info = _load(checkpoint, device, glomerulus_threshold)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
-        slides = split_by_case(slides, config.data.split, config.source)[1]
+        slides = _validation_slides(slides, config, info, checkpoint)
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
     return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, objects=objects)
+
+
+def _validation_slides(slides: list[AnnotatedSlide], config: Config, info: ModelInfo,
+                       checkpoint: str | Path) -> list[AnnotatedSlide]:
+    """The slides of the checkpoint's recorded validation cases, or of the config's split."""
+    split = split_by_case(slides, config.data.split, config.source)[1]
+    recorded = set((info.validation_metrics or {}).get("validation_cases") or ())
+    if not recorded or not recorded <= {s.case for s in slides}:
+        return split
+    if recorded != {s.case for s in split}:
+        log.warning("%s: evaluated on the %d cases it was validated on; the config's split now "
+                    "holds out %d others (the data has changed since)", checkpoint, len(recorded),
+                    len({s.case for s in split} - recorded))
+    return [s for s in slides if s.case in recorded]
 
 
 def evaluate_folds(config: Config, folds: int, objects: list[dict] | None = None,

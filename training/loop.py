@@ -9,6 +9,7 @@ scheduler, step, RNG; loads with ``weights_only=True``), ``last.safetensors`` an
 
 import contextlib
 import csv
+import logging
 import math
 import os
 import time
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from biopsy.atomic import atomic_path, write_text_atomic
-from biopsy.classes import CLASS_COLOURS
+from biopsy.classes import CLASS_COLOURS, CLASS_NAMES, GLOMERULAR_CLASSES
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.heap import keep_freed_memory
 from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
@@ -33,6 +34,8 @@ from training.dataset import PatchDataset, default_object_classes
 from training.ema import ExponentialAverage
 from training.evaluate import check_best_metric, evaluate_slides
 from training.losses import DiceCrossEntropyLoss
+
+log = logging.getLogger(__name__)
 
 
 def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dict | None:
@@ -73,6 +76,14 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     torch.manual_seed(config.seed)
     slides = find_slides(config.data, config.model.classes, config.source)
     training_slides, validation_slides = split_by_case(slides, config.data.split, config.source)
+    if not training_slides:
+        raise ConfigError(f"{config.source}: data.split holds out every case for validation; "
+                          "leave at least one to train on")
+    if rank == 0:
+        _warn_of_unknown_classes(config)
+    if not validation_slides and rank == 0:
+        log.warning("%s: no case held out for validation (one case?): no validation metrics and "
+                    "no best.safetensors, only last.safetensors", config.source)
     check_best_metric(config.train.best_metric, config.model.classes, {s.stain for s in slides},
                       {s.stain for s in validation_slides}, config.source)
     info = model_info(config, _fluorescence(training_slides + validation_slides, config.source))
@@ -90,7 +101,8 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(config))
     start, best = 0, -math.inf
     if resume:
-        start, best = _load_state(output / "state.pt", model, ema, optimiser, scheduler, device)
+        start, best = _load_state(output / "state.pt", model, ema, optimiser, scheduler, device,
+                                  model_identity(info))
     network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     if config.train.compile:
@@ -104,7 +116,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    log = _CsvLog(output / "log.csv", start) if rank == 0 else None
+    csv_log = _CsvLog(output / "log.csv", start) if rank == 0 else None
     if rank == 0:
         _drop_validation_rows_after(output / "validation.csv", start)
     board = _TensorBoardLog(output, start) if rank == 0 and config.train.tensorboard else None
@@ -134,10 +146,10 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         if step % config.train.log_every == 0 or step == last_step:
             mean_loss = _mean_over_ranks(loss.detach(), world)
             elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-            if log is not None:
+            if csv_log is not None:
                 row = (step, mean_loss, scheduler.get_last_lr()[0],
                        config.train.batch_size * world * (step - logged_step) / elapsed, data_wait_s)
-                log.write(*row)
+                csv_log.write(*row)
                 if board is not None:
                     board.write(*row)
             logged_step, data_wait_s = step, 0.0
@@ -153,7 +165,8 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
                 if board is not None:
                     board.validation(step, metrics)
         if rank == 0 and (step % config.train.save_every == 0 or final):
-            _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best)
+            _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best,
+                        model_identity(info))
     progress.close()
     if board is not None:
         board.close()
@@ -161,6 +174,19 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         dist.barrier()
         dist.destroy_process_group()
     return metrics if rank == 0 else None
+
+
+def _warn_of_unknown_classes(config: Config) -> None:
+    """Classes the scorer does not know are segmented but never scored; without a glomerular
+    class there are no glomerulus metrics (and no best checkpoint by one)."""
+    unknown = [name for name in config.model.classes if name not in CLASS_NAMES]
+    if unknown:
+        log.warning("%s: model.classes %s are not biopsy's classes (%s): segmented, never scored; "
+                    "map annotation classes to them with data.annotations.class_map",
+                    config.source, unknown, ", ".join(CLASS_NAMES))
+    if not set(config.model.classes) & set(GLOMERULAR_CLASSES):
+        log.warning("%s: model.classes has no glomerular class (%s): no glomerulus metrics",
+                    config.source, ", ".join(sorted(GLOMERULAR_CLASSES)))
 
 
 def _fluorescence(slides, source: str) -> bool:
@@ -310,10 +336,18 @@ def _drop_validation_rows_after(path: Path, step: int) -> None:
         csv.writer(f).writerows([header, *(r for r in rows if int(r[0]) <= step)])
 
 
-def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: float) -> None:
+def model_identity(info: ModelInfo) -> dict:
+    """What a resumed run must share with the run that saved its state: the model's form and
+    the meaning of its outputs."""
+    return {"architecture": info.architecture, "arguments": info.arguments,
+            "class_names": list(info.class_names), "in_channels": info.in_channels}
+
+
+def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: float,
+                identity: dict) -> None:
     state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "best": best,
-             "rng_cpu": torch.get_rng_state()}
+             "rng_cpu": torch.get_rng_state(), "identity": identity}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if torch.cuda.is_available():
@@ -322,11 +356,20 @@ def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: f
         torch.save(state, temporary)
 
 
-def _load_state(path: Path, model, ema, optimiser, scheduler, device) -> tuple[int, float]:
+def _load_state(path: Path, model, ema, optimiser, scheduler, device, identity: dict
+                ) -> tuple[int, float]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no training state to resume from; run without --resume")
     state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
+    saved = state.get("identity", identity)  # older states did not record it
+    changed = [key for key in identity if saved.get(key) != identity[key]]
+    try:
+        if changed:
+            raise ValueError(", ".join(f"{key} {saved.get(key)} -> {identity[key]}" for key in changed))
+        model.load_state_dict(state["model"])
+    except (ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: saved by a run of another model ({error}); resume with the "
+                              "config that made it, or train into another output_dir") from None
     for group in state["optimiser"]["param_groups"]:  # a state saved unfused: its steps moved
         group["fused"] = True                            # to the device, as fused ones take them
     optimiser.load_state_dict(state["optimiser"])
