@@ -40,13 +40,13 @@ from biopsy.infer import segment_slide  # noqa: E402
 from biopsy.model import load_checkpoint, with_glomerulus_threshold  # noqa: E402
 from biopsy.scorefolder import score_class_map  # noqa: E402
 from biopsy.scoring import load_score_config  # noqa: E402
-from training.cases import find_slides, split_by_case  # noqa: E402
+from training.cases import find_slides  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.__main__ import (add_glomerulus_threshold_argument,  # noqa: E402
                                with_test_time_options)
 from biopsy.classes import glomerular_indices  # noqa: E402
 from training.evaluate import (at_searched_mpp, fold_model, kept_instances,  # noqa: E402
-                               match_instances)
+                               match_instances, validation_slides)
 
 
 def image_counts(annotated, model, info, score_config, device: str, settings) -> np.ndarray:
@@ -98,13 +98,13 @@ def print_table(counts: dict[str, np.ndarray], images: dict[str, int]) -> None:
 
 
 def models_and_slides(args, config):
-    """(model, info, validation slides): the checkpoint's on the config's split, or each fold's on
-    the cases it held out."""
+    """(model, info, validation slides): the checkpoint's on the cases it was validated on (as
+    ``training eval``), or each fold's on the cases it held out."""
     if args.folds is None:
         model, info = load_checkpoint(args.checkpoint, args.device)
         info = with_glomerulus_threshold(info, args.glomerulus_threshold, args.checkpoint)
-        yield model, info, split_by_case(find_slides(config.data, info.class_names, config.source),
-                                         config.data.split, config.source)[1]
+        slides = find_slides(config.data, info.class_names, config.source)
+        yield model, info, validation_slides(slides, config, info, args.checkpoint)
     else:
         for fold in range(args.folds):
             yield fold_model(config, fold, args.folds, args.device, args.glomerulus_threshold)

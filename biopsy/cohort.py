@@ -92,13 +92,14 @@ def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed
 
 def _same_components(rows: list[tuple[str, dict]]) -> tuple[list, list[str] | None, int]:
     """For an index, the patients whose index sums the components most of them share (ties: the
-    most components), those components, and how many patients were left out; other metrics as
-    they are. An index over 2 components pooled with one over 4 would mix scales."""
-    if not rows or "components" not in rows[0][1]:
+    most components, then by name, whatever the patients' order), those components, and how
+    many patients were left out; other metrics as they are. An index over 2 components pooled
+    with one over 4 would mix scales."""
+    if not any("components" in m for _, m in rows):
         return rows, None, 0
-    counts = Counter(tuple(m["components"] or ()) for _, m in rows)
-    chosen = max(counts, key=lambda components: (counts[components], len(components)))
-    kept = [(patient, m) for patient, m in rows if tuple(m["components"] or ()) == chosen]
+    counts = Counter(tuple(m.get("components") or ()) for _, m in rows)
+    chosen = max(counts, key=lambda components: (counts[components], len(components), components))
+    kept = [(patient, m) for patient, m in rows if tuple(m.get("components") or ()) == chosen]
     return kept, list(chosen), len(rows) - len(kept)
 
 

@@ -168,7 +168,7 @@ def test_geojson_beside_a_dotted_slide_name_is_found_and_a_slide_without_is_name
     data.update(slides="*.png", annotations={"format": "geojson", "path": "{stem}.geojson"},
                 case_pattern="(S\\d+\\.\\d+)", stain_pattern="(PAS)")
     config = config_from_dict({**config_dict(tmp_path, tmp_path / "out"), "data": data}, "test")
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         [slide] = find_slides(config.data, config.model.classes, config.source)
     assert slide.case == "S19.0001"
     assert "1 of the 2 slides have no annotations and are left out (e.g. S19.0002-PAS.png" in caplog.text

@@ -70,6 +70,12 @@ def test_an_index_is_pooled_over_patients_whose_index_sums_the_same_components()
     assert [p["patient_id"] for p in index["patients"]] == ["A", "B", "C"]
     assert index["components"] == four and index["patients_left_out"] == 2
     assert index["median_change"] == -5.0 and index["n"] == index["n_nonzero"] == 3
+    # two sets as common and as long: the same choice whatever the patients' order
+    tied = [item for item in cohort if item["patient_id"] in "AD"]
+    other = ["endocapillary_hypercellularity", "interstitial_inflammation"]
+    tied[0]["metrics"][0]["components"] = other
+    chosen = {cohort_statistics(order)[0]["patients"][0]["patient_id"] for order in (tied, tied[::-1])}
+    assert len(chosen) == 1
 
 
 def test_median_interval_is_deterministic_and_brackets_the_median():

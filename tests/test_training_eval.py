@@ -316,7 +316,7 @@ def test_eval_judges_a_checkpoint_on_the_cases_it_was_validated_on(dataset_root,
     from biopsy.model import ModelInfo
     from training.cases import find_slides
     from training.config import config_from_dict
-    from training.evaluate import _validation_slides
+    from training.evaluate import validation_slides
 
     config = config_from_dict(config_dict(dataset_root, dataset_root / "out"), "test")
     config.data.split = replace(config.data.split, validation_cases=None, validation_fraction=0.4)
@@ -324,8 +324,8 @@ def test_eval_judges_a_checkpoint_on_the_cases_it_was_validated_on(dataset_root,
     info = ModelInfo("unet", {}, ["tissue"], {}, 1.0, 64, 3, {"mean": [0.5] * 3, "std": [0.2] * 3})
     info.validation_metrics = {"validation_cases": ["case0"]}
     with caplog.at_level("WARNING"):
-        chosen = _validation_slides(slides, config, info, "model.safetensors")
+        chosen = validation_slides(slides, config, info, "model.safetensors")
     assert {s.case for s in chosen} == {"case0"} and len(chosen) == 2
     assert "evaluated on the 1 cases it was validated on" in caplog.text
     info.validation_metrics = {"validation_cases": ["synth-7"]}  # trained on other data: the split
-    assert {s.case for s in _validation_slides(slides, config, info, "m")} != {"case0"}
+    assert {s.case for s in validation_slides(slides, config, info, "m")} != {"case0"}

@@ -117,10 +117,10 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
                                     mpp_override, fluorescence))
     if not found:
         raise ConfigError(f"{source}: none of the {len(paths)} slides under {root} has annotations")
-    if unannotated:
-        log.warning("%s: %d of the %d slides have no annotations and are left out (e.g. %s; "
-                    "data.annotations.path says where they are looked for)", source,
-                    len(unannotated), len(paths), unannotated[0])
+    if unannotated:  # info: a partly annotated set leaves them out on purpose
+        log.info("%s: %d of the %d slides have no annotations and are left out (e.g. %s; "
+                 "data.annotations.path says where they are looked for)", source,
+                 len(unannotated), len(paths), unannotated[0])
     return found
 
 

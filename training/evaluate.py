@@ -334,13 +334,13 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
     model, info = _load(checkpoint, device, glomerulus_threshold)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
-        slides = _validation_slides(slides, config, info, checkpoint)
+        slides = validation_slides(slides, config, info, checkpoint)
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
     return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, objects=objects)
 
 
-def _validation_slides(slides: list[AnnotatedSlide], config: Config, info: ModelInfo,
+def validation_slides(slides: list[AnnotatedSlide], config: Config, info: ModelInfo,
                        checkpoint: str | Path) -> list[AnnotatedSlide]:
     """The slides of the checkpoint's recorded validation cases, or of the config's split."""
     split = split_by_case(slides, config.data.split, config.source)[1]
