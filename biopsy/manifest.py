@@ -79,7 +79,8 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
             if missing:
                 raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; the header "
-                                    f"needs {', '.join(REQUIRED_COLUMNS)} (optional: stain, mpp)")
+                                    f"needs {', '.join(REQUIRED_COLUMNS)} (optional: "
+                                    f"{', '.join(OPTIONAL_COLUMNS)})")
             reader.fieldnames = columns
             entries = [_parse_row(path, row_number, row)
                        for row_number, row in enumerate(reader, start=2)

@@ -44,8 +44,9 @@ class GlomerulusMeasures:
         the outline of ``M`` (its outer boundary, holes filled), measured by the angle it subtends
         at the centre of ``M``, whose nearest pixel inside ``M`` has that crescent class. The
         outline is the marching-squares contour at level 0.5 of the filled mask, pixels
-        touching at a corner joined (``skimage.measure.find_contours``); each contour segment counts with its signed angle
-        and is given to the mask pixel nearest its midpoint (split equally on a tie). By angle,
+        touching at a corner joined (``skimage.measure.find_contours``); each contour segment
+        counts with its signed angle and is given to the mask pixel nearest its midpoint (split
+        equally on a tie). By angle,
         not length, so that it is the share of the capsule circumference whether or not
         Bowman's space belongs to ``M``: a crescent's radial ends then add nothing. The centre
         is halfway between the centroids of the filled ``M`` and of its non-crescent pixels

@@ -94,11 +94,10 @@ class _OpenSlideReader:
         downsample = self._downsamples[level]
         location = (round(col * downsample), round(row * downsample))
         rgba = np.asarray(self._slide.read_region(location, level, (width, height)))
-        alpha = rgba[..., 3:]
-        if alpha.min() == 255:
+        if rgba[..., 3].min() == 255:
             return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)  # ~4x NumPy's copy of rgba[..., :3]
-        # OpenSlide gives un-premultiplied RGBA, transparent outside the scanned area: composite on white
-        return (255 - ((255 - rgba[..., :3].astype(np.uint16)) * alpha + 127) // 255).astype(np.uint8)
+        # OpenSlide gives un-premultiplied RGBA, transparent outside the scanned area
+        return _on_white_array(rgba, premultiplied=False)
 
     def close(self) -> None:
         self._slide.close()

@@ -24,7 +24,7 @@ from shapely.geometry import Point, Polygon
 from biopsy.errors import ConfigError
 from biopsy.synth.geometry import (angles, exterior_vertices, nuclei_rows, periodic_noise,
                                    points_along, polar_outline, polygon_of, random_points_in)
-from biopsy.synth.glomerulus import Glomerulus, build_glomerulus, endocapillary_nuclei
+from biopsy.synth.glomerulus import LESION_NAMES, Glomerulus, build_glomerulus, endocapillary_nuclei
 from biopsy.synth.profile import LesionProfile
 from biopsy.synth.tubules import (NORMAL_KEEPS, Tubule, build_tubules, calibrate_atrophy,
                                   tubule_cells)
@@ -93,7 +93,7 @@ def build_layout(profile: LesionProfile, seed: int | None = None) -> Layout:
     for k in range(profile.cores):
         length = profile.core_length_mm * 1000 * um * (1.0 if k == 0 else rng.uniform(0.7, 0.95))
         x_centre = margin + core_width / 2 + k * (core_width + gap)
-        cores.append(_core_outline(x_centre, margin, length, core_width, um, rng))
+        cores.append(_core_outline(x_centre, margin, length, core_width, rng))
     core_polygons = [polygon_of(c) for c in cores]
     tissue = shapely.union_all(core_polygons)
 
@@ -167,7 +167,7 @@ def _expected_fibrosis_area(patches, tissue, obstacles, cells, in_patch, atrophi
     return region.area - float(kept.sum())
 
 
-def _core_outline(x_centre: float, top: float, length: float, width: float, um: float, rng) -> np.ndarray:
+def _core_outline(x_centre: float, top: float, length: float, width: float, rng) -> np.ndarray:
     """A needle core: a gently bent band with wavy edges and rounded, ragged ends."""
     t = np.linspace(0, 1, 400)
     y = top + t * length
@@ -186,9 +186,7 @@ def _assign_lesions(profile: LesionProfile, rng) -> list[tuple[str, ...]]:
     Globally sclerosed glomeruli carry no other lesion; crescents and deposits go to the others.
     """
     n = profile.glomeruli
-    count = {name: int(round(getattr(profile, name) * n)) for name in
-             ("global_sclerosis", "segmental_sclerosis", "cellular_crescent", "fibrous_crescent",
-              "hyaline_deposit")}
+    count = {name: int(round(getattr(profile, name) * n)) for name in LESION_NAMES}
     order = rng.permutation(n)
     lesions: list[list[str]] = [[] for _ in range(n)]
     g = count["global_sclerosis"]
