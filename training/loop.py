@@ -74,28 +74,8 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         _summary_writer_class()  # on every rank, so that none waits for one that stopped
     output = Path(config.output_dir)
     torch.manual_seed(config.seed)
-    slides = find_slides(config.data, config.model.classes, config.source)
-    training_slides, validation_slides = split_by_case(slides, config.data.split, config.source)
-    if not training_slides:
-        raise ConfigError(f"{config.source}: data.split holds out every case for validation; "
-                          "leave at least one to train on")
-    if rank == 0:
-        _warn_of_unknown_classes(config)
-    if not validation_slides and rank == 0:
-        log.warning("%s: no case held out for validation (one case?): no validation metrics and "
-                    "no best.safetensors, only last.safetensors", config.source)
-    check_best_metric(config.train.best_metric, config.model.classes, {s.stain for s in slides},
-                      {s.stain for s in validation_slides}, config.source)
-    info = model_info(config, _fluorescence(training_slides + validation_slides, config.source))
-    if config.model.stain_normalisation:
-        info.stain_reference = normalise_stains(training_slides, validation_slides)
-    model = build_model(info.architecture, len(info.class_names), info.in_channels,
-                        encoder_weights=config.model.encoder_weights, **info.arguments)
-    if config.model.init_checkpoint and not resume:
-        message = _load_initial_weights(model, info, Path(config.model.init_checkpoint))
-        if rank == 0:
-            print(message)
-    model = model.to(device, memory_format=torch.channels_last)  # inputs are channels_last too
+    training_slides, validation_slides, info = _slides_and_info(config, rank)
+    model = _model(config, info, device, initialise=not resume, rank=rank)
     ema = ExponentialAverage(model, config.train.ema_decay) if config.train.ema_decay else None
     optimiser = build_optimiser(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(config))
@@ -113,13 +93,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         config.loss.dice_weight, config.loss.ce_weight,
         torch.tensor([config.loss.class_weights.get(c, 1.0) for c in info.class_names], device=device)
         if config.loss.class_weights else None).to(device)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    csv_log = _CsvLog(output / "log.csv", start) if rank == 0 else None
-    if rank == 0:
-        _drop_validation_rows_after(output / "validation.csv", start)
-    board = _TensorBoardLog(output, start) if rank == 0 and config.train.tensorboard else None
+    csv_log, board = _start_logs(config, output, start) if rank == 0 else (None, None)
     progress = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fit", unit="step",
                     mininterval=1.0)  # each redraw took ~7 ms of the main thread on the H200 run
     bf16 = config.train.bf16(device.type)
@@ -134,14 +108,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         target = labels.to(device, non_blocking=True).long()
         with autocast:
             loss = loss_function(network(inputs), target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optim.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
-        optimiser.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
+        _update(loss, model, optimiser, scheduler, ema, config.optim.grad_clip_norm)
         progress.update()
         if step % config.train.log_every == 0 or step == last_step:
             mean_loss = _mean_over_ranks(loss.detach(), world)
@@ -154,7 +121,6 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
                     board.write(*row)
             logged_step, data_wait_s = step, 0.0
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-        final = step == last_step
         if step % config.train.validate_every == 0 or step == config.train.steps:
             evaluated = ema.module if ema is not None else model
             metrics = evaluate_slides(evaluated, info, validation_slides, config.evaluate, device,
@@ -164,7 +130,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
                                          validation_slides)
                 if board is not None:
                     board.validation(step, metrics)
-        if rank == 0 and (step % config.train.save_every == 0 or final):
+        if rank == 0 and (step % config.train.save_every == 0 or step == last_step):
             _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best,
                         model_identity(info))
     progress.close()
@@ -174,6 +140,62 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         dist.barrier()
         dist.destroy_process_group()
     return metrics if rank == 0 else None
+
+
+def _slides_and_info(config: Config, rank: int) -> tuple[list, list, ModelInfo]:
+    """(training slides, validation slides, the checkpoint metadata), the config checked against
+    the data: a case to train on, the best metric, one kind of slide, the stain reference."""
+    slides = find_slides(config.data, config.model.classes, config.source)
+    training_slides, validation_slides = split_by_case(slides, config.data.split, config.source)
+    if not training_slides:
+        raise ConfigError(f"{config.source}: data.split holds out every case for validation; "
+                          "leave at least one to train on")
+    if rank == 0:
+        _warn_of_unknown_classes(config)
+        if not validation_slides:
+            log.warning("%s: no case held out for validation (one case?): no validation metrics "
+                        "and no best.safetensors, only last.safetensors", config.source)
+    check_best_metric(config.train.best_metric, config.model.classes, {s.stain for s in slides},
+                      {s.stain for s in validation_slides}, config.source)
+    info = model_info(config, _fluorescence(training_slides + validation_slides, config.source))
+    if config.model.stain_normalisation:
+        info.stain_reference = normalise_stains(training_slides, validation_slides)
+    return training_slides, validation_slides, info
+
+
+def _model(config: Config, info: ModelInfo, device: torch.device, initialise: bool,
+           rank: int) -> torch.nn.Module:
+    """The model on ``device`` in channels_last memory (as the inputs), from
+    ``model.init_checkpoint`` when ``initialise`` (a fresh run) and the config gives one."""
+    model = build_model(info.architecture, len(info.class_names), info.in_channels,
+                        encoder_weights=config.model.encoder_weights, **info.arguments)
+    if config.model.init_checkpoint and initialise:
+        message = _load_initial_weights(model, info, Path(config.model.init_checkpoint))
+        if rank == 0:
+            print(message)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def _update(loss: torch.Tensor, model, optimiser, scheduler, ema, grad_clip_norm: float) -> None:
+    """One optimisation step from ``loss``: gradients (clipped), weights, learning rate, average."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    optimiser.step()
+    scheduler.step()
+    if ema is not None:
+        ema.update(model)
+
+
+def _start_logs(config: Config, output: Path, start: int):
+    """Rank 0's output folder: config.yaml written, log.csv and validation.csv as they were at
+    ``start``; the CSV log and the TensorBoard one (None unless asked for)."""
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    csv_log = _CsvLog(output / "log.csv", start)
+    _drop_validation_rows_after(output / "validation.csv", start)
+    return csv_log, (_TensorBoardLog(output, start) if config.train.tensorboard else None)
 
 
 def _warn_of_unknown_classes(config: Config) -> None:
