@@ -11,6 +11,7 @@ level.
 """
 
 import math
+import warnings
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -285,7 +286,10 @@ class _ImageReader:
 
     def __init__(self, path: Path):
         try:
-            with PIL.Image.open(path) as image:
+            with warnings.catch_warnings():  # above the limit _check_image refuses it in words
+                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                image = PIL.Image.open(path)
+            with image:
                 self.vendor = (image.format or "image").lower()
                 _check_image(path, image)
                 self._array = np.asarray(_on_white(image))
