@@ -190,6 +190,20 @@ def test_two_slides_matching_one_coco_image_by_file_name_are_refused(tmp_path):
         find_slides(config.data, config.model.classes, config.source)
 
 
+def test_a_coco_image_of_another_size_than_the_slide_is_refused(tmp_path):
+    """Outlines exported from a half-size copy were laid over the full image at half scale."""
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / "case1-PAS.png")
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 0, "file_name": "case1-PAS.png", "width": 30, "height": 20}],
+        "categories": [{"id": 0, "name": "gn"}],
+        "annotations": [{"image_id": 0, "category_id": 0, "segmentation": [[2, 2, 20, 2, 20, 18]]}]}))
+    data = config_dict(tmp_path, tmp_path / "out")["data"]
+    data.update(slides="*.png")
+    config = config_from_dict({**config_dict(tmp_path, tmp_path / "out"), "data": data}, "test")
+    with pytest.raises(ConfigError, match="is 60 x 40 px, its COCO image 30 x 20"):
+        find_slides(config.data, config.model.classes, config.source)
+
+
 def test_label_map_and_geojson_sources_give_labels_at_the_model_mpp(tmp_path):
     truth = np.zeros((40, 60), np.uint8)  # at 2 µm/px
     truth[10:20, 30:50] = 2

@@ -33,6 +33,14 @@ class AnnotatedObject:
     y: float
 
 
+def coco_image_sizes(path: str | Path) -> dict[str, tuple[int, int]]:
+    """(width, height) in pixels of each image of a COCO file (read with :func:`read_coco`
+    first) that states both, by file name."""
+    document = read_json_annotations(Path(path), "COCO file", "export COCO instance JSON")
+    return {str(i["file_name"]): (i["width"], i["height"]) for i in document["images"]
+            if isinstance(i.get("width"), int) and isinstance(i.get("height"), int)}
+
+
 def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
     """Polygons of a COCO instance JSON by image file name (as written in the file).
 

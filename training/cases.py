@@ -13,7 +13,7 @@ from biopsy.geojson import read_annotations
 from biopsy.restain import StainShift
 from biopsy.slide import Slide, file_stem, open_slide
 from biopsy.stainnorm import is_brightfield, normalising_shift, slide_stain_shift, stain_amounts
-from training.annotations import LabelMapLabels, PolygonLabels, read_coco
+from training.annotations import LabelMapLabels, PolygonLabels, coco_image_sizes, read_coco
 from training.config import DataConfig, SplitConfig
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
     if not paths:
         raise ConfigError(f"{source}: no slides match data.slides {data.slides!r} under {root}")
     coco = read_coco(root / data.annotations.path) if data.annotations.format == "coco" else None
+    coco_sizes = coco_image_sizes(root / data.annotations.path) if coco is not None else {}
     found, by_file_name, unannotated = [], {}, []
     for path in paths:
         relative = path.relative_to(root).as_posix()
@@ -108,6 +109,11 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
                               "(or data.slide_mpp_by_path, by path)") from None
         mpp, dimensions, fluorescence = slide.mpp[0], slide.dimensions, slide.is_fluorescence
         slide.close()
+        stated = coco_sizes.get(relative, coco_sizes.get(path.name))
+        if stated is not None and tuple(stated) != tuple(dimensions):
+            raise ConfigError(f"{source}: {path} is {dimensions[0]} x {dimensions[1]} px, its COCO "
+                              f"image {stated[0]} x {stated[1]}: the outlines were drawn on another "
+                              "size of it and would be misplaced; export them from this image")
         labels = _labels(data, root, path, relative, coco, class_names, mpp)
         if labels is None:
             unannotated.append(relative)
