@@ -96,8 +96,8 @@ def run_parts(slide_path, checkpoint, args) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from biopsy.infer import (output_shape_px, prepare_model, shift_stains, shifts_on_device,
-                              tile_probabilities)
+    from biopsy.infer import output_shape_px, prepare_model, shift_stains, shifts_on_device
+    from biopsy.tile_views import tile_probabilities
     from biopsy.labelmap import write_label_map
     from biopsy.model import load_checkpoint
     from biopsy.slide import open_slide, single_threaded_opencv

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from biopsy.infer import tile_probabilities, tissue_tiles
+from biopsy.infer import tissue_tiles
+from biopsy.tile_views import tile_probabilities
 from biopsy.model import ModelInfo
 from biopsy.slide import SCALE_RANGE, Slide, is_slide_mpp
 from biopsy.stitch import output_index

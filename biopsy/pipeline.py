@@ -24,7 +24,8 @@ from torch import nn
 
 from biopsy.classes import class_index
 from biopsy.errors import CheckpointError, DeviceError, TissueError
-from biopsy.infer import check_scales, default_workers, prepare_model, segment_slide
+from biopsy.infer import default_workers, prepare_model, segment_slide
+from biopsy.tile_views import check_scales
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
 from biopsy.model import DEFAULT_CHECKPOINT, ModelInfo, load_checkpoint, read_int8_calibration

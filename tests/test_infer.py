@@ -12,13 +12,13 @@ from torch import nn
 
 import biopsy.infer
 from biopsy.errors import CheckpointError
-from biopsy.infer import (batch_probabilities, default_workers, prepare_model, segment_slide,
-                          segment_slide_bands)
+from biopsy.infer import default_workers, prepare_model, segment_slide, segment_slide_bands
 from biopsy.model import build_model
 from biopsy.pipeline import InferenceOptions, inference_options
 from biopsy.slide import open_slide
 from biopsy.stitch import BandStitcher
 from biopsy.subpixel import inference_unet
+from biopsy.tile_views import batch_probabilities
 from cuda_syncs import cuda_syncs
 from inference_models import (all_tissue, check_positions, constant_model, model_info,
                               position_image, random_cnn, tissue_mask, write_slide)

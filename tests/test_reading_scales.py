@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from biopsy.infer import _onto_tile, batch_probabilities, segment_slide
+from biopsy.infer import segment_slide
+from biopsy.tile_views import _onto_tile, batch_probabilities
 from biopsy.pyramid import write_pyramid
 from biopsy.slide import open_slide
 from biopsy.tiling import TileDataset, make_grid

@@ -17,7 +17,7 @@ import torch
 
 from biopsy.decision import check_glomerulus_threshold
 from biopsy.errors import ConfigError
-from biopsy.infer import check_scales
+from biopsy.tile_views import check_scales
 from biopsy.model import build_model
 from biopsy.mppsearch import check_factors
 from biopsy.resources import read_yaml_mapping

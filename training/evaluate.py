@@ -17,7 +17,8 @@ from biopsy.classes import glomerular_indices
 from biopsy.decision import decide_classes
 from biopsy.geojson import IGNORE_INDEX
 from biopsy.errors import CheckpointError, ConfigError
-from biopsy.infer import batch_probabilities, check_slide_for_model
+from biopsy.infer import check_slide_for_model
+from biopsy.tile_views import batch_probabilities
 from biopsy.model import ModelInfo, load_checkpoint, with_glomerulus_threshold
 from biopsy.mppsearch import most_confident_mpp, searches
 from biopsy.tiling import TileDataset, cell_spans, grid_shape_px, make_grid
@@ -36,7 +37,7 @@ def predict_image(model: torch.nn.Module, info: ModelInfo, tiles: TileDataset, d
     Each pixel takes the class (:func:`biopsy.decision.decide_classes`) of the tile whose centre
     is nearest, so it is never predicted from a tile border; a tile's probabilities are averaged
     over its views at ``tiles.scales`` and, with ``tta``, over mirror images, as in inference
-    (:func:`biopsy.infer.batch_probabilities`).
+    (:func:`biopsy.tile_views.batch_probabilities`).
     """
     grid = tiles.grid
     patch = grid.patch_px
