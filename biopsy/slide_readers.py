@@ -112,12 +112,12 @@ class _TiffLevel:
     """
 
     def __init__(self, array, axes: str, channel_axis: str | None, n_channels: int,
-                 load_whole: bool, alpha: int = 0):
+                 load_whole: bool, alpha: int = 0, palette: np.ndarray | None = None):
         self._array, self._axes, self._channel_axis = array, axes, channel_axis
-        self._load_whole, self._alpha = load_whole, alpha
+        self._load_whole, self._alpha, self._palette = load_whole, alpha, palette
         self._channels = slice(0, n_channels + bool(alpha))
         self.shape = (array.shape[axes.index("Y")], array.shape[axes.index("X")], n_channels)
-        self.dtype = array.dtype
+        self.dtype = array.dtype if palette is None else palette.dtype
         kept = [axis for axis in axes if axis in ("Y", "X", channel_axis)]
         self._order = [kept.index("Y"), kept.index("X")] + ([kept.index(channel_axis)]
                                                           if channel_axis else [])
@@ -131,6 +131,8 @@ class _TiffLevel:
         data = np.transpose(self._array[index], self._order)
         if self._alpha:
             data = _on_white_array(data, premultiplied=self._alpha == ASSOCIATED_ALPHA)
+        if self._palette is not None:
+            return self._palette[data]
         return np.ascontiguousarray(data if self._channel_axis else data[..., None])
 
 
@@ -159,18 +161,19 @@ class _TiffReader:
             raise SlideError(f"{path}: cannot read this TIFF ({error}); the file is damaged, "
                              "truncated or not a TIFF image") from error
         axes = series.axes
-        is_rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4)
+        palette = _palette(series)
+        is_rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4) or palette is not None
         channel_axis = next((axis for axis in "SCI" if axis in axes), None)
         n_channels = 3 if is_rgb else series.shape[axes.index(channel_axis)] if channel_axis else 1
         load_whole = [not level.keyframe.is_tiled and level.nbytes <= _WHOLE_LEVEL_BYTES
                       for level in levels]
         self._levels = [_TiffLevel(array, axes, channel_axis, n_channels, whole,
-                                   _alpha_kind(level) if is_rgb else 0)
+                                   _alpha_kind(level) if is_rgb else 0, palette)
                         for array, whole, level in zip(arrays, load_whole, levels, strict=True)]
         self.reads_regions = not any(load_whole)
         self.level_dimensions = [(level.shape[1], level.shape[0]) for level in self._levels]
         self.is_fluorescence = not is_rgb
-        self.dtype = series.dtype
+        self.dtype = series.dtype if palette is None else palette.dtype
         self.vendor = "qptiff" if self._tiff.is_qpi else "ome-tiff" if self._tiff.is_ome else "tiff"
         self.mpp, self.objective_power, names = _tiff_metadata(self._tiff, series)
         if is_rgb:
@@ -201,6 +204,14 @@ class _TiffReader:
 
     def close(self) -> None:
         self._tiff.close()
+
+
+def _palette(series) -> np.ndarray | None:
+    """The RGB (uint8) of each index of a palette-colour image, or None for any other."""
+    page = series.keyframe
+    if page.photometric != tifffile.PHOTOMETRIC.PALETTE or page.colormap is None or "S" in series.axes:
+        return None
+    return np.ascontiguousarray((np.asarray(page.colormap).T >> 8).astype(np.uint8))
 
 
 def _alpha_kind(level) -> int:

@@ -354,6 +354,20 @@ def test_alpha_is_read_per_pyramid_level(tmp_path):
     assert (slide.read_level(1, 0, 0, 128, 128) == 100).all()
 
 
+def test_a_palette_colour_tiff_is_read_as_its_colours(tmp_path):
+    """It was one channel of indices, taken for fluorescence and refused by brightfield models;
+    its colours against Pillow's reading of the same file."""
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    colormap = rng.integers(0, 65536, (3, 256), dtype=np.uint16)
+    path = tmp_path / "palette.tif"
+    tifffile.imwrite(path, indices, photometric="palette", colormap=colormap)
+    slide = open_slide(path, mpp=0.5)
+    assert slide.channel_names == ["red", "green", "blue"] and not slide.is_fluorescence
+    np.testing.assert_array_equal(slide.read(0, 0, (64, 48), 0.5),
+                                  np.asarray(PIL.Image.open(path).convert("RGB")))
+
+
 def test_a_16_bit_greyscale_image_is_refused_not_read_as_glass(tmp_path):
     path = tmp_path / "grey16.png"
     PIL.Image.fromarray(np.full((50, 60), 30000, np.uint16)).save(path)
