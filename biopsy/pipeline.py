@@ -172,7 +172,8 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                                   overlap=TILE_OVERLAP, tissue=tissue, bf16=_bf16(options.device),
                                   tta=options.tta, scales=options.scales)
         seconds = time.perf_counter() - started
-        require_tissue(class_map.labels, class_map.class_names, slide_path)
+        if not class_map.tile_count:  # no tissue tile: the model saw nothing
+            raise no_tissue(slide_path)
         nuclei_xy, nuclei = _find_nuclei(slide, tissue)
         level0_mpp = slide.mpp[0]
         source = {"kind": "slide", **file_identity(slide_path), "sha256": slide.sha256,
@@ -249,7 +250,9 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
     ``level0_mpp``: µm/px of the slide the map covers, so that the outlines and positions are in
     that slide's level-0 pixels (None: the map's own pixels)."""
     label_map = read_label_map(labels_path)
-    require_tissue(label_map.labels, label_map.class_names, labels_path)
+    background = class_index(label_map.class_names, "background")
+    if background is not None and (label_map.labels == background).all():
+        raise no_tissue(labels_path)
     scored = score_class_map(label_map.labels, label_map.class_names, label_map.mpp, config,
                              level0_mpp=level0_mpp)
     provenance = {"source": {"kind": "label_map", **file_identity(labels_path),
@@ -263,11 +266,9 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
     return scored.scores
 
 
-def require_tissue(labels, class_names, source: str | Path) -> None:
-    """Refuse a class map that is all background: nothing to score (a blank or wrong file)."""
-    if (labels == (class_index(class_names, "background") or 0)).all():  # as the stitcher's
-        raise TissueError(f"{source}: no tissue found (the class map is all background); check "
-                          "that it is the biopsy's slide")
+def no_tissue(source: str | Path) -> TissueError:
+    """The error for a slide, or label map, in which no tissue is found: nothing to score."""
+    return TissueError(f"{source}: no tissue found; check that it is the biopsy's slide")
 
 
 def slide_recipe(info: ModelInfo, config: ScoreConfig, options: InferenceOptions,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +72,28 @@ def test_slides_scored_alike_are_not_flagged_and_otherwise_are(slide_and_model, 
     assert compare.processing_differences(first, same_mpp) == []  # the file's own, typed again
     assert compare.processing_differences(first, other_mpp) == [
         "Pixel size: read from the file at baseline, given by hand at follow-up."]
+
+
+def test_no_tissue_is_refused_by_the_tiles_seen_not_by_class_0(slide_and_model, tmp_path):
+    """Glass alone is no slide to score; but a map all of class 0 from a model without a
+    background class (real-glomeruli.yaml's: tissue, tuft, sclerosis) is all tissue, and was
+    refused as "no tissue"."""
+    from biopsy.errors import TissueError
+    from biopsy.labelmap import write_label_map
+
+    glass = tmp_path / "glass.tif"
+    write_pyramid(glass, [np.full((256, 256, 3), 242, np.uint8)], (256, 256), MPP, style="generic",
+                  compression="zlib", min_level_px=64)
+    model, info, model_path = pipeline.load_model(slide_and_model[1], "cpu")
+    with pytest.raises(TissueError, match="glass.tif: no tissue found"):
+        pipeline.score_slide_file(glass, tmp_path / "glass", model, info, model_path,
+                                  load_score_config())
+    all_tissue = tmp_path / "tissue.ome.tif"
+    names = ("tissue", "tuft", "sclerosis")
+    write_label_map(all_tissue, np.zeros((200, 200), np.uint8), MPP, names,
+                    {n: CLASS_COLOURS[n] for n in names})
+    scores = pipeline.score_label_map_file(all_tissue, tmp_path / "tissue", load_score_config())
+    assert scores["glomeruli"]["count"] == 0
 
 
 def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model, tmp_path):

@@ -329,3 +329,7 @@ def test_eval_judges_a_checkpoint_on_the_cases_it_was_validated_on(dataset_root,
     assert "evaluated on the 1 cases it was validated on" in caplog.text
     info.validation_metrics = {"validation_cases": ["synth-7"]}  # trained on other data: the split
     assert {s.case for s in validation_slides(slides, config, info, "m")} != {"case0"}
+    info.validation_metrics = {"validation_cases": []}  # held out nothing: judged on training cases
+    with caplog.at_level("WARNING"):
+        validation_slides(slides, config, info, "all.safetensors")
+    assert "all.safetensors: validated on no case, so it may have trained on every one" in caplog.text

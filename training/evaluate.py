@@ -336,6 +336,9 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
     if data_root is None:
         slides = validation_slides(slides, config, info, checkpoint)
+    if not slides:
+        raise ConfigError(f"{config.source}: no case to evaluate {checkpoint} on (data.split "
+                          "holds none out); give --data, a folder of cases it was not trained on")
     set_stain_shifts(slides, info.stain_reference)
     bf16 = config.train.bf16(device.type)
     return evaluate_slides(model, info, slides, config.evaluate, device, bf16=bf16, objects=objects)
@@ -345,7 +348,11 @@ def validation_slides(slides: list[AnnotatedSlide], config: Config, info: ModelI
                        checkpoint: str | Path) -> list[AnnotatedSlide]:
     """The slides of the checkpoint's recorded validation cases, or of the config's split."""
     split = split_by_case(slides, config.data.split, config.source)[1]
-    recorded = set((info.validation_metrics or {}).get("validation_cases") or ())
+    validated = (info.validation_metrics or {}).get("validation_cases")
+    if validated == []:
+        log.warning("%s: validated on no case, so it may have trained on every one of these; "
+                    "give --data, a folder of cases it was not trained on", checkpoint)
+    recorded = set(validated or ())
     if not recorded or not recorded <= {s.case for s in slides}:
         return split
     if recorded != {s.case for s in split}:

@@ -212,11 +212,16 @@ def run(args: argparse.Namespace) -> int:
 
     read_manifest(args.manifest)  # a malformed manifest is refused before a model is loaded
     context = distributed_context()
+    interrupted = False
     try:
         failed = run_batch(args.manifest, args.out, make_scorer(args, context.device), context,
                            progress=not args.no_progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: leaving the group would wait for the others
+        interrupted = True
+        raise
     finally:
-        leave_process_group()
+        if not interrupted:
+            leave_process_group()
     if context.rank == 0:
         cohort = json.loads((args.out / "cohort.json").read_text(encoding="utf-8"))
         pairs = [c for c in cohort["comparisons"] if c["follow_up"] is not None]
