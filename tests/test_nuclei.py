@@ -157,7 +157,7 @@ def test_score_slide_counts_nuclei_and_from_labels_does_not(stained, tmp_path, m
     # The model's part is tested in test_pipeline; here it "segments" the truth exactly.
     label_map = read_label_map(folder / "labels.ome.tif")
     truth_map = ClassMap(label_map.labels, label_map.mpp, tuple(label_map.class_names),
-                         label_map.class_colours)
+                         label_map.class_colours, tile_count=1)  # as a model over tissue tiles
     monkeypatch.setattr(pipeline, "segment_slide", lambda *args, **kwargs: truth_map)
     info = ModelInfo("unet", {}, list(label_map.class_names), {}, 1.0, 128, 3, {})
     scores = pipeline.score_slide_file(folder / "slide.svs", tmp_path / "out", None, info,
