@@ -181,6 +181,15 @@ def _clean_up_after_a_kill(folder: Path) -> None:
             os.rename(replaced, folder)
 
 
+def _clean_up_other_kills(out_dir: Path, names: set[str]) -> None:
+    """:func:`_clean_up_after_a_kill` for the folders of rows the manifest no longer has (a run
+    killed while replacing one, its row removed or renamed before this run)."""
+    for leftover in Path(out_dir, "slides").glob(".*-*"):
+        prefix, _, name = leftover.name.partition("-")
+        if prefix in (".partial", ".replaced") and name not in names:
+            _clean_up_after_a_kill(leftover.with_name(name))
+
+
 def score_shard(entries: list[ManifestEntry], out_dir: Path, score: Scorer,
                 rank: int = 0, progress: bool = True) -> list[SlideStatus]:
     """Score this rank's slides one by one; a failure is recorded and the next slide goes on."""
@@ -261,6 +270,8 @@ def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,
     """
     out_dir = Path(out_dir)
     entries = read_manifest(manifest_path)
+    if context.rank == 0:  # the other ranks touch only the manifest's own folder names
+        _clean_up_other_kills(out_dir, {e.folder_name for e in entries})
     shard = entries[context.rank::context.world_size]
     statuses = score_shard(shard, out_dir, score, context.rank, progress)
     wait_for_all_ranks(context)

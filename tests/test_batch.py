@@ -227,6 +227,15 @@ def test_a_run_killed_between_replacing_renames_keeps_the_old_folder(cohort, tmp
     assert run_batch(cohort, out, FailingScorer(markers, "P2_post_p2-post"), progress=False) == 0
     assert (slides / "P2_post_p2-post" / "summary.json").read_bytes() == old  # put back, kept
     assert not [p.name for p in slides.iterdir() if p.name.startswith(".")]
+    # killed so, then the row renamed in the manifest before the rerun: left for nobody
+    os.rename(slides / "P3_post_p3-post", slides / ".replaced-P3_post_p3-post")
+    shutil.copytree(slides / ".replaced-P3_post_p3-post", slides / ".partial-P3_post_p3-post")
+    without = cohort.parent / "without-p3-post.csv"  # beside the label maps it names
+    without.write_text("".join(line for line in cohort.read_text().splitlines(keepends=True)
+                               if not line.startswith("P3,post")))
+    assert run_batch(without, out, CountingScorer(markers), progress=False) == 0
+    assert (slides / "P3_post_p3-post" / "summary.json").is_file()  # put back
+    assert not [p.name for p in slides.iterdir() if p.name.startswith(".")]
     # killed after the new folder took its name: the old one is removed
     shutil.copytree(slides / "P1_pre_p1-pre", slides / ".replaced-P1_pre_p1-pre")
     assert run_batch(cohort, out, CountingScorer(markers), progress=False) == 0
