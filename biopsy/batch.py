@@ -150,10 +150,9 @@ def score_into_folder(entry: ManifestEntry, out_dir: Path, score: Scorer) -> Non
     the final name (incomplete, or scored another way). A slide that fails leaves that as it was.
     """
     folder = slide_folder(out_dir, entry)
+    _clean_up_after_a_kill(folder)  # a .replaced- folder put back, not removed, where it is all
     partial = folder.with_name(f".partial-{folder.name}")
     replaced = folder.with_name(f".replaced-{folder.name}")
-    for leftover in (partial, replaced):  # left by a run killed while scoring this slide
-        shutil.rmtree(leftover, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         score(entry, partial)
