@@ -23,6 +23,7 @@ import collections
 import logging
 import numbers
 import os
+import platform
 from collections.abc import Callable, Iterator
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -201,6 +202,9 @@ def _run(slide, model, info, *, batch_size=16, workers=None, device="cpu", outpu
         raise ValueError(f"output_mpp must be from {low:g} to {high:g} µm/px (None: the "
                          f"model's), got {output_mpp!r}")
     output_mpp = output_mpp or info.input_mpp
+    if bf16 and emulates_bf16(device):
+        log.warning("bf16 on this CPU, which has no bfloat16 instructions: the model runs ~10x "
+                    "slower than in float32 (leave --bf16 out)")
     stain_later = measures_stain_later(device)
     tissue, tiles = tissue_tiles(slide, info, overlap, tissue, scales,
                                  measure_stain=not stain_later)
@@ -233,6 +237,18 @@ def default_workers(device: str | torch.device) -> int:
     beside them only slow it (2 cores: 2.3-2.6 -> 1.9-2.0 s for the quick benchmark slide
     without them, 10.5 -> 9.8-10.2 s for a 7.8 mm core, whose reading takes 0.2 s of it)."""
     return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+
+
+def emulates_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` is a CPU without bfloat16 instructions, where bf16 autocast is emulated
+    and slower than float32: an x86 CPU without AVX-512 BF16 or AMX (oneDNN takes any AVX-512 for
+    bf16 support), another CPU where oneDNN says so. On a 2-core AVX2 EPYC the bundled model took
+    ~800 ms a tile in bf16 against ~72 in float32 (``benchmarks/subpixel.py``)."""
+    if torch.device(device).type != "cpu":
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def measures_stain_later(device: torch.device) -> bool:

@@ -3,7 +3,10 @@
 import copy
 import logging
 import os
+import platform
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ from torch import nn
 
 import biopsy.infer
 from biopsy.errors import CheckpointError
-from biopsy.infer import default_workers, prepare_model, segment_slide, segment_slide_bands
+from biopsy.infer import (default_workers, emulates_bf16, prepare_model, segment_slide,
+                          segment_slide_bands)
 from biopsy.model import build_model
 from biopsy.pipeline import InferenceOptions, inference_options
 from biopsy.slide import open_slide
@@ -354,6 +358,26 @@ def test_slide_without_tissue_gives_background_and_a_warning(noise_slide, caplog
     assert result.tile_count == 0 and result.labels.shape == (300, 420)
     assert not result.labels.any() and (result.probabilities[0] == 255).all()
     assert not result.probabilities[1:].any()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or platform.machine() != "x86_64",
+                    reason="reads the x86 CPU flags of Linux")
+def test_bf16_counts_as_emulated_where_the_cpu_flags_lack_bf16_instructions():
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[1].split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert emulates_bf16("cpu") is not native and emulates_bf16(torch.device("cpu")) is not native
+    assert not emulates_bf16("cuda")
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_a_warning(noise_slide, caplog, monkeypatch):
+    monkeypatch.setattr(biopsy.infer, "emulates_bf16", lambda device: True)
+    empty = tissue_mask(np.zeros((30, 42), bool), 10.0, noise_slide)
+    with caplog.at_level(logging.WARNING):
+        segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64), workers=0, tissue=empty)
+        assert "bf16" not in caplog.text
+        segment_slide(noise_slide, random_cnn(3), model_info(3, 1.0, 64), workers=0, tissue=empty,
+                      bf16=True)
+    assert "no bfloat16 instructions" in caplog.text and "10x slower" in caplog.text
 
 
 def test_channel_mismatch_is_a_clear_error(noise_slide):

@@ -14,7 +14,8 @@ from biopsy.errors import ConfigError
 from biopsy.model import read_model_info
 from glomeruli_dataset import SIZE_PX, config_dict
 from training.cases import find_slides, split_by_case
-from training.config import config_from_dict, load_config
+import training.config
+from training.config import TrainConfig, config_from_dict, load_config
 from training.dataset import PatchDataset
 from training.augment import build_augmentation
 from training import loop
@@ -128,6 +129,29 @@ def test_a_best_metric_this_validation_does_not_give_is_a_warning(dataset_root, 
     settings = config_dict(dataset_root, tmp_path / "zero", steps=1, ema_decay=0)
     settings["optim"]["grad_clip_norm"] = 0  # 0 turns each off, as null does
     fit(config_from_dict(settings, "test"))
+
+
+def test_auto_precision_is_bf16_where_the_device_has_bf16_instructions(monkeypatch):
+    monkeypatch.setattr(training.config, "emulates_bf16", lambda device: device == "cpu")
+    train = TrainConfig(steps=1)
+    assert train.precision == "auto" and train.bf16("cuda") and not train.bf16("cpu")
+    assert replace(train, precision="bf16").bf16("cpu")
+    assert not replace(train, precision="fp32").bf16("cuda")
+    monkeypatch.setattr(training.config, "emulates_bf16", lambda device: False)
+    assert train.bf16("cpu")
+
+
+def test_bf16_asked_on_a_cpu_that_emulates_it_is_a_warning(dataset_root, tmp_path, caplog,
+                                                            monkeypatch):
+    monkeypatch.setattr(loop, "emulates_bf16", lambda device: True)
+    data = config_dict(dataset_root, tmp_path, steps=1)
+    data["train"]["precision"] = "fp32"
+    with caplog.at_level("WARNING"):
+        fit(config_from_dict(data, "test"))
+        assert "bfloat16" not in caplog.text
+        data["train"]["precision"] = "bf16"
+        fit(config_from_dict(data, "test"))
+    assert "train.precision bf16 on this CPU, which has no bfloat16 instructions" in caplog.text
 
 
 def test_slides_split_by_case_and_unannotated_images_left_out(dataset_root, tmp_path):

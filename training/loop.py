@@ -25,6 +25,7 @@ from biopsy.atomic import atomic_path, write_text_atomic
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES, GLOMERULAR_CLASSES
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.heap import keep_freed_memory
+from biopsy.infer import emulates_bf16
 from biopsy.model import ModelInfo, build_model, load_checkpoint, save_checkpoint
 from biopsy.slide import single_threaded_opencv
 from training.augment import build_augmentation
@@ -97,6 +98,9 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     progress = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fit", unit="step",
                     mininterval=1.0)  # each redraw took ~7 ms of the main thread on the H200 run
     bf16 = config.train.bf16(device.type)
+    if bf16 and emulates_bf16(device) and rank == 0:
+        log.warning("%s: train.precision bf16 on this CPU, which has no bfloat16 instructions: "
+                    "~10x slower than float32 (precision: auto picks what is fast)", config.source)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     batches = iter(loader)
     metrics, timer, logged_step, data_wait_s = None, time.perf_counter(), start, 0.0
