@@ -3,7 +3,7 @@
 Per metric, over the patients whose comparison compared it (assessed at both timepoints, an index
 over the same components at both; verdict not "not assessed"): n, the paired Wilcoxon
 signed-rank test (two-sided, zero differences dropped as in Wilcoxon's original method), the median
-change with a 95% percentile-bootstrap interval (patients resampled, fixed seed), the number of
+change with a distribution-free 95% interval (order statistics; none under 6 patients), the number of
 patients whose own verdict was improved / unchanged / worsened, and Benjamini-Hochberg q-values
 across the metrics tested. ``cohort.html`` shows them with a slope chart per metric.
 """
@@ -15,20 +15,18 @@ from scipy import stats
 
 from biopsy.report import VERDICT_COLOURS, VERDICT_DASHES, e, number, page
 
-BOOTSTRAP_REPLICATES = 2000
-BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 
 
-def median_interval(differences: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES,
-                    seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the median of ``differences`` (patients resampled)."""
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, len(differences), size=(replicates, len(differences)))
-    medians = np.median(differences[samples], axis=1)
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(medians, [tail, 100 - tail])
-    return float(low), float(high)
+def median_interval(differences: np.ndarray) -> tuple[float, float] | None:
+    """Distribution-free 95% interval of the median of ``differences``: the pair of order
+    statistics whose ranks the binomial distribution gives (scipy's ``quantile_test``), which
+    holds the median with at least 95% probability whatever the distribution. None under 6
+    patients, where no pair does (the widest, min to max, holds it with 1 - 2 / 2**n < 95%); a
+    percentile bootstrap there gives intervals that hold it less often than they say."""
+    result = stats.quantile_test(np.asarray(differences, float), q=0, p=0.5)
+    low, high = result.confidence_interval(CONFIDENCE)
+    return (float(low), float(high)) if np.isfinite([low, high]).all() else None
 
 
 def wilcoxon_signed_rank(differences: np.ndarray) -> tuple[float | None, float | None]:
@@ -40,8 +38,7 @@ def wilcoxon_signed_rank(differences: np.ndarray) -> tuple[float | None, float |
     return float(result.statistic), float(result.pvalue)
 
 
-def cohort_statistics(comparisons: list[dict], replicates: int = BOOTSTRAP_REPLICATES,
-                      seed: int = BOOTSTRAP_SEED) -> list[dict]:
+def cohort_statistics(comparisons: list[dict]) -> list[dict]:
     """Per-metric statistics over comparisons of distinct patients (``comparison.json`` dicts).
 
     Returns one dict per metric, in the order of the first comparison, with the per-patient
@@ -51,12 +48,12 @@ def cohort_statistics(comparisons: list[dict], replicates: int = BOOTSTRAP_REPLI
     if len(set(patients)) != len(patients):
         raise ValueError("cohort statistics need one comparison per patient")
     names = list(dict.fromkeys(m["name"] for c in comparisons for m in c["metrics"]))
-    results = [_metric_statistics(name, comparisons, replicates, seed) for name in names]
+    results = [_metric_statistics(name, comparisons) for name in names]
     _add_q_values(results)
     return results
 
 
-def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed: int) -> dict:
+def _metric_statistics(name: str, comparisons: list[dict]) -> dict:
     rows = []
     for comparison in comparisons:
         metric = next((m for m in comparison["metrics"] if m["name"] == name), None)
@@ -66,7 +63,6 @@ def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed
     rows, components, left_out = _same_components(rows)
     differences = np.array([m["follow_up"] - m["baseline"] for _, m in rows], dtype=float)
     statistic, p_value = wilcoxon_signed_rank(differences) if rows else (None, None)
-    low, high = median_interval(differences, replicates, seed) if rows else (None, None)
     verdicts = [m["verdict"] for _, m in rows]
     return {
         "name": name,
@@ -81,7 +77,7 @@ def _metric_statistics(name: str, comparisons: list[dict], replicates: int, seed
         "wilcoxon_statistic": statistic,
         "p_value": p_value,
         "median_change": float(np.median(differences)) if rows else None,
-        "median_change_ci": [low, high] if rows else None,
+        "median_change_ci": list(median_interval(differences) or ()) or None,
         "patients_improved": verdicts.count("improved"),
         "patients_unchanged": verdicts.count("unchanged"),
         "patients_worsened": verdicts.count("worsened"),
@@ -119,7 +115,8 @@ def render_cohort(cohort: dict) -> str:
     sections = ["<h1>Cohort: baseline against follow-up</h1>",
                 "<p>Per metric over the patients whose comparison compared it: paired Wilcoxon "
                 "signed-rank test (two-sided), Benjamini-Hochberg q-value across the metrics of a "
-                "group, median change (follow-up − baseline) with its 95% bootstrap interval. "
+                "group, median change (follow-up − baseline) with its distribution-free 95% interval "
+                "(order statistics; none under 6 patients). "
                 "Thin lines: one patient each, by that patient's own verdict (improved: solid "
                 "blue, worsened: dashed orange, unchanged: dotted grey); thick black line: the "
                 "medians. Lower is better for every metric. An index is pooled over the patients "
@@ -157,7 +154,8 @@ def _slope_chart(m: dict, width: int = 250, height: int = 210) -> str:
             f'<text x="60" y="{height - 12}" text-anchor="middle" font-size="11">baseline</text>'
             f'<text x="{width - 60}" y="{height - 12}" text-anchor="middle" font-size="11">follow-up</text>')
     ci = m["median_change_ci"]
-    interval = f" [{number(ci[0])}, {number(ci[1])}]" if ci else ""
+    interval = (f" [{number(ci[0])}, {number(ci[1])}]" if ci else
+                " (no 95% interval under 6 patients)" if m["n"] else "")
     p_value = "—" if m["p_value"] is None else f"{m['p_value']:.3g}"
     q_value = "—" if m["q_value"] is None else f"{m['q_value']:.3g}"
     zero = m["n"] - m.get("n_nonzero", m["n"])

@@ -28,8 +28,9 @@ def add_parser(subparsers) -> None:
         "worker processes per slide reading its tiles, then tracing the outlines of "
         f"objects.geojson (0: the main process does it; {WORKERS_DEFAULT})"))
     precision.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                           help="bfloat16 autocast (default: on CUDA only; on CPUs with native "
-                                "bf16 --bf16 is ~2x faster, a few border pixels may change)")
+                           help="bfloat16 autocast (default: on CUDA only; on CPUs with bfloat16 "
+                                "instructions, AVX-512 BF16 or AMX, --bf16 is ~2x faster, a few "
+                                "border pixels may change; elsewhere it is emulated, ~10x slower)")
     add_device_argument(parser)
     parser.add_argument("--output-mpp", type=slide_mpp, metavar="X",
                         help="µm/px of the class map (default: the model's input mpp)")
