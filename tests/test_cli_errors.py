@@ -113,6 +113,24 @@ def test_an_empty_or_file_output_folder_is_refused(name, svs_path, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+@pytest.mark.parametrize("name", ["segment", "score", "compare"])
+def test_a_synthetic_slide_folder_is_not_an_output_folder(name, svs_path, tmp_path, capsys):
+    """segment and score write labels.ome.tif where the synthetic slide keeps its truth's, and
+    compare writes baseline/ and follow_up/ as a synthetic pair names its slides."""
+    pair = tmp_path / "pair"
+    for folder in (pair / "baseline", pair / "follow_up"):
+        folder.mkdir(parents=True)
+        (folder / "truth.json").write_text("{}")
+        (folder / "labels.ome.tif").write_bytes(b"truth")
+    inputs = [str(svs_path)] * (2 if name == "compare" else 1)
+    for out in (pair / "baseline", pair):
+        with pytest.raises(SystemExit) as exit_:
+            main([name, *inputs, "--out", str(out)])
+        message = capsys.readouterr().err
+        assert exit_.value.code == 2 and "holds a synthetic slide's truth" in message
+    assert (pair / "baseline" / "labels.ome.tif").read_bytes() == b"truth"
+
+
 BAD_OPTIONS = [
     ("segment", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
     ("segment", ["--workers", "-1"], "argument --workers: '-1' is not a whole number >= 0"),

@@ -99,6 +99,20 @@ def output_folder(text: str) -> Path:
     return Path(text)
 
 
+def results_folder(text: str) -> Path:
+    """An argparse type: an :func:`output_folder` that is not a synthetic slide's folder, nor a
+    pair's (``biopsy synth``: its truth.json beside the labels.ome.tif that segment and score
+    write, in baseline/ and follow_up/ where compare writes them)."""
+    path = output_folder(text)
+    truth = next((p for p in (path / "truth.json", *path.glob("*/truth.json")) if p.is_file()),
+                 None)
+    if truth:
+        raise argparse.ArgumentTypeError(
+            f"{path} holds a synthetic slide's truth ({truth}), whose labels.ome.tif the "
+            "results would replace; give another folder")
+    return path
+
+
 def output_file(text: str) -> Path:
     """An argparse type: a file to write, not an empty path nor an existing folder."""
     if not text.strip():
