@@ -100,10 +100,11 @@ def _slides_line(comparison: dict) -> str:
     boot = comparison["bootstrap"]
     return ("<table><tr><th>biopsy</th><th>scored folder</th><th>source</th><th>glomeruli</th>"
             "<th>adequacy</th><th>cortex tiles</th></tr>" + "".join(rows) + "</table>"
-            f"<p>Difference = follow-up − baseline; lower is better for every metric. Interval: "
-            f"{boot['confidence']:.0%} percentile bootstrap, {boot['replicates']} replicates, seed "
-            f"{boot['seed']}; {e(boot['resampled'])}. A metric improved (worsened) when its interval "
-            "lies wholly below (above) zero.</p>")
+            f"<p>Difference = follow-up − baseline; lower is better for every metric. Interval "
+            f"({boot['confidence']:.0%}): for a share of glomeruli with a lesion, Newcombe's hybrid "
+            f"score interval; otherwise a percentile bootstrap, {boot['replicates']} replicates, "
+            f"seed {boot['seed']}; {e(boot['resampled'])}. A metric improved (worsened) when its "
+            "interval lies wholly below (above) zero.</p>")
 
 
 def _processing_differences(comparison: dict) -> str:

@@ -108,6 +108,47 @@ def test_interval_width_matches_binomial_theory():
     assert (row["ci_high"] - row["ci_low"]) / 2 == pytest.approx(1.96 * np.sqrt(0.5 / 100) * 100, rel=0.1)
 
 
+def shares(present: int, total: int) -> np.ndarray:
+    return np.arange(total) < present
+
+
+def test_share_intervals_are_newcombes_published_ones():
+    """Newcombe, Stat Med 1998;17:873, Table II, method 10 (56/70 - 48/80, 9/10 - 3/10,
+    5/56 - 0/29), here follow-up minus baseline."""
+    for (x1, n1, x2, n2), expected in (((48, 80, 56, 70), (5.24, 33.39)),
+                                       ((3, 10, 9, 10), (17.05, 80.90)),
+                                       ((0, 29, 5, 56), (-3.81, 19.26))):
+        interval = compare.proportion_difference_interval(shares(x1, n1), shares(x2, n2))
+        assert interval == pytest.approx(expected, abs=0.006)
+
+
+def test_few_glomeruli_give_wide_share_intervals_and_rarely_a_verdict_by_chance():
+    """A bootstrap of one glomerulus, or of 0 of 3, is a single value: 0 of 1 against 1 of 1
+    was "worsened" with [100, 100], and with one glomerulus against ten, the same lesion rate at
+    both biopsies gave a verdict in ~60% of patients."""
+    def crescents(present, total):
+        return [GlomerulusMeasures(i, 0, 0, 2e4, 160, 0, 0.3 * (i < present), 0, 0.3 * (i < present),
+                                   0, 0) for i in range(total)]
+    one, none = (compare.slide_sample(crescents(k, 1), [], CLASS_NAMES, CONFIG) for k in (1, 0))
+    row = next(r for r in compare.compare_samples(none, one) if r["name"] == "cellular_crescents")
+    assert row["verdict"] == "unchanged" and row["ci_low"] < -10 and row["ci_high"] == 100
+    rng = np.random.default_rng(0)
+    verdicts = [compare.verdict(*compare.proportion_difference_interval(rng.random(1) < 0.3,
+                                                                        rng.random(10) < 0.3))
+                for _ in range(2000)]
+    assert verdicts.count("unchanged") / len(verdicts) >= 0.93
+
+
+@pytest.mark.parametrize("seed", [2, 6])  # interpolated: [-3.025, 2] and [-3, 3.025]
+def test_index_intervals_are_whole_points(seed):
+    rng = np.random.default_rng(seed)
+    base, follow = (compare.slide_sample(*random_slide(rng, glomeruli=12, tiles=40), CLASS_NAMES,
+                                         CONFIG) for _ in range(2))
+    for row in compare.compare_samples(base, follow):
+        if row["name"].endswith("_index"):
+            assert float(row["ci_low"]).is_integer() and float(row["ci_high"]).is_integer()
+
+
 @pytest.fixture(scope="module")
 def shifted(tmp_path_factory):
     """Activity falls (deposits, crescents cleared) while chronicity rises (sclerosis, fibrosis)."""
