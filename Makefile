@@ -49,7 +49,7 @@ tia-venv: venv
 	$(TIA_VENV)/bin/pip install --quiet --no-deps tiatoolbox==2.1.3
 	$(TIA_VENV)/bin/pip install --quiet -c $(TIA_VENV)/constraints.txt aiohttp click dask \
 		defusedxml joblib matplotlib numba pandas psutil scikit-learn zarr timm huggingface-hub \
-		transformers umap-learn glymur simpleitk
+		transformers umap-learn glymur simpleitk requests universal-pathlib
 
 clean:
 	rm -rf $(VENV) $(TIA_VENV) demo-output .pytest_cache
