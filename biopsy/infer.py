@@ -248,7 +248,8 @@ def emulates_bf16(device: str | torch.device) -> bool:
         return False
     if platform.machine().lower() in ("x86_64", "amd64"):
         return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return not (torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def measures_stain_later(device: torch.device) -> bool:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from biopsy.cli import main
+from biopsy.cli.batch import comparison_folder, results_folder
 
 
 @pytest.fixture
@@ -120,15 +121,18 @@ def test_a_synthetic_slide_folder_is_not_an_output_folder(name, svs_path, tmp_pa
     pair = tmp_path / "pair"
     for folder in (pair / "baseline", pair / "follow_up"):
         folder.mkdir(parents=True)
-        (folder / "truth.json").write_text("{}")
+        (folder / "truth.geojson").write_text("{}")  # truth.json comes last: half written
         (folder / "labels.ome.tif").write_bytes(b"truth")
     inputs = [str(svs_path)] * (2 if name == "compare" else 1)
-    for out in (pair / "baseline", pair):
-        with pytest.raises(SystemExit) as exit_:
-            main([name, *inputs, "--out", str(out)])
-        message = capsys.readouterr().err
-        assert exit_.value.code == 2 and "holds a synthetic slide's truth" in message
+    refused = pair if name == "compare" else pair / "baseline"
+    with pytest.raises(SystemExit) as exit_:
+        main([name, *inputs, "--out", str(refused)])
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2 and "would replace the truth labels.ome.tif" in message
     assert (pair / "baseline" / "labels.ome.tif").read_bytes() == b"truth"
+    other = pair / "baseline" if name == "compare" else pair  # writes beside the slides, not over
+    assert {"compare": comparison_folder, "segment": results_folder,
+            "score": results_folder}[name](str(other)) == other
 
 
 BAD_OPTIONS = [

@@ -99,17 +99,29 @@ def output_folder(text: str) -> Path:
     return Path(text)
 
 
+SYNTHETIC_TRUTH_FILES = ("truth.json", "truth.geojson")  # biopsy synth writes them beside its slide
+
+
 def results_folder(text: str) -> Path:
-    """An argparse type: an :func:`output_folder` that is not a synthetic slide's folder, nor a
-    pair's (``biopsy synth``: its truth.json beside the labels.ome.tif that segment and score
-    write, in baseline/ and follow_up/ where compare writes them)."""
-    path = output_folder(text)
-    truth = next((p for p in (path / "truth.json", *path.glob("*/truth.json")) if p.is_file()),
-                 None)
-    if truth:
-        raise argparse.ArgumentTypeError(
-            f"{path} holds a synthetic slide's truth ({truth}), whose labels.ome.tif the "
-            "results would replace; give another folder")
+    """An argparse type: an :func:`output_folder` that is not a synthetic slide's folder
+    (``biopsy synth``), whose truth labels.ome.tif segment and score would replace."""
+    return _not_synthetic(output_folder(text), ".")
+
+
+def comparison_folder(text: str) -> Path:
+    """An argparse type: an :func:`output_folder` whose baseline/ and follow_up/, where compare
+    scores the two slides, are not a synthetic pair's slide folders."""
+    return _not_synthetic(output_folder(text), "baseline", "follow_up")
+
+
+def _not_synthetic(path: Path, *folders: str) -> Path:
+    for folder in folders:
+        truth = next((path / folder / name for name in SYNTHETIC_TRUTH_FILES
+                      if (path / folder / name).is_file()), None)
+        if truth:
+            raise argparse.ArgumentTypeError(
+                f"{path} would replace the truth labels.ome.tif of the synthetic slide in "
+                f"{(path / folder).resolve()} ({truth.name} there); give another folder")
     return path
 
 

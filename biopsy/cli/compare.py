@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from biopsy.cli.batch import (add_device_argument, add_scoring_arguments, count, make_scorer,
-                              results_folder, slide_mpp)
+                              comparison_folder, slide_mpp)
 from biopsy.errors import BiopsyError
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
                     "Writes comparison.json, comparison.csv and report.html to --out.")
     parser.add_argument("baseline", type=Path, metavar="PRE")
     parser.add_argument("follow_up", type=Path, metavar="POST")
-    parser.add_argument("--out", type=results_folder, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--out", type=comparison_folder, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--patient", default="", metavar="ID", help="patient id for the report")
     parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or standing in for) the files'")
