@@ -132,6 +132,7 @@ def test_few_glomeruli_give_wide_share_intervals_and_rarely_a_verdict_by_chance(
     one, none = (compare.slide_sample(crescents(k, 1), [], CLASS_NAMES, CONFIG) for k in (1, 0))
     row = next(r for r in compare.compare_samples(none, one) if r["name"] == "cellular_crescents")
     assert row["verdict"] == "unchanged" and row["ci_low"] < -10 and row["ci_high"] == 100
+    assert row["interval"] == compare.NEWCOMBE and row["resampled"] == "none"
     rng = np.random.default_rng(0)
     verdicts = [compare.verdict(*compare.proportion_difference_interval(rng.random(1) < 0.3,
                                                                         rng.random(10) < 0.3))
