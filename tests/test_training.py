@@ -130,6 +130,20 @@ def test_resume_continues_the_loss_curve_exactly(dataset_root, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_resume_in_another_precision_is_a_warning(tmp_path, caplog):
+    """precision auto resolves by machine: a run saved in bf16 on a CPU with bf16 instructions
+    and resumed on one without goes on in float32, its loss curve no longer continued exactly."""
+    model = torch.nn.Linear(4, 2)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
+    loop._save_state(tmp_path / "state.pt", model, None, optimiser, scheduler, 1, 0.5, {}, "bf16")
+    with caplog.at_level("WARNING"):
+        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "bf16")
+        assert not caplog.text
+        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "fp32")
+    assert "saved by a run in bf16, resumed in fp32" in caplog.text
+
+
 def test_a_state_saved_by_the_unfused_optimiser_resumes_fused(tmp_path):
     """state.pt of earlier versions holds "fused": None, which load_state_dict put over ours."""
     torch.manual_seed(0)
@@ -138,10 +152,11 @@ def test_a_state_saved_by_the_unfused_optimiser_resumes_fused(tmp_path):
     model(torch.randn(3, 4)).sum().backward()
     unfused.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(unfused, lambda step: 1.0)
-    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5, {})
+    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5, {}, "fp32")
     fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(fused, lambda step: 1.0)
-    assert loop._load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu", {}) == (1, 0.5)
+    assert loop._load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu", {},
+                            "fp32") == (1, 0.5)
     assert fused.param_groups[0]["fused"] is True
     assert fused.state[model.weight]["step"].dtype == torch.float32
     fused.step()  # the fused kernel takes the loaded state

@@ -74,6 +74,11 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     if config.train.tensorboard:
         _summary_writer_class()  # on every rank, so that none waits for one that stopped
     output = Path(config.output_dir)
+    bf16 = config.train.bf16(device.type)
+    if bf16 and emulates_bf16(device) and rank == 0:
+        log.warning("%s: train.precision bf16 on this CPU, which has no bfloat16 instructions: "
+                    "~10x slower than float32 (precision: auto picks what is fast)", config.source)
+    precision = "bf16" if bf16 else "fp32"
     torch.manual_seed(config.seed)
     training_slides, validation_slides, info = _slides_and_info(config, rank)
     model = _model(config, info, device, initialise=not resume, rank=rank)
@@ -83,7 +88,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     start, best = 0, -math.inf
     if resume:
         start, best = _load_state(output / "state.pt", model, ema, optimiser, scheduler, device,
-                                  model_identity(info))
+                                  model_identity(info), precision)
     network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     if config.train.compile:
@@ -97,10 +102,6 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     csv_log, board = _start_logs(config, output, start) if rank == 0 else (None, None)
     progress = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fit", unit="step",
                     mininterval=1.0)  # each redraw took ~7 ms of the main thread on the H200 run
-    bf16 = config.train.bf16(device.type)
-    if bf16 and emulates_bf16(device) and rank == 0:
-        log.warning("%s: train.precision bf16 on this CPU, which has no bfloat16 instructions: "
-                    "~10x slower than float32 (precision: auto picks what is fast)", config.source)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     batches = iter(loader)
     metrics, timer, logged_step, data_wait_s = None, time.perf_counter(), start, 0.0
@@ -136,7 +137,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
                     board.validation(step, metrics)
         if rank == 0 and (step % config.train.save_every == 0 or step == last_step):
             _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best,
-                        model_identity(info))
+                        model_identity(info), precision)
     progress.close()
     if board is not None:
         board.close()
@@ -370,10 +371,10 @@ def model_identity(info: ModelInfo) -> dict:
 
 
 def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: float,
-                identity: dict) -> None:
+                identity: dict, precision: str) -> None:
     state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "best": best,
-             "rng_cpu": torch.get_rng_state(), "identity": identity}
+             "rng_cpu": torch.get_rng_state(), "identity": identity, "precision": precision}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if torch.cuda.is_available():
@@ -382,11 +383,14 @@ def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: f
         torch.save(state, temporary)
 
 
-def _load_state(path: Path, model, ema, optimiser, scheduler, device, identity: dict
-                ) -> tuple[int, float]:
+def _load_state(path: Path, model, ema, optimiser, scheduler, device, identity: dict,
+                precision: str) -> tuple[int, float]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no training state to resume from; run without --resume")
     state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("precision", precision) != precision:  # precision auto on another machine
+        log.warning("%s: saved by a run in %s, resumed in %s: the loss curve will not continue "
+                    "exactly", path, state["precision"], precision)
     saved = state.get("identity", identity)  # older states did not record it
     changed = [key for key in identity if saved.get(key) != identity[key]]
     try:
