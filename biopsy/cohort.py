@@ -3,9 +3,9 @@
 Per metric, over the patients whose comparison compared it (assessed at both timepoints, an index
 over the same components at both; verdict not "not assessed"): n, the paired Wilcoxon
 signed-rank test (two-sided, zero differences dropped as in Wilcoxon's original method), the median
-change with a distribution-free 95% interval (order statistics; none under 6 patients), the number of
-patients whose own verdict was improved / unchanged / worsened, and Benjamini-Hochberg q-values
-across the metrics tested. ``cohort.html`` shows them with a slope chart per metric.
+change with a distribution-free 95% interval (order statistics; none under 6 patients), the
+number of patients whose own verdict was improved / unchanged / worsened, and Benjamini-Hochberg
+q-values across the metrics tested. ``cohort.html`` shows them with a slope chart per metric.
 """
 
 from collections import Counter

@@ -4,8 +4,8 @@ Biopsies taken before and after treatment are different pieces of tissue, so dis
 compared, not pixels (../shared/SCORING.md). For every metric: the baseline and follow-up values
 (recomputed from each folder's glomeruli and tiles; equal to its ``summary.json``), their
 difference (follow-up minus baseline) and a 95% interval of that difference. For a share of
-glomeruli with a lesion, Newcombe's hybrid score interval (valid down to one glomerulus, where a
-bootstrap collapses to a point); otherwise a percentile bootstrap: each replicate resamples,
+glomeruli with a lesion, Newcombe's hybrid score interval (which does not collapse to a point
+on one glomerulus, as a bootstrap does); otherwise a percentile bootstrap: each replicate resamples,
 independently for each biopsy, its glomeruli (for glomerular metrics) and its cortex tiles (for
 area metrics), both for the indices, and recomputes every metric with the scoring definitions of
 :mod:`biopsy.scoring` (vectorised over replicates; ``tests/test_compare.py`` checks it equals
@@ -59,7 +59,8 @@ METRICS: tuple[Metric, ...] = (
            "none", NEWCOMBE),
     Metric("deposit_burden", "Mean hyaline-deposit area", "activity", "% of glomerular area",
            "glomeruli"),
-    Metric("cellular_crescents", "Cellular crescents", "activity", "% of glomeruli", "none", NEWCOMBE),
+    Metric("cellular_crescents", "Cellular crescents", "activity", "% of glomeruli", "none",
+           NEWCOMBE),
     Metric("endocapillary_hypercellularity", "Endocapillary hypercellularity", "activity",
            "% of glomeruli", "none", NEWCOMBE),
     Metric("interstitial_inflammation", "Interstitial inflammation", "activity", "% of cortex",
@@ -69,7 +70,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("glomerulosclerosis", "Glomerulosclerosis (global + segmental)", "chronicity",
            "% of glomeruli", "none", NEWCOMBE),
     Metric("sclerosis_burden", "Mean sclerosis", "chronicity", "% of glomerular area", "glomeruli"),
-    Metric("fibrous_crescents", "Fibrous crescents", "chronicity", "% of glomeruli", "none", NEWCOMBE),
+    Metric("fibrous_crescents", "Fibrous crescents", "chronicity", "% of glomeruli", "none",
+           NEWCOMBE),
     Metric("interstitial_fibrosis", "Interstitial fibrosis", "chronicity", "% of cortex",
            "cortex tiles"),
     Metric("tubular_atrophy", "Tubular atrophy", "chronicity", "% of tubular area", "cortex tiles"),
@@ -240,12 +242,11 @@ def compare_samples(baseline: SlideSample, follow_up: SlideSample,
             row["components"] = ([c.name for c in scoring.COMPONENTS
                                   if c.index == metric.family and assessed[0][c.name]]
                                  if comparable else None)
-        if comparable and metric.interval == NEWCOMBE:
-            low, high = proportion_difference_interval(baseline.lesion_present[metric.name],
-                                                       follow_up.lesion_present[metric.name])
-        elif comparable:
-            low, high = _percentile_interval(follow_boot[metric.name] - base_boot[metric.name])
         if comparable:
+            low, high = (proportion_difference_interval(baseline.lesion_present[metric.name],
+                                                        follow_up.lesion_present[metric.name])
+                         if metric.interval == NEWCOMBE else
+                         _percentile_interval(follow_boot[metric.name] - base_boot[metric.name]))
             row |= {"difference": follow - base, "ci_low": low, "ci_high": high,
                     "verdict": verdict(low, high, metric.favourable)}
         rows.append(row)
