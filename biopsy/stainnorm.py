@@ -123,8 +123,11 @@ def normalising_shift(amounts: Sequence[float] | None, reference: Sequence[float
     ratios = [r / a for r, a in zip(reference, amounts)]
     factors = [float(np.clip(ratio, *FACTOR_LIMITS)) for ratio in ratios]
     if factors != ratios:
-        log.warning("%s: stain amounts (%s) are far from the model's (%s): factors kept to %s",
-                    source, _amounts_text(amounts), _amounts_text(reference), FACTOR_LIMITS)
+        log.warning("%s: stain amounts (%s) are far from the model's (%s): scaled by %s, the "
+                    "nearest within %s to %s (a stain the model was not trained on? "
+                    "--no-stain-normalisation turns it off)", source, _amounts_text(amounts),
+                    _amounts_text(reference), _amounts_text(factors), FACTOR_LIMITS[0],
+                    FACTOR_LIMITS[1])
     return StainShift(haematoxylin=factors[0], eosin=factors[1])
 
 

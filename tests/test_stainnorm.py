@@ -101,8 +101,8 @@ def test_glass_and_fluorescence_are_left_alone(tmp_path, shared_data, caplog):
         assert slide_stain_shift(fluorescence, [1.0, 1.0]) is None
     faint = normalising_shift((0.1, 0.8), (1.4780000000000002, 1.0), "faint.svs")  # nearly no
     assert (faint.haematoxylin, faint.eosin) == pytest.approx((4.0, 1.25))  # haematoxylin: x4
-    assert ("faint.svs: stain amounts (0.1, 0.8) are far from the model's (1.48, 1): factors kept "
-            "to (0.25, 4.0)") in caplog.text
+    assert ("faint.svs: stain amounts (0.1, 0.8) are far from the model's (1.48, 1): scaled by "
+            "4, 1.25, the nearest within 0.25 to 4.0") in caplog.text  # the factors it applied
 
 
 def dark_green_model(original) -> tuple[nn.Module, ModelInfo]:

@@ -181,7 +181,9 @@ class ReadingScales(argparse.Action):
 def add_int8_argument(parser) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="run an int8 model on the CPU, from the checkpoint's calibration "
-                             "(biopsy calibrate): ~2.5x faster than float32, a few pixels change")
+                             "(biopsy calibrate): ~2.5x faster than float32 on CPUs with VNNI, "
+                             "~1.3x on AVX2-only ones; the map agreed with float32 on 99.5-99.8 "
+                             "%% of tissue pixels of held-out synthetic slides")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
