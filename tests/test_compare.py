@@ -222,6 +222,9 @@ def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, caps
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "Glomeruli with hyaline deposits: 100.0 -> 0.0 % of glomeruli, -100.0" in printed
+    assert printed.startswith("Glomeruli: 12 -> 12\n")
+    index = next(line for line in printed.splitlines() if "NIH activity index" in line)
+    assert index.endswith("(partial)")  # a label map: no nuclei counted, two components of four
     for name in ("comparison.json", "comparison.csv", "report.html", "baseline/summary.json",
                  "follow_up/summary.json"):
         assert (tmp_path / "out" / name).is_file()
@@ -232,6 +235,15 @@ def test_compare_command_scores_label_maps_and_writes_the_outputs(tmp_path, caps
     assert again.func(again) == 0
     assert ((tmp_path / "again" / "comparison.json").read_text()
             == (tmp_path / "out" / "comparison.json").read_text())
+
+
+def test_compare_command_says_which_biopsy_is_a_limited_sample(tmp_path, capsys):
+    pre = write_label_map_file(tmp_path / "pre.ome.tif", paint_label_map(["normal"] * 12))
+    post = write_label_map_file(tmp_path / "post.ome.tif", paint_label_map(["normal"] * 4))
+    args = compare_args(str(pre), str(post), "--from-labels", "--out", str(tmp_path / "out"))
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.startswith(
+        "Glomeruli: 12 -> 4 (limited sample: follow-up; read the verdicts with care)\n")
 
 
 def scored(model="a" * 64, config=None, mpp_given=False, file_mpp=(0.5, 0.5),

@@ -97,10 +97,12 @@ def run(args: argparse.Namespace) -> int:
                            for path, target in sides)
     comparison = compare.write_comparison(args.out, baseline, follow_up, args.patient,
                                           args.replicates, args.seed)
+    scores = [side.summary["scores"] for side in (baseline, follow_up)]
+    print(glomeruli_line(comparison))
     for family in ("activity", "chronicity"):
         print(f"{family}:")
         for m in (m for m in comparison["metrics"] if m["family"] == family):
-            print("  " + format_metric(m))
+            print("  " + metric_line(m, *scores))
     if comparison["processing_differences"]:
         print("warning: the two biopsies were processed differently; a difference may owe to "
               "that rather than to the tissue:", file=sys.stderr)
@@ -108,6 +110,25 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {difference}", file=sys.stderr)
     print(f"report: {args.out / 'report.html'}")
     return 0
+
+
+def glomeruli_line(comparison: dict) -> str:
+    """The glomeruli found at each biopsy, and which is a limited sample."""
+    sides = ("baseline", "follow_up")
+    limited = [side.replace("_", "-") for side in sides
+               if comparison[side]["adequacy"] != "adequate"]
+    return (f"Glomeruli: {comparison['baseline']['glomeruli']} -> "
+            f"{comparison['follow_up']['glomeruli']}"
+            + (f" (limited sample: {' and '.join(limited)}; read the verdicts with care)"
+               if limited else ""))
+
+
+def metric_line(m: dict, baseline_scores: dict, follow_up_scores: dict) -> str:
+    """:func:`format_metric`, with "(partial)" after an index that either biopsy sums over only
+    some of its components (``*_scores``: the two ``summary.json`` scores)."""
+    partial = (m["name"] in baseline_scores and m["difference"] is not None
+               and (baseline_scores[m["name"]]["partial"] or follow_up_scores[m["name"]]["partial"]))
+    return format_metric(m) + (" (partial)" if partial else "")
 
 
 def format_metric(m: dict) -> str:

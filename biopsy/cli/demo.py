@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from biopsy.cli.batch import add_device_argument, add_model_arguments, count, output_folder
-from biopsy.cli.compare import format_metric
+from biopsy.cli.compare import glomeruli_line, metric_line
 
 BASELINE_PRESET = "active-ln"
 FOLLOW_UP_PRESET = "remission"
@@ -101,13 +101,8 @@ def run(args: argparse.Namespace) -> int:
 def headline(comparison: dict, baseline_scores: dict, follow_up_scores: dict) -> list[str]:
     """Glomeruli found, the NIH indices and the deposit burden, baseline -> follow-up."""
     metrics = {m["name"]: m for m in comparison["metrics"]}
-    lines = [f"Glomeruli: {baseline_scores['glomeruli']['count']} -> "
-             f"{follow_up_scores['glomeruli']['count']}"]
-    for name in HEADLINE_METRICS:
-        partial = (name in baseline_scores and metrics[name]["difference"] is not None
-                   and (baseline_scores[name]["partial"] or follow_up_scores[name]["partial"]))
-        lines.append(format_metric(metrics[name]) + (" (partial)" if partial else ""))
-    return lines
+    return [glomeruli_line(comparison)] + [
+        metric_line(metrics[name], baseline_scores, follow_up_scores) for name in HEADLINE_METRICS]
 
 
 def _synthesised(slide_dir: Path, profile) -> bool:
