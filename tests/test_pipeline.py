@@ -15,7 +15,8 @@ from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
 from biopsy.cli import compare as compare_cli
 from biopsy.cli import main
 from biopsy.labelmap import colourise, read_label_map
-from biopsy.model import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, build_model, save_checkpoint
+from biopsy.model import (DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, build_model,
+                          save_checkpoint)
 from biopsy.pyramid import write_pyramid
 from biopsy.scorefolder import FILES
 from biopsy.scoring import load_score_config
@@ -125,6 +126,18 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
     assert summary["label_map"]["level0_mpp"] == MPP
     label_map = read_label_map(tmp_path / "out" / "labels.ome.tif")
     assert label_map.class_names == tuple(CLASS_NAMES) and label_map.mpp == MPP
+
+
+def test_the_bundled_model_on_a_slide_not_synthetic_is_a_warning(tmp_path, caplog):
+    real, synthetic = tmp_path / "real" / "B1.svs", tmp_path / "synth" / "slide.svs"
+    synthetic.parent.mkdir()
+    (synthetic.parent / "truth.json").write_text("{}")
+    with caplog.at_level("WARNING"):
+        pipeline.warn_of_the_bundled_model(DEFAULT_CHECKPOINT, synthetic)
+        pipeline.warn_of_the_bundled_model(tmp_path / "mine.safetensors", real)
+        assert not caplog.text
+        pipeline.warn_of_the_bundled_model(DEFAULT_CHECKPOINT, real)
+    assert "B1.svs: the bundled model learnt from synthetic slides only" in caplog.text
 
 
 def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys, monkeypatch):
