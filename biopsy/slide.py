@@ -29,7 +29,9 @@ from biopsy.slide_readers import BRIGHTFIELD_CHANNELS, open_reader
 
 __all__ = ["BRIGHTFIELD_CHANNELS", "Level", "Slide", "open_slide"]
 
-GIVE_MPP = "give it with --mpp (in a batch manifest: the mpp column)"
+GIVE_MPP = ("give it with --mpp (in a batch manifest: the mpp column): ~0.25 µm/px for a 40x "
+            "objective, ~0.5 for 20x; if unsure, score or segment with --mpp-search 0.71 1 "
+            "1.41 as well")
 # A microscope slide's pixel: ~0.06 µm (100x oil) to ~8 µm (a 1.25x overview scan); outside this,
 # a pixel size is a slip or a print resolution (a 72 dpi TIFF would be 352.8 µm/px).
 SLIDE_MPP_RANGE_UM = (0.05, 20.0)
