@@ -42,11 +42,10 @@ from tqdm import tqdm
 from biopsy.atomic import write_text_atomic
 from biopsy.cohort import cohort_statistics, render_cohort
 from biopsy.compare import write_comparison
-from biopsy.errors import BiopsyError, ManifestError, MppError, SlideError
+from biopsy.errors import BiopsyError
 from biopsy.manifest import ManifestEntry, Pairing, pair_timepoints, read_manifest, unpaired
 from biopsy.provenance import is_same_file
 from biopsy.scorefolder import read_score_folder
-from biopsy.slide import open_slide
 
 log = logging.getLogger(__name__)
 
@@ -261,25 +260,6 @@ def wait_for_all_ranks(context: DistributedContext) -> None:
         waiting.wait()  # raises what the barrier met
 
 
-def _refuse_rows_without_mpp(manifest_path, entries: list[ManifestEntry]) -> None:
-    """Refuse the manifest if a slide has no pixel size, from its file or its row: found before
-    anything is scored, not hours into a cohort. An unreadable slide is left to its row, which
-    fails while the batch goes on."""
-    lacking = []
-    for entry in entries:
-        if entry.mpp is None:
-            try:
-                with open_slide(entry.slide):
-                    pass
-            except MppError as error:
-                lacking.append(f"row {entry.row} ({error})")
-            except SlideError:
-                pass
-    if lacking:
-        raise ManifestError(f"{manifest_path}: give these slides' pixel size in an mpp column "
-                            f"(µm/px): " + "; ".join(lacking))
-
-
 def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,
               context: DistributedContext = DistributedContext(), progress: bool = True) -> int:
     """Score this rank's share of the manifest; rank 0 then writes status.csv and the cohort.
@@ -289,7 +269,6 @@ def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,
     """
     out_dir = Path(out_dir)
     entries = read_manifest(manifest_path)
-    _refuse_rows_without_mpp(manifest_path, entries)
     if context.rank == 0:  # the other ranks touch only the manifest's own folder names
         _clean_up_other_kills(out_dir, {e.folder_name for e in entries})
     shard = entries[context.rank::context.world_size]

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from biopsy.errors import ManifestError
-from biopsy.slide import SLIDE_MPP_RANGE_UM, file_stem, is_slide_mpp
+from biopsy.errors import ManifestError, MppError, SlideError
+from biopsy.slide import SLIDE_MPP_RANGE_UM, file_stem, is_slide_mpp, open_slide
 
 REQUIRED_COLUMNS = ("patient_id", "timepoint", "slide")
 OPTIONAL_COLUMNS = ("stain", "mpp")
@@ -95,7 +95,27 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     entries = _spell_stains_alike(entries)
     _check_unique(path, entries)
     _check_timepoints_comparable(path, entries)
+    _check_pixel_sizes(path, entries)
     return entries
+
+
+def _check_pixel_sizes(path: Path, entries: list[ManifestEntry]) -> None:
+    """Refuse the manifest if a slide has no pixel size, from its file or its row: found before
+    anything is scored, not hours into a cohort. An unreadable slide is left to its row, which
+    fails while the batch goes on."""
+    lacking = []
+    for entry in entries:
+        if entry.mpp is None:
+            try:
+                with open_slide(entry.slide):
+                    pass
+            except MppError as error:
+                lacking.append(f"row {entry.row} ({error})")
+            except SlideError:
+                pass
+    if lacking:
+        raise ManifestError(f"{path}: give these slides' pixel size in an mpp column (µm/px): "
+                            + "; ".join(lacking))
 
 
 def _parse_row(path: Path, row_number: int, row: dict) -> ManifestEntry:

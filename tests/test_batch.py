@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from biopsy import batch, pipeline, provenance
+from biopsy import pipeline, provenance
 from biopsy.batch import DistributedContext, run_batch
 from biopsy.cli import batch as batch_cli
 from biopsy.errors import ManifestError, SlideError
@@ -97,22 +96,6 @@ def test_malformed_manifest_is_refused_before_scoring(tmp_path):
     with pytest.raises(ManifestError, match="row 4: unknown timepoint 'later'"):
         batch_command([str(manifest), "--from-labels", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
-
-
-def test_slides_without_a_pixel_size_refuse_the_manifest_before_scoring(tmp_path):
-    """A snapshot row without mpp failed only when its turn came, hours into a cohort."""
-    manifest = write_cohort_manifest(tmp_path / "in", patients=1)
-    Image.new("RGB", (64, 48), "white").save(tmp_path / "in" / "snap.jpg")
-    (tmp_path / "in" / "broken.jpg").write_bytes(b"not a JPEG")  # its row fails on its own
-    manifest.write_text(manifest.read_text() + "P2,pre,snap.jpg\nP2,post,broken.jpg\n")
-    with pytest.raises(ManifestError, match=r"mpp column \(µm/px\): row 4 \(.*snap.jpg: pixel "
-                                            r"size unknown"):
-        run_batch(manifest, tmp_path / "out", CountingScorer(tmp_path / "markers"), progress=False)
-    assert not (tmp_path / "out").exists()
-    lines = manifest.read_text().splitlines()
-    manifest.write_text("\n".join([lines[0] + ",mpp", *(line + "," for line in lines[1:-2]),
-                                   "P2,pre,snap.jpg,0.5", "P2,post,broken.jpg,"]) + "\n")
-    batch._refuse_rows_without_mpp(manifest, read_manifest(manifest))  # the row gives it
 
 
 def test_rerun_skips_complete_folders_and_rescores_incomplete_ones(cohort, tmp_path):

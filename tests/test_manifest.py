@@ -1,4 +1,5 @@
 import pytest
+from PIL import Image
 
 from biopsy.errors import ManifestError
 from biopsy.manifest import pair_timepoints, read_manifest, unpaired
@@ -107,3 +108,17 @@ def test_a_manifest_not_in_utf8_says_how_to_save_it(tmp_path):
     path.write_bytes("patient_id,timepoint,slide\nRen\xe9,pre,a.svs\n".encode("latin-1"))
     with pytest.raises(ManifestError, match="not UTF-8 text .*; save the manifest as CSV UTF-8"):
         read_manifest(path)
+
+
+def test_slides_without_a_pixel_size_refuse_the_manifest(tmp_path):
+    """A snapshot row without mpp failed only when its turn came, hours into a cohort."""
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "snap.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")  # its row fails on its own
+    path = write_manifest(tmp_path, "patient_id,timepoint,slide\nP1,pre,a.svs\nP1,post,b.svs\n"
+                                    "P2,pre,snap.jpg\nP2,post,broken.jpg\n")
+    with pytest.raises(ManifestError, match=r"mpp column \(µm/px\): row 4 \(.*snap.jpg: pixel "
+                                            r"size unknown"):
+        read_manifest(path)
+    given = path.read_text().replace("slide\n", "slide,mpp\n")
+    path.write_text(given.replace("snap.jpg", "snap.jpg,0.5"))
+    assert read_manifest(path)[2].mpp == 0.5  # the row gives it
