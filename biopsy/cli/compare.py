@@ -1,4 +1,4 @@
-"""``biopsy compare``: one patient's baseline against follow-up, per metric with a bootstrap interval."""
+"""``biopsy compare``: one patient's baseline against follow-up, per metric with a 95% interval."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ BOOTSTRAP_SEED = 0
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="compare a baseline biopsy with a follow-up: per metric, difference, "
-                        "95%% bootstrap interval and verdict",
+                        "95%% interval and verdict",
         description="Compare two biopsies of one patient. PRE and POST are scored-slide folders "
                     "(from biopsy score or biopsy batch), or slides (label maps with "
                     "--from-labels), which are scored into OUT/baseline and OUT/follow_up first. "
@@ -39,9 +39,10 @@ def add_parser(subparsers) -> None:
     add_scoring_arguments(parser, "PRE and POST files are")
     add_device_argument(parser)
     parser.add_argument("--replicates", type=int, default=BOOTSTRAP_REPLICATES,
-                        help="bootstrap replicates (default %(default)s)")
+                        help="bootstrap replicates, and random splits of the burdens' permutation "
+                             "test (default %(default)s)")
     parser.add_argument("--seed", type=count(0), default=BOOTSTRAP_SEED,
-                        help="bootstrap seed (default %(default)s)")
+                        help="seed of the bootstrap and the splits (default %(default)s)")
     parser.set_defaults(func=run)
 
 
