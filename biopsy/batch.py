@@ -353,9 +353,11 @@ def _compare_pairing(pairing: Pairing, out_dir: Path, failed_rows: set[int]
     except BiopsyError as error:
         return record | {"status": f"not compared: {error}", "folder": None}, None
     biopsies = (comparison["baseline"], comparison["follow_up"])
+    cautions = {(b["model"] or {}).get("caution") for b in biopsies} - {None}
     return record | {"glomeruli": [b["glomeruli"] for b in biopsies],
                      "adequacy": [b["adequacy"] for b in biopsies],
-                     "processing_differences": comparison["processing_differences"]}, comparison
+                     "processing_differences": comparison["processing_differences"],
+                     "cautions": sorted(cautions)}, comparison
 
 
 def _cohort_csv(cohort: dict) -> str:

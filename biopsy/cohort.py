@@ -120,7 +120,7 @@ def render_cohort(cohort: dict) -> str:
                 "Thin lines: one patient each, by that patient's own verdict (improved: solid "
                 "blue, worsened: dashed orange, unchanged: dotted grey); thick black line: the "
                 "medians. Lower is better for every metric. An index is pooled over the patients "
-                "whose index sums the same components.</p>"]
+                "whose index sums the same components.</p>", _cautions(cohort["comparisons"])]
     for group in cohort["groups"]:
         stain = f", stain {e(group['stain'])}" if group["stain"] else ""
         sections.append(f"<h2>Follow-up {group['follow_up_number']}{stain}: "
@@ -130,6 +130,18 @@ def render_cohort(cohort: dict) -> str:
             sections.append(f"<h3>{family.capitalize()}</h3><div class=\"pair\">{charts}</div>")
     sections.append("<h2>Comparisons</h2>" + _comparison_list(cohort["comparisons"]))
     return page("Cohort comparison", "\n".join(sections))
+
+
+def _cautions(comparisons: list[dict]) -> str:
+    """A warning when some comparisons rest on a biopsy whose scoring recorded a caution."""
+    cautioned = [c for c in comparisons if c.get("cautions")]
+    if not cautioned:
+        return ""
+    texts = "".join(f"<li>{e(text)}.</li>" for text in sorted({t for c in cautioned
+                                                                for t in c["cautions"]}))
+    return (f"<div class='warning'><p><b>Read these scores with care</b>: {len(cautioned)} of "
+            f"{len(comparisons)} comparisons rest on biopsies scored with a caution (each "
+            f"patient's report says which):</p><ul>{texts}</ul></div>")
 
 
 def _slope_chart(m: dict, width: int = 250, height: int = 210) -> str:

@@ -149,15 +149,23 @@ def load_model(path: str | Path | None, device: str,
     return prepare_model(model, torch.device(device)), info, path
 
 
+def bundled_model_caution(model_path: str | Path, slide_path: str | Path) -> str | None:
+    """Why scores of ``slide_path`` by the bundled model mean little, or None: it learnt from
+    synthetic slides only, and the slide is not one (``biopsy synth`` writes truth.json beside
+    its slides)."""
+    if (Path(model_path).resolve() != DEFAULT_CHECKPOINT.resolve()
+            or (Path(slide_path).parent / "truth.json").is_file()):
+        return None
+    return ("the bundled model learnt from synthetic slides only; on real photomicrographs it "
+            "found 6 of 38 glomeruli (detection F1 0.09), so its scores of real biopsies mean "
+            "little until it is fine-tuned on annotated slides of yours (README: fine-tuning)")
+
+
 def warn_of_the_bundled_model(model_path: str | Path, slide_path: str | Path) -> None:
-    """The bundled model learnt from synthetic slides only: a warning when it segments a slide
-    that is not one (``biopsy synth`` writes truth.json beside its slides)."""
-    if (Path(model_path).resolve() == DEFAULT_CHECKPOINT.resolve()
-            and not (Path(slide_path).parent / "truth.json").is_file()):
-        log.warning("%s: the bundled model learnt from synthetic slides only; on real "
-                    "photomicrographs it found 6 of 38 glomeruli (detection F1 0.09), so its "
-                    "scores of real biopsies mean little until it is fine-tuned on annotated "
-                    "slides of yours (README: fine-tuning)", slide_path)
+    """:func:`bundled_model_caution` as a warning, where there is one."""
+    caution = bundled_model_caution(model_path, slide_path)
+    if caution:
+        log.warning("%s: %s", slide_path, caution)
 
 
 def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Module,
@@ -204,7 +212,8 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                   "architecture": info.architecture, "arguments": info.arguments,
                   "class_names": list(info.class_names), "input_mpp": info.input_mpp,
                   "patch_size_px": info.patch_size_px, "code_version": info.code_version,
-                  "glomerulus_threshold": info.glomerulus_threshold},
+                  "glomerulus_threshold": info.glomerulus_threshold,
+                  "caution": bundled_model_caution(model_path, slide_path)},
         "inference": {"device": options.device, "batch_size": options.batch_size,
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
                       "bf16": _bf16(options.device),

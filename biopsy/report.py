@@ -79,6 +79,7 @@ def render_report(comparison: dict, baseline: ScoredSlide, follow_up: ScoredSlid
     sections = [
         f"<h1>Pre/post comparison: patient {e(patient)}</h1>",
         _slides_line(comparison),
+        _model_cautions(comparison),
         _processing_differences(comparison),
         _metric_tables(comparison),
         "<h2>NIH activity and chronicity components</h2>",
@@ -109,6 +110,15 @@ def _slides_line(comparison: dict) -> str:
             "interval lies wholly below (above) zero. Each of the metrics is judged at 95 % on its "
             "own, without correction for their number: in simulated patients whose kidney did not "
             "change, about one in four had at least one verdict by chance.</p>")
+
+
+def _model_cautions(comparison: dict) -> str:
+    """A warning for each biopsy whose scoring recorded a caution about its model."""
+    cautions = [(title, (comparison[key].get("model") or {}).get("caution"))
+                for key, title in (("baseline", "Baseline"), ("follow_up", "Follow-up"))]
+    items = "".join(f"<li>{title}: {e(caution)}.</li>" for title, caution in cautions if caution)
+    return (f"<div class='warning'><p><b>Read these scores with care</b>:</p><ul>{items}</ul></div>"
+            if items else "")
 
 
 def _processing_differences(comparison: dict) -> str:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,37 @@ def test_the_bundled_model_on_a_slide_not_synthetic_is_a_warning(tmp_path, caplo
         assert not caplog.text
         pipeline.warn_of_the_bundled_model(DEFAULT_CHECKPOINT, real)
     assert "B1.svs: the bundled model learnt from synthetic slides only" in caplog.text
+
+
+def test_the_bundled_models_caution_is_kept_in_the_folder_and_shown_in_the_reports(
+        slide_and_model, tmp_path, monkeypatch, capsys):
+    """The console warning alone was lost once the run was over: a report read later showed
+    the bundled model's scores of real slides as any others."""
+    from biopsy.scorefolder import read_score_folder
+
+    slide, checkpoint = slide_and_model
+    model, info, model_path = pipeline.load_model(checkpoint, "cpu")
+    pipeline.score_slide_file(slide, tmp_path / "own", model, info, model_path,
+                              load_score_config(), options=pipeline.InferenceOptions("cpu", 4, 0))
+    assert read_score_folder(tmp_path / "own").summary["provenance"]["model"]["caution"] is None
+    monkeypatch.setattr(pipeline, "DEFAULT_CHECKPOINT", checkpoint)  # as if it were the bundled one
+    shutil.copy(slide, tmp_path / "again.tif")
+    (tmp_path / "manifest.csv").write_text(f"patient_id,timepoint,slide\nP1,pre,{slide}\n"
+                                           "P1,post,again.tif\n")
+    assert main(["batch", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "batch"),
+                 "--model", str(checkpoint), "--workers", "0", "--no-progress"]) == 0
+    folders = sorted((tmp_path / "batch" / "slides").iterdir())
+    caution = read_score_folder(folders[0]).summary["provenance"]["model"]["caution"]
+    assert caution.startswith("the bundled model learnt from synthetic slides only")
+    cohort = (tmp_path / "batch" / "cohort.html").read_text()
+    assert "1 of 1 comparisons rest on biopsies scored with a caution" in cohort and caution in cohort
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "own"), str(folders[0]),
+                 "--out", str(tmp_path / "pair")]) == 0
+    assert f"warning: follow-up: {caution}" in capsys.readouterr().err
+    report = (tmp_path / "pair" / "report.html").read_text()
+    warning = report.split("Read these scores with care")[1].split("</div>")[0]
+    assert f"Follow-up: {caution}." in warning and "Baseline" not in warning
 
 
 def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys, monkeypatch):

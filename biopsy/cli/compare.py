@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
               "that rather than to the tissue:", file=sys.stderr)
         for difference in comparison["processing_differences"]:
             print(f"  {difference}", file=sys.stderr)
+    for side in ("baseline", "follow_up"):
+        caution = (comparison[side]["model"] or {}).get("caution")
+        if caution:
+            print(f"warning: {side.replace('_', '-')}: {caution}", file=sys.stderr)
     print(f"report: {args.out / 'report.html'}")
     return 0
 
