@@ -3,15 +3,19 @@
 Biopsies taken before and after treatment are different pieces of tissue, so distributions are
 compared, not pixels (../shared/SCORING.md). For every metric: the baseline and follow-up values
 (recomputed from each folder's glomeruli and tiles; equal to its ``summary.json``), their
-difference (follow-up minus baseline) and a 95% interval of that difference. For a share of
-glomeruli with a lesion, Newcombe's hybrid score interval (which does not collapse to a point
-on one glomerulus, as a bootstrap does); for a burden (a per-glomerulus fraction averaged over
-glomeruli), the inverted permutation test of the two biopsies' glomeruli (a bootstrap's chance
-verdicts rise to 30 % on few glomeruli); otherwise a percentile bootstrap: each replicate
-resamples, independently for each biopsy, its glomeruli and its cortex tiles (the indices) or its
-cortex tiles (area metrics), and recomputes every metric with the scoring definitions of
-:mod:`biopsy.scoring` (vectorised over replicates; ``tests/test_compare.py`` checks it equals
-``score_slide``).
+difference (follow-up minus baseline) and a 95% interval of that difference:
+
+- a share of glomeruli with a lesion: Newcombe's hybrid score interval (a bootstrap of one
+  glomerulus is a single value);
+- a burden (a per-glomerulus fraction averaged over glomeruli): the inverted permutation test of
+  the two biopsies' glomeruli (a bootstrap's chance verdicts rose to 30 % on few glomeruli);
+- an area metric of the cortex: Welch's t over 1 mm blocks of cortex tiles, each biopsy's blocks
+  its units (fibrosis comes in patches: resampling tiles as if independent gave chance verdicts
+  to 15-75 % of simulated unchanged patients);
+- the NIH indices: a percentile bootstrap, each replicate resampling, independently for each
+  biopsy, its glomeruli and its 1 mm blocks of cortex tiles and recomputing every metric with
+  the scoring definitions of :mod:`biopsy.scoring` (vectorised over replicates;
+  ``tests/test_compare.py`` checks it equals ``score_slide``).
 
 All metrics here are lower-is-better. A metric is ``improved`` when its interval lies wholly
 below zero, ``worsened`` when wholly above, ``unchanged`` otherwise, and ``not assessed`` when
@@ -42,8 +46,10 @@ MAX_RESAMPLED_ENTRIES = 2_000_000  # per index array of a bootstrap chunk (16 MB
 COMPARISON_FORMAT = "biopsy.comparison/3"  # 2: intervals by metric; 3: burdens by permutation
 CSV_COLUMNS = ("name", "label", "family", "unit", "favourable", "interval", "resampled",
                "baseline", "follow_up", "difference", "ci_low", "ci_high", "verdict")
-BOOTSTRAP, NEWCOMBE, PERMUTATION = ("percentile bootstrap", "Newcombe hybrid score",
-                                    "inverted permutation test")
+BOOTSTRAP, NEWCOMBE, PERMUTATION, WELCH_BLOCKS = (
+    "percentile bootstrap", "Newcombe hybrid score", "inverted permutation test",
+    "Welch t over 1 mm blocks of cortex tiles")
+BLOCK_UM = 1000.0  # side of the square blocks of cortex tiles that area metrics are judged over
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class Metric:
 
 METRICS: tuple[Metric, ...] = (
     Metric("activity_index", "NIH activity index (assessed components)", "activity",
-           "points", "glomeruli and cortex tiles"),
+           "points", "glomeruli and 1 mm blocks of cortex tiles"),
     Metric("hyaline_deposits", "Glomeruli with hyaline deposits", "activity", "% of glomeruli",
            "none", NEWCOMBE),
     Metric("deposit_burden", "Mean hyaline-deposit area", "activity", "% of glomerular area",
@@ -69,18 +75,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("endocapillary_hypercellularity", "Endocapillary hypercellularity", "activity",
            "% of glomeruli", "none", NEWCOMBE),
     Metric("interstitial_inflammation", "Interstitial inflammation", "activity", "% of cortex",
-           "cortex tiles"),
+           "none", WELCH_BLOCKS),
     Metric("chronicity_index", "NIH chronicity index", "chronicity", "points",
-           "glomeruli and cortex tiles"),
+           "glomeruli and 1 mm blocks of cortex tiles"),
     Metric("glomerulosclerosis", "Glomerulosclerosis (global + segmental)", "chronicity",
            "% of glomeruli", "none", NEWCOMBE),
     Metric("sclerosis_burden", "Mean sclerosis", "chronicity", "% of glomerular area",
            "glomeruli, permuted between the biopsies", PERMUTATION),
     Metric("fibrous_crescents", "Fibrous crescents", "chronicity", "% of glomeruli", "none",
            NEWCOMBE),
-    Metric("interstitial_fibrosis", "Interstitial fibrosis", "chronicity", "% of cortex",
-           "cortex tiles"),
-    Metric("tubular_atrophy", "Tubular atrophy", "chronicity", "% of tubular area", "cortex tiles"),
+    Metric("interstitial_fibrosis", "Interstitial fibrosis", "chronicity", "% of cortex", "none",
+           WELCH_BLOCKS),
+    Metric("tubular_atrophy", "Tubular atrophy", "chronicity", "% of tubular area", "none",
+           WELCH_BLOCKS),
 )
 # Continuous burdens: per-glomerulus measure averaged over glomeruli, shown in percent.
 BURDEN_FIELDS = {"deposit_burden": ("hyaline_deposit_fraction", "hyaline_deposit"),
@@ -96,6 +103,7 @@ class SlideSample:
     tile_areas_um2: dict[str, np.ndarray]  # class name -> area per cortex tile
     class_names: tuple[str, ...]
     config: scoring.ScoreConfig
+    tile_block: np.ndarray  # block number per cortex tile (BLOCK_UM squares of the tile grid)
     glomerular_nuclei_counted: bool = False  # every glomerulus has a tuft nuclear density
     tile_inflamed: np.ndarray | None = None  # bool per cortex tile; None: nuclei not counted
 
@@ -124,19 +132,28 @@ def slide_sample(glomeruli, cortex_tiles, class_names, config: scoring.ScoreConf
         settings = config.cortex.interstitial_inflammation
         inflamed = np.array([scoring.tile_is_inflamed(t, settings) for t in cortex_tiles], bool)
     return SlideSample(lesion_present, burden_fraction, tile_areas, tuple(class_names), config,
-                       counted, inflamed)
+                       tile_blocks(cortex_tiles, config.cortex.tile_um), counted, inflamed)
+
+
+def tile_blocks(cortex_tiles, tile_um: float) -> np.ndarray:
+    """Each tile's block: the BLOCK_UM square of the tile grid it lies in, numbered from 0."""
+    per_block = max(1, round(BLOCK_UM / tile_um))
+    cells = np.array([(round(t.x_px / t.size_px) // per_block, round(t.y_px / t.size_px) // per_block)
+                      for t in cortex_tiles], dtype=np.int64).reshape(-1, 2)
+    return np.unique(cells, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 def metric_values(sample: SlideSample, glomerulus_index: np.ndarray,
-                  tile_index: np.ndarray) -> dict[str, np.ndarray | None]:
-    """Every metric for each replicate: row r of the (replicates, n) index arrays picks the
-    glomeruli / tiles of replicate r. None: not assessed on this slide; NaN: not defined in that
-    replicate (a resample without denominator area).
+                  tile_weights: np.ndarray) -> dict[str, np.ndarray | None]:
+    """Every metric for each replicate: row r of the (replicates, glomeruli) index array picks
+    the glomeruli of replicate r, row r of the (replicates, tiles) weights says how many times it
+    takes each tile. None: not assessed on this slide; NaN: not defined in that replicate (a
+    resample without denominator area).
     """
     components = {}
     for component in scoring.COMPONENTS:
         components[component.name] = _component_percent(sample, component, glomerulus_index,
-                                                         tile_index)
+                                                         tile_weights)
     values: dict[str, np.ndarray | None] = {
         metric.name: components[metric.name] for metric in METRICS if metric.name in components}
     for name, (_, required_class) in BURDEN_FIELDS.items():
@@ -149,34 +166,42 @@ def metric_values(sample: SlideSample, glomerulus_index: np.ndarray,
 
 
 def _component_percent(sample: SlideSample, component: scoring.Component,
-                       glomerulus_index: np.ndarray, tile_index: np.ndarray) -> np.ndarray | None:
+                       glomerulus_index: np.ndarray, tile_weights: np.ndarray) -> np.ndarray | None:
     if component.denominator == "glomeruli":
         if (not component.lesions or component.required_class not in sample.class_names
                 or sample.glomerulus_count == 0
                 or (component.from_nuclei and not sample.glomerular_nuclei_counted)):
             return None
         return 100.0 * sample.lesion_present[component.name][glomerulus_index].mean(axis=1)
-    if component.name == "interstitial_inflammation":  # as scoring.inflamed_percent
+    parts = tile_ratio_parts(sample, component.name)
+    if parts is None:
+        return None
+    numerator, denominator = tile_weights @ parts[0], tile_weights @ parts[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 100.0 * numerator / denominator, np.nan)
+
+
+def tile_ratio_parts(sample: SlideSample, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Numerator and denominator area (µm²) per cortex tile of the area component ``name``, as
+    :func:`scoring.area_percent` and :func:`scoring.inflamed_percent` sum them; None where the
+    slide cannot assess it."""
+    if name == "interstitial_inflammation":
         ratio = sample.config.cortex.interstitial_fibrosis
         if sample.tile_inflamed is None or any(
                 n not in sample.class_names
                 for n in scoring.INTERSTITIAL_CLASSES + ratio.denominator + scoring.GLASS):
             return None
     else:
-        ratio = getattr(sample.config.cortex, component.name, None)
+        ratio = getattr(sample.config.cortex, name, None)
         if ratio is None or any(n not in sample.class_names
                                 for n in ratio.numerator + ratio.denominator + scoring.GLASS):
             return None
-    tile_denominator = sum(sample.tile_areas_um2[n] for n in ratio.denominator)
-    if sample.tile_count == 0 or not tile_denominator.sum() > 0:
+    denominator = sum(sample.tile_areas_um2[n] for n in ratio.denominator)
+    if sample.tile_count == 0 or not denominator.sum() > 0:
         return None  # no cortex on the slide, as scoring.area_percent
-    tile_numerator = (tile_denominator * sample.tile_inflamed
-                      if component.name == "interstitial_inflammation"
-                      else sum(sample.tile_areas_um2[n] for n in ratio.numerator))
-    numerator = tile_numerator[tile_index].sum(axis=1)
-    denominator = tile_denominator[tile_index].sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, 100.0 * numerator / denominator, np.nan)
+    numerator = (denominator * sample.tile_inflamed if name == "interstitial_inflammation"
+                 else sum(sample.tile_areas_um2[n] for n in ratio.numerator))
+    return numerator, denominator
 
 
 _nih_bin = np.vectorize(scoring.nih_bin, otypes=[float])
@@ -195,7 +220,7 @@ def _index_points(index: str, components: dict[str, np.ndarray | None]) -> np.nd
 def assessed_components(sample: SlideSample) -> dict[str, bool]:
     """Which NIH components the slide assesses (an index is compared only over the same set)."""
     every_glomerulus = np.arange(sample.glomerulus_count)[None]
-    every_tile = np.arange(sample.tile_count)[None]
+    every_tile = np.ones((1, sample.tile_count))
     return {c.name: _component_percent(sample, c, every_glomerulus, every_tile) is not None
             for c in scoring.COMPONENTS}
 
@@ -208,14 +233,15 @@ def _same_components(index: str, baseline: dict[str, bool], follow_up: dict[str,
 def point_values(sample: SlideSample) -> dict[str, float | None]:
     """Every metric on the slide's own glomeruli and tiles (no resampling)."""
     values = metric_values(sample, np.arange(sample.glomerulus_count)[None],
-                           np.arange(sample.tile_count)[None])
+                           np.ones((1, sample.tile_count)))
     return {name: None if v is None or np.isnan(v[0]) else float(v[0]) for name, v in values.items()}
 
 
 def bootstrap_values(sample: SlideSample, rng: np.random.Generator,
                      replicates: int) -> dict[str, np.ndarray | None]:
     """Every metric for ``replicates`` resamples (with replacement) of the slide's glomeruli and
-    tiles, drawn in chunks so that memory stays bounded on slides with thousands of tiles."""
+    of its BLOCK_UM blocks of cortex tiles (neighbouring tiles are not independent), drawn in
+    chunks so that memory stays bounded on slides with thousands of tiles."""
     widest = max(sample.glomerulus_count, sample.tile_count, 1)
     chunk = max(1, MAX_RESAMPLED_ENTRIES // widest)
     parts = []
@@ -223,8 +249,9 @@ def bootstrap_values(sample: SlideSample, rng: np.random.Generator,
         count = min(chunk, replicates - start)
         glomerulus_index = rng.integers(0, max(sample.glomerulus_count, 1),
                                         size=(count, sample.glomerulus_count))
-        tile_index = rng.integers(0, max(sample.tile_count, 1), size=(count, sample.tile_count))
-        parts.append(metric_values(sample, glomerulus_index, tile_index))
+        blocks = int(sample.tile_block.max()) + 1 if sample.tile_count else 1
+        block_draws = rng.multinomial(blocks, np.full(blocks, 1 / blocks), size=count)
+        parts.append(metric_values(sample, glomerulus_index, block_draws[:, sample.tile_block]))
     return {name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts])
             for name in parts[0]}
 
@@ -256,6 +283,10 @@ def compare_samples(baseline: SlideSample, follow_up: SlideSample,
                 low, high = mean_difference_interval(
                     100.0 * baseline.burden_fraction[metric.name],
                     100.0 * follow_up.burden_fraction[metric.name], rng, replicates, 100.0)
+            elif metric.interval == WELCH_BLOCKS:
+                low, high = ratio_difference_interval(
+                    *(tile_ratio_parts(s, metric.name) + (s.tile_block,)
+                      for s in (baseline, follow_up)))
             else:
                 low, high = _percentile_interval(follow_boot[metric.name] - base_boot[metric.name])
             row |= {"difference": follow - base, "ci_low": low, "ci_high": high,
@@ -331,6 +362,37 @@ def mean_difference_interval(baseline: np.ndarray, follow_up: np.ndarray,
     return float(max(low, -bound_pct)), float(min(high, bound_pct))
 
 
+def ratio_difference_interval(baseline: tuple[np.ndarray, np.ndarray, np.ndarray],
+                              follow_up: tuple[np.ndarray, np.ndarray, np.ndarray]
+                              ) -> tuple[float, float]:
+    """95% interval, in percentage points, of follow-up minus baseline area percent (sum of
+    numerators over sum of denominators), each given per tile as (numerator, denominator,
+    block). Cortex changes over distances of a tile or more (fibrosis comes in patches), so
+    neighbouring tiles are not independent draws: each biopsy's BLOCK_UM blocks are its units.
+    Its standard error is the ratio estimator's over blocks (Cochran, Sampling Techniques, 6.9:
+    residuals of each block's numerator from the ratio times its denominator), and the interval
+    Welch's t with Satterthwaite's degrees of freedom. Under two blocks on a side it is the whole
+    range, [-100, 100]."""
+    estimates, variances, counts = [], [], []
+    for numerator, denominator, block in (baseline, follow_up):
+        numerator, denominator = (np.bincount(block, weights=w) for w in (numerator, denominator))
+        kept = denominator > 0
+        numerator, denominator, count = numerator[kept], denominator[kept], int(kept.sum())
+        if count < 2:
+            return -100.0, 100.0
+        ratio = numerator.sum() / denominator.sum()
+        residuals = numerator - ratio * denominator
+        estimates.append(100.0 * ratio)
+        variances.append(1e4 * count / (count - 1) * (residuals ** 2).sum() / denominator.sum() ** 2)
+        counts.append(count)
+    difference, variance = estimates[1] - estimates[0], sum(variances)
+    if variance == 0:
+        return difference, difference
+    freedom = variance ** 2 / sum(v ** 2 / (n - 1) for v, n in zip(variances, counts))
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, freedom) * np.sqrt(variance)
+    return float(max(difference - half, -100.0)), float(min(difference + half, 100.0))
+
+
 def verdict(ci_low: float, ci_high: float, favourable: str = "lower") -> str:
     """``improved`` / ``worsened`` when the interval excludes zero in the favourable / other
     direction, else ``unchanged``."""
@@ -357,8 +419,8 @@ def compare_scored(baseline: ScoredSlide, follow_up: ScoredSlide, patient_id: st
         "baseline": _slide_header(baseline),
         "follow_up": _slide_header(follow_up),
         "bootstrap": {"replicates": replicates, "seed": seed, "confidence": CONFIDENCE,
-                      "interval": "percentile", "resampled": "glomeruli and cortex tiles of "
-                      "each biopsy, independently",
+                      "interval": "percentile", "resampled": "glomeruli and 1 mm blocks of "
+                      "cortex tiles of each biopsy, independently",
                       "metrics": [m.name for m in METRICS if m.interval == BOOTSTRAP]},
         "metrics": compare_samples(sample_of(baseline), sample_of(follow_up), replicates, seed),
         "processing_differences": processing_differences(baseline, follow_up),

@@ -105,11 +105,13 @@ def _slides_line(comparison: dict) -> str:
             f"({boot['confidence']:.0%}): for a share of glomeruli with a lesion, Newcombe's hybrid "
             f"score interval; for a burden (mean over glomeruli), the shifts that a permutation "
             f"test of the two biopsies' glomeruli ({boot['replicates']} splits, or every one) does "
-            f"not reject; otherwise a percentile bootstrap, {boot['replicates']} replicates, "
-            f"seed {boot['seed']}; {e(boot['resampled'])}. A metric improved (worsened) when its "
+            f"not reject; for an area of the cortex, Welch's t over 1 mm blocks of cortex tiles "
+            f"(fibrosis comes in patches: neighbouring tiles are not independent); for an index, "
+            f"a percentile bootstrap, {boot['replicates']} replicates, seed {boot['seed']}; "
+            f"{e(boot['resampled'])}. A metric improved (worsened) when its "
             "interval lies wholly below (above) zero. Each of the metrics is judged at 95 % on its "
             "own, without correction for their number: in simulated patients whose kidney did not "
-            "change, about one in four had at least one verdict by chance.</p>")
+            "change, about three in ten had at least one verdict by chance.</p>")
 
 
 def _model_cautions(comparison: dict) -> str:
