@@ -17,6 +17,10 @@ difference (follow-up minus baseline) and a 95% interval of that difference:
   the scoring definitions of :mod:`biopsy.scoring` (vectorised over replicates;
   ``tests/test_compare.py`` checks it equals ``score_slide``).
 
+The methods are in :mod:`biopsy.intervals`; each also gives the p-value of "no change", and
+each row carries it adjusted by Holm's step-down over the patient's compared metrics, with the
+verdict that holds when they are judged as one set.
+
 All metrics here are lower-is-better. A metric is ``improved`` when its interval lies wholly
 below zero, ``worsened`` when wholly above, ``unchanged`` otherwise, and ``not assessed`` when
 either biopsy cannot give it. Activity and chronicity are reported apart, never combined: the
@@ -25,27 +29,27 @@ chronicity index may rise while activity falls.
 
 import csv
 import io
-import itertools
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from biopsy import scoring
+from biopsy.intervals import (ALPHA, CONFIDENCE, holm, mean_difference_interval, percentile_interval,
+                              proportion_difference_interval, ratio_difference_interval, verdict)
 from biopsy.atomic import write_text_atomic
 from biopsy.report import write_report
 from biopsy.scorefolder import ScoredSlide, read_score_folder
 
 BOOTSTRAP_REPLICATES = 2000
 BOOTSTRAP_SEED = 0
-CONFIDENCE = 0.95
 MAX_RESAMPLED_ENTRIES = 2_000_000  # per index array of a bootstrap chunk (16 MB)
-COMPARISON_FORMAT = "biopsy.comparison/3"  # 2: intervals by metric; 3: burdens by permutation
+# 2: intervals by metric; 3: burdens by permutation, areas over blocks, p-values and Holm
+COMPARISON_FORMAT = "biopsy.comparison/3"
 CSV_COLUMNS = ("name", "label", "family", "unit", "favourable", "interval", "resampled",
-               "baseline", "follow_up", "difference", "ci_low", "ci_high", "verdict")
+               "baseline", "follow_up", "difference", "ci_low", "ci_high", "verdict", "p_value",
+               "p_holm", "verdict_holm")
 BOOTSTRAP, NEWCOMBE, PERMUTATION, WELCH_BLOCKS = (
     "percentile bootstrap", "Newcombe hybrid score", "inverted permutation test",
     "Welch t over 1 mm blocks of cortex tiles")
@@ -270,137 +274,41 @@ def compare_samples(baseline: SlideSample, follow_up: SlideSample,
         comparable = base is not None and follow is not None and (
             not metric.name.endswith("_index") or _same_components(metric.family, *assessed))
         row = asdict(metric) | {"baseline": base, "follow_up": follow, "difference": None,
-                                "ci_low": None, "ci_high": None, "verdict": "not assessed"}
+                                "ci_low": None, "ci_high": None, "verdict": "not assessed",
+                                "p_value": None, "p_holm": None, "verdict_holm": "not assessed"}
         if metric.name.endswith("_index"):  # which components it sums: cohorts pool like with like
             row["components"] = ([c.name for c in scoring.COMPONENTS
                                   if c.index == metric.family and assessed[0][c.name]]
                                  if comparable else None)
         if comparable:
             if metric.interval == NEWCOMBE:
-                low, high = proportion_difference_interval(baseline.lesion_present[metric.name],
-                                                           follow_up.lesion_present[metric.name])
+                interval = proportion_difference_interval(baseline.lesion_present[metric.name],
+                                                          follow_up.lesion_present[metric.name])
             elif metric.interval == PERMUTATION:
-                low, high = mean_difference_interval(
+                interval = mean_difference_interval(
                     100.0 * baseline.burden_fraction[metric.name],
                     100.0 * follow_up.burden_fraction[metric.name], rng, replicates, 100.0)
             elif metric.interval == WELCH_BLOCKS:
-                low, high = ratio_difference_interval(
+                interval = ratio_difference_interval(
                     *(tile_ratio_parts(s, metric.name) + (s.tile_block,)
                       for s in (baseline, follow_up)))
             else:
-                low, high = _percentile_interval(follow_boot[metric.name] - base_boot[metric.name])
-            row |= {"difference": follow - base, "ci_low": low, "ci_high": high,
-                    "verdict": verdict(low, high, metric.favourable)}
+                interval = percentile_interval(follow_boot[metric.name] - base_boot[metric.name])
+            row |= {"difference": follow - base, "ci_low": interval.low, "ci_high": interval.high,
+                    "verdict": verdict(interval.low, interval.high, metric.favourable),
+                    "p_value": interval.p_value}
         rows.append(row)
+    _add_holm(rows)
     return rows
 
 
-def _percentile_interval(differences: np.ndarray) -> tuple[float, float]:
-    """The percentile interval, its ends values the replicates took (an index's are whole
-    points)."""
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.nanpercentile(differences, [tail, 100 - tail], method="inverted_cdf")
-    return float(low), float(high)
-
-
-def proportion_difference_interval(baseline: np.ndarray, follow_up: np.ndarray
-                                   ) -> tuple[float, float]:
-    """95% interval, in percentage points, of follow-up minus baseline share of glomeruli with a
-    lesion (``baseline``, ``follow_up``: bool per glomerulus): Newcombe's hybrid score interval
-    (Stat Med 1998;17:873, method 10), from each share's Wilson interval. Averaged over true
-    rates it holds the true difference ~95% of the time down to one glomerulus a biopsy (at worst
-    83% there), where a bootstrap of 0 of 3 glomeruli is always 0 and one of one glomerulus gives
-    a zero-width interval; with 1-5 glomeruli the same rate at both biopsies still gets a verdict
-    in 6-13% of patients."""
-    shares, bounds = [], []
-    for present in (baseline, follow_up):
-        shares.append(present.mean())
-        bounds.append(stats.binomtest(int(present.sum()), len(present)).proportion_ci(
-            CONFIDENCE, method="wilson"))
-    (p1, p2), ((l1, u1), (l2, u2)) = shares, bounds
-    low = p2 - p1 - np.hypot(p2 - l2, u1 - p1)
-    high = p2 - p1 + np.hypot(u2 - p2, p1 - l1)
-    return 100.0 * float(low), 100.0 * float(high)
-
-
-def mean_difference_interval(baseline: np.ndarray, follow_up: np.ndarray,
-                             rng: np.random.Generator, permutations: int, bound_pct: float
-                             ) -> tuple[float, float]:
-    """95% interval of ``follow_up.mean() - baseline.mean()`` (one value a glomerulus): the shifts
-    d that a permutation test of the difference of means does not reject at 2.5% in either tail
-    when d is taken from every follow-up value (Lehmann's shift model), its ends within
-    +-``bound_pct``. Every split of the pooled glomeruli into two biopsies of their sizes where
-    there are no more than ``permutations`` of them, else ``permutations`` random ones (with the
-    observed split counted among them). Zero lies outside exactly when the test of "the same
-    glomeruli at both biopsies" rejects, so an unchanged kidney gets a verdict at most 5% of the
-    time whatever the number of glomeruli; where there are fewer than 40 splits (3 glomeruli
-    against 4, 2 against 7, 1 against 38) never: the interval is then the whole range. For a split that moves k of the n2 follow-up glomeruli's places to baseline ones, the
-    permuted difference moves with d at slope 1 - k/n2 + (n2-k)/n1 (1 for the observed split),
-    so each split's comparison with the observed changes at one shift t and the interval's ends
-    are order statistics of those t."""
-    pooled = np.concatenate([baseline, follow_up])
-    n1, n2 = len(baseline), len(follow_up)
-    observed = follow_up.mean() - baseline.mean()
-    if math.comb(n1 + n2, n2) <= permutations:  # exact: the observed split is one of them
-        follow_places = np.array(list(itertools.combinations(range(n1 + n2), n2)))
-        extra = 0
-    else:
-        follow_places = rng.random((permutations, n1 + n2)).argsort(axis=1)[:, :n2]
-        extra = 1
-    follow_sum = pooled[follow_places].sum(axis=1)
-    permuted = follow_sum / n2 - (pooled.sum() - follow_sum) / n1
-    from_follow_up = (follow_places >= n1).sum(axis=1)
-    slope = 1 - from_follow_up / n2 + (n2 - from_follow_up) / n1
-    moved = from_follow_up < n2  # splits that keep the follow-up's glomeruli go with every shift
-    shifts = np.sort((observed - permuted[moved]) / slope[moved])
-    tail = (1 - CONFIDENCE) / 2
-    # a shift is kept while (extra + kept splits + splits at or past it) / all splits > tail
-    needed = math.floor(tail * (len(permuted) + extra)) + 1 - extra - int((~moved).sum())
-    if needed <= 0:
-        return -bound_pct, bound_pct
-    low, high = shifts[needed - 1], shifts[len(shifts) - needed]
-    return float(max(low, -bound_pct)), float(min(high, bound_pct))
-
-
-def ratio_difference_interval(baseline: tuple[np.ndarray, np.ndarray, np.ndarray],
-                              follow_up: tuple[np.ndarray, np.ndarray, np.ndarray]
-                              ) -> tuple[float, float]:
-    """95% interval, in percentage points, of follow-up minus baseline area percent (sum of
-    numerators over sum of denominators), each given per tile as (numerator, denominator,
-    block). Cortex changes over distances of a tile or more (fibrosis comes in patches), so
-    neighbouring tiles are not independent draws: each biopsy's BLOCK_UM blocks are its units.
-    Its standard error is the ratio estimator's over blocks (Cochran, Sampling Techniques, 6.9:
-    residuals of each block's numerator from the ratio times its denominator), and the interval
-    Welch's t with Satterthwaite's degrees of freedom. Under two blocks on a side it is the whole
-    range, [-100, 100]."""
-    estimates, variances, counts = [], [], []
-    for numerator, denominator, block in (baseline, follow_up):
-        numerator, denominator = (np.bincount(block, weights=w) for w in (numerator, denominator))
-        kept = denominator > 0
-        numerator, denominator, count = numerator[kept], denominator[kept], int(kept.sum())
-        if count < 2:
-            return -100.0, 100.0
-        ratio = numerator.sum() / denominator.sum()
-        residuals = numerator - ratio * denominator
-        estimates.append(100.0 * ratio)
-        variances.append(1e4 * count / (count - 1) * (residuals ** 2).sum() / denominator.sum() ** 2)
-        counts.append(count)
-    difference, variance = estimates[1] - estimates[0], sum(variances)
-    if variance == 0:
-        return difference, difference
-    freedom = variance ** 2 / sum(v ** 2 / (n - 1) for v, n in zip(variances, counts))
-    half = stats.t.ppf((1 + CONFIDENCE) / 2, freedom) * np.sqrt(variance)
-    return float(max(difference - half, -100.0)), float(min(difference + half, 100.0))
-
-
-def verdict(ci_low: float, ci_high: float, favourable: str = "lower") -> str:
-    """``improved`` / ``worsened`` when the interval excludes zero in the favourable / other
-    direction, else ``unchanged``."""
-    if ci_high < 0:
-        return "improved" if favourable == "lower" else "worsened"
-    if ci_low > 0:
-        return "worsened" if favourable == "lower" else "improved"
-    return "unchanged"
+def _add_holm(rows: list[dict]) -> None:
+    """Each compared metric's p-value adjusted for the patient's number of them (Holm), and the
+    verdict that holds when they are judged together."""
+    compared = [row for row in rows if row["p_value"] is not None]
+    for row, adjusted in zip(compared, holm([row["p_value"] for row in compared])):
+        row["p_holm"] = adjusted
+        row["verdict_holm"] = row["verdict"] if adjusted <= ALPHA else "unchanged"
 
 
 def sample_of(scored: ScoredSlide) -> SlideSample:

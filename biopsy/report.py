@@ -110,8 +110,10 @@ def _slides_line(comparison: dict) -> str:
             f"a percentile bootstrap, {boot['replicates']} replicates, seed {boot['seed']}; "
             f"{e(boot['resampled'])}. A metric improved (worsened) when its "
             "interval lies wholly below (above) zero. Each of the metrics is judged at 95 % on its "
-            "own, without correction for their number: in simulated patients whose kidney did not "
-            "change, about three in ten had at least one verdict by chance.</p>")
+            "own: in simulated patients whose kidney did not change, about three in ten had at "
+            "least one such verdict by chance. \"Together (Holm)\": the verdicts that hold when "
+            "the metrics are judged as one set, each method's p-value adjusted by Holm's "
+            "step-down (95 % for the whole set: 3-5 % of those patients had one).</p>")
 
 
 def _model_cautions(comparison: dict) -> str:
@@ -139,7 +141,8 @@ def _metric_tables(comparison: dict) -> str:
         rows = "".join(_metric_row(m, comparison) for m in metrics)
         parts.append(f"<h2>{family.capitalize()}</h2><table><tr><th>metric</th><th>unit</th>"
                      "<th>baseline</th><th>follow-up</th><th>values</th><th>difference</th>"
-                     "<th>95% interval</th><th>change</th><th>verdict</th></tr>"
+                     "<th>95% interval</th><th>change</th><th>verdict</th>"
+                     "<th>together (Holm)</th></tr>"
                      f"{rows}</table>")
     parts.append(f'<p class="legend">Values: <i class="swatch" style="border-color:'
                  f'{BASELINE_COLOUR};background:{BASELINE_COLOUR}"></i>baseline, '
@@ -159,7 +162,9 @@ def _metric_row(m: dict, comparison: dict) -> str:
     return (f"<tr><td>{e(m['label'])}</td><td>{e(m['unit'])}</td><td>{values[0]}</td>"
             f"<td>{values[1]}</td><td>{_value_bars(m)}</td>"
             f"<td>{number(m['difference'])}</td><td>{interval}</td><td>{_interval_svg(m, colour)}</td>"
-            f'<td class="verdict" style="color:{colour}">{e(m["verdict"])}</td></tr>')
+            f'<td class="verdict" style="color:{colour}">{e(m["verdict"])}</td>'
+            f'<td class="verdict" style="color:{VERDICT_COLOURS[m["verdict_holm"]]}">'
+            f'{e(m["verdict_holm"])}</td></tr>')
 
 
 def _partial(m: dict, key: str, comparison: dict) -> str:

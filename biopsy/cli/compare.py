@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{family}:")
         for m in (m for m in comparison["metrics"] if m["family"] == family):
             print("  " + metric_line(m, *scores))
+    print(holm_line(comparison))
     if comparison["processing_differences"]:
         print("warning: the two biopsies were processed differently; a difference may owe to "
               "that rather than to the tissue:", file=sys.stderr)
@@ -126,6 +127,16 @@ def glomeruli_line(comparison: dict) -> str:
             f"{comparison['follow_up']['glomeruli']}"
             + (f" (limited sample: {' and '.join(limited)}; read the verdicts with care)"
                if limited else ""))
+
+
+def holm_line(comparison: dict) -> str:
+    """The verdicts that hold when every compared metric is judged at once (Holm)."""
+    held = {kind: [m["label"] for m in comparison["metrics"] if m["verdict_holm"] == kind]
+            for kind in ("improved", "worsened")}
+    compared = sum(m["p_value"] is not None for m in comparison["metrics"])
+    verdicts = "; ".join(f"{kind}: {', '.join(labels)}" for kind, labels in held.items() if labels)
+    return (f"Judged together (Holm, 95% for all {compared} metrics at once): "
+            + (verdicts or "no verdict holds"))
 
 
 def metric_line(m: dict, baseline_scores: dict, follow_up_scores: dict) -> str:
