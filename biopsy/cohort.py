@@ -134,13 +134,14 @@ def render_cohort(cohort: dict) -> str:
 
 def _cautions(comparisons: list[dict]) -> str:
     """A warning when some comparisons rest on a biopsy whose scoring recorded a caution."""
-    cautioned = [c for c in comparisons if c.get("cautions")]
+    compared = [c for c in comparisons if c["status"] == "compared"]
+    cautioned = [c for c in compared if c.get("cautions")]
     if not cautioned:
         return ""
     texts = "".join(f"<li>{e(text)}.</li>" for text in sorted({t for c in cautioned
                                                                 for t in c["cautions"]}))
     return (f"<div class='warning'><p><b>Read these scores with care</b>: {len(cautioned)} of "
-            f"{len(comparisons)} comparisons rest on biopsies scored with a caution (each "
+            f"{len(compared)} comparisons rest on biopsies scored with a caution (each "
             f"patient's report says which):</p><ul>{texts}</ul></div>")
 
 

@@ -149,21 +149,22 @@ def load_model(path: str | Path | None, device: str,
     return prepare_model(model, torch.device(device)), info, path
 
 
-def bundled_model_caution(model_path: str | Path, slide_path: str | Path) -> str | None:
-    """Why scores of ``slide_path`` by the bundled model mean little, or None: it learnt from
-    synthetic slides only, and the slide is not one (``biopsy synth`` writes truth.json beside
-    its slides)."""
-    if (Path(model_path).resolve() != DEFAULT_CHECKPOINT.resolve()
-            or (Path(slide_path).parent / "truth.json").is_file()):
+def model_caution(info: ModelInfo, slide_path: str | Path) -> str | None:
+    """Why the model's scores of ``slide_path`` mean little, or None. A model whose training
+    config has a ``synth`` section (``python -m training synth`` made its training slides, as
+    for the bundled model) learnt from synthetic slides only; copies of its checkpoint, an
+    int8-calibrated one too, keep that config. A synthetic slide (``biopsy synth`` writes
+    truth.json beside it) gets no caution."""
+    if info.training_config.get("synth") is None or (Path(slide_path).parent / "truth.json").is_file():
         return None
-    return ("the bundled model learnt from synthetic slides only; on real photomicrographs it "
-            "found 6 of 38 glomeruli (detection F1 0.09), so its scores of real biopsies mean "
+    return ("the model learnt from synthetic slides only (the bundled one found 6 of 38 glomeruli "
+            "on real photomicrographs, detection F1 0.09), so its scores of real biopsies mean "
             "little until it is fine-tuned on annotated slides of yours (README: fine-tuning)")
 
 
-def warn_of_the_bundled_model(model_path: str | Path, slide_path: str | Path) -> None:
-    """:func:`bundled_model_caution` as a warning, where there is one."""
-    caution = bundled_model_caution(model_path, slide_path)
+def warn_of_the_model(info: ModelInfo, slide_path: str | Path) -> None:
+    """:func:`model_caution` as a warning, where there is one."""
+    caution = model_caution(info, slide_path)
     if caution:
         log.warning("%s: %s", slide_path, caution)
 
@@ -185,7 +186,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     """
     with open_slide(slide_path, mpp=mpp) as slide:
         require_square_pixels(slide, "scoring (positions and outlines in level-0 pixels)")
-        warn_of_the_bundled_model(model_path, slide_path)
+        warn_of_the_model(info, slide_path)
         started = time.perf_counter()
         mpp_given = slide.mpp_given  # before the search sets another
         searched = search_mpp(slide, model, info, options)
@@ -213,7 +214,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                   "class_names": list(info.class_names), "input_mpp": info.input_mpp,
                   "patch_size_px": info.patch_size_px, "code_version": info.code_version,
                   "glomerulus_threshold": info.glomerulus_threshold,
-                  "caution": bundled_model_caution(model_path, slide_path)},
+                  "caution": model_caution(info, slide_path)},
         "inference": {"device": options.device, "batch_size": options.batch_size,
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
                       "bf16": _bf16(options.device),

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_scored import write_cohort_manifest  # noqa: E402
 
@@ -25,6 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
 def test_sigterm_ends_a_rank_that_waits_at_the_barrier_for_a_slower_one(tmp_path):
     """A rank that finished its shard waits, possibly for hours, for the slowest one. SIGTERM
     (SLURM, docker stop) must end it: Python runs signal handlers only between its own
@@ -35,15 +44,24 @@ def test_sigterm_ends_a_rank_that_waits_at_the_barrier_for_a_slower_one(tmp_path
                         "WORLD_SIZE": "2"}
     slowest = subprocess.Popen([sys.executable, "-c", RANK_THAT_NEVER_FINISHES],
                                env=env | {"RANK": "1", "LOCAL_RANK": "1"})
+    errors = (tmp_path / "rank-0.err").open("w")
     rank_0 = subprocess.Popen([sys.executable, "-m", "biopsy", "batch", str(manifest), "--out",
                                str(out), "--from-labels", "--no-progress"],
-                              env=env | {"RANK": "0", "LOCAL_RANK": "0"}, stderr=subprocess.PIPE)
+                              env=env | {"RANK": "0", "LOCAL_RANK": "0"},
+                              stderr=errors)
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob("slides/*/summary.json")):  # its shard: the manifest's first row
-            assert rank_0.poll() is None and time.monotonic() < deadline
+        status = out / "status" / "rank-0.csv"  # its shard (the first row) scored: done
+        while not (status.is_file() and ",done," in status.read_text()):
+            assert rank_0.poll() is None, (tmp_path / "rank-0.err").read_text()
+            assert time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(2)
+        while True:  # then idle (at the barrier), however slow the machine
+            used = cpu_seconds(rank_0.pid)
+            time.sleep(1)
+            if cpu_seconds(rank_0.pid) - used < 0.05:
+                break
+            assert time.monotonic() < deadline
         assert rank_0.poll() is None  # waiting for rank 1
         rank_0.send_signal(signal.SIGTERM)
         assert rank_0.wait(timeout=20) == 128 + signal.SIGTERM
@@ -51,3 +69,4 @@ def test_sigterm_ends_a_rank_that_waits_at_the_barrier_for_a_slower_one(tmp_path
         for process in (rank_0, slowest):
             process.kill()
             process.wait()
+        errors.close()

@@ -17,7 +17,7 @@ from biopsy.cli import compare as compare_cli
 from biopsy.cli import main
 from biopsy.labelmap import colourise, read_label_map
 from biopsy.model import (DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, build_model,
-                          save_checkpoint)
+                          read_model_info, save_checkpoint, save_int8_calibration)
 from biopsy.pyramid import write_pyramid
 from biopsy.scorefolder import FILES
 from biopsy.scoring import load_score_config
@@ -29,14 +29,16 @@ from synthetic_scored import MPP, paint_label_map  # noqa: E402
 TINY_ARGUMENTS = {"encoder": "resnet18", "decoder_channels": [8, 8, 8, 8, 8]}
 
 
-def tiny_checkpoint(path: Path, in_channels: int = 3, input_mpp: float = MPP) -> Path:
+def tiny_checkpoint(path: Path, in_channels: int = 3, input_mpp: float = MPP,
+                    training_config: dict | None = None) -> Path:
     """A randomly initialised U-Net over every class (small decoder), saved as a checkpoint."""
     torch.manual_seed(0)
     model = build_model("unet", len(CLASS_NAMES), in_channels, **TINY_ARGUMENTS)
     info = ModelInfo("unet", TINY_ARGUMENTS, list(CLASS_NAMES),
                      {n: list(CLASS_COLOURS[n]) for n in CLASS_NAMES}, input_mpp, 128, in_channels,
                      {"mean": list(IMAGENET_MEAN[:in_channels]) + [0.5] * (in_channels - 3),
-                      "std": list(IMAGENET_STD[:in_channels]) + [0.25] * (in_channels - 3)})
+                      "std": list(IMAGENET_STD[:in_channels]) + [0.25] * (in_channels - 3)},
+                     training_config=training_config or {})
     save_checkpoint(path, model, info)
     return path
 
@@ -129,20 +131,24 @@ def test_slide_is_scored_into_a_complete_folder_with_provenance(slide_and_model,
     assert label_map.class_names == tuple(CLASS_NAMES) and label_map.mpp == MPP
 
 
-def test_the_bundled_model_on_a_slide_not_synthetic_is_a_warning(tmp_path, caplog):
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no bundled model")
+def test_a_model_trained_on_synthetic_slides_warns_on_a_slide_not_synthetic(tmp_path, caplog):
     real, synthetic = tmp_path / "real" / "B1.svs", tmp_path / "synth" / "slide.svs"
     synthetic.parent.mkdir()
     (synthetic.parent / "truth.json").write_text("{}")
+    bundled = read_model_info(DEFAULT_CHECKPOINT)
+    save_int8_calibration(DEFAULT_CHECKPOINT, tmp_path / "copy.safetensors", {}, {})  # a copy
     with caplog.at_level("WARNING"):
-        pipeline.warn_of_the_bundled_model(DEFAULT_CHECKPOINT, synthetic)
-        pipeline.warn_of_the_bundled_model(tmp_path / "mine.safetensors", real)
+        pipeline.warn_of_the_model(bundled, synthetic)
+        pipeline.warn_of_the_model(read_model_info(tiny_checkpoint(tmp_path / "mine.safetensors")),
+                                   real)
         assert not caplog.text
-        pipeline.warn_of_the_bundled_model(DEFAULT_CHECKPOINT, real)
-    assert "B1.svs: the bundled model learnt from synthetic slides only" in caplog.text
+        pipeline.warn_of_the_model(read_model_info(tmp_path / "copy.safetensors"), real)
+    assert "B1.svs: the model learnt from synthetic slides only" in caplog.text
 
 
-def test_the_bundled_models_caution_is_kept_in_the_folder_and_shown_in_the_reports(
-        slide_and_model, tmp_path, monkeypatch, capsys):
+def test_the_models_caution_is_kept_in_the_outputs_and_shown_in_the_reports(
+        slide_and_model, tmp_path, capsys):
     """The console warning alone was lost once the run was over: a report read later showed
     the bundled model's scores of real slides as any others."""
     from biopsy.scorefolder import read_score_folder
@@ -152,15 +158,17 @@ def test_the_bundled_models_caution_is_kept_in_the_folder_and_shown_in_the_repor
     pipeline.score_slide_file(slide, tmp_path / "own", model, info, model_path,
                               load_score_config(), options=pipeline.InferenceOptions("cpu", 4, 0))
     assert read_score_folder(tmp_path / "own").summary["provenance"]["model"]["caution"] is None
-    monkeypatch.setattr(pipeline, "DEFAULT_CHECKPOINT", checkpoint)  # as if it were the bundled one
-    shutil.copy(slide, tmp_path / "again.tif")
+    synthetic = tiny_checkpoint(tmp_path / "synthetic.safetensors",
+                                training_config={"synth": {"slides": 24}})
+    for copy in ("again.tif", "alone.tif"):
+        shutil.copy(slide, tmp_path / copy)
     (tmp_path / "manifest.csv").write_text(f"patient_id,timepoint,slide\nP1,pre,{slide}\n"
-                                           "P1,post,again.tif\n")
+                                           "P1,post,again.tif\nP2,pre,alone.tif\n")  # P2: unpaired
     assert main(["batch", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "batch"),
-                 "--model", str(checkpoint), "--workers", "0", "--no-progress"]) == 0
-    folders = sorted((tmp_path / "batch" / "slides").iterdir())
+                 "--model", str(synthetic), "--workers", "0", "--no-progress"]) == 0
+    folders = sorted((tmp_path / "batch" / "slides").iterdir())  # P1's two, then P2's
     caution = read_score_folder(folders[0]).summary["provenance"]["model"]["caution"]
-    assert caution.startswith("the bundled model learnt from synthetic slides only")
+    assert caution.startswith("the model learnt from synthetic slides only")
     cohort = (tmp_path / "batch" / "cohort.html").read_text()
     assert "1 of 1 comparisons rest on biopsies scored with a caution" in cohort and caution in cohort
     capsys.readouterr()
@@ -170,6 +178,10 @@ def test_the_bundled_models_caution_is_kept_in_the_folder_and_shown_in_the_repor
     report = (tmp_path / "pair" / "report.html").read_text()
     warning = report.split("Read these scores with care")[1].split("</div>")[0]
     assert f"Follow-up: {caution}." in warning and "Baseline" not in warning
+    assert main(["segment", str(slide), "--model", str(synthetic), "--workers", "0",
+                 "--out", str(tmp_path / "segmented")]) == 0
+    segmented = json.loads((tmp_path / "segmented" / "segment.json").read_text())
+    assert segmented["model"]["caution"] == caution
 
 
 def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys, monkeypatch):
