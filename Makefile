@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python benchmarks/subpixel.py
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/stability.py
+	$(BIN)/python benchmarks/compare_calibration.py
 
 tia-venv: venv
 	test -x $(TIA_VENV)/bin/python || $(PYTHON) -m venv $(TIA_VENV)

@@ -113,7 +113,7 @@ def _slides_line(comparison: dict) -> str:
             "own: in simulated patients whose kidney did not change, about three in ten had at "
             "least one such verdict by chance. \"Together (Holm)\": the verdicts that hold when "
             "the metrics are judged as one set, each method's p-value adjusted by Holm's "
-            "step-down (95 % for the whole set: 3-5 % of those patients had one).</p>")
+            "step-down (95 % for the whole set: 3-7 % of those patients had one).</p>")
 
 
 def _model_cautions(comparison: dict) -> str:
