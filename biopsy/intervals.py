@@ -16,6 +16,7 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
+ROUNDING = 1e-9  # percentage points: below it, a difference or error is float rounding
 
 
 class Interval(NamedTuple):
@@ -147,8 +148,10 @@ def ratio_difference_interval(baseline: tuple[np.ndarray, np.ndarray, np.ndarray
         variances.append(1e4 * count / (count - 1) * (residuals ** 2).sum() / denominator.sum() ** 2)
         counts.append(count)
     difference, variance = estimates[1] - estimates[0], sum(variances)
-    if variance == 0:
-        return Interval(difference, difference, 1.0 if difference == 0 else 0.0)
+    if variance <= ROUNDING ** 2:  # every block's ratio alike at both biopsies (float rounding)
+        if abs(difference) <= ROUNDING:
+            return Interval(0.0, 0.0, 1.0)
+        return Interval(float(difference), float(difference), 0.0)
     freedom = variance ** 2 / sum(v ** 2 / (n - 1) for v, n in zip(variances, counts))
     error = np.sqrt(variance)
     half = stats.t.ppf(1 - ALPHA / 2, freedom) * error

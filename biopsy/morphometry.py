@@ -285,9 +285,9 @@ def measure_cortex_tiles(labels: np.ndarray, class_names, mpp: float,
     """Area of each class per square tile of ``tile_um`` (default: scoring config), tissue only.
 
     Tiles form a grid from the top-left corner of ``labels``; a tile with no pixel other than
-    ``background`` is left out. Their sums give the slide's cortex areas; resampling them gives a
-    bootstrap interval for area scores. With ``nuclei_xy`` (level-0 (x, y) centres), each tile
-    also counts the nuclei on its interstitial pixels.
+    ``background`` is left out. Their sums give the slide's cortex areas; the pre/post comparison
+    judges their change over blocks of them (``biopsy.compare.tile_blocks``). With ``nuclei_xy``
+    (level-0 (x, y) centres), each tile also counts the nuclei on its interstitial pixels.
     """
     if tile_um is None:
         tile_um = load_score_config().cortex.tile_um

@@ -97,10 +97,10 @@ def _slides_line(comparison: dict) -> str:
         s = comparison[key]
         source = (s.get("source") or {}).get("path")
         rows.append(f"<tr><td>{title}</td><td>{e(s['folder'])}</td><td>{e(source)}</td>"
-                    f"<td>{s['glomeruli']}</td><td>{e(s['adequacy'])}</td><td>{s['cortex_tiles']}</td></tr>")
+                    f"<td>{s['glomeruli']}</td><td>{e(s['adequacy'])}</td><td>{s['cortex_tiles']} ({s['cortex_blocks']})</td></tr>")
     boot = comparison["bootstrap"]
     return ("<table><tr><th>biopsy</th><th>scored folder</th><th>source</th><th>glomeruli</th>"
-            "<th>adequacy</th><th>cortex tiles</th></tr>" + "".join(rows) + "</table>"
+            "<th>adequacy</th><th>cortex tiles (1 mm blocks)</th></tr>" + "".join(rows) + "</table>"
             f"<p>Difference = follow-up − baseline; lower is better for every metric. Interval "
             f"({boot['confidence']:.0%}): for a share of glomeruli with a lesion, Newcombe's hybrid "
             f"score interval; for a burden (mean over glomeruli), the shifts that a permutation "
