@@ -108,7 +108,7 @@ class SlideSample:
     tile_areas_um2: dict[str, np.ndarray]  # class name -> area per cortex tile
     class_names: tuple[str, ...]
     config: scoring.ScoreConfig
-    tile_block: np.ndarray  # block number per cortex tile (BLOCK_UM squares of the tile grid)
+    tile_block: np.ndarray  # block number per cortex tile (:func:`tile_blocks`)
     glomerular_nuclei_counted: bool = False  # every glomerulus has a tuft nuclear density
     tile_inflamed: np.ndarray | None = None  # bool per cortex tile; None: nuclei not counted
 
@@ -119,6 +119,11 @@ class SlideSample:
     @property
     def tile_count(self) -> int:
         return len(next(iter(self.tile_areas_um2.values()), ()))
+
+    @property
+    def block_count(self) -> int:
+        """The blocks of cortex tiles: the area metrics' sample size."""
+        return int(self.tile_block.max()) + 1 if len(self.tile_block) else 0
 
 
 def slide_sample(glomeruli, cortex_tiles, class_names, config: scoring.ScoreConfig) -> SlideSample:
@@ -269,12 +274,12 @@ def bootstrap_values(sample: SlideSample, rng: np.random.Generator,
     chunks so that memory stays bounded on slides with thousands of tiles."""
     widest = max(sample.glomerulus_count, sample.tile_count, 1)
     chunk = max(1, MAX_RESAMPLED_ENTRIES // widest)
+    blocks = max(sample.block_count, 1)
     parts = []
     for start in range(0, replicates, chunk):
         count = min(chunk, replicates - start)
         glomerulus_index = rng.integers(0, max(sample.glomerulus_count, 1),
                                         size=(count, sample.glomerulus_count))
-        blocks = int(sample.tile_block.max()) + 1 if sample.tile_count else 1
         block_draws = rng.multinomial(blocks, np.full(blocks, 1 / blocks), size=count)
         parts.append(metric_values(sample, glomerulus_index, block_draws[:, sample.tile_block]))
     return {name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts])
@@ -342,16 +347,17 @@ def sample_of(scored: ScoredSlide) -> SlideSample:
 def compare_scored(baseline: ScoredSlide, follow_up: ScoredSlide, patient_id: str = "",
                    replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict:
     """The comparison of two scored slides, JSON-ready (what ``comparison.json`` holds)."""
+    samples = sample_of(baseline), sample_of(follow_up)
     return {
         "format": COMPARISON_FORMAT,
         "patient_id": patient_id,
-        "baseline": _slide_header(baseline),
-        "follow_up": _slide_header(follow_up),
+        "baseline": _slide_header(baseline, samples[0]),
+        "follow_up": _slide_header(follow_up, samples[1]),
         "bootstrap": {"replicates": replicates, "seed": seed, "confidence": CONFIDENCE,
                       "interval": "percentile", "resampled": "glomeruli and 1 mm blocks of "
                       "cortex tiles of each biopsy, independently",
                       "metrics": [m.name for m in METRICS if m.interval == BOOTSTRAP]},
-        "metrics": compare_samples(sample_of(baseline), sample_of(follow_up), replicates, seed),
+        "metrics": compare_samples(*samples, replicates, seed),
         "processing_differences": processing_differences(baseline, follow_up),
     }
 
@@ -450,7 +456,7 @@ def compare_folders(baseline_dir: str | Path, follow_up_dir: str | Path, patient
                           patient_id, replicates, seed)
 
 
-def _slide_header(scored: ScoredSlide) -> dict:
+def _slide_header(scored: ScoredSlide, sample: SlideSample) -> dict:
     scores, provenance = scored.summary["scores"], scored.summary["provenance"]
     return {
         "folder": scored.folder.name,
@@ -459,17 +465,10 @@ def _slide_header(scored: ScoredSlide) -> dict:
         "glomeruli": scores["glomeruli"]["count"],
         "adequacy": scores["glomeruli"]["adequacy"],
         "cortex_tiles": scores["cortex"]["tiles"],
-        "cortex_blocks": _block_count(scored),
+        "cortex_blocks": sample.block_count,
         "chronicity_partial": scores["chronicity_index"]["partial"],
         "activity_partial": scores["activity_index"]["partial"],
     }
-
-
-def _block_count(scored: ScoredSlide) -> int:
-    """The blocks of cortex tiles that the area metrics are judged over: their sample size."""
-    tile_um = sample_of(scored).config.cortex.tile_um
-    blocks = tile_blocks(scored.cortex_tiles, tile_um)
-    return int(blocks.max()) + 1 if len(blocks) else 0
 
 
 def write_comparison(out_dir: str | Path, baseline: ScoredSlide, follow_up: ScoredSlide,

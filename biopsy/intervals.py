@@ -1,9 +1,9 @@
 """Intervals of a difference between two biopsies, each with the p-value of "no change" that
 the same method gives, and Holm's adjustment of a patient's p-values for their number.
 
-Each method's p-value is at most 1 - CONFIDENCE where its interval excludes zero (and, but for
-the permutation test's interval widened to hold the observed difference, only there). Why each metric takes the
-method it does: :mod:`biopsy.compare`.
+Each method's p-value is at most 1 - CONFIDENCE where its interval excludes zero (and only there,
+but for the permutation test's interval, widened to hold the observed difference). Why each metric
+takes the method it does: :mod:`biopsy.compare`.
 """
 
 import itertools
@@ -41,8 +41,8 @@ def percentile_interval(differences: np.ndarray) -> Interval:
 def proportion_difference_interval(baseline: np.ndarray, follow_up: np.ndarray,
                                    confidence: float = CONFIDENCE) -> Interval:
     """``confidence`` interval, in percentage points, of follow-up minus baseline share of
-    glomeruli with a lesion (``baseline``, ``follow_up``: bool per glomerulus): Newcombe's hybrid score interval
-    (Stat Med 1998;17:873, method 10), from each share's Wilson interval. Averaged over true
+    glomeruli with a lesion (``baseline``, ``follow_up``: bool per glomerulus): Newcombe's hybrid
+    score interval (Stat Med 1998;17:873, method 10), from each share's Wilson interval. Averaged over true
     rates it holds the true difference ~95% of the time down to one glomerulus a biopsy (at worst
     83% there), where a bootstrap of 0 of 3 glomeruli is always 0 and one of one glomerulus gives
     a zero-width interval; with 1-5 glomeruli a biopsy the same rate at both biopsies still gets a
