@@ -165,7 +165,7 @@ def tile_blocks(cortex_tiles, tile_um: float) -> np.ndarray:
         centres = cells[inside] * float(tile_um)
         centres -= centres.mean(axis=0)
         keys[inside, 0] = piece
-        for axis, coordinate in enumerate((centres @ np.linalg.svd(centres)[2].T).T):
+        for axis, coordinate in enumerate((centres @ np.linalg.svd(centres, full_matrices=False)[2].T).T):
             extent = np.ptp(coordinate) + tile_um
             parts = max(1, round(extent / BLOCK_UM))
             keys[inside, 1 + axis] = np.minimum(

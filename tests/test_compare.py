@@ -1,6 +1,7 @@
 import argparse
 import json
 import sys
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -452,6 +453,17 @@ def test_indices_bootstrap_resamples_whole_blocks_of_tiles():
     replicates = compare.bootstrap_values(sample, np.random.default_rng(0), 300)
     fibrosis = replicates["interstitial_fibrosis"]
     assert np.ptp(fibrosis) < 1e-9 and fibrosis[0] == pytest.approx(100 * shares.mean())
+
+
+def test_blocks_of_a_large_section_take_little_memory():
+    """A full SVD of a piece's tile centres made an n x n matrix: 800 MB for the 10,000 tiles of
+    a 25 x 25 mm section."""
+    tiles = [CortexTile(250.0 * x, 250.0 * y, 250.0, {}, None) for x in range(100) for y in range(100)]
+    tracemalloc.start()
+    blocks = compare.tile_blocks(tiles, 250.0)
+    peak_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert blocks.max() + 1 == 625 and peak_bytes < 50e6  # 1 mm blocks of a 25 mm square
 
 
 @pytest.mark.parametrize("offset", [(0, 0), (1, 0), (2, 1), (3, 3)])
