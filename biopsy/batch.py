@@ -45,6 +45,7 @@ from biopsy.compare import write_comparison
 from biopsy.errors import BiopsyError
 from biopsy.manifest import ManifestEntry, Pairing, pair_timepoints, read_manifest, unpaired
 from biopsy.provenance import is_same_file
+from biopsy.report import model_cautions
 from biopsy.scorefolder import read_score_folder
 
 log = logging.getLogger(__name__)
@@ -353,11 +354,10 @@ def _compare_pairing(pairing: Pairing, out_dir: Path, failed_rows: set[int]
     except BiopsyError as error:
         return record | {"status": f"not compared: {error}", "folder": None}, None
     biopsies = (comparison["baseline"], comparison["follow_up"])
-    cautions = {(b["model"] or {}).get("caution") for b in biopsies} - {None}
     return record | {"glomeruli": [b["glomeruli"] for b in biopsies],
                      "adequacy": [b["adequacy"] for b in biopsies],
                      "processing_differences": comparison["processing_differences"],
-                     "cautions": sorted(cautions)}, comparison
+                     "cautions": sorted(set(model_cautions(comparison).values()))}, comparison
 
 
 def _cohort_csv(cohort: dict) -> str:

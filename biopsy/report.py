@@ -116,11 +116,18 @@ def _slides_line(comparison: dict) -> str:
             "step-down (95 % for the whole set: 3-7 % of those patients had one).</p>")
 
 
+def model_cautions(comparison: dict) -> dict[str, str]:
+    """Biopsy ("baseline", "follow_up") -> the caution its scoring recorded about its model."""
+    cautions = {side: (comparison[side].get("model") or {}).get("caution")
+                for side in ("baseline", "follow_up")}
+    return {side: caution for side, caution in cautions.items() if caution}
+
+
 def _model_cautions(comparison: dict) -> str:
     """A warning for each biopsy whose scoring recorded a caution about its model."""
-    cautions = [(title, (comparison[key].get("model") or {}).get("caution"))
-                for key, title in (("baseline", "Baseline"), ("follow_up", "Follow-up"))]
-    items = "".join(f"<li>{title}: {e(caution)}.</li>" for title, caution in cautions if caution)
+    titles = {"baseline": "Baseline", "follow_up": "Follow-up"}
+    items = "".join(f"<li>{titles[side]}: {e(caution)}.</li>"
+                    for side, caution in model_cautions(comparison).items())
     return (f"<div class='warning'><p><b>Read these scores with care</b>:</p><ul>{items}</ul></div>"
             if items else "")
 

@@ -69,6 +69,7 @@ def remove_earlier_outputs(out: Path, targets: list[Path]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from biopsy import compare
+    from biopsy.report import model_cautions
     from biopsy.scorefolder import read_score_folder
     from biopsy.slide import open_slide
 
@@ -110,10 +111,8 @@ def run(args: argparse.Namespace) -> int:
               "that rather than to the tissue:", file=sys.stderr)
         for difference in comparison["processing_differences"]:
             print(f"  {difference}", file=sys.stderr)
-    for side in ("baseline", "follow_up"):
-        caution = (comparison[side]["model"] or {}).get("caution")
-        if caution:
-            print(f"warning: {side.replace('_', '-')}: {caution}", file=sys.stderr)
+    for side, caution in model_cautions(comparison).items():
+        print(f"warning: {side.replace('_', '-')}: {caution}", file=sys.stderr)
     print(f"report: {args.out / 'report.html'}")
     return 0
 
