@@ -162,11 +162,12 @@ def model_caution(info: ModelInfo, slide_path: str | Path) -> str | None:
             "little until it is fine-tuned on annotated slides of yours (README: fine-tuning)")
 
 
-def warn_of_the_model(info: ModelInfo, slide_path: str | Path) -> None:
-    """:func:`model_caution` as a warning, where there is one."""
+def warn_of_the_model(info: ModelInfo, slide_path: str | Path) -> str | None:
+    """:func:`model_caution` as a warning, where there is one; returns it to be recorded."""
     caution = model_caution(info, slide_path)
     if caution:
         log.warning("%s: %s", slide_path, caution)
+    return caution
 
 
 def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Module,
@@ -186,7 +187,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     """
     with open_slide(slide_path, mpp=mpp) as slide:
         require_square_pixels(slide, "scoring (positions and outlines in level-0 pixels)")
-        warn_of_the_model(info, slide_path)
+        caution = warn_of_the_model(info, slide_path)
         started = time.perf_counter()
         mpp_given = slide.mpp_given  # before the search sets another
         searched = search_mpp(slide, model, info, options)
@@ -214,7 +215,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
                   "class_names": list(info.class_names), "input_mpp": info.input_mpp,
                   "patch_size_px": info.patch_size_px, "code_version": info.code_version,
                   "glomerulus_threshold": info.glomerulus_threshold,
-                  "caution": model_caution(info, slide_path)},
+                  "caution": caution},
         "inference": {"device": options.device, "batch_size": options.batch_size,
                       "workers": options.workers, "tile_overlap": TILE_OVERLAP,
                       "bf16": _bf16(options.device),

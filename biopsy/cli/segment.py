@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from biopsy.infer import check_slide_for_model, segment_slide
-    from biopsy.pipeline import model_caution, search_mpp, warn_of_the_model
+    from biopsy.pipeline import search_mpp, warn_of_the_model
     from biopsy.segment_outputs import (PROBABILITIES_FILE, begin_segmentation,
                                          write_segmentation)
     from biopsy.slide import open_slide, require_square_pixels
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     args.device, args.workers = options.device, options.workers
     check_slide_for_model(slide, info)  # before an earlier run's outputs are touched
     require_square_pixels(slide, "objects.geojson (outlines in level-0 pixels)")
-    warn_of_the_model(info, args.slide)
+    caution = warn_of_the_model(info, args.slide)
     labels_path = begin_segmentation(args.out)
     probabilities_path = args.out / PROBABILITIES_FILE if args.probabilities else None
     started = time.perf_counter()
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "model": {"path": str(model_path), "sha256": info.sha256, "input_mpp": info.input_mpp,
                   "patch_size_px": info.patch_size_px,
                   "glomerulus_threshold": info.glomerulus_threshold,
-                  "caution": model_caution(info, args.slide)},
+                  "caution": caution},
         "options": {"batch_size": args.batch_size, "workers": args.workers,
                     "device": str(args.device),
                     "bf16": args.bf16 if args.bf16 is not None else "cuda" in str(args.device),
