@@ -30,12 +30,13 @@ class Interval(NamedTuple):
 def percentile_interval(differences: np.ndarray) -> Interval:
     """The percentile interval of bootstrap replicates of the difference, its ends values the
     replicates took (an index's are whole points); p twice the share of replicates on the far
-    side of zero (ties counted on both sides)."""
+    side of zero (ties counted on both sides), or one replicate's share where none is: no finer
+    than the replicates resolve."""
     differences = differences[~np.isnan(differences)]
     tail = ALPHA / 2 * 100
     low, high = np.percentile(differences, [tail, 100 - tail], method="inverted_cdf")
     p_value = 2 * min((differences <= 0).mean(), (differences >= 0).mean())
-    return Interval(float(low), float(high), float(min(1.0, p_value)))
+    return Interval(float(low), float(high), float(min(1.0, max(p_value, 1 / len(differences)))))
 
 
 def proportion_difference_interval(baseline: np.ndarray, follow_up: np.ndarray,
@@ -53,7 +54,7 @@ def proportion_difference_interval(baseline: np.ndarray, follow_up: np.ndarray,
 
 def _newcombe_p_value(baseline: np.ndarray, follow_up: np.ndarray) -> float:
     """One minus the confidence at which Newcombe's interval reaches zero (it grows with the
-    confidence), by bisection; 1 where the shares are equal."""
+    confidence), by bisection to 1e-15, rounded up (never 0); 1 where the shares are equal."""
     if baseline.mean() == follow_up.mean():
         return 1.0
     excluded, included = 0.0, 1.0
@@ -61,7 +62,7 @@ def _newcombe_p_value(baseline: np.ndarray, follow_up: np.ndarray) -> float:
         middle = (excluded + included) / 2
         low, high = _newcombe(baseline, follow_up, middle)
         excluded, included = (middle, included) if low > 0 or high < 0 else (excluded, middle)
-    return 1.0 - included
+    return 1.0 - excluded
 
 
 def _newcombe(baseline: np.ndarray, follow_up: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -152,6 +152,8 @@ BAD_OPTIONS = [
     ("restain", ["--hue", "nan"], "argument --hue: 'nan' is not a number from -360 to 360"),
     ("restain", ["--haematoxylin", "-1"], "argument --haematoxylin: '-1' is not a number >= 0"),
     ("synth", ["--seed", "-1"], "argument --seed: '-1' is not a whole number >= 0"),
+    # 0 raised IndexError once both slides were scored; 1 gave a verdict on one replicate
+    ("compare", ["--replicates", "0"], "argument --replicates: '0' is not a whole number >= 1000"),
 ]
 
 
@@ -160,7 +162,8 @@ def test_bad_options_are_refused_with_a_clear_error(name, options, expected, svs
     from biopsy.model import DEFAULT_CHECKPOINT
 
     model = ["--model", str(DEFAULT_CHECKPOINT)] if name == "segment" else []
-    inputs = {"synth": [], "restain": [str(svs_path), str(tmp_path / "out" / "copy.svs")]}
+    inputs = {"synth": [], "restain": [str(svs_path), str(tmp_path / "out" / "copy.svs")],
+              "compare": [str(svs_path)] * 2}
     out = [] if name == "restain" else ["--out", str(tmp_path / "out")]
     try:
         status = main([name, *inputs.get(name, [str(svs_path)]), *model, *out, *options])

@@ -205,3 +205,10 @@ def test_blocks_of_one_ratio_at_both_biopsies_are_unchanged_despite_float_roundi
             denominator = rng.uniform(1e3, 6e4, blocks * 16)
             sides.append((denominator * 0.15, denominator, np.repeat(np.arange(blocks), 16)))
         assert intervals.ratio_difference_interval(*sides) == (0.0, 0.0, 1.0)
+
+
+def test_a_p_value_is_never_zero_but_as_small_as_the_method_resolves():
+    """No replicate past zero is p < 2 / B, not p = 0; Newcombe's bisection stops at 1e-15."""
+    assert intervals.percentile_interval(np.arange(1, 2001.0)).p_value == 1 / 2000
+    p_value = intervals.proportion_difference_interval(shares(0, 60), shares(60, 60)).p_value
+    assert 0 < p_value < 1e-14

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 BOOTSTRAP_REPLICATES = 2000  # biopsy.compare's defaults, repeated so that --help needs no numpy
 BOOTSTRAP_SEED = 0
+LEAST_REPLICATES = 1000  # fewer leave a 95% interval's ends to a handful of replicates
 
 
 def add_parser(subparsers) -> None:
@@ -38,9 +39,9 @@ def add_parser(subparsers) -> None:
                         help="slide pixel size in µm/px, overriding (or standing in for) the files'")
     add_scoring_arguments(parser, "PRE and POST files are")
     add_device_argument(parser)
-    parser.add_argument("--replicates", type=int, default=BOOTSTRAP_REPLICATES,
+    parser.add_argument("--replicates", type=count(LEAST_REPLICATES), default=BOOTSTRAP_REPLICATES,
                         help="bootstrap replicates, and random splits of the burdens' permutation "
-                             "test (default %(default)s)")
+                             f"test (at least {LEAST_REPLICATES}; default %(default)s)")
     parser.add_argument("--seed", type=count(0), default=BOOTSTRAP_SEED,
                         help="seed of the bootstrap and the splits (default %(default)s)")
     parser.set_defaults(func=run)
