@@ -263,20 +263,26 @@ def wait_for_all_ranks(context: DistributedContext) -> None:
 
 def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,
               context: DistributedContext = DistributedContext(), progress: bool = True) -> int:
-    """Score this rank's share of the manifest; rank 0 then writes status.csv and the cohort.
+    """Score this rank's share of the manifest; rank 0 then writes status.csv and the cohort,
+    while the other ranks wait for it (torchrun ends every rank once one exits non-zero).
 
-    Returns the number of failed slides (rank 0: over every rank; other ranks: their own).
-    The manifest is validated in full before any slide is scored.
+    Returns the number of failed slides over every rank on rank 0 (which logs them), 0 on the
+    others. The manifest is validated in full before any slide is scored.
     """
     out_dir = Path(out_dir)
     entries = read_manifest(manifest_path)
     if context.rank == 0:  # the other ranks touch only the manifest's own folder names
         _clean_up_other_kills(out_dir, {e.folder_name for e in entries})
     shard = entries[context.rank::context.world_size]
-    statuses = score_shard(shard, out_dir, score, context.rank, progress)
+    score_shard(shard, out_dir, score, context.rank, progress)
     wait_for_all_ranks(context)
-    if context.rank != 0:
-        return sum(s.status == "failed" for s in statuses)
+    failed = _write_outputs(entries, out_dir, context) if context.rank == 0 else 0
+    wait_for_all_ranks(context)
+    return failed
+
+
+def _write_outputs(entries: list[ManifestEntry], out_dir: Path, context: DistributedContext) -> int:
+    """status.csv from every rank's and the cohort; the number of failed slides."""
     merged: dict[int, tuple[str, str]] = {}
     for rank in range(context.world_size):
         merged.update(read_status(out_dir / "status" / f"rank-{rank}.csv"))

@@ -425,6 +425,33 @@ def test_torchrun_shards_the_manifest_and_rank_0_writes_the_cohort(cohort, tmp_p
     assert_same_outputs(out, reference)
 
 
+SLOW_COHORT = """
+import time
+import biopsy.batch as batch
+write = batch.write_cohort_outputs
+batch.write_cohort_outputs = lambda *args: (time.sleep(3), write(*args))[1]
+"""
+
+
+@pytest.mark.slow
+def test_a_slide_failing_on_another_rank_than_0_still_gets_the_cohort_written(tmp_path):
+    """Rank 1 returned its failures and exited 1 at once: torchrun then ended rank 0 while it
+    wrote the cohort, on every rerun too."""
+    manifest = write_cohort_manifest(tmp_path / "in", patients=2, broken_row=True)  # row 7: rank 1
+    out, script = tmp_path / "out", tmp_path / "run.py"
+    script.write_text(SLOW_COHORT + TORCHRUN_RUN.format(
+        tests=str(REPO / "tests"), manifest=str(manifest), out=str(out), markers=str(tmp_path / "m")))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", str(script)],
+                            cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1 and "SIGTERM" not in result.stderr, result.stderr[-3000:]
+    assert [r["status"] for r in status_rows(out)] == ["done"] * 5 + ["failed"]
+    cohort = json.loads((out / "cohort.json").read_text())
+    assert [c["status"] for c in cohort["comparisons"]] == [
+        "compared", "compared", "not compared: row(s) 7 not scored"]
+    assert (out / "cohort.html").exists() and (out / "cohort.csv").exists()
+
+
 def colour_lookup_model(class_colours: list[tuple[int, int, int]]) -> torch.nn.Module:
     """1x1 conv whose argmax is the class of the nearest class colour (inputs scaled 0..1):
     a slide painted in class colours is segmented into exactly its painted classes."""
