@@ -2,8 +2,9 @@
 
 Columns: ``patient_id``, ``timepoint`` (``pre``/``post`` or an ISO date ``YYYY-MM-DD``),
 ``slide`` (path relative to the manifest, or absolute), and optionally ``stain`` and ``mpp``.
-Other columns are ignored, and so are rows with every cell empty (a spreadsheet's trailing
-``,,,``). Errors name the spreadsheet row (the header is row 1).
+Column names match whatever their case. Other columns are ignored, and so are rows with every
+cell empty (a spreadsheet's trailing ``,,,``) and empty cells past the header's. Errors name the
+spreadsheet row (the header is row 1; blank lines count).
 
 A patient's baseline is its earliest timepoint (``pre`` before ``post``; dates in calendar order);
 slides of different stains are compared stain with stain. Stain names match whatever their case:
@@ -74,17 +75,11 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-            if missing:
-                raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; the header "
-                                    f"needs {', '.join(REQUIRED_COLUMNS)} (optional: "
-                                    f"{', '.join(OPTIONAL_COLUMNS)})")
-            reader.fieldnames = columns
-            entries = [_parse_row(path, row_number, row)
-                       for row_number, row in enumerate(reader, start=2)
-                       if None in row or any((cell or "").strip() for cell in row.values())]
+            records = csv.reader(handle)  # blank lines come as [], so each record is a row
+            columns = _columns(path, next(records, []))
+            entries = [_parse_row(path, row_number, columns, cells)
+                       for row_number, cells in enumerate(records, start=2)
+                       if any(cell.strip() for cell in cells)]
     except UnicodeDecodeError as error:
         raise ManifestError(f"{path}: not UTF-8 text ({error}); save the manifest as CSV UTF-8"
                             ) from error
@@ -97,6 +92,22 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     _check_timepoints_comparable(path, entries)
     _check_pixel_sizes(path, entries)
     return entries
+
+
+def _columns(path: Path, header: list[str]) -> list[str]:
+    """The header's column names in lower case, refused without the required ones or with one
+    of the manifest's own twice."""
+    columns = [name.strip().lower() for name in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; the header "
+                            f"needs {', '.join(REQUIRED_COLUMNS)} (optional: "
+                            f"{', '.join(OPTIONAL_COLUMNS)})")
+    repeated = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if columns.count(c) > 1]
+    if repeated:
+        raise ManifestError(f"{path}: column(s) {', '.join(repeated)} appear more than once in "
+                            "the header; keep one of each")
+    return columns
 
 
 def _check_pixel_sizes(path: Path, entries: list[ManifestEntry]) -> None:
@@ -118,11 +129,11 @@ def _check_pixel_sizes(path: Path, entries: list[ManifestEntry]) -> None:
                             + "; ".join(lacking))
 
 
-def _parse_row(path: Path, row_number: int, row: dict) -> ManifestEntry:
+def _parse_row(path: Path, row_number: int, columns: list[str], cells: list[str]) -> ManifestEntry:
     where = f"{path} row {row_number}"
-    if None in row:
+    if any(cell.strip() for cell in cells[len(columns):]):
         raise ManifestError(f"{where}: more cells than header columns; quote cells that hold commas")
-    values = {k: (v or "").strip() for k, v in row.items()}
+    values = dict(zip(columns, (cell.strip() for cell in cells + [""] * len(columns))))
     for column in REQUIRED_COLUMNS:
         if not values[column]:
             raise ManifestError(f"{where}: empty {column}; every row needs {', '.join(REQUIRED_COLUMNS)}")

@@ -48,7 +48,11 @@ def test_reads_rows_resolves_paths_and_orders_timepoints(tmp_path):
     ("patient_id,timepoint,slide\nP1,pre,a.svs\nP1,2024-01-01,b.svs\n",
      "row 3: patient 'P1' mixes pre/post and dates (rows 2 and 3)"),
     ("patient_id,timepoint,slide\nP1,pre,a.svs,extra\n", "row 2: more cells than header"),
-    ("patient_id,timepoint,slide\nP1,pre,a.svs\n,,,\n", "row 3: more cells than header"),
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\n,,,x\n", "row 3: more cells than header"),
+    # the second slide column was taken silently
+    ("patient_id,timepoint,slide,Slide\nP1,pre,a.svs,b.svs\n", "column(s) slide appear more than once"),
+    # blank lines went uncounted: the error named row 3
+    ("patient_id,timepoint,slide\nP1,pre,a.svs\n\nP1,post,missing.svs\n", "row 4: slide file"),
     ("patient_id,timepoint,slide\n", "lists no slides"),
 ])
 def test_malformed_manifest_is_refused_with_row_and_reason(tmp_path, text, message):
@@ -122,3 +126,14 @@ def test_slides_without_a_pixel_size_refuse_the_manifest(tmp_path):
     given = path.read_text().replace("slide\n", "slide,mpp\n")
     path.write_text(given.replace("snap.jpg", "snap.jpg,0.5"))
     assert read_manifest(path)[2].mpp == 0.5  # the row gives it
+
+
+def test_column_names_match_whatever_their_case_and_empty_cells_past_the_header_are_ignored(tmp_path):
+    """Stain and MPP were ignored: a PAS slide was compared with an HE one, and the row's pixel
+    size dropped. An empty trailing cell was refused as 'more cells than header columns'."""
+    path = write_manifest(tmp_path, "Patient_ID,TimePoint,Slide,Stain,MPP\n"
+                                    "P1,pre,a.svs,PAS,0.25,\n"
+                                    "P1,post,b.svs,HE,0.25\n")
+    entries = read_manifest(path)
+    assert [(e.row, e.stain, e.mpp) for e in entries] == [(2, "PAS", 0.25), (3, "HE", 0.25)]
+    assert pair_timepoints(entries) == []
