@@ -326,6 +326,7 @@ def write_cohort_outputs(entries: list[ManifestEntry], out_dir: Path,
                    for (stain, number), comparisons in sorted(groups.items())],
         "comparisons": pairs,
     }
+    (out_dir / "cohort.json").unlink(missing_ok=True)  # written last: the mark of a whole set
     write_text_atomic(out_dir / "cohort.html", render_cohort(cohort))
     write_text_atomic(out_dir / "cohort.csv", _cohort_csv(cohort))
     write_text_atomic(out_dir / "cohort.json", json.dumps(cohort, indent=2, allow_nan=False))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from biopsy import pipeline, provenance
+from biopsy import batch, pipeline, provenance
 from biopsy.batch import DistributedContext, run_batch
 from biopsy.cli import batch as batch_cli
 from biopsy.errors import ManifestError, SlideError
@@ -88,6 +88,24 @@ def test_failing_slide_is_recorded_and_the_others_finish(tmp_path):
     assert group["patients"] == 2
     deposits = next(m for m in group["metrics"] if m["name"] == "hyaline_deposits")
     assert deposits["n"] == 2 and deposits["median_change"] < 0
+
+
+def test_a_rerun_stopped_while_writing_the_cohort_leaves_no_cohort_json_of_the_run_before(
+        cohort, tmp_path, monkeypatch):
+    """cohort.json is written last; the earlier run's stayed beside the new cohort.html."""
+    out = tmp_path / "out"
+    assert batch_command([str(cohort), "--from-labels", "--out", str(out), "--no-progress"]) == 0
+    write = batch.write_text_atomic
+
+    def stopped_at_the_csv(path, text):
+        if path.name == "cohort.csv":
+            raise KeyboardInterrupt
+        write(path, text)
+
+    monkeypatch.setattr(batch, "write_text_atomic", stopped_at_the_csv)
+    with pytest.raises(KeyboardInterrupt):
+        batch_command([str(cohort), "--from-labels", "--out", str(out), "--no-progress"])
+    assert (out / "cohort.html").exists() and not (out / "cohort.json").exists()
 
 
 def test_malformed_manifest_is_refused_before_scoring(tmp_path):
