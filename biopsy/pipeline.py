@@ -25,7 +25,7 @@ from torch import nn
 
 from biopsy.classes import class_index
 from biopsy.errors import CheckpointError, DeviceError, TissueError
-from biopsy.infer import default_workers, prepare_model, segment_slide
+from biopsy.infer import check_slide_for_model, default_workers, prepare_model, segment_slide
 from biopsy.tile_views import check_scales
 from biopsy.labelmap import LabelMap, read_label_map
 from biopsy.manifest import ManifestEntry
@@ -187,6 +187,7 @@ def score_slide_file(slide_path: str | Path, out_dir: str | Path, model: nn.Modu
     """
     with open_slide(slide_path, mpp=mpp) as slide:
         require_square_pixels(slide, "scoring (positions and outlines in level-0 pixels)")
+        check_slide_for_model(slide, info)  # before the caution about a model it cannot take
         caution = warn_of_the_model(info, slide_path)
         started = time.perf_counter()
         mpp_given = slide.mpp_given  # before the search sets another

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from biopsy.cli import main
-from biopsy.cli.batch import comparison_folder, results_folder
+from biopsy.errors import SlideError
+from biopsy.cli.batch import comparison_folder, score_folder, segment_folder
 
 
 @pytest.fixture
@@ -58,6 +59,7 @@ def test_a_fluorescence_slide_is_not_scored_by_the_brightfield_model(qptiff_path
     error = capsys.readouterr().err
     assert str(qptiff_path) in error and "a fluorescence slide, and the model was trained on " \
         "brightfield slides" in error
+    assert "learnt from synthetic slides only" not in error  # of a model that cannot take it
     assert not (tmp_path / "out").exists()
 
 
@@ -98,6 +100,51 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(name, svs_path
     assert lines == [f"biopsy {name}: error: {out}: Not a directory"]
 
 
+def test_score_finds_an_output_folder_that_cannot_be_made_before_it_loads_a_model(
+        svs_path, tmp_path, capsys, monkeypatch):
+    """It segmented and scored the slide first (38 s for the small CMU slide)."""
+    from biopsy.cli import score
+
+    monkeypatch.setattr(score, "load_model_from_args", lambda *args: pytest.fail("model loaded"))
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "out"
+    assert main(["score", str(svs_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"biopsy score: error: {out}: Not a directory"
+
+
+@pytest.mark.parametrize("name, stop", [("segment", SlideError("unreadable tile")),
+                                        ("score", KeyboardInterrupt())])
+def test_a_command_that_fails_or_is_stopped_leaves_no_empty_output_folder_it_made(
+        name, stop, svs_path, tmp_path, monkeypatch):
+    import biopsy.infer
+    import biopsy.pipeline
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(biopsy.infer, "segment_slide", stopped)
+    monkeypatch.setattr(biopsy.pipeline, "score_slide_file", stopped)
+    made, kept = tmp_path / "made" / "out", tmp_path / "kept"
+    kept.mkdir()
+    for out in (made, kept):
+        assert main([name, str(svs_path), "--out", str(out)]) in (2, 130)
+    assert not made.exists() and (tmp_path / "made").is_dir() and kept.is_dir()
+
+
+@pytest.mark.parametrize("name, marker, holds", [("segment", "summary.json", "a scored slide"),
+                                                 ("score", "segment.json", "a segmentation")])
+def test_the_other_commands_folder_is_not_an_output_folder(name, marker, holds, svs_path,
+                                                           tmp_path, capsys):
+    """segment replaced a scored folder's label map and outlines under its summary.json, which
+    then described another map (and compare took it)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / marker).write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        main([name, str(svs_path), "--out", str(out)])
+    assert exit_.value.code == 2 and f"{out} holds {holds} ({marker})" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["tissue", "score", "segment", "synth", "compare", "batch"])
 def test_an_empty_or_file_output_folder_is_refused(name, svs_path, tmp_path, capsys,
                                                     monkeypatch):
@@ -131,8 +178,8 @@ def test_a_synthetic_slide_folder_is_not_an_output_folder(name, svs_path, tmp_pa
     assert exit_.value.code == 2 and "would replace the truth labels.ome.tif" in message
     assert (pair / "baseline" / "labels.ome.tif").read_bytes() == b"truth"
     other = pair / "baseline" if name == "compare" else pair  # writes beside the slides, not over
-    assert {"compare": comparison_folder, "segment": results_folder,
-            "score": results_folder}[name](str(other)) == other
+    assert {"compare": comparison_folder, "segment": segment_folder,
+            "score": score_folder}[name](str(other)) == other
 
 
 BAD_OPTIONS = [

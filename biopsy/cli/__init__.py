@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from biopsy import __version__
 from biopsy.errors import USER_ERRORS, user_message
@@ -43,6 +44,12 @@ def _terminate(main_pid: int, signal_number: int, frame) -> None:
     raise Terminated
 
 
+def _remove_if_empty(folder: Path | None) -> None:
+    """The --out folder a failed or stopped command made, where it holds nothing."""
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -51,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
                 and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
     if handling:
         previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
+    out = getattr(args, "out", None)
+    new_out = out if isinstance(out, Path) and not out.exists() else None
     try:
         return args.func(args) or 0
     except USER_ERRORS as error:
         if (message := user_message(error)) is None:
             raise
         print(f"biopsy {args.command}: error: {message}", file=sys.stderr)
+        _remove_if_empty(new_out)
         return 2
     except KeyboardInterrupt as interrupt:
+        _remove_if_empty(new_out)
         terminated = isinstance(interrupt, Terminated)
         print(f"biopsy {args.command}: {'terminated' if terminated else 'interrupted'}",
               file=sys.stderr)

@@ -108,6 +108,26 @@ def results_folder(text: str) -> Path:
     return _not_synthetic(output_folder(text), ".")
 
 
+def segment_folder(text: str) -> Path:
+    """An argparse type: a :func:`results_folder` that holds no scored slide (summary.json),
+    whose label map, outlines and overview segment would replace under its scores."""
+    return _not_the_other(results_folder(text), "summary.json", "a scored slide")
+
+
+def score_folder(text: str) -> Path:
+    """An argparse type: a :func:`results_folder` that holds no segmentation (segment.json),
+    whose label map, outlines and overview score would replace under its record."""
+    return _not_the_other(results_folder(text), "segment.json", "a segmentation")
+
+
+def _not_the_other(path: Path, marker: str, what: str) -> Path:
+    if (path / marker).is_file():
+        raise argparse.ArgumentTypeError(f"{path} holds {what} ({marker}); this command would "
+                                         "replace some of its files and leave them mixed; give "
+                                         "another folder")
+    return path
+
+
 def comparison_folder(text: str) -> Path:
     """An argparse type: an :func:`output_folder` whose baseline/ and follow_up/, where compare
     scores the two slides, are not a synthetic pair's slide folders."""

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from biopsy.cli.batch import (add_device_argument, add_model_arguments, add_stain_argument,
-                              load_model_from_args, results_folder, slide_mpp)
+                              load_model_from_args, score_folder, slide_mpp)
 from biopsy.errors import BiopsyError
 
 
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--from-labels", type=Path, metavar="LABELS.ome.tif",
                         help="score this label map instead of a slide (a synthetic truth map, "
                              "or a map from another tool converted with biopsy.labelmap)")
-    parser.add_argument("--out", type=results_folder, required=True, metavar="DIR",
+    parser.add_argument("--out", type=score_folder, required=True, metavar="DIR",
                         help="output folder (summary.json is written last)")
     parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's; "
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.slide is None) == (args.from_labels is None):
         raise BiopsyError("give either SLIDE or --from-labels LABELS.ome.tif")
     config = load_score_config(args.config)
+    args.out.mkdir(parents=True, exist_ok=True)  # a --out that cannot be is found before segmenting
     if args.from_labels is not None:
         from biopsy.pipeline import score_label_map_file
 

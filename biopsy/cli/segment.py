@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from biopsy.cli.batch import (WORKERS_DEFAULT, add_device_argument, add_model_arguments,
-                              add_stain_argument, load_model_from_args, results_folder, slide_mpp)
+                              add_stain_argument, load_model_from_args, segment_folder, slide_mpp)
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
                     "objects.geojson, overview.png, optionally probabilities.ome.tif, and "
                     "segment.json last to --out.")
     parser.add_argument("slide", type=Path, metavar="SLIDE", help="slide file")
-    parser.add_argument("--out", type=results_folder, required=True, metavar="DIR",
+    parser.add_argument("--out", type=segment_folder, required=True, metavar="DIR",
                         help="output folder (segment.json is written last)")
     parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's")
