@@ -29,6 +29,12 @@ from training.config import config_from_dict
                  "annotations": [{"image_id": 7, "category_id": 0, "segmentation": [[1, 2, 3, 4, 5, 6]]}]}),
      "unknown image_id 7"),
     (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
+                 "annotations": [{"image_id": [0], "category_id": 0, "segmentation": [[1, 2, 3, 4, 5, 6]]}]}),
+     r"annotation 0 refers to unknown image_id \[0\]"),  # TypeError: unhashable type
+    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
+                 "annotations": [{"image_id": 0, "category_id": {}, "segmentation": [[1, 2, 3, 4, 5, 6]]}]}),
+     "annotation 0 refers to unknown category_id {}"),
+    (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],
                  "annotations": [{"image_id": 0, "category_id": 0, "segmentation": {"counts": "x"}}]}),
      "annotation 0: malformed RLE mask"),
     (json.dumps({"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "gn"}],

@@ -136,11 +136,11 @@ def test_a_resume_in_another_precision_is_a_warning(tmp_path, caplog):
     model = torch.nn.Linear(4, 2)
     optimiser = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
-    loop._save_state(tmp_path / "state.pt", model, None, optimiser, scheduler, 1, 0.5, {}, "bf16")
+    loop._save_state(tmp_path / "state.pt", model, None, optimiser, scheduler, 1, 0.5, {}, "bf16", {})
     with caplog.at_level("WARNING"):
-        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "bf16")
+        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "bf16", {})
         assert not caplog.text
-        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "fp32")
+        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "fp32", {})
     assert "saved by a run in bf16, resumed in fp32" in caplog.text
 
 
@@ -152,11 +152,11 @@ def test_a_state_saved_by_the_unfused_optimiser_resumes_fused(tmp_path):
     model(torch.randn(3, 4)).sum().backward()
     unfused.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(unfused, lambda step: 1.0)
-    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5, {}, "fp32")
+    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5, {}, "fp32", {})
     fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(fused, lambda step: 1.0)
     assert loop._load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu", {},
-                            "fp32") == (1, 0.5)
+                            "fp32", {}) == (1, 0.5)
     assert fused.param_groups[0]["fused"] is True
     assert fused.state[model.weight]["step"].dtype == torch.float32
     fused.step()  # the fused kernel takes the loaded state
@@ -173,6 +173,67 @@ def test_resuming_with_another_model_is_refused(dataset_root, tmp_path, change, 
     config["model"] |= change
     with pytest.raises(CheckpointError, match=f"saved by a run of another model \\({message}"):
         fit(config_from_dict(config, "test"), resume=True)
+
+
+def test_a_fresh_run_leaves_no_earlier_runs_state_or_checkpoints_and_a_resume_checks_its_config(
+        dataset_root, tmp_path, capsys, caplog):
+    """A second run into the same folder, killed before it saved, was resumed from the first
+    run's state (nothing trained, exit 0), and the first run's checkpoints stood beside the
+    second one's config until it validated."""
+    first = config_dict(dataset_root, tmp_path, steps=4, validate_every=4)
+    fit(config_from_dict(first, "test"))
+    assert (tmp_path / "best.safetensors").exists()
+    (tmp_path / ".state.tmp-999999999.pt").write_bytes(b"")  # a killed run's
+    second = config_dict(dataset_root, tmp_path, steps=6, save_every=6)
+    second["optim"]["lr"] = 1e-3
+    fit(config_from_dict(second, "test"), stop_at=3)  # cut before it validated
+    assert not any((tmp_path / name).exists() for name in (
+        "best.safetensors", "last.safetensors", ".state.tmp-999999999.pt"))
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["config"]["optim"]["lr"] == 1e-3
+    fit(config_from_dict(second, "test"), resume=True)
+    capsys.readouterr()
+    fit(config_from_dict(second, "test"), resume=True)
+    assert "already at step 6 of 6; nothing to train" in capsys.readouterr().out
+    with caplog.at_level("WARNING"):
+        fit(config_from_dict(first, "test"), resume=True)
+    assert "whose config differs in optim.lr, train.save_every, train.steps, " \
+           "train.validate_every" in caplog.text
+
+
+def test_a_damaged_state_or_one_without_the_average_asked_for_is_a_clear_error(dataset_root,
+                                                                              tmp_path):
+    config = config_dict(dataset_root, tmp_path)
+    fit(config_from_dict(config, "test"), stop_at=2)
+    config["train"]["ema_decay"] = 0.99  # KeyError: 'ema'
+    with pytest.raises(CheckpointError, match="saved by a run without train.ema_decay"):
+        fit(config_from_dict(config, "test"), resume=True)
+    state = tmp_path / "state.pt"
+    whole = state.read_bytes()
+    for damaged in (whole[:5000], whole[:-5000]):  # OSError without a path, RuntimeError
+        state.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match="state.pt: cannot read the training state"):
+            fit(config_from_dict(config, "test"), resume=True)
+
+
+def test_a_loss_gone_nan_stops_the_run_before_a_model_is_saved(dataset_root, tmp_path):
+    """NaN weights were saved as best.safetensors: predicting tissue everywhere scored well."""
+    config = config_dict(dataset_root, tmp_path, steps=6, validate_every=3, log_every=100)
+    config["optim"]["lr"] = 1e30
+    with pytest.raises(ConfigError, match="the loss is nan at step 3; nothing was saved"):
+        fit(config_from_dict(config, "test"))
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "state.pt").exists()
+
+
+def test_log_csv_gives_each_step_the_learning_rate_it_ran_at(dataset_root, tmp_path):
+    """Each row had the next step's (step 1 of a warm-up over 2: 0.003 for 0.0015)."""
+    config = config_dict(dataset_root, tmp_path, steps=4)
+    config["optim"] |= {"warmup_steps": 2, "schedule": "cosine"}
+    fit(config_from_dict(config, "test"))
+    with open(tmp_path / "log.csv", newline="") as f:
+        rates = [float(row["lr"]) for row in csv.DictReader(f)]
+    # warm-up (step + 1) / 2, then half a cosine over the 2 steps left (step 2 at its top)
+    assert rates == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3 * 0.5 * (1 + np.cos(np.pi / 2))],
+                                  abs=1e-12)
 
 
 def test_a_split_with_nothing_to_train_on_is_refused_and_one_with_nothing_held_out_warned(

@@ -12,7 +12,7 @@ import yaml
 
 from biopsy.errors import ConfigError
 from biopsy.model import read_model_info
-from glomeruli_dataset import SIZE_PX, config_dict
+from glomeruli_dataset import SIZE_PX, config_dict, make_dataset
 from training.cases import find_slides, split_by_case
 import training.config
 from training.config import TrainConfig, config_from_dict, load_config
@@ -58,7 +58,16 @@ def test_bundled_configs_load():
     (lambda d: d["model"]["arguments"].update(depth=3), "unexpected keyword argument 'depth'"),
     (lambda d: d["model"]["arguments"].update(decoder_channels=[8, 8]), "decoder_channels needs 5"),
     (lambda d: d["model"].update(input_mpp=0), "model.input_mpp must be positive"),
-    (lambda d: d["model"].update(patch_size_px=16), "model.patch_size_px must be at least 32"),
+    (lambda d: d["model"].update(patch_size_px=16), "model.patch_size_px must be from 32"),
+    (lambda d: d["model"].update(patch_size_px=100_000), "model.patch_size_px must be from 32"),
+    (lambda d: d["model"].update(input_mpp=1000), "model.input_mpp must be at most 64"),
+    (lambda d: d["model"].update(normalisation_std=[0, 0, 0]),  # the loss NaN from step 1
+     "model.normalisation_std must be positive"),
+    (lambda d: d.update(synth={"slides": 0}), "synth needs slides >= 1"),  # IndexError
+    (lambda d: d.update(synth={"slides": 2, "stains": []}), "synth needs"),  # ZeroDivisionError
+    (lambda d: d.update(synth={"slides": 2, "profile": {"glomeruli": "many"}}),
+     "synth: active-ln: glomeruli must be a whole number, got 'many'"),
+    (lambda d: d.update(synth={"slides": 2, "profile": {"stain": "he"}}), "synth.profile sets the stain"),
     (lambda d: d.update(sampling={"tissue_mpp": 0}), "sampling.tissue_mpp must be positive"),
     (lambda d: d.update(seed=-1), "seed must be 0 or more"),
     (lambda d: d["train"].update(workers=-1), "train.workers must be 0 or more"),
@@ -91,6 +100,22 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
 
 
 # --- cases -----------------------------------------------------------------------------------
+
+def test_outlined_images_not_found_are_warned_of_and_an_unannotated_class_not_in_the_model_refused(
+        tmp_path, caplog):
+    """An annotated image deleted (or missed by data.slides) was left out without a word;
+    eval of a checkpoint of other classes than data.unannotated raised ValueError."""
+    make_dataset(tmp_path / "data")
+    (tmp_path / "data" / "images" / "case1-PASM.png").unlink()
+    config = config_from_dict(config_dict(tmp_path / "data", tmp_path / "out"), "test.yaml")
+    with caplog.at_level("WARNING"):
+        slides = find_slides(config.data, config.model.classes, config.source)
+    assert len(slides) == 5 and "1 image(s) outlined in coco.json are not among the slides that " \
+        "data.slides 'images/*.png' finds" in caplog.text and "images/case1-PASM.png" in caplog.text
+    with pytest.raises(ConfigError, match="data.unannotated 'tissue' is not a class of "
+                                          "the model \\(background, tuft\\)"):
+        find_slides(config.data, ["background", "tuft"], config.source)
+
 
 def test_the_checkpoint_says_fluorescence_and_mixed_kinds_are_refused(dataset_root, tmp_path):
     config = config_from_dict(config_dict(dataset_root, tmp_path, steps=1), "test")

@@ -327,6 +327,14 @@ def test_eval_judges_a_checkpoint_on_the_cases_it_was_validated_on(dataset_root,
         chosen = validation_slides(slides, config, info, "model.safetensors")
     assert {s.case for s in chosen} == {"case0"} and len(chosen) == 2
     assert "evaluated on the 1 cases it was validated on" in caplog.text
+    # one of its cases gone from the data: judged on the other, not on a new split's (which
+    # held out cases it trained on)
+    info.validation_metrics = {"validation_cases": ["case0", "case9"]}
+    with caplog.at_level("WARNING"):
+        chosen = validation_slides(slides, config, info, "model.safetensors")
+    assert {s.case for s in chosen} == {"case0"}
+    assert "evaluated on the 1 of the 2 cases it was validated on that the data still holds " \
+           "(missing: case9)" in caplog.text
     info.validation_metrics = {"validation_cases": ["synth-7"]}  # trained on other data: the split
     assert {s.case for s in validation_slides(slides, config, info, "m")} != {"case0"}
     info.validation_metrics = {"validation_cases": []}  # held out nothing: judged on training cases

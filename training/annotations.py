@@ -7,6 +7,7 @@ annotation covers take the ``unannotated`` class or :data:`IGNORE_INDEX`.
 """
 
 import copy
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +74,10 @@ def read_coco(path: str | Path) -> dict[str, list[Annotation]]:
         where = f"{path}: annotation {index}"
         if not isinstance(entry, dict):
             raise AnnotationError(f"{where} is not an object")
-        if entry.get("image_id") not in images:
-            raise AnnotationError(f"{where} refers to unknown image_id {entry.get('image_id')!r}")
-        if entry.get("category_id") not in categories:
-            raise AnnotationError(f"{where} refers to unknown category_id {entry.get('category_id')!r}")
+        for key, known in (("image_id", images), ("category_id", categories)):
+            value = entry.get(key)  # a list raised TypeError: unhashable type
+            if not isinstance(value, Hashable) or value not in known:
+                raise AnnotationError(f"{where} refers to unknown {key} {value!r}")
         geometry = _coco_geometry(where, entry.get("segmentation"))
         crowd = entry.get("iscrowd") in (1, True)  # a group not outlined one by one
         name = IGNORE if crowd else categories[entry["category_id"]]

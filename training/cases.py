@@ -14,7 +14,7 @@ from biopsy.restain import StainShift
 from biopsy.slide import Slide, file_stem, open_slide
 from biopsy.stainnorm import is_brightfield, normalising_shift, slide_stain_shift, stain_amounts
 from training.annotations import LabelMapLabels, PolygonLabels, coco_image_sizes, read_coco
-from training.config import DataConfig, SplitConfig
+from training.config import IGNORE, DataConfig, SplitConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,19 @@ def _stain_amounts(slide: AnnotatedSlide) -> tuple[float, float] | None:
     return stain_amounts(slide.slide())
 
 
+def _warn_of_outlined_images_not_found(coco: dict, paths: list[Path], root: Path,
+                                       data: DataConfig, source: str) -> None:
+    """COCO images with outlines that no slide found takes: deleted, or missed by data.slides
+    (they were left out without a word)."""
+    taken = {p.relative_to(root).as_posix() for p in paths} | {p.name for p in paths}
+    missing = sorted(name for name, outlines in coco.items() if outlines and name not in taken)
+    if missing:
+        log.warning("%s: %d image(s) outlined in %s are not among the slides that data.slides "
+                    "%r finds under %s, and are left out: %s", source, len(missing),
+                    data.annotations.path, data.slides, root, ", ".join(missing[:5])
+                    + (", ..." if len(missing) > 5 else ""))
+
+
 def set_stain_shifts(slides: list[AnnotatedSlide], reference: list[float] | None) -> None:
     """Have every slide's reads brought to a model's stain ``reference`` (None: left as they are)."""
     for slide in slides:
@@ -87,6 +100,9 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
                 ) -> list[AnnotatedSlide]:
     """Every annotated slide that ``data`` describes (``root`` replaces ``data.root``)."""
     root = Path(root if root is not None else data.root)
+    if data.unannotated != IGNORE and data.unannotated not in class_names:  # eval: ValueError
+        raise ConfigError(f"{source}: data.unannotated {data.unannotated!r} is not a class of "
+                          f"the model ({', '.join(class_names)})")
     paths = sorted(p for p in root.glob(data.slides) if p.is_file())
     if not paths:
         raise ConfigError(f"{source}: no slides match data.slides {data.slides!r} under {root}")
@@ -123,6 +139,7 @@ def find_slides(data: DataConfig, class_names: list[str], source: str, root: str
                                     mpp_override, fluorescence))
     if not found:
         raise ConfigError(f"{source}: none of the {len(paths)} slides under {root} has annotations")
+    _warn_of_outlined_images_not_found(coco or {}, paths, root, data, source)
     if unannotated:  # info: a partly annotated set leaves them out on purpose
         log.info("%s: %d of the %d slides have no annotations and are left out (e.g. %s; "
                  "data.annotations.path says where they are looked for)", source,

@@ -6,6 +6,7 @@ against the current directory (run from the repository root).
 """
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -23,6 +24,7 @@ from biopsy.model import build_model
 from biopsy.mppsearch import check_factors
 from biopsy.resources import read_yaml_mapping
 from biopsy.slide import SLIDE_MPP_RANGE_UM, is_slide_mpp
+from biopsy.synth.profile import load_profile
 from training.augment import build_augmentation
 
 IGNORE = "ignore"
@@ -323,8 +325,13 @@ def _check(config: Config, source: str) -> None:
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
         raise ConfigError(f"{source}: sampling.mpp_scale must be [low, high] with 0 < low <= high, "
                           f"got {scale}")
+    if not all(0 < std < math.inf for std in model.normalisation_std):  # 0 made every loss NaN
+        raise ConfigError(f"{source}: model.normalisation_std must be positive, got "
+                          f"{model.normalisation_std}")
     _check_split(config.data.split, source)
     _check_data(config.data, source)
+    if config.synth is not None:
+        _check_synth(config.synth, source)
     if config.train.steps < 1 or config.train.batch_size < 1:
         raise ConfigError(f"{source}: train.steps and train.batch_size must be positive")
     unknown = sorted(set(config.sampling.object_classes or []) - set(model.classes))
@@ -354,6 +361,22 @@ def _check(config: Config, source: str) -> None:
     build_augmentation(config.augment, source)
     _check_ranges(config, source)
     _check_architecture(model, source)
+
+
+def _check_synth(synth: SynthConfig, source: str) -> None:
+    """The synth section makes a profile of each preset and stain (each of these crashed in
+    ``python -m training synth``)."""
+    if synth.slides < 1 or synth.first_seed < 0 or not synth.presets or not synth.stains:
+        raise ConfigError(f"{source}: synth needs slides >= 1, first_seed >= 0 and at least one "
+                          "of presets and of stains")
+    if "stain" in synth.profile:
+        raise ConfigError(f"{source}: synth.profile sets the stain; list it in synth.stains")
+    for preset in synth.presets:
+        for stain in synth.stains:
+            try:
+                load_profile(None, preset, **{**synth.profile, "stain": stain})
+            except ConfigError as error:
+                raise ConfigError(f"{source}: synth: {error}") from None
 
 
 def _check_ranges(config: Config, source: str) -> None:
@@ -387,9 +410,12 @@ def _check_ranges(config: Config, source: str) -> None:
     for key, value in fractions.items():
         if not 0 < value <= 1:
             raise ConfigError(f"{source}: {key} must lie in (0, 1], got {value}")
-    if model.patch_size_px < 32:
-        raise ConfigError(f"{source}: model.patch_size_px must be at least 32 (the encoder halves "
-                          f"it five times), got {model.patch_size_px}")
+    if not 32 <= model.patch_size_px <= 4096:  # 100,000 px asked numpy for 45 GiB a patch
+        raise ConfigError(f"{source}: model.patch_size_px must be from 32 (the encoder halves "
+                          f"it five times) to 4096, got {model.patch_size_px}")
+    if model.input_mpp > 64:
+        raise ConfigError(f"{source}: model.input_mpp must be at most 64 µm/px, got "
+                          f"{model.input_mpp}")
     stain, _, metric = train.best_metric.partition("/")
     if not stain or not metric:
         raise ConfigError(f"{source}: train.best_metric must be '<stain or all>/<metric>', e.g. "

@@ -328,9 +328,9 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, data_root: str |
     (as ``config.evaluate`` says); a row per glomerulus appended to ``objects`` when given.
     ``glomerulus_threshold`` replaces the checkpoint's (:mod:`biopsy.decision`).
 
-    Its validation cases: those the checkpoint records, when the data holds them all (a split
-    made again over data that has grown since would hold out cases it trained on); else the
-    config's split (a model trained on other data)."""
+    Its validation cases: those the checkpoint records that the data still holds (a split made
+    again over data that has changed since would hold out cases it trained on); the config's
+    split where the data holds none of them (a model trained on other data)."""
     device = _default_device()
     model, info = _load(checkpoint, device, glomerulus_threshold)
     slides = find_slides(config.data, info.class_names, config.source, root=data_root)
@@ -353,13 +353,18 @@ def validation_slides(slides: list[AnnotatedSlide], config: Config, info: ModelI
         log.warning("%s: validated on no case, so it may have trained on every one of these; "
                     "give --data, a folder of cases it was not trained on", checkpoint)
     recorded = set(validated or ())
-    if not recorded or not recorded <= {s.case for s in slides}:
+    present = recorded & {s.case for s in slides}
+    if not present:
         return split
-    if recorded != {s.case for s in split}:
+    if present != recorded:
+        log.warning("%s: evaluated on the %d of the %d cases it was validated on that the data "
+                    "still holds (missing: %s)", checkpoint, len(present), len(recorded),
+                    ", ".join(sorted(recorded - present)))
+    elif recorded != {s.case for s in split}:
         log.warning("%s: evaluated on the %d cases it was validated on; the config's split now "
                     "holds out %d others (the data has changed since)", checkpoint, len(recorded),
                     len({s.case for s in split} - recorded))
-    return [s for s in slides if s.case in recorded]
+    return [s for s in slides if s.case in present]
 
 
 def evaluate_folds(config: Config, folds: int, objects: list[dict] | None = None,

@@ -12,6 +12,7 @@ import csv
 import logging
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from biopsy.atomic import atomic_path, write_text_atomic
+from biopsy.atomic import atomic_path, remove_temporaries, write_text_atomic
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES, GLOMERULAR_CLASSES
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.heap import keep_freed_memory
@@ -37,6 +38,7 @@ from training.evaluate import check_best_metric, evaluate_slides
 from training.losses import DiceCrossEntropyLoss
 
 log = logging.getLogger(__name__)
+RUN_FILES = ("state.pt", "last.safetensors", "best.safetensors")  # what a run leaves to resume or use
 
 
 def fit(config: Config, resume: bool = False, stop_at: int | None = None) -> dict | None:
@@ -85,12 +87,17 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     start, best = 0, -math.inf
     if resume:
         start, best = _load_state(output / "state.pt", model, ema, optimiser, scheduler, device,
-                                  model_identity(info), precision)
+                                  model_identity(info), precision, config.to_dict())
     network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     if config.train.compile:
         network = torch.compile(network)
     last_step = min(config.train.steps, stop_at or config.train.steps)
+    if start >= last_step:
+        if rank == 0:
+            print(f"{output / 'state.pt'}: already at step {start} of {config.train.steps}; "
+                  "nothing to train")
+        return None
     loader = _loader(config, training_slides, rank, device, start, last_step)
     loss_function = _loss_function(config, info, device)
     csv_log, board = _start_logs(config, output, start) if rank == 0 else (None, None)
@@ -98,7 +105,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
                     mininterval=1.0)  # each redraw took ~7 ms of the main thread on the H200 run
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
     batches = iter(loader)
-    metrics, timer, logged_step, data_wait_s = None, time.perf_counter(), start, 0.0
+    metrics, timer, logged_step, data_wait_s, paused_s = None, time.perf_counter(), start, 0.0, 0.0
     for step in range(start + 1, last_step + 1):
         waiting = time.perf_counter()
         images, labels = next(batches)
@@ -107,20 +114,24 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         target = labels.to(device, non_blocking=True).long()
         with autocast:
             loss = loss_function(network(inputs), target)
+        lr = scheduler.get_last_lr()[0]  # this step's: the update moves the scheduler on
         _update(loss, model, optimiser, scheduler, ema, config.optim.grad_clip_norm)
         progress.update()
-        if step % config.train.log_every == 0 or step == last_step:
-            mean_loss = _mean_over_ranks(loss.detach(), world)
-            elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+        logging = step % config.train.log_every == 0 or step == last_step
+        validating = step % config.train.validate_every == 0 or step == config.train.steps
+        saving = step % config.train.save_every == 0 or step == last_step
+        if logging or validating or saving:  # never a model saved from a loss gone NaN
+            mean_loss = _finite_mean_loss(loss.detach(), world, step, config.source)
+        if logging:
             if csv_log is not None:
-                row = (step, mean_loss, scheduler.get_last_lr()[0],
-                       config.train.batch_size * world * (step - logged_step) / elapsed, data_wait_s)
-                csv_log.write(*row)
-                if board is not None:
-                    board.write(*row)
-            logged_step, data_wait_s = step, 0.0
+                images_per_s = config.train.batch_size * world * (step - logged_step) / (
+                    time.perf_counter() - timer - paused_s)  # validating and saving left out
+                for log_ in filter(None, (csv_log, board)):
+                    log_.write(step, mean_loss, lr, images_per_s, data_wait_s)
+            logged_step, data_wait_s, paused_s, timer = step, 0.0, 0.0, time.perf_counter()
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-        if step % config.train.validate_every == 0 or step == config.train.steps:
+        pausing = time.perf_counter()
+        if validating:
             evaluated = ema.module if ema is not None else model
             metrics = evaluate_slides(evaluated, info, validation_slides, config.evaluate, device,
                                       config.train.batch_size, bf16)
@@ -129,9 +140,10 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
                                          validation_slides)
                 if board is not None:
                     board.validation(step, metrics)
-        if rank == 0 and (step % config.train.save_every == 0 or step == last_step):
+        if saving and rank == 0:
             _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best,
-                        model_identity(info), precision)
+                        model_identity(info), precision, config.to_dict())
+        paused_s += time.perf_counter() - pausing
     progress.close()
     if board is not None:
         board.close()
@@ -205,8 +217,12 @@ def _update(loss: torch.Tensor, model, optimiser, scheduler, ema, grad_clip_norm
 
 def _start_logs(config: Config, output: Path, start: int):
     """Rank 0's output folder: config.yaml written, log.csv and validation.csv as they were at
-    ``start``; the CSV log and the TensorBoard one (None unless asked for)."""
+    ``start`` (a fresh run's, at 0, removes an earlier run's state and checkpoints, so that none
+    stands beside its config); the CSV log and the TensorBoard one (None unless asked for)."""
     output.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(output, RUN_FILES)  # a killed run's
+    for name in RUN_FILES if start == 0 else ():
+        (output / name).unlink(missing_ok=True)
     write_text_atomic(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     csv_log = _CsvLog(output / "log.csv", start)
     _drop_validation_rows_after(output / "validation.csv", start)
@@ -326,12 +342,18 @@ def _loader(config: Config, slides, rank: int, device: torch.device, start: int,
         prefetch_factor=4 if workers else None, worker_init_fn=single_threaded_opencv)
 
 
-def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+def _finite_mean_loss(loss: torch.Tensor, world: int, step: int, source: str) -> float:
+    """The loss averaged over the ranks; a :class:`ConfigError` where it is not finite (the config's settings diverged)."""
     if world > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world
-    return float(value)
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    value = float(loss)
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: the loss is {value} at step {step}; nothing was saved "
+                            "from this step on. Lower optim.lr, or check the config's "
+                            "model.normalisation_std and loss.class_weights")
+    return value
 
 
 def _save_checkpoints(output: Path, model, info: ModelInfo, metrics: dict, step: int, config: Config,
@@ -373,6 +395,18 @@ def _drop_validation_rows_after(path: Path, step: int) -> None:
         csv.writer(f).writerows([header, *(r for r in rows if int(r[0]) <= step)])
 
 
+def _changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the settings in which two configs (``Config.to_dict``) differ."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
 def model_identity(info: ModelInfo) -> dict:
     """What a resumed run must share with the run that saved its state: the model's form and
     the meaning of its outputs."""
@@ -381,10 +415,11 @@ def model_identity(info: ModelInfo) -> dict:
 
 
 def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: float,
-                identity: dict, precision: str) -> None:
+                identity: dict, precision: str, config: dict) -> None:
     state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "best": best,
-             "rng_cpu": torch.get_rng_state(), "identity": identity, "precision": precision}
+             "rng_cpu": torch.get_rng_state(), "identity": identity, "precision": precision,
+             "config": config}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if torch.cuda.is_available():
@@ -394,13 +429,24 @@ def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: f
 
 
 def _load_state(path: Path, model, ema, optimiser, scheduler, device, identity: dict,
-                precision: str) -> tuple[int, float]:
+                precision: str, config: dict) -> tuple[int, float]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no training state to resume from; run without --resume")
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: cannot read the training state ({error}): damaged, or "
+                              "not one; train anew without --resume") from None
     if state.get("precision", precision) != precision:  # precision auto on another machine
         log.warning("%s: saved by a run in %s, resumed in %s: the loss curve will not continue "
                     "exactly", path, state["precision"], precision)
+    changed = _changed_settings(state.get("config", config), config)  # older states lack it
+    if changed:
+        log.warning("%s: saved by a run whose config differs in %s: the loss curve will not "
+                    "continue as that run's would", path, ", ".join(changed))
+    if ema is not None and "ema" not in state:
+        raise CheckpointError(f"{path}: saved by a run without train.ema_decay; resume without "
+                              "it, or train anew without --resume")
     saved = state.get("identity", identity)  # older states did not record it
     changed = [key for key in identity if saved.get(key) != identity[key]]
     try:

@@ -22,8 +22,6 @@ def generate_training_set(config: Config, root: str | Path | None = None, first_
     if config.synth is None:
         raise ConfigError(f"{config.source}: no 'synth' section; this config does not describe a "
                           "synthetic training set")
-    if "stain" in config.synth.profile:
-        raise ConfigError(f"{config.source}: synth.profile sets the stain; list it in synth.stains")
     root = Path(root or config.data.root)
     first_seed = config.synth.first_seed if first_seed is None else first_seed
     count = config.synth.slides if slides is None else slides

@@ -118,6 +118,12 @@ def load_profile(path: str | Path | None = None, preset: str | None = None,
     if unknown:
         raise ConfigError(f"{path or preset}: unknown profile key(s) {', '.join(unknown)}; "
                           f"known keys: {', '.join(sorted(known))}")
+    for field in fields(LesionProfile):  # "many" glomeruli failed as "'<' not supported ..."
+        value = values.get(field.name, field.default)
+        if field.type in ("int", "float") and (isinstance(value, bool) or not isinstance(
+                value, int if field.type == "int" else (int, float))):
+            raise ConfigError(f"{path or preset}: {field.name} must be a "
+                              f"{'whole number' if field.type == 'int' else 'number'}, got {value!r}")
     try:
         return LesionProfile(**values)
     except TypeError as error:
