@@ -75,6 +75,7 @@ class ClassMap:
     probabilities: np.ndarray | None = None
     tile_count: int = 0
     stain_factors: tuple[float, float] | None = None
+    slide_mpp: float | None = None  # level-0 µm/px of the slide as read
 
 
 def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size: int = 16,
@@ -148,7 +149,7 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
                 collections.deque(filled, maxlen=0)
             else:
                 write_label_map(labels_path, filled, output_mpp, info.class_names,
-                                info.class_colours, shape_px=shape_px)
+                                info.class_colours, shape_px=shape_px, slide_mpp=slide.mpp[0])
                 labels_written = True
     except BaseException:
         if labels_written:  # the probabilities' file, finished last, failed
@@ -157,7 +158,7 @@ def segment_slide(slide: Slide, model: nn.Module, info: ModelInfo, *, batch_size
     return ClassMap(labels, output_mpp, tuple(info.class_names),
                     {name: tuple(rgb) for name, rgb in info.class_colours.items()},
                     probabilities, len(grid),
-                    None if stain is None else (stain.haematoxylin, stain.eosin))
+                    None if stain is None else (stain.haematoxylin, stain.eosin), slide.mpp[0])
 
 
 def _filled(bands: Iterator[Band], labels: np.ndarray, probabilities: np.ndarray | None,

@@ -6,7 +6,12 @@ downsampling so every level holds true class indices) that QuPath, napari and Bi
 ``MapAnnotation`` whose key is ``biopsy.label_map`` and whose value is JSON::
 
     {"format": "biopsy.label_map/1", "mpp": 2.0,
-     "class_names": ["background", ...], "class_colours": {"background": [255, 255, 255], ...}}
+     "class_names": ["background", ...], "class_colours": {"background": [255, 255, 255], ...},
+     "slide_mpp": 0.5}
+
+``slide_mpp`` (where known) is the level-0 pixel size of the slide the map was made from, as it
+was read (a searched pixel size included), so that scoring the map later places its outlines
+on that slide's pixels.
 
 The channel is named ``class`` and the image ``label map``.
 """
@@ -39,6 +44,7 @@ class LabelMap:
     mpp: float
     class_names: tuple[str, ...]
     class_colours: dict[str, tuple[int, int, int]]
+    slide_mpp: float | None = None  # level-0 µm/px of the slide it was made from, where known
 
 
 def write_label_map(
@@ -51,6 +57,7 @@ def write_label_map(
     *,
     tile_px: int = 256,
     min_level_px: int = 256,
+    slide_mpp: float | None = None,
 ) -> None:
     """Write a label map as pyramidal OME-TIFF, atomically.
 
@@ -64,6 +71,7 @@ def write_label_map(
     class_colours : RGB colour of every class name.
     shape_px : (height, width) of the map; taken from the array when one is given.
     tile_px, min_level_px : tile side, and the smallest side a pyramid level may have.
+    slide_mpp : level-0 µm/px of the slide the map was made from (None: not recorded).
     """
     class_names = tuple(class_names)
     if not class_names or len(class_names) > 256:
@@ -83,7 +91,7 @@ def write_label_map(
         "mpp": float(mpp),
         "class_names": list(class_names),
         "class_colours": {name: [int(c) for c in class_colours[name]] for name in class_names},
-    }
+    } | ({} if slide_mpp is None else {"slide_mpp": float(slide_mpp)})
     write_pyramid(
         path,
         _checked_bands(labels_or_bands, len(class_names)),
@@ -138,6 +146,7 @@ def read_label_map(path: str | Path, level: int = 0) -> LabelMap:
         mpp=table["mpp"] * 2**level,
         class_names=tuple(table["class_names"]),
         class_colours={name: tuple(rgb) for name, rgb in table["class_colours"].items()},
+        slide_mpp=table.get("slide_mpp"),
     )
 
 

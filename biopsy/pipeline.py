@@ -275,8 +275,10 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
                          level0_mpp: float | None = None) -> dict:
     """Score an existing class map (``.ome.tif`` written by biopsy) into ``out_dir``; its scores.
     ``level0_mpp``: µm/px of the slide the map covers, so that the outlines and positions are in
-    that slide's level-0 pixels (None: the map's own pixels)."""
+    that slide's level-0 pixels (None: the one the map records, else the map's own pixels); a
+    warning where it differs from the one the map records."""
     label_map = read_label_map(labels_path)
+    level0_mpp = _slide_mpp_of_the_map(labels_path, label_map, level0_mpp)
     background = class_index(label_map.class_names, "background")
     if background is not None and (label_map.labels == background).all():
         raise no_tissue(labels_path)
@@ -291,6 +293,17 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
                        provenance, instances=scored.instances, config=config,
                        level0_mpp=level0_mpp)
     return scored.scores
+
+
+def _slide_mpp_of_the_map(labels_path, label_map: LabelMap, given: float | None) -> float | None:
+    recorded = label_map.slide_mpp
+    if given is None or recorded is None:
+        return recorded if given is None else given
+    if abs(given / recorded - 1) > 0.01:  # 0.5 for a map made at a searched 0.705: outlines 1.41x off
+        log.warning("%s: made from a slide read at %.4g µm/px; --mpp %.4g places its outlines and "
+                    "positions %.2fx as far from the slide's corner", labels_path, recorded,
+                    given, recorded / given)
+    return given
 
 
 def no_tissue(source: str | Path) -> TissueError:

@@ -105,7 +105,8 @@ def write_score_folder(out_dir: str | Path, label_map: LabelMap,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").unlink(missing_ok=True)
     write_label_map(out_dir / "labels.ome.tif", label_map.labels, label_map.mpp,
-                    label_map.class_names, label_map.class_colours)
+                    label_map.class_names, label_map.class_colours,
+                    slide_mpp=level0_mpp if level0_mpp is not None else label_map.slide_mpp)
     write_text_atomic(out_dir / "glomeruli.csv", _glomeruli_csv(glomeruli))
     write_text_atomic(out_dir / "cortex_tiles.csv", _cortex_tiles_csv(cortex_tiles, label_map))
     write_feature_collection(out_dir / "objects.geojson",

@@ -56,7 +56,8 @@ def write_segmentation(out_dir: str | Path, class_map: ClassMap, slide, provenan
     colours = [class_map.class_colours[name] for name in class_map.class_names]
     if not labels_written:
         write_label_map(begin_segmentation(out_dir), class_map.labels, class_map.mpp,
-                        class_map.class_names, class_map.class_colours)
+                        class_map.class_names, class_map.class_colours,
+                        slide_mpp=class_map.slide_mpp)
     if class_map.probabilities is not None:
         write_probability_map(out_dir / PROBABILITIES_FILE, class_map.probabilities,
                               class_map.mpp, class_map.class_names)

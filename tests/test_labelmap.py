@@ -29,6 +29,9 @@ def test_round_trip_exact_labels_mpp_and_class_table(tmp_path, labels):
     assert level0.mpp == 2.0
     assert level0.class_names == CLASS_NAMES
     assert level0.class_colours == CLASS_COLOURS
+    assert level0.slide_mpp is None  # not given: not recorded
+    write_label_map(path, labels, 2.0, CLASS_NAMES, CLASS_COLOURS, slide_mpp=0.705)
+    assert read_label_map(path).slide_mpp == 0.705
 
     level1 = read_label_map(path, level=1)
     np.testing.assert_array_equal(level1.labels, labels[::2, ::2])

@@ -184,7 +184,8 @@ def test_the_models_caution_is_kept_in_the_outputs_and_shown_in_the_reports(
     assert segmented["model"]["caution"] == caution
 
 
-def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys, monkeypatch):
+def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, capsys, monkeypatch,
+                                                 caplog):
     slide, checkpoint = slide_and_model
     out = tmp_path / "out"
     augmentations = []  # (scales, tta) of each batch
@@ -209,6 +210,17 @@ def test_score_cli_takes_a_slide_and_a_given_mpp(slide_and_model, tmp_path, caps
     with open_slide(slide) as opened:  # twice the µm/px: twice the model pixels a side
         width, height = opened.dimensions
     assert label_map.labels.shape == (2 * height, 2 * width)
+    # the map keeps the slide's searched pixel size, so that scoring it again places the
+    # outlines on the slide (given the file's, they lay twice as far out, past its edges)
+    assert label_map.slide_mpp == 2 * MPP
+    again = tmp_path / "again"
+    assert main(["score", "--from-labels", str(out / "labels.ome.tif"), "--out", str(again)]) == 0
+    assert json.loads((again / "summary.json").read_text())["label_map"]["level0_mpp"] == 2 * MPP
+    with caplog.at_level("WARNING"):
+        assert main(["score", "--from-labels", str(out / "labels.ome.tif"), "--out",
+                     str(tmp_path / "given"), "--mpp", str(MPP)]) == 0
+    assert f"made from a slide read at {2 * MPP:.4g} µm/px; --mpp {MPP:.4g} places its " \
+           "outlines and positions 2.00x as far" in caplog.text
     # the model ran with test-time augmentation: mirror images, two reading scales
     assert augmentations and set(augmentations) == {((1.0, 1.5), True)}
 

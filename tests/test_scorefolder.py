@@ -196,11 +196,10 @@ def test_scoring_a_synthetic_truth_map_reproduces_its_truth(tmp_path):
     assert truth_scores["activity_index"]["components"]["endocapillary_hypercellularity"]["bin"] == 2
     # Each glomerulus found is a drawn one with its lesions; the truth measures each glomerulus
     # on a window rendered apart from the label map, which can differ from it by a pixel.
-    to_slide = profile.label_mpp / profile.mpp  # scored centroids are in label-map pixels
+    # Scored centroids are in the slide's level-0 pixels: the truth map records its pixel size.
     for expected in truth["glomeruli"]:
         found = min(scored.glomeruli, key=lambda g: math.hypot(
-            g.centroid_x_px * to_slide - expected["centroid_x_px"],
-            g.centroid_y_px * to_slide - expected["centroid_y_px"]))
+            g.centroid_x_px - expected["centroid_x_px"], g.centroid_y_px - expected["centroid_y_px"]))
         from_labels = tuple(l for l in expected["lesions"] if l != "endocapillary_hypercellularity")
         assert found.lesions == (from_labels or ("normal",))
         assert found.tuft_nuclei_per_1000um2 is None

@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mpp", type=slide_mpp, metavar="X",
                         help="slide pixel size in µm/px, overriding (or supplying) the file's; "
                              "with --from-labels, that of the slide the map covers, so that "
-                             "objects.geojson and the positions are in its pixels")
+                             "objects.geojson and the positions are in its pixels (default: "
+                             "the one the map records, where biopsy made it from a slide)")
     add_model_arguments(parser)
     add_device_argument(parser)
     parser.add_argument("--config", type=Path, metavar="YAML",

@@ -131,7 +131,7 @@ def _write_labels(path: Path, layout: Layout, profile: LesionProfile, tile_um: f
             yield labels
 
     write_label_map(path, bands(), profile.label_mpp, CLASS_NAMES, CLASS_COLOURS,
-                    shape_px=label_shape(layout, profile.label_mpp))
+                    shape_px=label_shape(layout, profile.label_mpp), slide_mpp=profile.mpp)
     return tiles
 
 
