@@ -283,6 +283,7 @@ def run_batch(manifest_path: str | Path, out_dir: str | Path, score: Scorer,
 
 def _write_outputs(entries: list[ManifestEntry], out_dir: Path, context: DistributedContext) -> int:
     """status.csv from every rank's and the cohort; the number of failed slides."""
+    (out_dir / "cohort.json").unlink(missing_ok=True)  # written last: the mark of a whole set
     merged: dict[int, tuple[str, str]] = {}
     for rank in range(context.world_size):
         merged.update(read_status(out_dir / "status" / f"rank-{rank}.csv"))
@@ -326,7 +327,6 @@ def write_cohort_outputs(entries: list[ManifestEntry], out_dir: Path,
                    for (stain, number), comparisons in sorted(groups.items())],
         "comparisons": pairs,
     }
-    (out_dir / "cohort.json").unlink(missing_ok=True)  # written last: the mark of a whole set
     write_text_atomic(out_dir / "cohort.html", render_cohort(cohort))
     write_text_atomic(out_dir / "cohort.csv", _cohort_csv(cohort))
     write_text_atomic(out_dir / "cohort.json", json.dumps(cohort, indent=2, allow_nan=False))

@@ -278,7 +278,7 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
     that slide's level-0 pixels (None: the one the map records, else the map's own pixels); a
     warning where it differs from the one the map records."""
     label_map = read_label_map(labels_path)
-    level0_mpp = _slide_mpp_of_the_map(labels_path, label_map, level0_mpp)
+    given_mpp, level0_mpp = level0_mpp, _slide_mpp_of_the_map(labels_path, label_map, level0_mpp)
     background = class_index(label_map.class_names, "background")
     if background is not None and (label_map.labels == background).all():
         raise no_tissue(labels_path)
@@ -288,7 +288,7 @@ def score_label_map_file(labels_path: str | Path, out_dir: str | Path, config: S
                              "sha256": file_sha256(labels_path), "mpp": label_map.mpp},
                   "model": None,
                   "nuclei": {"counted": False, "reason": "a label map has no slide pixels"},
-                  "recipe_sha256": label_map_recipe(config, level0_mpp)}
+                  "recipe_sha256": label_map_recipe(config, given_mpp)}  # as batch's is made
     write_score_folder(out_dir, label_map, scored.glomeruli, scored.cortex_tiles, scored.scores,
                        provenance, instances=scored.instances, config=config,
                        level0_mpp=level0_mpp)

@@ -19,7 +19,7 @@ from biopsy.batch import DistributedContext, run_batch
 from biopsy.cli import batch as batch_cli
 from biopsy.errors import ManifestError, SlideError
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
-from biopsy.labelmap import colourise, read_label_map
+from biopsy.labelmap import colourise, read_label_map, write_label_map
 from biopsy.manifest import read_manifest
 from biopsy.model import ModelInfo
 from biopsy.pyramid import write_pyramid
@@ -90,22 +90,48 @@ def test_failing_slide_is_recorded_and_the_others_finish(tmp_path):
     assert deposits["n"] == 2 and deposits["median_change"] < 0
 
 
+@pytest.mark.parametrize("stop", ["cohort.csv", "comparing"])
 def test_a_rerun_stopped_while_writing_the_cohort_leaves_no_cohort_json_of_the_run_before(
-        cohort, tmp_path, monkeypatch):
-    """cohort.json is written last; the earlier run's stayed beside the new cohort.html."""
+        cohort, tmp_path, monkeypatch, stop):
+    """cohort.json is written last; the earlier run's stayed beside the new cohort.html, or
+    beside the new status.csv and comparisons."""
     out = tmp_path / "out"
     assert batch_command([str(cohort), "--from-labels", "--out", str(out), "--no-progress"]) == 0
-    write = batch.write_text_atomic
+    write, compare_pairing = batch.write_text_atomic, batch._compare_pairing
 
     def stopped_at_the_csv(path, text):
-        if path.name == "cohort.csv":
+        if path.name == stop:
             raise KeyboardInterrupt
         write(path, text)
 
+    def stopped_comparing(*args):
+        if stop == "comparing":
+            raise KeyboardInterrupt
+        return compare_pairing(*args)
+
     monkeypatch.setattr(batch, "write_text_atomic", stopped_at_the_csv)
+    monkeypatch.setattr(batch, "_compare_pairing", stopped_comparing)
     with pytest.raises(KeyboardInterrupt):
         batch_command([str(cohort), "--from-labels", "--out", str(out), "--no-progress"])
-    assert (out / "cohort.html").exists() and not (out / "cohort.json").exists()
+    assert (out / "status.csv").exists() and not (out / "cohort.json").exists()
+
+
+def test_a_rerun_skips_label_maps_that_record_their_slides_pixel_size(tmp_path, caplog):
+    """Each was scored again: the folder's recipe took the recorded pixel size, the rerun's
+    check the manifest's (none)."""
+    manifest = write_cohort_manifest(tmp_path / "in", patients=1)
+    for path in (tmp_path / "in").glob("*.ome.tif"):
+        label_map = read_label_map(path)
+        write_label_map(path, label_map.labels, label_map.mpp, label_map.class_names,
+                        label_map.class_colours, slide_mpp=label_map.mpp / 2)
+    out = tmp_path / "out"
+    assert batch_command([str(manifest), "--from-labels", "--out", str(out), "--no-progress"]) == 0
+    summaries = {p: p.read_bytes() for p in out.glob("slides/*/summary.json")}
+    with caplog.at_level("WARNING"):
+        assert batch_command([str(manifest), "--from-labels", "--out", str(out),
+                              "--no-progress"]) == 0
+    assert "scoring it again" not in caplog.text
+    assert {p: p.read_bytes() for p in out.glob("slides/*/summary.json")} == summaries
 
 
 def test_malformed_manifest_is_refused_before_scoring(tmp_path):

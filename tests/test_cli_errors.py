@@ -124,11 +124,14 @@ def test_a_command_that_fails_or_is_stopped_leaves_no_empty_output_folder_it_mad
 
     monkeypatch.setattr(biopsy.infer, "segment_slide", stopped)
     monkeypatch.setattr(biopsy.pipeline, "score_slide_file", stopped)
-    made, kept = tmp_path / "made" / "out", tmp_path / "kept"
-    kept.mkdir()
+    made, kept = tmp_path / "made" / "out", tmp_path / "kept" / "out"
+    kept.parent.mkdir()
+    (kept.parent / "notes.txt").write_text("")
     for out in (made, kept):
         assert main([name, str(svs_path), "--out", str(out)]) in (2, 130)
-    assert not made.exists() and (tmp_path / "made").is_dir() and kept.is_dir()
+    assert not (tmp_path / "made").exists() and not kept.exists() and kept.parent.is_dir()
+    kept.mkdir()  # an --out that was there before is kept, empty or not
+    assert main([name, str(svs_path), "--out", str(kept)]) in (2, 130) and kept.is_dir()
 
 
 @pytest.mark.parametrize("name, marker, holds", [("segment", "summary.json", "a scored slide"),

@@ -68,6 +68,7 @@ def test_bundled_configs_load():
     (lambda d: d.update(synth={"slides": 2, "profile": {"glomeruli": "many"}}),
      "synth: active-ln: glomeruli must be a whole number, got 'many'"),
     (lambda d: d.update(synth={"slides": 2, "profile": {"stain": "he"}}), "synth.profile sets the stain"),
+    (lambda d: d.update(synth={"slides": 2, "profile": {"seed": 3}}), "synth.profile sets the seed"),
     (lambda d: d.update(sampling={"tissue_mpp": 0}), "sampling.tissue_mpp must be positive"),
     (lambda d: d.update(seed=-1), "seed must be 0 or more"),
     (lambda d: d["train"].update(workers=-1), "train.workers must be 0 or more"),

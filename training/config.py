@@ -369,8 +369,9 @@ def _check_synth(synth: SynthConfig, source: str) -> None:
     if synth.slides < 1 or synth.first_seed < 0 or not synth.presets or not synth.stains:
         raise ConfigError(f"{source}: synth needs slides >= 1, first_seed >= 0 and at least one "
                           "of presets and of stains")
-    if "stain" in synth.profile:
-        raise ConfigError(f"{source}: synth.profile sets the stain; list it in synth.stains")
+    for key, instead in (("stain", "list it in synth.stains"), ("seed", "give synth.first_seed")):
+        if key in synth.profile:  # the seed: TypeError, load_profile got it twice
+            raise ConfigError(f"{source}: synth.profile sets the {key}; {instead}")
     for preset in synth.presets:
         for stain in synth.stains:
             try:

@@ -44,10 +44,30 @@ def _terminate(main_pid: int, signal_number: int, frame) -> None:
     raise Terminated
 
 
-def _remove_if_empty(folder: Path | None) -> None:
-    """The --out folder a failed or stopped command made, where it holds nothing."""
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+def _first_missing(path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (None: ``path`` exists, or
+    is not a path)."""
+    if not isinstance(path, Path):
+        return None
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_made_folders(out: Path, first_made: Path | None) -> None:
+    """The --out folder, and the parents, that a failed or stopped command made, where they hold
+    nothing."""
+    if first_made is None:
+        return
+    for folder in (out, *out.parents):
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
         folder.rmdir()
+        if folder == first_made:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,17 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     if handling:
         previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
     out = getattr(args, "out", None)
-    new_out = out if isinstance(out, Path) and not out.exists() else None
+    first_made = _first_missing(out)
     try:
         return args.func(args) or 0
     except USER_ERRORS as error:
         if (message := user_message(error)) is None:
             raise
         print(f"biopsy {args.command}: error: {message}", file=sys.stderr)
-        _remove_if_empty(new_out)
+        _remove_made_folders(out, first_made)
         return 2
     except KeyboardInterrupt as interrupt:
-        _remove_if_empty(new_out)
+        _remove_made_folders(out, first_made)
         terminated = isinstance(interrupt, Terminated)
         print(f"biopsy {args.command}: {'terminated' if terminated else 'interrupted'}",
               file=sys.stderr)
