@@ -132,6 +132,23 @@ def test_a_command_that_fails_or_is_stopped_leaves_no_empty_output_folder_it_mad
     assert not (tmp_path / "made").exists() and not kept.exists() and kept.parent.is_dir()
     kept.mkdir()  # an --out that was there before is kept, empty or not
     assert main([name, str(svs_path), "--out", str(kept)]) in (2, 130) and kept.is_dir()
+    # x/.. is kept's parent once x is made: kept was removed as if the command had made it
+    through_x = tmp_path / "x" / ".." / "kept" / "out" / "new"
+    assert main([name, str(svs_path), "--out", str(through_x)]) in (2, 130) and kept.is_dir()
+
+
+def test_a_command_writing_a_file_leaves_no_empty_folders_it_made(svs_path, tmp_path,
+                                                                   monkeypatch):
+    """restain stopped while writing left new/sub/ (its writer makes the file's folder)."""
+    import biopsy.restain
+
+    def stopped_while_writing(slide, out, *args, **kwargs):
+        out.parent.mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(biopsy.restain, "restain_slide", stopped_while_writing)
+    assert main(["restain", str(svs_path), str(tmp_path / "new" / "sub" / "copy.svs")]) == 130
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name, marker, holds", [("segment", "summary.json", "a scored slide"),

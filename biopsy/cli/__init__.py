@@ -58,14 +58,17 @@ def _first_missing(path) -> Path | None:
 
 
 def _remove_made_folders(out: Path, first_made: Path | None) -> None:
-    """The --out folder, and the parents, that a failed or stopped command made, where they hold
-    nothing."""
+    """The output folder, or the output file's folders, and their parents that a failed or
+    stopped command made, where they hold nothing."""
     if first_made is None:
         return
     for folder in (out, *out.parents):
-        if not folder.is_dir() or any(folder.iterdir()):
+        if folder.is_dir():
+            if any(folder.iterdir()):
+                return
+            folder.rmdir()
+        elif folder.exists():  # a file
             return
-        folder.rmdir()
         if folder == first_made:
             return
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if handling:
         previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
     out = getattr(args, "out", None)
+    if isinstance(out, Path):  # where it points: the parents of x/../keep/new are not keep's
+        out = Path(os.path.realpath(out))
     first_made = _first_missing(out)
     try:
         return args.func(args) or 0
