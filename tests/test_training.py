@@ -23,7 +23,7 @@ from training.config import config_from_dict
 from training.evaluate import evaluate_checkpoint
 from training.__main__ import main as training_main
 from training.ema import ExponentialAverage
-from training import loop
+from training import state
 from training.loop import fit
 from training.losses import DiceCrossEntropyLoss, cross_entropy, soft_dice
 
@@ -136,11 +136,11 @@ def test_a_resume_in_another_precision_is_a_warning(tmp_path, caplog):
     model = torch.nn.Linear(4, 2)
     optimiser = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
-    loop._save_state(tmp_path / "state.pt", model, None, optimiser, scheduler, 1, 0.5, {}, "bf16", {})
+    state.save_state(tmp_path / "state.pt", model, None, optimiser, scheduler, 1, 0.5, {}, "bf16", {})
     with caplog.at_level("WARNING"):
-        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "bf16", {})
+        state.load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "bf16", {})
         assert not caplog.text
-        loop._load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "fp32", {})
+        state.load_state(tmp_path / "state.pt", model, None, optimiser, scheduler, "cpu", {}, "fp32", {})
     assert "saved by a run in bf16, resumed in fp32" in caplog.text
 
 
@@ -152,10 +152,10 @@ def test_a_state_saved_by_the_unfused_optimiser_resumes_fused(tmp_path):
     model(torch.randn(3, 4)).sum().backward()
     unfused.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(unfused, lambda step: 1.0)
-    loop._save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5, {}, "fp32", {})
+    state.save_state(tmp_path / "state.pt", model, None, unfused, scheduler, 1, 0.5, {}, "fp32", {})
     fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(fused, lambda step: 1.0)
-    assert loop._load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu", {},
+    assert state.load_state(tmp_path / "state.pt", model, None, fused, scheduler, "cpu", {},
                             "fp32", {}) == (1, 0.5)
     assert fused.param_groups[0]["fused"] is True
     assert fused.state[model.weight]["step"].dtype == torch.float32

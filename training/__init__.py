@@ -8,6 +8,7 @@
 
 Modules: ``config`` (typed YAML config), ``annotations`` (COCO / GeoJSON / label maps as labels),
 ``cases`` (annotated slides, split by case), ``dataset`` (patch sampler), ``augment``
-(albumentations pipeline), ``losses`` (Dice + cross-entropy), ``loop`` (fit), ``evaluate``
-(per-class Dice, glomerulus detection F1), ``synthetic`` (the synthetic training set).
+(albumentations pipeline), ``losses`` (Dice + cross-entropy), ``loop`` (fit), ``state``
+(state.pt, to resume), ``evaluate`` (per-class Dice, glomerulus detection F1), ``synthetic``
+(the synthetic training set).
 """

@@ -2,9 +2,8 @@
 
 Rank 0 writes everything into ``output_dir``: ``config.yaml`` (resolved), ``log.csv`` (per logged
 step: loss, learning rate, images/s and the seconds rank 0 spent blocked waiting for the data loader
-since the previous row), ``validation.csv``, ``state.pt`` (resumable: model, EMA, optimiser,
-scheduler, step, RNG; loads with ``weights_only=True``), ``last.safetensors`` and
-``best.safetensors`` (inference checkpoints, see :mod:`biopsy.model`).
+since the previous row), ``validation.csv``, ``state.pt`` (resumable: :mod:`training.state`),
+``last.safetensors`` and ``best.safetensors`` (inference checkpoints, see :mod:`biopsy.model`).
 """
 
 import contextlib
@@ -12,7 +11,6 @@ import csv
 import logging
 import math
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from biopsy.atomic import atomic_path, remove_temporaries, write_text_atomic
+from biopsy.atomic import remove_temporaries, write_text_atomic
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES, GLOMERULAR_CLASSES
 from biopsy.errors import CheckpointError, ConfigError
 from biopsy.heap import keep_freed_memory
@@ -36,6 +34,7 @@ from training.dataset import PatchDataset, default_object_classes
 from training.ema import ExponentialAverage
 from training.evaluate import check_best_metric, evaluate_slides
 from training.losses import DiceCrossEntropyLoss
+from training.state import load_state, model_identity, save_state
 
 log = logging.getLogger(__name__)
 RUN_FILES = ("state.pt", "last.safetensors", "best.safetensors")  # what a run leaves to resume or use
@@ -86,7 +85,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(config))
     start, best = 0, -math.inf
     if resume:
-        start, best = _load_state(output / "state.pt", model, ema, optimiser, scheduler, device,
+        start, best = load_state(output / "state.pt", model, ema, optimiser, scheduler, device,
                                   model_identity(info), precision, config.to_dict())
     network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -117,12 +116,12 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
         lr = scheduler.get_last_lr()[0]  # this step's: the update moves the scheduler on
         _update(loss, model, optimiser, scheduler, ema, config.optim.grad_clip_norm)
         progress.update()
-        logging = step % config.train.log_every == 0 or step == last_step
-        validating = step % config.train.validate_every == 0 or step == config.train.steps
-        saving = step % config.train.save_every == 0 or step == last_step
-        if logging or validating or saving:  # never a model saved from a loss gone NaN
+        logs = step % config.train.log_every == 0 or step == last_step
+        validates = step % config.train.validate_every == 0 or step == config.train.steps
+        saves = step % config.train.save_every == 0 or step == last_step
+        if logs or validates or saves:  # never a model saved from a loss gone NaN
             mean_loss = _finite_mean_loss(loss.detach(), world, step, config.source)
-        if logging:
+        if logs:
             if csv_log is not None:
                 images_per_s = config.train.batch_size * world * (step - logged_step) / (
                     time.perf_counter() - timer - paused_s)  # validating and saving left out
@@ -131,7 +130,7 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
             logged_step, data_wait_s, paused_s, timer = step, 0.0, 0.0, time.perf_counter()
             progress.set_postfix(loss=f"{mean_loss:.4f}")
         pausing = time.perf_counter()
-        if validating:
+        if validates:
             evaluated = ema.module if ema is not None else model
             metrics = evaluate_slides(evaluated, info, validation_slides, config.evaluate, device,
                                       config.train.batch_size, bf16)
@@ -140,8 +139,8 @@ def _train(config: Config, resume: bool, stop_at: int | None) -> dict | None:
                                          validation_slides)
                 if board is not None:
                     board.validation(step, metrics)
-        if saving and rank == 0:
-            _save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best,
+        if saves and rank == 0:
+            save_state(output / "state.pt", model, ema, optimiser, scheduler, step, best,
                         model_identity(info), precision, config.to_dict())
         paused_s += time.perf_counter() - pausing
     progress.close()
@@ -343,7 +342,8 @@ def _loader(config: Config, slides, rank: int, device: torch.device, start: int,
 
 
 def _finite_mean_loss(loss: torch.Tensor, world: int, step: int, source: str) -> float:
-    """The loss averaged over the ranks; a :class:`ConfigError` where it is not finite (the config's settings diverged)."""
+    """The loss averaged over the ranks; a :class:`ConfigError` where it is not finite (the
+    config's settings made the run diverge)."""
     if world > 1:
         loss = loss.clone()
         dist.all_reduce(loss)
@@ -351,8 +351,8 @@ def _finite_mean_loss(loss: torch.Tensor, world: int, step: int, source: str) ->
     value = float(loss)
     if not math.isfinite(value):
         raise ConfigError(f"{source}: the loss is {value} at step {step}; nothing was saved "
-                            "from this step on. Lower optim.lr, or check the config's "
-                            "model.normalisation_std and loss.class_weights")
+                          "from this step on. Lower optim.lr, or check the config's "
+                          "model.normalisation_std and loss.class_weights")
     return value
 
 
@@ -393,79 +393,6 @@ def _drop_validation_rows_after(path: Path, step: int) -> None:
         header, *rows = list(csv.reader(f))
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([header, *(r for r in rows if int(r[0]) <= step)])
-
-
-def _changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """The dotted names of the settings in which two configs (``Config.to_dict``) differ."""
-    changed = []
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changed += _changed_settings(old, new, f"{prefix}{key}.")
-        elif old != new:
-            changed.append(f"{prefix}{key}")
-    return changed
-
-
-def model_identity(info: ModelInfo) -> dict:
-    """What a resumed run must share with the run that saved its state: the model's form and
-    the meaning of its outputs."""
-    return {"architecture": info.architecture, "arguments": info.arguments,
-            "class_names": list(info.class_names), "in_channels": info.in_channels}
-
-
-def _save_state(path: Path, model, ema, optimiser, scheduler, step: int, best: float,
-                identity: dict, precision: str, config: dict) -> None:
-    state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step, "best": best,
-             "rng_cpu": torch.get_rng_state(), "identity": identity, "precision": precision,
-             "config": config}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state_all()
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
-
-
-def _load_state(path: Path, model, ema, optimiser, scheduler, device, identity: dict,
-                precision: str, config: dict) -> tuple[int, float]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no training state to resume from; run without --resume")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{path}: cannot read the training state ({error}): damaged, or "
-                              "not one; train anew without --resume") from None
-    if state.get("precision", precision) != precision:  # precision auto on another machine
-        log.warning("%s: saved by a run in %s, resumed in %s: the loss curve will not continue "
-                    "exactly", path, state["precision"], precision)
-    changed = _changed_settings(state.get("config", config), config)  # older states lack it
-    if changed:
-        log.warning("%s: saved by a run whose config differs in %s: the loss curve will not "
-                    "continue as that run's would", path, ", ".join(changed))
-    if ema is not None and "ema" not in state:
-        raise CheckpointError(f"{path}: saved by a run without train.ema_decay; resume without "
-                              "it, or train anew without --resume")
-    saved = state.get("identity", identity)  # older states did not record it
-    changed = [key for key in identity if saved.get(key) != identity[key]]
-    try:
-        if changed:
-            raise ValueError(", ".join(f"{key} {saved.get(key)} -> {identity[key]}" for key in changed))
-        model.load_state_dict(state["model"])
-    except (ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: saved by a run of another model ({error}); resume with the "
-                              "config that made it, or train into another output_dir") from None
-    for group in state["optimiser"]["param_groups"]:  # a state saved unfused: its steps moved
-        group["fused"] = True                            # to the device, as fused ones take them
-    optimiser.load_state_dict(state["optimiser"])
-    scheduler.load_state_dict(state["scheduler"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["rng_cpu"].cpu())
-    if "rng_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
-    return int(state["step"]), float(state["best"])
 
 
 class _CsvLog:
