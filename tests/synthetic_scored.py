@@ -1,9 +1,11 @@
 """Cheap synthetic class maps with chosen lesions, and scored-slide folders made from them.
 
 Used by the comparison, batch and report tests: a map of a few hundred pixels a side at 2 µm/px,
-glomeruli as discs (lesions painted in), cortex as a grid of tubules in interstitium.
+glomeruli as discs (lesions painted in), cortex as a grid of tubules in interstitium; and the
+checks of a batch's output folder.
 """
 
+import csv
 import os
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from biopsy.classes import CLASS_COLOURS, CLASS_NAMES
-from biopsy.labelmap import write_label_map
+from biopsy.labelmap import read_label_map, write_label_map
 from biopsy.pipeline import LabelMapScorer, score_label_map_file
 from biopsy.scoring import ScoreConfig, load_score_config
 
@@ -131,3 +133,30 @@ def write_cohort_manifest(folder: Path, patients: int = 3, broken_row: bool = Fa
     path = folder / "manifest.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+SLIDE_FILES = ("summary.json", "glomeruli.csv", "cortex_tiles.csv", "objects.geojson", "overview.png")
+
+
+def status_rows(out: Path) -> list[dict]:
+    with open(out / "status.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """Every output of two batch runs is identical: byte for byte, except the label maps, whose
+    OME-XML carries a fresh UUID per file: their classes, mpp and class table must be equal."""
+    names = sorted(p.name for p in (a / "slides").iterdir())
+    assert names == sorted(p.name for p in (b / "slides").iterdir())
+    assert not [n for n in names if n.startswith(".partial-")]
+    for name in names:
+        for file in SLIDE_FILES:
+            assert (a / "slides" / name / file).read_bytes() == (b / "slides" / name / file).read_bytes(), file
+        maps = [read_label_map(folder / "slides" / name / "labels.ome.tif") for folder in (a, b)]
+        assert np.array_equal(maps[0].labels, maps[1].labels)
+        assert (maps[0].mpp, maps[0].class_names) == (maps[1].mpp, maps[1].class_names)
+    for file in ("status.csv", "cohort.json", "cohort.csv", "cohort.html"):
+        assert (a / file).read_bytes() == (b / file).read_bytes(), file
+    for comparison in (a / "comparisons").iterdir():
+        for file in ("comparison.json", "comparison.csv", "report.html"):
+            assert (comparison / file).read_bytes() == (b / "comparisons" / comparison.name / file).read_bytes()

@@ -1,5 +1,4 @@
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -26,11 +25,11 @@ from biopsy.pyramid import write_pyramid
 from biopsy.scoring import load_score_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_scored import (MPP, CountingScorer, marker_counts, paint_label_map,  # noqa: E402
-                              write_cohort_manifest, write_label_map_file)
+from synthetic_scored import (MPP, CountingScorer, assert_same_outputs,  # noqa: E402
+                              marker_counts, paint_label_map, status_rows, write_cohort_manifest,
+                              write_label_map_file)
 
 REPO = Path(__file__).resolve().parents[1]
-SLIDE_FILES = ("summary.json", "glomeruli.csv", "cortex_tiles.csv", "objects.geojson", "overview.png")
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +43,6 @@ def batch_command(argv: list[str]) -> int:
     batch_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["batch", *argv])
     return args.func(args)
-
-
-def status_rows(out: Path) -> list[dict]:
-    with open(out / "status.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def assert_same_outputs(a: Path, b: Path) -> None:
-    """Every output of two batch runs is identical: byte for byte, except the label maps, whose
-    OME-XML carries a fresh UUID per file: their classes, mpp and class table must be equal."""
-    names = sorted(p.name for p in (a / "slides").iterdir())
-    assert names == sorted(p.name for p in (b / "slides").iterdir())
-    assert not [n for n in names if n.startswith(".partial-")]
-    for name in names:
-        for file in SLIDE_FILES:
-            assert (a / "slides" / name / file).read_bytes() == (b / "slides" / name / file).read_bytes(), file
-        maps = [read_label_map(folder / "slides" / name / "labels.ome.tif") for folder in (a, b)]
-        assert np.array_equal(maps[0].labels, maps[1].labels)
-        assert (maps[0].mpp, maps[0].class_names) == (maps[1].mpp, maps[1].class_names)
-    for file in ("status.csv", "cohort.json", "cohort.csv", "cohort.html"):
-        assert (a / file).read_bytes() == (b / file).read_bytes(), file
-    for comparison in (a / "comparisons").iterdir():
-        for file in ("comparison.json", "comparison.csv", "report.html"):
-            assert (comparison / file).read_bytes() == (b / "comparisons" / comparison.name / file).read_bytes()
 
 
 def test_failing_slide_is_recorded_and_the_others_finish(tmp_path):
@@ -437,63 +412,6 @@ def test_kill_9_halfway_then_rerun_scores_each_slide_once(cohort, tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     assert run_batch(cohort, uninterrupted, CountingScorer(tmp_path / "m2"), progress=False) == 0
     assert_same_outputs(out, uninterrupted)
-
-
-TORCHRUN_RUN = """
-import sys
-sys.path.insert(0, {tests!r})
-from synthetic_scored import CountingScorer
-from biopsy.batch import distributed_context, run_batch
-sys.exit(1 if run_batch({manifest!r}, {out!r}, CountingScorer({markers!r}),
-                        distributed_context(), progress=False) else 0)
-"""
-
-
-@pytest.mark.slow
-def test_torchrun_shards_the_manifest_and_rank_0_writes_the_cohort(cohort, tmp_path):
-    out, markers = tmp_path / "out", tmp_path / "markers"
-    script = tmp_path / "run.py"
-    script.write_text(TORCHRUN_RUN.format(tests=str(REPO / "tests"), manifest=str(cohort),
-                                          out=str(out), markers=str(markers)))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", str(script)],
-                            cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    completed = marker_counts(markers, "completed")
-    assert len(completed) == 6 and set(completed.values()) == {1}
-    ranks = {p.name.rsplit(".", 1)[1] for p in markers.glob("completed.*")}
-    assert ranks == {"rank0", "rank1"}
-    assert [r["status"] for r in status_rows(out)] == ["done"] * 6
-    reference = tmp_path / "reference"
-    assert run_batch(cohort, reference, CountingScorer(tmp_path / "m2"), progress=False) == 0
-    assert_same_outputs(out, reference)
-
-
-SLOW_COHORT = """
-import time
-import biopsy.batch as batch
-write = batch.write_cohort_outputs
-batch.write_cohort_outputs = lambda *args: (time.sleep(3), write(*args))[1]
-"""
-
-
-@pytest.mark.slow
-def test_a_slide_failing_on_another_rank_than_0_still_gets_the_cohort_written(tmp_path):
-    """Rank 1 returned its failures and exited 1 at once: torchrun then ended rank 0 while it
-    wrote the cohort, on every rerun too."""
-    manifest = write_cohort_manifest(tmp_path / "in", patients=2, broken_row=True)  # row 7: rank 1
-    out, script = tmp_path / "out", tmp_path / "run.py"
-    script.write_text(SLOW_COHORT + TORCHRUN_RUN.format(
-        tests=str(REPO / "tests"), manifest=str(manifest), out=str(out), markers=str(tmp_path / "m")))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", str(script)],
-                            cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 1 and "SIGTERM" not in result.stderr, result.stderr[-3000:]
-    assert [r["status"] for r in status_rows(out)] == ["done"] * 5 + ["failed"]
-    cohort = json.loads((out / "cohort.json").read_text())
-    assert [c["status"] for c in cohort["comparisons"]] == [
-        "compared", "compared", "not compared: row(s) 7 not scored"]
-    assert (out / "cohort.html").exists() and (out / "cohort.csv").exists()
 
 
 def colour_lookup_model(class_colours: list[tuple[int, int, int]]) -> torch.nn.Module:
