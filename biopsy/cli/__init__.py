@@ -44,13 +44,11 @@ def _terminate(main_pid: int, signal_number: int, frame) -> None:
     raise Terminated
 
 
-def _first_missing(path) -> Path | None:
+def _first_missing(path: Path | None) -> Path | None:
     """The outermost of ``path`` and its parents that does not exist (None: ``path`` exists, or
-    is not a path)."""
-    if not isinstance(path, Path):
-        return None
+    is None)."""
     missing = None
-    for folder in (path, *path.parents):
+    for folder in () if path is None else (path, *path.parents):
         if folder.exists():
             break
         missing = folder
@@ -81,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
     if handling:
         previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
-    out = getattr(args, "out", None)
-    if isinstance(out, Path):  # where it points: the parents of x/../keep/new are not keep's
-        out = Path(os.path.realpath(out))
+    out = getattr(args, "out", None)  # where it points: the parents of x/../keep/new are not keep's
+    out = Path(os.path.realpath(out)) if isinstance(out, Path) else None
     first_made = _first_missing(out)
     try:
         return args.func(args) or 0
